@@ -1,0 +1,97 @@
+"""The one configuration tree of steerserve.
+
+Every knob the server has lives here, documented where it is declared. The CLI builds a `Config`
+from its flags (`cli.py`), everything else receives the parts it needs. Frozen: nothing changes a
+config after start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "random:gpt2"
+    """Path or Hugging Face id of a decoder-only model, or `random:<arch>` for a tiny random-weight
+    model built from a config in code (arch: gpt2, llama, qwen2, qwen3, gemma2, gpt2-small)."""
+    tokenizer: str | None = None
+    """Tokenizer path or id; defaults to the model's."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto = bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    trust_remote_code: bool = False
+    """Run code shipped with a model repository. Off unless the operator turns it on."""
+    served_model_name: str | None = None
+    """Name clients use in `model`; defaults to the model argument."""
+    seed: int = 0
+    """Seed for random-weight models and for requests that bring no seed of their own."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory_gb: float | None = None
+    """KV-cache budget in GiB. None: `kv_cache_fraction` of free device memory (CPU: of available RAM)."""
+    kv_cache_fraction: float = 0.3
+    """Share of free memory given to the KV cache when no explicit budget is set."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests decoded together in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decode tokens + prefill chunks)."""
+    max_model_len: int | None = None
+    """Longest prompt + completion; None: the model's own maximum (capped by the KV budget)."""
+    long_prefill_token_threshold: int = 512
+    """A prompt longer than this is prefilled in chunks of at most this many tokens per step."""
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_n: int = 16
+    """Largest `n` (choices per request)."""
+    max_stop: int = 16
+    """Most stop strings per request."""
+    max_logit_bias: int = 1024
+    """Most entries in `logit_bias`."""
+    max_top_logprobs: int = 20
+    """Largest `top_logprobs` / `logprobs`."""
+    max_prompts: int = 64
+    """Most prompts in one completions call (prompt as a list)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    """Keys accepted as `Authorization: Bearer KEY` on /v1 routes and /generate. Empty: open."""
+    admin_keys: tuple[str, ...] = ()
+    """Keys required for registry writes. Empty: the api keys (or open, if there are none)."""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    data_dir: str = field(default_factory=lambda: os.environ.get("STEERSERVE_DATA_DIR", "./data"))
+    """Directory for the SQLite registry and content-addressed blobs."""
+    registry_url: str | None = None
+    """`postgresql://...` for a shared registry; None: SQLite in `data_dir`."""
+    max_upload_mb: int = 2048
+    """Largest accepted upload (SAE weights, vectors)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
