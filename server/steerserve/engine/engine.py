@@ -1,0 +1,246 @@
+"""The engine: the decoding loop and the async bridge to the HTTP layer.
+
+`EngineCore.step()`, one step, in order:
+  1. `scheduler.schedule()` -> SchedulerOutput;
+  2. `runner.execute(...)` -> RunnerOutput (forward pass with our attention, then the sampler);
+  3. `scheduler.update(...)` -> the requests that got a token;
+  4. detokenize, apply stop strings, and emit one `RequestOutput` per request.
+`AsyncEngine` runs that loop in its own thread (torch releases the GIL in its kernels, so the event
+loop keeps serving) and feeds each request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from steerserve.engine.request import RequestState
+from steerserve.engine.scheduler import Scheduler
+from steerserve.engine.tokenizer import Detokenizer
+from steerserve.engine.types import FinishReason, GenerationRequest, TokenLogprob
+from steerserve.metrics import EngineMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: tuple[int, ...]  # new tokens since the previous output
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class EngineCore:
+    """Synchronous engine: owns the scheduler, runner and detokenizers. Single-threaded."""
+
+    def __init__(self, scheduler: Scheduler, runner, tokenizer, metrics: EngineMetrics | None = None):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.detok: dict[str, Detokenizer] = {}
+        self._arrival: dict[str, float] = {}
+        self._last_token_time: dict[str, float] = {}
+
+    def add(self, request: GenerationRequest) -> None:
+        self.scheduler.add(request)
+        self.detok[request.request_id] = Detokenizer.for_prompt(
+            self.tokenizer, request.prompt_token_ids, request.sampling.stop
+        )
+        self._arrival[request.request_id] = time.monotonic()
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        state = self.scheduler.finish(request_id, FinishReason.ABORT)
+        return None if state is None else self._finish_output(state, "", (), ())
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        advanced = self.scheduler.update(sched, result.sampled)
+        now = time.monotonic()
+        outputs = []
+        for state in advanced:
+            rid = state.request_id
+            try:
+                outputs.append(self._emit(state, result.logprobs.get(rid), now))
+            except Exception as exc:  # one request's bad state must not stop the batch
+                logger.exception("request %s failed while emitting output", rid)
+                self.scheduler.finish(rid, FinishReason.ERROR)
+                outputs.append(self._finish_output(state, "", (), (), error=f"{type(exc).__name__}: {exc}"))
+        if self.metrics is not None:
+            self.metrics.observe_step(self.scheduler.stats(), sched.num_batched_tokens)
+        return outputs
+
+    def _emit(self, state: RequestState, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        rid = state.request_id
+        token = state.output_token_ids[-1]
+        detok = self.detok[rid]
+        if detok.add(token) and state.finish_reason is None:
+            self.scheduler.finish(rid, FinishReason.STOP)
+        if self.metrics is not None:
+            last = self._last_token_time.get(rid)
+            if last is None:
+                self.metrics.time_to_first_token.observe(now - self._arrival[rid])
+            else:
+                self.metrics.inter_token_latency.observe(now - last)
+        self._last_token_time[rid] = now
+        lps = (logprob,) if logprob is not None else ()
+        if state.finish_reason is not None:
+            return self._finish_output(state, None, (token,), lps)
+        return RequestOutput(rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, len(state.output_token_ids))
+
+    def _finish_output(self, state: RequestState, text, token_ids, lps, error=None) -> RequestOutput:
+        rid = state.request_id
+        detok = self.detok.pop(rid, None)
+        if text is None:
+            detok.flush()
+            text = detok.take(True)
+        self._last_token_time.pop(rid, None)
+        arrival = self._arrival.pop(rid, None)
+        reason = FinishReason.ERROR if error else state.finish_reason
+        if self.metrics is not None and arrival is not None:
+            self.metrics.observe_finish(state, reason, time.monotonic() - arrival)
+        return RequestOutput(
+            rid, text, token_ids, lps, reason, state.num_prompt_tokens, len(state.output_token_ids), error
+        )
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        outputs = []
+        for rid in list(self.scheduler.requests):
+            state = self.scheduler.finish(rid, FinishReason.ERROR)
+            outputs.append(self._finish_output(state, "", (), (), error=message))
+        return outputs
+
+
+class AsyncEngine:
+    """Runs EngineCore in a thread; `generate()` yields a request's outputs as they come."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.dead: str | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="steerserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.core.scheduler.running)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while True:
+                out: RequestOutput = await stream.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:  # the consumer went away (client disconnect, cancellation)
+                self._inbox.put(("abort", request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            block = not self.core.has_work()
+            outputs = self._drain_inbox(block)
+            if self._stop.is_set():
+                break
+            if self.core.has_work():
+                try:
+                    outputs.extend(self.core.step())
+                except Exception as exc:
+                    logger.exception("engine step failed; the engine is now dead")
+                    self.dead = f"engine step failed: {type(exc).__name__}: {exc}"
+                    outputs.extend(self.core.fail_all(self.dead))
+                    self._deliver_threadsafe(outputs)
+                    self._fail_inbox()
+                    return
+            if outputs:
+                self._deliver_threadsafe(outputs)
+
+    def _drain_inbox(self, block: bool) -> list[RequestOutput]:
+        outputs = []
+        try:
+            item = self._inbox.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return outputs
+        while True:
+            kind, payload = item
+            if kind == "add":
+                try:
+                    self.core.add(payload)
+                except Exception as exc:
+                    outputs.append(_error_output(payload.request_id, f"{type(exc).__name__}: {exc}"))
+            elif kind == "abort":
+                out = self.core.abort(payload)
+                if out is not None:
+                    outputs.append(out)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+
+    def _fail_inbox(self) -> None:
+        outputs = []
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                outputs.append(_error_output(payload.request_id, self.dead))
+        self._deliver_threadsafe(outputs)
+
+    def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+
+def _error_output(request_id: str, message: str) -> RequestOutput:
+    return RequestOutput(request_id, "", (), (), FinishReason.ERROR, 0, 0, error=message)

@@ -1,0 +1,59 @@
+"""A request's life inside the engine: one state object owned by the scheduler."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from steerserve.engine.kv_cache import BlockTable
+from steerserve.engine.types import FinishReason, GenerationRequest
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class RequestState:
+    request: GenerationRequest
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    blocks: BlockTable = field(default_factory=BlockTable)
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    @property
+    def expected_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.request.sampling.max_tokens
+
+    def token_at(self, position: int) -> int:
+        n_prompt = self.num_prompt_tokens
+        if position < n_prompt:
+            return self.request.prompt_token_ids[position]
+        return self.output_token_ids[position - n_prompt]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n_prompt = self.num_prompt_tokens
+        prompt = self.request.prompt_token_ids
+        if end <= n_prompt:
+            return list(prompt[start:end])
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
+        return list(prompt[start:]) + self.output_token_ids[: end - n_prompt]

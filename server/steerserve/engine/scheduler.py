@@ -1,0 +1,216 @@
+"""The scheduler: which requests run this step, and how many of their tokens (pure Python, no tensors).
+
+One step, in order:
+  1. running requests, oldest first, each get their next tokens (1 when decoding, a chunk when still
+     prefilling) within the step's token budget; a request that needs a KV block when none is free
+     preempts the newest running request (its cache is dropped; it is recomputed later);
+  2. waiting requests (preempted ones first) are admitted while slots, budget and blocks last.
+`update()` then takes the runner's sampled tokens, applies the stop rules that need no text (EOS, stop
+token ids, max_tokens, context length) and frees the blocks of finished requests. Stop strings need
+text: the engine finishes those through `finish()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from steerserve.config import SchedulerConfig
+from steerserve.engine.kv_cache import BlockAllocator
+from steerserve.engine.request import RequestState, RequestStatus
+from steerserve.engine.types import FinishReason, GenerationRequest, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """One request's share of a step: feed `token_ids` at positions `start..start+len-1`."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start: int  # position of token_ids[0] == tokens already in the cache
+    block_ids: tuple[int, ...]
+    sample: bool  # True when this chunk reaches the end of the known tokens
+    num_prompt_tokens: int
+    prompt_token_ids: tuple[int, ...]  # the whole prompt (the same tuple object, not a copy)
+    is_new: bool  # first time the runner sees this request (or first time since preemption)
+    sampling: SamplingParams
+    steering: object | None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    finished_ids: tuple[str, ...]  # the runner may drop these requests' state
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    finished: list[RequestState] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, max_model_len: int, eos_ids: tuple):
+        self.config = config
+        self.allocator = allocator
+        self.max_model_len = max_model_len
+        self.eos_ids = frozenset(eos_ids)
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.requests: dict[str, RequestState] = {}
+        self._finished_since_last_step: list[str] = []
+        self._seen_by_runner: set[str] = set()
+        self.num_preemptions = 0
+
+    # -- intake ---------------------------------------------------------------------------------
+    def add(self, request: GenerationRequest) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        state = RequestState(request)
+        self.requests[request.request_id] = state
+        self.waiting.append(state)
+
+    def finish(self, request_id: str, reason: FinishReason) -> RequestState | None:
+        """Finish a request from outside (abort, stop string, error). No-op when already gone."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        if state.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(state)
+        elif state.status == RequestStatus.RUNNING:
+            self.running.remove(state)
+        self._release(state, reason)
+        return state
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunk_cap = self.config.long_prefill_token_threshold
+        plan: list[tuple[RequestState, int]] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            state = self.running[i]
+            n = min(state.num_tokens - state.num_computed_tokens, budget, chunk_cap)
+            if n <= 0:
+                i += 1
+                continue
+            if not self._allocate_or_preempt(state, state.num_computed_tokens + n):
+                continue  # `state` itself was preempted; self.running shrank at or before i
+            plan.append((state, n))
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            state = self.waiting[0]
+            n = min(state.num_tokens - state.num_computed_tokens, budget, chunk_cap)
+            target = state.num_computed_tokens + n
+            if not self.allocator.allocate(state.blocks, target, expected_tokens=state.expected_total_tokens):
+                break
+            self.waiting.popleft()
+            state.status = RequestStatus.RUNNING
+            if state.first_scheduled_time is None:
+                state.first_scheduled_time = time.monotonic()
+            self.running.append(state)
+            plan.append((state, n))
+            budget -= n
+
+        scheduled = tuple(self._scheduled(state, n) for state, n in plan)
+        finished, self._finished_since_last_step = tuple(self._finished_since_last_step), []
+        return SchedulerOutput(scheduled, finished, self.config.max_num_batched_tokens - budget)
+
+    def _scheduled(self, state: RequestState, n: int) -> ScheduledRequest:
+        start = state.num_computed_tokens
+        is_new = state.request_id not in self._seen_by_runner
+        self._seen_by_runner.add(state.request_id)
+        req = state.request
+        return ScheduledRequest(
+            request_id=state.request_id,
+            token_ids=tuple(state.tokens(start, start + n)),
+            start=start,
+            block_ids=tuple(state.blocks.block_ids),
+            sample=start + n == state.num_tokens,
+            num_prompt_tokens=state.num_prompt_tokens,
+            prompt_token_ids=req.prompt_token_ids,
+            is_new=is_new,
+            sampling=req.sampling,
+            steering=req.steering,
+        )
+
+    def _allocate_or_preempt(self, state: RequestState, num_tokens: int) -> bool:
+        while not self.allocator.allocate(state.blocks, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is state:
+                return False
+        return True
+
+    def _preempt(self, state: RequestState) -> None:
+        self.running.remove(state)
+        self.allocator.free(state.blocks)
+        state.num_computed_tokens = 0
+        state.status = RequestStatus.PREEMPTED
+        state.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(state)
+
+    # -- after the forward pass -----------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestState]:
+        """Advance the scheduled requests; returns those that got a new token (finished or not)."""
+        advanced = []
+        for item in output.scheduled:
+            state = self.requests.get(item.request_id)
+            if state is None or state.status != RequestStatus.RUNNING:
+                continue  # finished (aborted) while the step ran
+            state.num_computed_tokens += len(item.token_ids)
+            token = sampled.get(item.request_id)
+            if token is None:
+                continue
+            state.output_token_ids.append(token)
+            reason = self._check_stop(state, token)
+            if reason is not None:
+                self.running.remove(state)
+                self._release(state, reason)
+            advanced.append(state)
+        return advanced
+
+    def _check_stop(self, state: RequestState, token: int) -> FinishReason | None:
+        sp = state.request.sampling
+        n_out = len(state.output_token_ids)
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and token in self.eos_ids:
+                return FinishReason.STOP
+            if token in sp.stop_token_ids:
+                return FinishReason.STOP
+        if n_out >= sp.max_tokens or state.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _release(self, state: RequestState, reason: FinishReason) -> None:
+        self.allocator.free(state.blocks)
+        state.status = RequestStatus.FINISHED
+        state.finish_reason = reason
+        del self.requests[state.request_id]
+        if state.request_id in self._seen_by_runner:
+            self._seen_by_runner.discard(state.request_id)
+            self._finished_since_last_step.append(state.request_id)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.allocator.usage(),
+            num_preemptions=self.num_preemptions,
+        )

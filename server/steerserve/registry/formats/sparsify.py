@@ -1,0 +1,67 @@
+"""EleutherAI sparsify SAEs: `cfg.json` + `sae.safetensors` -> a TopK SAEWeights.
+
+sparsify stores the encoder as an `nn.Linear` (`encoder.weight [d_sae, d_in]`, `encoder.bias`),
+`W_dec [d_sae, d_in]` and `b_dec [d_in]`, and computes `relu(encoder(x - b_dec))`, keeps the top k,
+and decodes `acts @ W_dec + b_dec`. The orientation of each matrix is decided by its shape against
+`b_dec` (d_in) and `encoder.bias` (d_sae), so transposed exports load too. Transcoders, skip
+connections and activations other than topk are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steerserve.registry.errors import InvalidInput
+from steerserve.registry.formats.common import LoadedSAE, as_int, reject_unknown, require, storage_dtype
+from steerserve.registry.sae import SAEWeights
+from steerserve.sites import Site
+
+_WHERE = "sparsify SAE"
+
+
+def looks_like(cfg: dict) -> bool:
+    """A sparsify config (no SAELens architecture/hook keys; expansion_factor or num_latents)."""
+    return "architecture" not in cfg and "hook_name" not in cfg and ("expansion_factor" in cfg or "num_latents" in cfg)
+
+
+def _oriented(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor:
+    """`t` as [rows, cols], transposing a [cols, rows] export; the native layout wins a tie."""
+    if tuple(t.shape) == (rows, cols):
+        return t
+    if tuple(t.shape) == (cols, rows):
+        return t.T
+    raise InvalidInput(f"{_WHERE}: {name} has shape {list(t.shape)}, expected [{rows}, {cols}]", param="weights")
+
+
+def from_state(cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None) -> LoadedSAE:
+    if site is None:
+        raise InvalidInput("a sparsify SAE needs its site (its folder name 'layers.N', or a site)", "site")
+    for flag in ("transcode", "skip_connection", "signed"):
+        if cfg.get(flag):
+            raise InvalidInput(f"sparsify cfg.{flag}=true is not supported", param=f"cfg.{flag}")
+    if cfg.get("activation", "topk") != "topk":
+        raise InvalidInput(f"sparsify cfg.activation {cfg.get('activation')!r} is not supported", "cfg.activation")
+    k = as_int(cfg.get("k"), "cfg.k", minimum=1)
+    reject_unknown(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, _WHERE)
+    b_dec, b_enc = require(tensors, "b_dec", _WHERE), require(tensors, "encoder.bias", _WHERE)
+    if b_dec.dim() != 1 or b_enc.dim() != 1:
+        raise InvalidInput(f"{_WHERE}: b_dec and encoder.bias must be 1-d", param="weights")
+    d_in, d_sae = b_dec.numel(), b_enc.numel()
+    if "d_in" in cfg and as_int(cfg["d_in"], "cfg.d_in", 1) != d_in:
+        raise InvalidInput(f"{_WHERE}: cfg.d_in={cfg['d_in']} but b_dec has {d_in} entries", param="cfg.d_in")
+    if cfg.get("num_latents") and as_int(cfg["num_latents"], "cfg.num_latents", 1) != d_sae:
+        raise InvalidInput(f"{_WHERE}: cfg.num_latents={cfg['num_latents']} but encoder.bias has {d_sae}", "cfg")
+    W_enc = _oriented(require(tensors, "encoder.weight", _WHERE), d_sae, d_in, "encoder.weight").T  # [d_in, d_sae]
+    W_dec = _oriented(require(tensors, "W_dec", _WHERE), d_sae, d_in, "W_dec")  # [d_sae, d_in]
+    dtype = storage_dtype(W_enc)
+    weights = SAEWeights(
+        W_enc=W_enc.to(dtype).contiguous(),
+        b_enc=b_enc.to(dtype).contiguous(),
+        W_dec=W_dec.to(dtype).contiguous(),
+        b_dec=b_dec.to(dtype).contiguous(),
+        architecture="topk",
+        k=k,
+        apply_b_dec_to_input=True,
+        site=site,
+    )
+    return LoadedSAE(weights, None, {"format": "sparsify", "hook_name": site.hook_name, "folded": []})

@@ -1,0 +1,136 @@
+"""Our attention function, registered with transformers' AttentionInterface as "steerserve".
+
+transformers' own modeling code computes q/k/v (rotary, q/k norms, scaling...) and calls this function;
+we write the new keys and values into our paged KV cache and attend each request's queries to its own
+cached keys. The batch is packed: `[1, T]` tokens of many requests, described by `AttentionMetadata`,
+which reaches us as the forward kwarg `steer_attn`.
+
+NOTE: a request whose blocks are contiguous (the usual case, see engine/kv_cache.py) is attended to as a
+view of the cache; only fragmented requests pay a gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "steerserve"
+
+
+@dataclass(slots=True)
+class RequestSpan:
+    """One request's tokens in the packed batch and where its keys live."""
+
+    q_start: int  # first row of this request in the packed batch
+    q_len: int
+    ctx_len: int  # keys attended to: cached + new tokens
+    cache_start: int  # first cache row when contiguous, else -1
+    gather_index: torch.Tensor | None  # [ctx_len] cache rows when fragmented
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    spans: list[RequestSpan]
+    slot_mapping: torch.Tensor  # [T] cache row each new token's k/v is written to
+
+
+class KVCache:
+    """The cache tensors: one `[n_kv_heads, num_rows, head_dim]` pair per layer."""
+
+    def __init__(self, n_layers, n_kv_heads, head_dim, num_rows, dtype, device):
+        shape = (n_kv_heads, num_rows, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    @staticmethod
+    def bytes_per_token(n_layers, n_kv_heads, head_dim, dtype) -> int:
+        return 2 * n_layers * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def _span_mask(span: RequestSpan, window: int | None, device) -> torch.Tensor:
+    """[q_len, ctx_len] bool: key j visible to query i (causal, and within the sliding window)."""
+    past = span.ctx_len - span.q_len
+    q_pos = torch.arange(past, span.ctx_len, device=device)[:, None]
+    k_pos = torch.arange(span.ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _softcapped_attention(q, k, v, mask, scaling, softcap):
+    """Eager attention with tanh soft-capping (Gemma-2): SDPA has no softcap."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [1, H, q, ctx]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def steerserve_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, hd]
+    key: torch.Tensor,  # [1, H_kv, T, hd]
+    value: torch.Tensor,  # [1, H_kv, T, hd]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    steer_attn: AttentionMetadata | None = None,
+    steer_cache: KVCache | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if steer_attn is None or steer_cache is None:
+        raise RuntimeError("steerserve attention called without batch metadata: use the ModelRunner")
+    layer = module.layer_idx
+    k_cache, v_cache = steer_cache.keys[layer], steer_cache.values[layer]  # [H_kv, rows, hd]
+    k_cache.index_copy_(1, steer_attn.slot_mapping, key[0].to(k_cache.dtype))
+    v_cache.index_copy_(1, steer_attn.slot_mapping, value[0].to(v_cache.dtype))
+    gqa = query.shape[1] != key.shape[1]
+
+    outputs = []
+    for span in steer_attn.spans:
+        q = query[:, :, span.q_start : span.q_start + span.q_len]  # [1, H, q, hd]
+        first = 0
+        if sliding_window is not None and span.q_len == 1:
+            first = max(0, span.ctx_len - sliding_window)  # decode: only the window's keys
+        if span.gather_index is None:
+            lo = span.cache_start + first
+            k = k_cache[:, lo : span.cache_start + span.ctx_len].unsqueeze(0)
+            v = v_cache[:, lo : span.cache_start + span.ctx_len].unsqueeze(0)
+        else:
+            idx = span.gather_index[first:]
+            k = k_cache.index_select(1, idx).unsqueeze(0)
+            v = v_cache.index_select(1, idx).unsqueeze(0)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        mask = None
+        causal = False
+        if span.q_len > 1:
+            if span.q_len == span.ctx_len and sliding_window is None:
+                causal = True
+            else:
+                mask = _span_mask(span, sliding_window, q.device)
+        if softcap is not None:
+            if causal:
+                mask = _span_mask(span, None, q.device)
+            out = _softcapped_attention(q, k, v, mask, scaling, softcap)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa
+            )
+        outputs.append(out)
+    attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # [1, H, T, hd]
+    return attn.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, steerserve_attention)

@@ -1,0 +1,154 @@
+"""Turning a SchedulerOutput into the tensors of one packed forward pass and one sampling call.
+
+The runner keeps a small `CachedRequest` per live request (its generator, penalty counts); this module
+builds, from those and the step's `ScheduledRequest`s, the packed `[1, T]` inputs, the attention
+metadata, the rows whose logits are kept, and the `SamplingBatch`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from steerserve.engine.scheduler import ScheduledRequest
+from steerserve.engine.types import SamplingParams
+from steerserve.runner.attention import AttentionMetadata, RequestSpan
+from steerserve.sampling.sampler import SamplingBatch
+
+
+@dataclass(slots=True)
+class CachedRequest:
+    """What the runner remembers about a live request between steps."""
+
+    request_id: str
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_set: frozenset[int]
+    output_counts: Counter = field(default_factory=Counter)
+    steering: object | None = None
+
+
+def new_cached_request(item: ScheduledRequest, device: torch.device, rng: random.Random) -> CachedRequest:
+    sp = item.sampling
+    gen = None
+    if not sp.greedy:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(sp.seed if sp.seed is not None else rng.getrandbits(63))
+    prompt = frozenset(item.prompt_token_ids) if sp.uses_penalties else frozenset()
+    return CachedRequest(item.request_id, sp, gen, prompt, steering=item.steering)
+
+
+@dataclass(slots=True)
+class ForwardInputs:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    attn: AttentionMetadata
+    logits_rows: torch.Tensor  # [R] rows of the packed batch whose logits are sampled
+    sample_ids: list[str]  # request ids of those rows, in order
+    pos_class: torch.Tensor  # [T] int8: 0 prompt token, 1 generated token
+    token_request: list[int]  # [T] -> index into the step's scheduled list (for steering)
+    num_tokens: int
+
+
+def _to_device(values, dtype, device) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def build_forward_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: int, device) -> ForwardInputs:
+    ids: list[int] = []
+    positions: list[np.ndarray] = []
+    slots: list[np.ndarray] = []
+    spans: list[RequestSpan] = []
+    logits_rows: list[int] = []
+    sample_ids: list[str] = []
+    pos_class: list[np.ndarray] = []
+    owner: list[int] = []
+    for k, item in enumerate(scheduled):
+        n = len(item.token_ids)
+        q_start = len(ids)
+        ids.extend(item.token_ids)
+        pos = np.arange(item.start, item.start + n)
+        blocks = np.asarray(item.block_ids, dtype=np.int64)
+        positions.append(pos)
+        slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        pos_class.append((pos >= item.num_prompt_tokens).astype(np.int8))
+        owner.extend([k] * n)
+        ctx = item.start + n
+        contiguous = blocks[-1] - blocks[0] + 1 == len(blocks)
+        if contiguous:
+            spans.append(RequestSpan(q_start, n, ctx, int(blocks[0]) * block_size, None))
+        else:
+            rows = (blocks[:, None] * block_size + np.arange(block_size)[None, :]).reshape(-1)[:ctx]
+            spans.append(RequestSpan(q_start, n, ctx, -1, _to_device(rows, torch.int64, device)))
+        if item.sample:
+            logits_rows.append(q_start + n - 1)
+            sample_ids.append(item.request_id)
+    return ForwardInputs(
+        input_ids=_to_device(ids, torch.int64, device).unsqueeze(0),
+        position_ids=_to_device(np.concatenate(positions), torch.int64, device).unsqueeze(0),
+        attn=AttentionMetadata(spans, _to_device(np.concatenate(slots), torch.int64, device)),
+        logits_rows=_to_device(logits_rows, torch.int64, device),
+        sample_ids=sample_ids,
+        pos_class=_to_device(np.concatenate(pos_class), torch.int8, device),
+        token_request=owner,
+        num_tokens=len(ids),
+    )
+
+
+def _padded(rows: list[list], fill, dtype, device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return _to_device(out, getattr(torch, np.dtype(dtype).name), device)
+
+
+def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device) -> SamplingBatch:
+    sps = [r.sampling for r in reqs]
+    random_rows = [i for i, sp in enumerate(sps) if not sp.greedy]
+    temperature = [1.0 if sp.greedy else sp.temperature for sp in sps]
+    sparse = [list(sp.logit_bias) for sp in sps]
+    penalty_ids: list[list[int]] = []
+    penalty_counts: list[list[int]] = []
+    for r in reqs:
+        if r.sampling.uses_penalties:
+            seen = r.prompt_token_set | r.output_counts.keys()
+            penalty_ids.append(list(seen))
+            penalty_counts.append([r.output_counts.get(t, 0) for t in seen])
+        else:
+            penalty_ids.append([])
+            penalty_counts.append([])
+    needs_processing = any(
+        sp.logit_bias or sp.uses_penalties or (not sp.greedy and sp.temperature != 1.0) for sp in sps
+    )
+    any_top_k = any(sps[i].top_k > 0 for i in random_rows)
+    any_top_p = any(sps[i].top_p < 1.0 for i in random_rows)
+    any_min_p = any(sps[i].min_p > 0.0 for i in random_rows)
+    f32 = torch.float32
+    return SamplingBatch(
+        temperature=_to_device(temperature, f32, device),
+        random_rows=_to_device(random_rows, torch.int64, device) if random_rows else None,
+        top_k=_to_device([sp.top_k for sp in sps], torch.int64, device) if any_top_k else None,
+        top_p=_to_device([sp.top_p for sp in sps], f32, device) if any_top_p else None,
+        min_p=_to_device([sp.min_p for sp in sps], f32, device) if any_min_p else None,
+        generators=[reqs[i].generator for i in random_rows],
+        needs_processing=needs_processing,
+        sparse_ids=_padded([[t for t, _ in s] for s in sparse], -1, np.int64, device),
+        sparse_bias=_padded([[b for _, b in s] for s in sparse], 0.0, np.float32, device),
+        dense_bank=torch.zeros((0, vocab), dtype=f32, device=device),
+        dense_idx=torch.full((len(reqs), 0), -1, dtype=torch.int64, device=device),
+        dense_scale=torch.zeros((len(reqs), 0), dtype=f32, device=device),
+        penalty_ids=_padded(penalty_ids, -1, np.int64, device),
+        penalty_counts=_padded(penalty_counts, 0, np.int32, device),
+        repetition_penalty=_to_device([sp.repetition_penalty for sp in sps], f32, device),
+        presence_penalty=_to_device([sp.presence_penalty for sp in sps], f32, device),
+        frequency_penalty=_to_device([sp.frequency_penalty for sp in sps], f32, device),
+        max_logprobs=max((sp.logprobs for sp in sps if sp.logprobs is not None), default=-1),
+    )

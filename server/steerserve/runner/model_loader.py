@@ -1,0 +1,184 @@
+"""Loading the served model and tokenizer: a local path or hub id, or a random-weight model built in code.
+
+`random:<arch>` builds a tiny model from a transformers config with seeded random weights and a byte-level
+tokenizer, so tests and benchmarks need no download. `save_random_model()` writes one with
+`save_pretrained`, so the ordinary loading path can be exercised on it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from steerserve.config import ModelConfig
+from steerserve.engine.types import ModelInfo
+from steerserve.runner.attention import ATTENTION_NAME, register_attention
+
+logger = logging.getLogger(__name__)
+
+TINY_VOCAB = 320  # 256 bytes + specials, padded
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _tiny_config(arch: str):
+    from transformers import (
+        Gemma2Config,
+        GPT2Config,
+        LlamaConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    common = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        **common,
+    )
+    if arch == "gpt2":
+        return GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=1024, **common)
+    if arch == "gpt2-small":  # GPT-2 small's shape (124M) with its vocabulary size
+        return GPT2Config(vocab_size=50257, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    if arch == "llama":
+        return LlamaConfig(**llama_like)
+    if arch == "qwen2":
+        return Qwen2Config(**llama_like)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=16, **llama_like)
+    if arch == "gemma2":
+        return Gemma2Config(
+            head_dim=16,
+            sliding_window=8,  # small, so short test prompts cross it
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=16,
+            **llama_like,
+        )
+    raise ValueError(f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, qwen2, qwen3, gemma2")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character map (what ByteLevel pre-tokenization produces)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: ids 0..255 are bytes, 256 BOS, 257 EOS, 258 PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in enumerate(_byte_chars())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|bos|>", "<|eos|>", "<|pad|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_random_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    cfg = _tiny_config(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval(), byte_tokenizer()
+
+
+def save_random_model(arch: str, path: str, seed: int = 0, chat_template: bool = True) -> str:
+    model, _ = build_random_model(arch, seed)
+    model.save_pretrained(path)
+    byte_tokenizer(chat_template).save_pretrained(path)
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"--dtype must be auto, float32, float64, bfloat16 or float16, got {dtype!r}") from None
+
+
+def load_model(cfg: ModelConfig):
+    """(model on its device with our attention, tokenizer, device, dtype)."""
+    register_attention()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.model.startswith("random:"):
+        model, tokenizer = build_random_model(cfg.model.split(":", 1)[1], cfg.seed, dtype)
+    else:
+        hf_cfg = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if hf_cfg.is_encoder_decoder:
+            raise ValueError(f"{cfg.model} is an encoder-decoder model: steerserve serves decoder-only models")
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
+        )
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.to(device)
+    model.requires_grad_(False)
+    return model, tokenizer, device, dtype
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder layers (model.model.layers, transformer.h, ...)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def model_info(model, tokenizer, name: str, max_model_len: int) -> ModelInfo:
+    cfg = model.config
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    return ModelInfo(
+        name=name,
+        architecture=type(model).__name__,
+        d_model=cfg.hidden_size,
+        n_layers=len(decoder_layers(model)),
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+        max_model_len=max_model_len,
+        eos_token_ids=eos_ids,
+        bos_token_id=tokenizer.bos_token_id,
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )
+
+
+def model_max_len(model) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

@@ -1,0 +1,135 @@
+"""The model runner: SchedulerOutput -> one packed forward pass -> sampler -> RunnerOutput.
+
+Steps of `execute()`, in order:
+  1. forget requests that finished; remember new ones (generator, penalty state);
+  2. pack all scheduled tokens of all requests into one `[1, T]` batch (input_batch.py);
+  3. run the transformers model with our attention (attention.py) and keep only the logits of rows
+     that sample (`logits_to_keep`);
+  4. sample, and copy the tokens to the host: the step's one host-device sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from steerserve.config import CacheConfig, SchedulerConfig
+from steerserve.engine.scheduler import SchedulerOutput
+from steerserve.engine.types import TokenLogprob
+from steerserve.runner.attention import KVCache
+from steerserve.runner.input_batch import (
+    CachedRequest,
+    build_forward_inputs,
+    build_sampling_batch,
+    new_cached_request,
+)
+from steerserve.sampling.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+def plan_kv_cache(model, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, max_len: int, device, dtype):
+    """(num_blocks, max_model_len, shape facts) for a KV cache within the memory budget."""
+    cfg = model.config
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_layers = cfg.num_hidden_layers
+    per_token = KVCache.bytes_per_token(n_layers, n_kv, head_dim, dtype)
+    if cache_cfg.kv_cache_memory_gb is not None:
+        budget = int(cache_cfg.kv_cache_memory_gb * (1 << 30))
+    else:
+        budget = int(_available_memory(device) * cache_cfg.kv_cache_fraction)
+    bs = cache_cfg.block_size
+    num_blocks = budget // (per_token * bs)
+    # NOTE: never more than the scheduler could fill: max_num_seqs sequences of max_len tokens each.
+    num_blocks = min(num_blocks, sched_cfg.max_num_seqs * -(-max_len // bs))
+    if num_blocks * bs < max_len:
+        if num_blocks * bs < 256:
+            raise ValueError(
+                f"the KV-cache budget ({budget / 2**20:.0f} MiB) holds only {num_blocks * bs} tokens; "
+                "raise --kv-cache-memory-gb or lower --max-model-len"
+            )
+        logger.warning("KV budget holds %d tokens: max_model_len lowered from %d", num_blocks * bs, max_len)
+        max_len = num_blocks * bs
+    return num_blocks, max_len, (n_layers, n_kv, head_dim)
+
+
+class ModelRunner:
+    def __init__(self, model, device, dtype, num_blocks: int, block_size: int, layout, seed: int = 0):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        n_layers, n_kv, head_dim = layout
+        self.kv_cache = KVCache(n_layers, n_kv, head_dim, num_blocks * block_size, dtype, device)
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequest] = {}
+        self._rng = random.Random(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_ids:
+            self.requests.pop(rid, None)
+        for item in sched.scheduled:
+            if item.request_id not in self.requests:
+                self.requests[item.request_id] = new_cached_request(item, self.device, self._rng)
+        if sched.is_empty:
+            return RunnerOutput({})
+
+        inputs = build_forward_inputs(sched.scheduled, self.block_size, self.device)
+        out = self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            logits_to_keep=inputs.logits_rows,
+            use_cache=False,
+            steer_attn=inputs.attn,
+            steer_cache=self.kv_cache,
+        )
+        if not inputs.sample_ids:
+            return RunnerOutput({})
+        logits = out.logits[0]  # [R, V]
+        reqs = [self.requests[rid] for rid in inputs.sample_ids]
+        batch = build_sampling_batch(reqs, self.vocab_size, self.device)
+        result = self.sampler(logits, batch)
+        return self._to_host(reqs, result)
+
+    def _to_host(self, reqs: list[CachedRequest], result) -> RunnerOutput:
+        tokens = result.token_ids.tolist()  # the one host-device sync of the step
+        sampled = {}
+        for req, tok in zip(reqs, tokens, strict=True):
+            sampled[req.request_id] = tok
+            if req.sampling.uses_penalties:
+                req.output_counts[tok] += 1
+        if result.logprobs is None:
+            return RunnerOutput(sampled)
+        chosen = result.logprobs.tolist()
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        logprobs = {}
+        for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
+            k = req.sampling.logprobs
+            if k is None:
+                continue
+            top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if k and top_ids else ()
+            logprobs[req.request_id] = TokenLogprob(tok, chosen[i], top)
+        return RunnerOutput(sampled, logprobs)
