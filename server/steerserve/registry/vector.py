@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.registry.errors import InvalidInput
-from steerserve.sites import Site
+from steerserve.sites import Site, parse_site
 
 FORMAT = "steerserve.vector.v1"
 
@@ -63,8 +63,6 @@ class SteeringVector:
 
     @classmethod
     def from_blob(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> SteeringVector:
-        from steerserve.sites import parse_site
-
         if metadata.get("format") != FORMAT:
             raise InvalidInput(f"not a steerserve vector blob (format={metadata.get('format')!r})")
         return cls.of({parse_site(name): t for name, t in tensors.items()})

@@ -1,0 +1,72 @@
+"""The FastAPI application: state, routers, error handlers, lifespan (engine start and stop)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from steerserve.api import routes_generate, routes_openai
+from steerserve.api.auth import require_api_key
+from steerserve.api.errors import error_body, install_error_handlers
+from steerserve.config import Config
+from steerserve.engine.engine import AsyncEngine
+from steerserve.engine.setup import BuiltEngine, build_engine
+
+logger = logging.getLogger(__name__)
+service = APIRouter()
+
+
+@service.get("/health")
+async def health(request: Request):
+    engine: AsyncEngine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return JSONResponse(error_body(503, "the model is loading"), status_code=503)
+    if engine.dead is not None:
+        return JSONResponse(error_body(503, f"the engine is dead: {engine.dead}", code="engine_dead"), status_code=503)
+    return {"status": "ok"}
+
+
+@service.get("/metrics")
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@service.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def models(request: Request):
+    info = request.app.state.model_info
+    return {
+        "object": "list",
+        "data": [
+            {"id": info.name, "object": "model", "created": 0, "owned_by": "steerserve", "max_model_len": info.max_model_len}
+        ],
+    }
+
+
+def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
+    """The app; the engine is built at start-up unless one is given (tests share one)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        b = built or build_engine(config)
+        engine = AsyncEngine(b.core)
+        app.state.model_info = b.info
+        app.state.tokenizer = b.tokenizer
+        app.state.metrics = b.metrics
+        engine.start()
+        app.state.engine = engine
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="steerserve", version="0.1.0", lifespan=lifespan)
+    app.state.config = config
+    app.state.engine = None
+    install_error_handlers(app)
+    app.include_router(service)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_generate.router)
+    return app

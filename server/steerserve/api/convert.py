@@ -1,0 +1,159 @@
+"""Pydantic bodies -> engine dataclasses, with every bound check that depends on the model or config.
+
+Nothing invalid gets past this module: each error is a 400 (404 for an unknown model) naming the
+parameter, the value and the bound, so a bad request never reaches the device.
+"""
+
+from __future__ import annotations
+
+from steerserve.api.errors import APIError
+from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from steerserve.config import LimitsConfig
+from steerserve.engine.tokenizer import ChatTemplateError, apply_chat_template, encode_prompt
+from steerserve.engine.types import ModelInfo, SamplingParams
+
+
+def bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def check_model(name: str | None, info: ModelInfo) -> None:
+    if name is None or name == info.name:
+        return
+    raise APIError(404, f"model {name!r} does not exist: this server serves {info.name!r}", "model", "model_not_found")
+
+
+def check_steering_fields(body: SamplingFields) -> None:
+    # NOTE: steering arrives with the steering issue; until then refuse it loudly rather than ignore it.
+    for field in ("steering", "feature_logit_bias"):
+        if getattr(body, field):
+            raise bad(f"{field} is not supported by this server build yet", field, "unsupported")
+    if body.variant:
+        raise APIError(404, f"variant {body.variant!r} does not exist", "variant", "variant_not_found")
+    if body.return_unsteered:
+        raise bad("return_unsteered is not supported by this server build yet", "return_unsteered", "unsupported")
+
+
+def check_token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
+    for t in ids:
+        if not 0 <= t < info.vocab_size:
+            raise bad(f"{param}: token id {t} is out of range: ids must be in [0, {info.vocab_size})", param)
+    return ids
+
+
+def completion_prompts(body: CompletionRequest, tokenizer, info: ModelInfo, limits: LimitsConfig) -> list[list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        prompts = [encode_prompt(tokenizer, p)]
+    elif not p:
+        raise bad("prompt must not be empty", "prompt")
+    elif all(isinstance(x, str) for x in p):
+        prompts = [encode_prompt(tokenizer, x) for x in p]
+    elif all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    else:
+        prompts = [list(x) for x in p]
+    if len(prompts) > limits.max_prompts:
+        raise bad(f"prompt: {len(prompts)} prompts in one request; at most {limits.max_prompts}", "prompt")
+    for i, ids in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if not ids:
+            raise bad(f"{param} must not be empty", param)
+        check_token_ids(ids, info, param)
+    return prompts
+
+
+def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
+    messages = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        messages.append({"role": m.role, "content": content or ""})
+    try:
+        return apply_chat_template(tokenizer, messages, body.add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise bad(str(exc), "messages", "chat_template_missing") from None
+
+
+def _stop_list(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def sampling_params(
+    body: SamplingFields,
+    *,
+    prompt_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+    info: ModelInfo,
+    limits: LimitsConfig,
+    seed: int | None,
+) -> SamplingParams:
+    room = info.max_model_len - prompt_len
+    if room <= 0:
+        raise bad(
+            f"prompt is {prompt_len} tokens; the context holds {info.max_model_len}, leaving no room to generate",
+            "prompt",
+            "context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens > room:
+        raise bad(
+            f"max_tokens={max_tokens} with a {prompt_len}-token prompt exceeds the context of "
+            f"{info.max_model_len} tokens: at most {room}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    if body.n > limits.max_n:
+        raise bad(f"n={body.n} is above the limit of {limits.max_n}", "n")
+    stop = _stop_list(body.stop)
+    if len(stop) > limits.max_stop:
+        raise bad(f"stop: {len(stop)} stop strings; at most {limits.max_stop}", "stop")
+    if any(not s for s in stop):
+        raise bad("stop strings must not be empty", "stop")
+    stop_ids = tuple(check_token_ids(body.stop_token_ids or [], info, "stop_token_ids"))
+    bias = body.logit_bias or {}
+    if len(bias) > limits.max_logit_bias:
+        raise bad(f"logit_bias has {len(bias)} entries; at most {limits.max_logit_bias}", "logit_bias")
+    parsed_bias = []
+    for key, value in bias.items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise bad(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+        check_token_ids([tok], info, "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise bad(f"logit_bias[{key}]={value} is outside [-100, 100]", "logit_bias")
+        parsed_bias.append((tok, float(value)))
+    if logprobs is not None and logprobs > limits.max_top_logprobs:
+        raise bad(f"logprobs={logprobs} is above the limit of {limits.max_top_logprobs}", "logprobs")
+    if body.min_tokens > max_tokens:
+        raise bad(f"min_tokens={body.min_tokens} is above max_tokens={max_tokens}", "min_tokens")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple(parsed_bias),
+        seed=seed,
+        stop=stop,
+        stop_token_ids=stop_ids,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        min_tokens=body.min_tokens,
+    )
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """Seed of choice `index` of an n > 1 request: distinct per choice, same across calls."""
+    if seed is None:
+        return None
+    return (seed + index * 0x9E3779B97F4A7C15) % (2**63)

@@ -1,0 +1,199 @@
+"""OpenAI-compatible generation routes: /v1/completions and /v1/chat/completions, plain and streamed."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from steerserve.api.auth import require_api_key
+from steerserve.api.convert import (
+    chat_prompt,
+    check_model,
+    check_steering_fields,
+    child_seed,
+    completion_prompts,
+    sampling_params,
+)
+from steerserve.api.errors import error_body
+from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from steerserve.api.serving import (
+    ChoiceResult,
+    collect,
+    finish_reason_text,
+    new_id,
+    sse,
+    stream_choices,
+    until_disconnect,
+    usage,
+)
+from steerserve.engine.types import GenerationRequest, TokenLogprob
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def build_requests(
+    request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens, logprobs, call_id: str
+) -> list[GenerationRequest]:
+    state = request.app.state
+    check_model(body.model, state.model_info)
+    check_steering_fields(body)
+    out = []
+    now = time.monotonic()
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            index = p * body.n + i
+            sp = sampling_params(
+                body,
+                prompt_len=len(ids),
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                info=state.model_info,
+                limits=state.config.limits,
+                seed=child_seed(body.seed, index) if body.n > 1 else body.seed,
+            )
+            out.append(GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, None, now))
+    return out
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer, lps: list[TokenLogprob], offset: int = 0) -> dict:
+    tokens, token_logprobs, top, text_offset = [], [], [], []
+    for lp in lps:
+        text = _token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top.append({_token_text(tokenizer, t): v for t, v in lp.top} if lp.top else None)
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+
+
+def chat_logprobs(tokenizer, lps: list[TokenLogprob]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps
+        ]
+    }
+
+
+def _usage_of(results: list[ChoiceResult], prompts: list[list[int]]) -> dict:
+    return usage(sum(len(p) for p in prompts), sum(r.num_output_tokens for r in results))
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = request.app.state
+    prompts = completion_prompts(body, state.tokenizer, state.model_info, state.config.limits)
+    call_id = new_id("cmpl")
+    reqs = build_requests(request, body, prompts, body.max_tokens, body.logprobs, call_id)
+    model = body.model or state.model_info.name
+    created = int(time.time())
+    tok = state.tokenizer
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events():
+            n_out = 0
+            async for index, out in stream_choices(state.engine, reqs):
+                if out.error:
+                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
+                    break
+                n_out += len(out.token_ids)
+                choice = {
+                    "index": index,
+                    "text": out.text,
+                    "logprobs": completion_logprobs(tok, list(out.logprobs)) if body.logprobs is not None else None,
+                    "finish_reason": finish_reason_text(out.finish_reason),
+                }
+                yield sse({"id": call_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
+            if include_usage:
+                u = usage(sum(len(p) for p in prompts), n_out)
+                yield sse({"id": call_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u})
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    results = await until_disconnect(request, collect(state.engine, reqs))
+    choices = [
+        {
+            "index": r.index,
+            "text": r.text,
+            "logprobs": completion_logprobs(tok, r.logprobs) if body.logprobs is not None else None,
+            "finish_reason": r.finish_reason,
+        }
+        for r in results
+    ]
+    return {
+        "id": call_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": _usage_of(results, prompts),
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = request.app.state
+    prompt = chat_prompt(body, state.tokenizer)
+    call_id = new_id("chatcmpl")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    reqs = build_requests(request, body, [prompt], max_tokens, logprobs, call_id)
+    model = body.model or state.model_info.name
+    created = int(time.time())
+    tok = state.tokenizer
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices, **extra):
+            return sse({"id": call_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra})
+
+        async def events():
+            for i in range(len(reqs)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            n_out = 0
+            async for index, out in stream_choices(state.engine, reqs):
+                if out.error:
+                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
+                    break
+                n_out += len(out.token_ids)
+                delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+                lp = chat_logprobs(tok, list(out.logprobs)) if logprobs is not None else None
+                yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason_text(out.finish_reason)}])
+            if include_usage:
+                yield chunk([], usage=usage(len(prompt), n_out))
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    results = await until_disconnect(request, collect(state.engine, reqs))
+    choices = [
+        {
+            "index": r.index,
+            "message": {"role": "assistant", "content": r.text},
+            "logprobs": chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
+            "finish_reason": r.finish_reason,
+        }
+        for r in results
+    ]
+    return {
+        "id": call_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(len(prompt), sum(r.num_output_tokens for r in results)),
+    }

@@ -1,0 +1,99 @@
+"""`steerserve serve ...`: command-line flags -> one Config -> the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from steerserve.config import CacheConfig, Config, LimitsConfig, ModelConfig, RegistryConfig, SchedulerConfig, ServerConfig
+
+
+def _keys(values: list[str] | None, env: str) -> tuple[str, ...]:
+    keys = list(values or [])
+    if not keys and os.environ.get(env):
+        keys = [k for k in os.environ[env].split(",") if k]
+    return tuple(keys)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    m, c, s = ModelConfig(), CacheConfig(), SchedulerConfig()
+    p.add_argument("--model", default=m.model, help="path or HF id of a decoder-only model, or random:<arch>")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="name clients use in `model`")
+    p.add_argument("--dtype", default=m.dtype, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=m.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+    p.add_argument("--seed", type=int, default=m.seed)
+    p.add_argument("--host", default=ServerConfig.host)
+    p.add_argument("--port", type=int, default=ServerConfig.port)
+    p.add_argument("--max-num-seqs", type=int, default=s.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=s.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=s.long_prefill_token_threshold)
+    p.add_argument("--block-size", type=int, default=c.block_size)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    p.add_argument("--kv-cache-fraction", type=float, default=c.kv_cache_fraction)
+    p.add_argument("--api-key", action="append", help="accepted bearer key (repeatable; env STEERSERVE_API_KEY)")
+    p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
+    p.add_argument("--data-dir", default=None, help="registry data directory (env STEERSERVE_DATA_DIR)")
+    p.add_argument("--registry-url", default=None, help="postgresql://... for a shared registry")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--log-level", default="info")
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    registry = RegistryConfig() if a.data_dir is None else RegistryConfig(data_dir=a.data_dir)
+    return Config(
+        model=ModelConfig(
+            model=a.model,
+            tokenizer=a.tokenizer,
+            dtype=a.dtype,
+            device=a.device,
+            trust_remote_code=a.trust_remote_code,
+            served_model_name=a.served_model_name,
+            seed=a.seed,
+        ),
+        cache=CacheConfig(a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction),
+        scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.long_prefill_token_threshold),
+        limits=LimitsConfig(),
+        server=ServerConfig(
+            host=a.host,
+            port=a.port,
+            api_keys=_keys(a.api_key, "STEERSERVE_API_KEY"),
+            admin_keys=_keys(a.admin_key, "STEERSERVE_ADMIN_KEY"),
+            log_level=a.log_level,
+        ),
+        registry=RegistryConfig(data_dir=registry.data_dir, registry_url=a.registry_url),
+    )
+
+
+def serve(config: Config, threads: int | None = None) -> None:
+    import torch
+    import uvicorn
+
+    from steerserve.api.app import create_app
+
+    if threads:
+        torch.set_num_threads(threads)
+    app = create_app(config)
+    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="steerserve", description="a steerable LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(sub.add_parser("serve", help="start the HTTP server"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        serve(config_from_args(args), args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
