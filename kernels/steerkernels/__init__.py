@@ -1,0 +1,288 @@
+"""steerkernels: the per-step ops of steered decoding, independent of the server.
+
+Public ops (this module owns their signatures, argument checks and backend dispatch):
+  steer_add        h[t] += slot vector                     (in place on h [T, d])
+  project_clamp    clip h[t] . u to [lo, hi] per direction (in place on h [T, d])
+  sae_edit         clamp/scale/ablate SAE features          (in place on h [T, d])
+  apply_logit_bias sparse + dense bias, penalties, temperature (in place on logits [R, V])
+  sae_encode_topk  top-k SAE activations per token          (new [T, k] tensors)
+
+Index conventions shared by the residual-stream ops:
+  slot_of_token [T] int32/int64: per token its row in the per-slot banks; -1 = not steered (untouched).
+  slot_positions [S] int: per slot 0 = all positions, 1 = prompt only, 2 = generated only; None = all.
+  pos_class [T] int8/int32: 0 = prompt token, 1 = generated token; required with slot_positions.
+  A token is steered when its slot is valid and slot_positions[slot] is 0 or pos_class[t] + 1.
+
+Backends: `reference` (pure torch, the spec; runs on any device) and Triton (`triton_*` modules,
+imported lazily so this package imports without triton). Each op takes `backend=None|"auto"|"torch"|
+"triton"`; None reads env STEERKERNELS_BACKEND (default auto: Triton on CUDA tensors or under
+TRITON_INTERPRET=1, the reference otherwise). `validate=True` also range-checks index/value tensors
+(one device sync each); with False the kernels still mask bad ids, so nothing is written out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steerkernels import _checks as C
+from steerkernels import reference
+
+__all__ = ["apply_logit_bias", "project_clamp", "reference", "sae_edit", "sae_encode_topk", "steer_add"]
+
+# NOTE: the largest k of the Triton top-k (its merge keeps next_pow2(k) candidates in registers).
+TRITON_MAX_TOPK = 256
+
+
+def _impl(name: str, backend: str | None, device: torch.device):
+    """The backend module that implements op `name` for this call."""
+    if C.resolve_backend(backend, device) == "torch":
+        return reference
+    if name in ("steer_add", "project_clamp", "sae_edit"):
+        from steerkernels import triton_residual as mod
+    elif name == "apply_logit_bias":
+        from steerkernels import triton_logits as mod
+    else:
+        from steerkernels import triton_encode as mod
+    return mod
+
+
+def _hidden(name: str, h: object) -> torch.Tensor:
+    h = C.tensor(name, h, (None, None), C.FLOAT_DTYPES, h.device if isinstance(h, torch.Tensor) else None)
+    C.row_major(name, h)
+    return h
+
+
+def steer_add(
+    h: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    slot_vectors: torch.Tensor,
+    slot_positions: torch.Tensor | None,
+    pos_class: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Add each steered token's slot vector to its hidden state, in place.
+
+    h              [T, d] fp32/bf16/fp16, last dim contiguous; edited in place and returned.
+    slot_of_token  [T] int32/int64, -1 = not steered.
+    slot_vectors   [S, d] fp32: per slot the summed additive steering at this site.
+    slot_positions [S] int (0 all, 1 prompt, 2 generated) or None (all); pos_class [T] int with it.
+    h[t] = (h[t] as fp32 + slot_vectors[slot]) rounded to h's dtype; other rows are not written.
+    """
+    h = _hidden("h", h)
+    T, d = h.shape
+    C.tensor("slot_vectors", slot_vectors, (None, d), C.FP32, h.device, "S, d")
+    C.token_args(h, slot_of_token, slot_positions, pos_class, slot_vectors.shape[0], validate)
+    impl = _impl("steer_add", backend, h.device)
+    return impl.steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class)
+
+
+def project_clamp(
+    h: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    slot_dirs: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    dir_count: torch.Tensor,
+    slot_positions: torch.Tensor | None,
+    pos_class: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Clip the component of each steered token along its slot's unit directions, in place.
+
+    h              [T, d] fp32/bf16/fp16, edited in place and returned.
+    slot_of_token  [T] int, -1 = not steered.
+    slot_dirs      [S, K, d] fp32 unit vectors u.
+    lo, hi         [S, K] fp32, lo <= hi, may be -inf/+inf; lo = hi = 0 removes the direction (project_out).
+    dir_count      [S] int in [0, K]: directions k < dir_count[slot] apply, sequentially in k order:
+                   c = h . u_k;  h += (clamp(c, lo, hi) - c) * u_k   (fp32, rounded to h's dtype at the end).
+    slot_positions [S] int or None; pos_class [T] int with it.
+    """
+    h = _hidden("h", h)
+    T, d = h.shape
+    C.tensor("slot_dirs", slot_dirs, (None, None, d), C.FP32, h.device, "S, K, d")
+    S, K, _ = slot_dirs.shape
+    C.tensor("lo", lo, (S, K), C.FP32, h.device, "S, K")
+    C.tensor("hi", hi, (S, K), C.FP32, h.device, "S, K")
+    C.tensor("dir_count", dir_count, (S,), C.INT_DTYPES, h.device, "S")
+    C.token_args(h, slot_of_token, slot_positions, pos_class, S, validate)
+    if validate:
+        C.ids_in("dir_count", dir_count, 0, K + 1, f"K={K} directions per slot")
+        C.values_ok("lo", lo, ~torch.isnan(lo), "must not be NaN")
+        C.values_ok("hi", hi, lo <= hi, "must be >= lo (and not NaN)")
+    impl = _impl("project_clamp", backend, h.device)
+    return impl.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class)
+
+
+def sae_edit(
+    h: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    feat_idx: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None,
+    apply_b_dec_to_input: bool,
+    mode: torch.Tensor,
+    value: torch.Tensor,
+    slot_positions: torch.Tensor | None,
+    pos_class: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Clamp / scale / ablate the SAE features each steered token's slot touches, in place.
+
+    h              [T, d] fp32/bf16/fp16, edited in place and returned.
+    slot_of_token  [T] int, -1 = not steered.
+    feat_idx       [S, F] int feature ids in [0, d_sae), -1 = padding (a slot of only -1 costs nothing).
+    W_enc [d, d_sae], b_enc [d_sae], W_dec [d_sae, d], b_dec [d], threshold [d_sae] or None: the SAE
+                   (any float dtype; strided views welcome: pass W_enc as `W_enc_t.t()` of a row-major
+                   [d_sae, d] copy for coalesced column reads on GPU).
+    mode           [S, F] int: 0 = clamp to value, 1 = scale by value, 2 = ablate to value (0 or the mean).
+    value          [S, F] fp32.
+    slot_positions [S] int or None; pos_class [T] int with it.
+
+    For every touched feature f of token t, from the UNEDITED h[t]:
+      pre = (h[t] - b_dec * apply_b_dec_to_input) . W_enc[:, f] + b_enc[f]
+      a   = relu(pre), or jumprelu (pre if pre > threshold[f] else 0) when threshold is given
+      new = value (modes 0, 2) or a * value (mode 1)
+    then h[t] += sum_f (new - a) * W_dec[f] (fp32). Duplicate ids in a row apply twice. TopK SAEs are
+    not encoded here: the caller passes them as relu SAEs over the touched features.
+    """
+    h = _hidden("h", h)
+    T, d = h.shape
+    C.tensor("feat_idx", feat_idx, (None, None), C.INT_DTYPES, h.device, "S, F")
+    S, F = feat_idx.shape
+    C.tensor("W_enc", W_enc, (d, None), C.FLOAT_DTYPES, h.device, "d, d_sae")
+    d_sae = W_enc.shape[1]
+    C.tensor("b_enc", b_enc, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
+    C.tensor("W_dec", W_dec, (d_sae, d), C.FLOAT_DTYPES, h.device, "d_sae, d")
+    C.tensor("b_dec", b_dec, (d,), C.FLOAT_DTYPES, h.device, "d")
+    if threshold is not None:
+        C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
+    C.tensor("mode", mode, (S, F), C.INT_DTYPES, h.device, "S, F")
+    C.tensor("value", value, (S, F), C.FP32, h.device, "S, F")
+    C.token_args(h, slot_of_token, slot_positions, pos_class, S, validate)
+    if validate:
+        C.ids_in("feat_idx", feat_idx, -1, d_sae, f"-1 = padding, d_sae={d_sae} features")
+        C.ids_in("mode", mode, 0, 3, "0=clamp, 1=scale, 2=ablate")
+    impl = _impl("sae_edit", backend, h.device)
+    return impl.sae_edit(
+        h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold,
+        bool(apply_b_dec_to_input), mode, value, slot_positions, pos_class,
+    )  # fmt: skip
+
+
+def apply_logit_bias(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    sparse_ids: torch.Tensor,
+    sparse_bias: torch.Tensor,
+    dense_bank: torch.Tensor,
+    dense_idx: torch.Tensor,
+    dense_scale: torch.Tensor,
+    penalty_ids: torch.Tensor,
+    penalty_counts: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+    *,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Logit biases, sampling penalties and temperature in one pass, in place on fp32 logits.
+
+    logits             [R, V] fp32, last dim contiguous; edited in place and returned.
+    temperature        [R] fp32 > 0 (greedy rows pass 1.0).
+    sparse_ids         [R, S] int token ids, -1 = padding; sparse_bias [R, S] fp32 (duplicates add up).
+    dense_bank         [B, V] fp32 vocab vectors (B may be 0); dense_idx [R, D] int rows of the bank,
+                       -1 = padding; dense_scale [R, D] fp32.
+    penalty_ids        [R, P] int, -1 = padding, unique per row (prompt and output tokens so far);
+    penalty_counts     [R, P] int32 occurrences in the output (0 = prompt only).
+    repetition_penalty, presence_penalty, frequency_penalty  [R] fp32.
+    Any of S, D, P may be 0. Per row, in order:
+      1. logits[id] += sparse bias;  logits += sum_j dense_scale[j] * dense_bank[dense_idx[j]]
+      2. for each penalty id: x = x / rp if x > 0 else x * rp;  x -= presence if count > 0;
+         x -= frequency * count
+      3. logits /= temperature
+    A row with no ids, no dense bias and temperature 1.0 is not written.
+    """
+    C.tensor("logits", logits, (None, None), C.FP32, getattr(logits, "device", None), "R, V")
+    C.row_major("logits", logits)
+    dev = logits.device
+    R, V = logits.shape
+    for name, t in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+        C.tensor(name, t, (R,), C.FP32, dev, "R")
+    C.tensor("presence_penalty", presence_penalty, (R,), C.FP32, dev, "R")
+    C.tensor("frequency_penalty", frequency_penalty, (R,), C.FP32, dev, "R")
+    C.tensor("sparse_ids", sparse_ids, (R, None), C.INDEX_DTYPES, dev, "R, S")
+    C.tensor("sparse_bias", sparse_bias, (R, sparse_ids.shape[1]), C.FP32, dev, "R, S")
+    C.tensor("dense_bank", dense_bank, (None, V), C.FP32, dev, "B, V")
+    C.tensor("dense_idx", dense_idx, (R, None), C.INDEX_DTYPES, dev, "R, D")
+    C.tensor("dense_scale", dense_scale, (R, dense_idx.shape[1]), C.FP32, dev, "R, D")
+    C.tensor("penalty_ids", penalty_ids, (R, None), C.INDEX_DTYPES, dev, "R, P")
+    C.tensor("penalty_counts", penalty_counts, (R, penalty_ids.shape[1]), C.INDEX_DTYPES, dev, "R, P")
+    if validate:
+        C.values_ok("temperature", temperature, (temperature > 0) & temperature.isfinite(), "must be > 0")
+        C.values_ok("repetition_penalty", repetition_penalty, repetition_penalty > 0, "must be > 0")
+        C.ids_in("sparse_ids", sparse_ids, -1, V, f"-1 = padding, vocab V={V}")
+        C.ids_in(
+            "dense_idx",
+            dense_idx,
+            -1,
+            dense_bank.shape[0],
+            f"-1 = padding, B={dense_bank.shape[0]} bank rows",
+        )
+        C.ids_in("penalty_ids", penalty_ids, -1, V, f"-1 = padding, vocab V={V}")
+        C.ids_in("penalty_counts", penalty_counts, 0, 2**31 - 1, "occurrences in the output")
+        if penalty_ids.shape[1] > 1:
+            ids = penalty_ids.sort(dim=1).values
+            dup = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+            C.values_ok("penalty_ids", ids[:, 1:], ~dup, "ids must be unique per row (apart from -1)")
+    impl = _impl("apply_logit_bias", backend, dev)
+    return impl.apply_logit_bias(
+        logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, dense_scale,
+        penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
+    )  # fmt: skip
+
+
+def sae_encode_topk(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None,
+    apply_b_dec_to_input: bool,
+    k: int,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest SAE activations of each token, descending.
+
+    x [T, d] float; W_enc [d, d_sae], b_enc [d_sae], b_dec [d], threshold [d_sae] or None (any float dtype).
+    act = relu or jumprelu((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc), computed in fp32
+    (fp32 weights use TF32 on GPU only when torch.get_float32_matmul_precision() is not "highest").
+    Returns (values [T, k] fp32, indices [T, k] int64). Ties (e.g. many zeros) break arbitrarily.
+    The Triton backend never holds more than one [block_T, block_N] tile of activations; k <= 256 there.
+    """
+    x = C.tensor("x", x, (None, None), C.FLOAT_DTYPES, getattr(x, "device", None), "T, d")
+    T, d = x.shape
+    C.tensor("W_enc", W_enc, (d, None), C.FLOAT_DTYPES, x.device, "d, d_sae")
+    d_sae = W_enc.shape[1]
+    C.tensor("b_enc", b_enc, (d_sae,), C.FLOAT_DTYPES, x.device, "d_sae")
+    C.tensor("b_dec", b_dec, (d,), C.FLOAT_DTYPES, x.device, "d")
+    if threshold is not None:
+        C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, x.device, "d_sae")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
+        raise ValueError(f"k: must be an int in [1, d_sae={d_sae}], got {k!r}")
+    impl = _impl("sae_encode_topk", backend, x.device)
+    if impl is not reference and k > TRITON_MAX_TOPK:
+        raise ValueError(
+            f"k: the triton backend supports k <= {TRITON_MAX_TOPK}, got {k} (use backend='torch')"
+        )
+    return impl.sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, bool(apply_b_dec_to_input), k)

@@ -1,0 +1,131 @@
+"""Argument checks shared by every op and both backends.
+
+Shape, dtype and device checks are free (no device sync) and always run. Range checks on index and value
+tensors read the data (one device sync each on CUDA) and run only when the caller asks for validation;
+the kernels mask bad ids anyway, so skipping them (e.g. under CUDA-graph capture) is safe for memory.
+Every error names the argument, what it expected and what it got.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+FP32 = (torch.float32,)
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """`torch` or `triton` for this call: the argument, else env STEERKERNELS_BACKEND, else `auto`.
+
+    `auto` is Triton on CUDA tensors (and on CPU tensors when TRITON_INTERPRET=1), the torch reference
+    otherwise.
+    """
+    choice = backend if backend is not None else os.environ.get("STEERKERNELS_BACKEND", "auto") or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} (or env STEERKERNELS_BACKEND), got {choice!r}")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if choice == "auto":
+        if device.type == "cuda" or interpret:
+            return "triton" if triton_available() else "torch"
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' but the triton package is not installed")
+        if device.type != "cuda" and not interpret:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; got device {device}"
+            )
+    return choice
+
+
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def tensor(
+    name: str,
+    t: object,
+    shape: tuple[int | None, ...],
+    dtypes: tuple[torch.dtype, ...],
+    device: torch.device,
+    dims: str = "",
+) -> torch.Tensor:
+    """Check that `t` is a tensor of `shape` (None = any size) with one of `dtypes` on `device`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if dims:
+        want = f"{want} ({dims})"
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape, strict=True)):
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+    if t.device != device:
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (the device of the first argument), got {t.device}"
+        )
+    return t
+
+
+def row_major(name: str, t: torch.Tensor) -> None:
+    """In-place targets are written through their row stride; their last dimension must be contiguous."""
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}"
+        )
+
+
+def ids_in(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Every value of `t` lies in [lo, hi); `what` says where the bound comes from."""
+    if t.numel() == 0:
+        return
+    bad = (t < lo) | (t >= hi)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: values must lie in [{lo}, {hi}) ({what}); got {int(t[pos])} at index {list(pos)}"
+        )
+
+
+def values_ok(name: str, t: torch.Tensor, ok: torch.Tensor, rule: str) -> None:
+    """Every element where `ok` is False violates `rule`."""
+    if t.numel() == 0:
+        return
+    bad = ~ok
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: {rule}; got {float(t[pos])} at index {list(pos)}")
+
+
+def token_args(
+    h: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    slot_positions: torch.Tensor | None,
+    pos_class: torch.Tensor | None,
+    num_slots: int,
+    validate: bool,
+) -> None:
+    """The per-token index tensors shared by steer_add, project_clamp and sae_edit."""
+    T = h.shape[0]
+    tensor("slot_of_token", slot_of_token, (T,), INDEX_DTYPES, h.device, "T")
+    if slot_positions is not None:
+        tensor("slot_positions", slot_positions, (num_slots,), INT_DTYPES, h.device, "S")
+        if pos_class is None:
+            raise ValueError(
+                "pos_class: required when slot_positions is given ([T] int, 0=prompt, 1=generated)"
+            )
+        tensor("pos_class", pos_class, (T,), INT_DTYPES, h.device, "T")
+    if validate:
+        ids_in("slot_of_token", slot_of_token, -1, num_slots, f"-1 = unsteered, S={num_slots} slots")
+        if slot_positions is not None:
+            ids_in("slot_positions", slot_positions, 0, 3, "0=all, 1=prompt, 2=generated")
+            ids_in("pos_class", pos_class, 0, 2, "0=prompt, 1=generated")

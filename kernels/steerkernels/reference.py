@@ -1,0 +1,189 @@
+"""Pure-torch references: the spec of every op, and what runs in production on a CPU.
+
+Each function has the signature of the public op in `steerkernels` (minus `backend`/`validate`) and
+assumes its arguments were checked there. All arithmetic is fp32 whatever the storage dtype; in-place
+ops store back in the target's dtype and leave rows without work bit-identical. Vectorized over tokens
+and rows (gathers, `index_put_`, `embedding_bag`); the only Python loops are over directions (K) and
+over token chunks that bound the memory of gathered weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# NOTE: gathered weight rows per chunk ([chunk, F, d] floats); bounds scratch memory to ~16 MiB.
+_GATHER_BUDGET = 1 << 22
+
+
+def steered_tokens(
+    slot_of_token: torch.Tensor,  # [T]
+    slot_positions: torch.Tensor | None,  # [S]
+    pos_class: torch.Tensor | None,  # [T]
+    num_slots: int,
+) -> torch.Tensor:
+    """[T] bool: the token has a slot in [0, S) and its position class is steered by that slot."""
+    slot = slot_of_token.long()
+    ok = (slot >= 0) & (slot < num_slots)
+    if slot_positions is None or num_slots == 0:
+        return ok
+    sp = slot_positions.long()[slot.clamp(0, num_slots - 1)]  # [T]
+    return ok & ((sp == 0) | (sp == pos_class.long() + 1))
+
+
+def activation(pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    """relu (threshold None) or jumprelu: pre where pre > threshold, else 0."""
+    if threshold is None:
+        return torch.relu(pre)
+    return torch.where(pre > threshold, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+
+
+def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
+    """h[t] += slot_vectors[slot_of_token[t]] for steered tokens; see `steerkernels.steer_add`."""
+    steered = steered_tokens(slot_of_token, slot_positions, pos_class, slot_vectors.shape[0])
+    rows = steered.nonzero().squeeze(1)  # [n]
+    if rows.numel() == 0:
+        return h
+    vec = slot_vectors.float().index_select(0, slot_of_token.long()[rows])  # [n, d]
+    h.index_copy_(0, rows, (h.index_select(0, rows).float() + vec).to(h.dtype))
+    return h
+
+
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class=None):
+    """Clip h[t] . u_k to [lo, hi] for the slot's directions in k order; see `steerkernels.project_clamp`."""
+    S, K, _ = slot_dirs.shape
+    steered = steered_tokens(slot_of_token, slot_positions, pos_class, S)
+    slot = slot_of_token.long().clamp(0, max(S - 1, 0))  # [T]
+    count = dir_count.long()[slot].clamp(0, K) if S else torch.zeros_like(slot)  # [T]
+    rows = (steered & (count > 0)).nonzero().squeeze(1)  # [n]
+    if rows.numel() == 0:
+        return h
+    s, count = slot[rows], count[rows]  # [n]
+    x = h.index_select(0, rows).float()  # [n, d]
+    for k in range(K):
+        u = slot_dirs[s, k].float()  # [n, d]
+        c = (x * u).sum(-1)  # [n]
+        clipped = torch.clamp(c, min=lo[s, k].float(), max=hi[s, k].float())
+        step = torch.where(k < count, clipped - c, torch.zeros_like(c))
+        x = x + step[:, None] * u
+    h.index_copy_(0, rows, x.to(h.dtype))
+    return h
+
+
+def sae_edit(
+    h,
+    slot_of_token,
+    feat_idx,
+    W_enc,
+    b_enc,
+    W_dec,
+    b_dec,
+    threshold,
+    apply_b_dec_to_input,
+    mode,
+    value,
+    slot_positions,
+    pos_class=None,
+):
+    """Set/scale/ablate the slot's SAE features of each steered token; see `steerkernels.sae_edit`."""
+    S, Fmax = feat_idx.shape
+    d_sae = W_enc.shape[1]
+    steered = steered_tokens(slot_of_token, slot_positions, pos_class, S)
+    slot = slot_of_token.long().clamp(0, max(S - 1, 0))  # [T]
+    feat = feat_idx.long()  # [S, F]
+    valid = (feat >= 0) & (feat < d_sae)  # [S, F]
+    has_work = valid.any(1)[slot] if S else torch.zeros_like(steered)  # [T]
+    rows = (steered & has_work).nonzero().squeeze(1)  # [n]
+    if rows.numel() == 0:
+        return h
+    s = slot[rows]  # [n]
+    f = feat.clamp(0, d_sae - 1)[s]  # [n, F]
+    ok = valid[s]  # [n, F]
+    x = h.index_select(0, rows).float()  # [n, d]
+    xin = x - b_dec.float() if apply_b_dec_to_input else x
+    thr = threshold.float()[f] if threshold is not None else None  # [n, F]
+    scale = mode[s] == 1  # [n, F]
+    val = value.float()[s]  # [n, F]
+    W_enc_rows = W_enc.t()  # [d_sae, d] view: row f is encoder column f
+    chunk = max(1, _GATHER_BUDGET // max(1, Fmax * x.shape[1]))
+    out = torch.empty_like(x)
+    for i in range(0, rows.numel(), chunk):
+        sl = slice(i, i + chunk)
+        fc = f[sl]  # [c, F]
+        w_enc = W_enc_rows[fc].float()  # [c, F, d]
+        pre = torch.bmm(w_enc, xin[sl, :, None]).squeeze(2) + b_enc.float()[fc]  # [c, F]
+        a = activation(pre, None if thr is None else thr[sl])
+        new = torch.where(scale[sl], a * val[sl], val[sl])
+        coef = torch.where(ok[sl], new - a, torch.zeros_like(a))  # [c, F]
+        w_dec = W_dec[fc].float()  # [c, F, d]
+        out[sl] = x[sl] + torch.bmm(coef[:, None, :], w_dec).squeeze(1)
+    h.index_copy_(0, rows, out.to(h.dtype))
+    return h
+
+
+def apply_logit_bias(
+    logits,
+    temperature,
+    sparse_ids,
+    sparse_bias,
+    dense_bank,
+    dense_idx,
+    dense_scale,
+    penalty_ids,
+    penalty_counts,
+    repetition_penalty,
+    presence_penalty,
+    frequency_penalty,
+):
+    """Biases, then penalties, then temperature, in place; see `steerkernels.apply_logit_bias`."""
+    R, V = logits.shape
+    row = torch.arange(R, device=logits.device)[:, None]  # [R, 1]
+    if sparse_ids.shape[1]:
+        ids = sparse_ids.long()
+        ok = (ids >= 0) & (ids < V)  # [R, S]
+        r_idx, tok = row.expand_as(ids)[ok], ids[ok]
+        logits.index_put_((r_idx, tok), sparse_bias.float()[ok], accumulate=True)
+    B = dense_bank.shape[0]
+    if dense_idx.shape[1] and B:
+        idx = dense_idx.long()
+        ok = (idx >= 0) & (idx < B)  # [R, D]
+        rows = ok.any(1).nonzero().squeeze(1)  # rows with at least one dense bias
+        if rows.numel():
+            w = torch.where(ok, dense_scale.float(), torch.zeros_like(dense_scale, dtype=torch.float32))
+            dense = F.embedding_bag(
+                idx.clamp(0, B - 1)[rows], dense_bank, per_sample_weights=w[rows], mode="sum"
+            )  # [n, V]
+            logits.index_copy_(0, rows, logits.index_select(0, rows) + dense)
+    if penalty_ids.shape[1]:
+        ids = penalty_ids.long()
+        ok = (ids >= 0) & (ids < V)  # [R, P]
+        r_idx, c_idx = ok.nonzero(as_tuple=True)  # [n] each
+        tok = ids[r_idx, c_idx]
+        g = logits[r_idx, tok]  # [n]
+        rp = repetition_penalty.float()[r_idx]
+        g = torch.where(g > 0, g / rp, g * rp)
+        count = penalty_counts[r_idx, c_idx].float()
+        g = torch.where(count > 0, g - presence_penalty.float()[r_idx], g)
+        g = g - frequency_penalty.float()[r_idx] * count
+        logits[r_idx, tok] = g
+    logits.div_(temperature.float()[:, None])
+    return logits
+
+
+def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
+    """Top-k SAE activations per token, descending; see `steerkernels.sae_encode_topk`."""
+    T = x.shape[0]
+    d_sae = W_enc.shape[1]
+    W = W_enc.float()  # [d, d_sae]
+    bias = b_enc.float()
+    thr = threshold.float() if threshold is not None else None
+    values = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    chunk = max(1, (1 << 24) // max(1, d_sae))  # NOTE: at most ~64 MiB of activations at a time
+    for i in range(0, T, chunk):
+        xin = x[i : i + chunk].float()
+        if apply_b_dec_to_input:
+            xin = xin - b_dec.float()
+        act = activation(xin @ W + bias, thr)  # [c, d_sae]
+        values[i : i + chunk], indices[i : i + chunk] = torch.topk(act, k, dim=1)
+    return values, indices
