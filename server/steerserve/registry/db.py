@@ -9,6 +9,7 @@ PostgreSQL (one writer per registry, across replicas). Blob publication and dele
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -122,7 +123,9 @@ class Database:
         """Apply the migrations newer than the stored schema version; returns the version now."""
         latest = max(v for v, _ in migrations)
         with self.write() as tx:
-            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied REAL)")
+            tx.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied REAL)"
+            )
             row = tx.one("SELECT MAX(version) AS v FROM schema_version")
             current = (row or {}).get("v") or 0
             if current > latest:
@@ -135,7 +138,9 @@ class Database:
                     continue
                 for sql in statements.get("all", []) + statements.get(self.dialect, []):
                     tx.execute(sql)
-                tx.execute("INSERT INTO schema_version (version, applied) VALUES (?, ?)", (version, time.time()))
+                tx.execute(
+                    "INSERT INTO schema_version (version, applied) VALUES (?, ?)", (version, time.time())
+                )
         return latest
 
     def close(self) -> None:
@@ -143,7 +148,5 @@ class Database:
         with self._lock:
             conns, self._all = self._all, []
         for conn in conns:
-            try:
+            with contextlib.suppress(Exception):  # best effort: another thread may be mid-statement
                 conn.close()
-            except Exception:  # closing is best effort: another thread may be mid-statement
-                pass

@@ -71,7 +71,8 @@ class VectorRecord:
             "model": self.model,
             "d": self.d,
             "sites": [
-                {"site": s.hook_name, "layer": s.layer, "hook": s.hook, "norm": self.norms[s]} for s in self.sites
+                {"site": s.hook_name, "layer": s.layer, "hook": s.hook, "norm": self.norms[s]}
+                for s in self.sites
             ],
             "source": self.source,
             "sha256": self.blob_sha256,

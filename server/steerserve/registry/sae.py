@@ -44,7 +44,9 @@ class SAEWeights:
                 param="architecture",
             )
         if self.W_enc.dim() != 2:
-            raise InvalidInput(f"W_enc must be 2-d [d_in, d_sae], got shape {list(self.W_enc.shape)}", "W_enc")
+            raise InvalidInput(
+                f"W_enc must be 2-d [d_in, d_sae], got shape {list(self.W_enc.shape)}", "W_enc"
+            )
         d_in, d_sae = self.W_enc.shape
         if d_in < 1 or d_sae < 1:
             raise InvalidInput(f"W_enc must not be empty, got shape {list(self.W_enc.shape)}", "W_enc")
@@ -61,7 +63,9 @@ class SAEWeights:
                 )
         dtypes = {t.dtype for t in self.tensors().values()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_DTYPES:
-            raise InvalidInput(f"SAE tensors must share one of float32/float16/bfloat16, got {dtypes}", "dtype")
+            raise InvalidInput(
+                f"SAE tensors must share one of float32/float16/bfloat16, got {dtypes}", "dtype"
+            )
         if (self.architecture == "jumprelu") != (self.threshold is not None):
             raise InvalidInput("a threshold [d_sae] is required for jumprelu and only for it", "threshold")
         if self.architecture == "topk":

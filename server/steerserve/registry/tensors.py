@@ -142,7 +142,9 @@ def read_npz(path: Path, name: str = "file", max_bytes: int | None = None) -> di
         raise InvalidInput(f"{name} is not a valid npz (zip) archive", param=name) from None
     total = sum(i.file_size for i in infos)
     if max_bytes is not None and total > max_bytes:
-        raise TooLarge(f"{name}: the npz archive unpacks to {total} bytes, over the limit of {max_bytes}", name)
+        raise TooLarge(
+            f"{name}: the npz archive unpacks to {total} bytes, over the limit of {max_bytes}", name
+        )
     for info in infos:
         if not info.filename.endswith(".npy"):
             raise InvalidInput(f"{name}: unexpected member {info.filename!r} in the npz archive", param=name)
@@ -174,7 +176,9 @@ def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise InvalidInput(f"{name}: tensor {key!r} holds {bad} non-finite values (NaN or inf)", param=name)
+            raise InvalidInput(
+                f"{name}: tensor {key!r} holds {bad} non-finite values (NaN or inf)", param=name
+            )
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -44,7 +44,9 @@ class SteeringVector:
     @classmethod
     def of(cls, directions: dict[Site, torch.Tensor]) -> SteeringVector:
         """Build from tensors of any float dtype (converted to contiguous float32 on the CPU)."""
-        return cls({s: t.detach().to("cpu", torch.float32).reshape(-1).contiguous() for s, t in directions.items()})
+        return cls(
+            {s: t.detach().to("cpu", torch.float32).reshape(-1).contiguous() for s, t in directions.items()}
+        )
 
     @property
     def d(self) -> int:

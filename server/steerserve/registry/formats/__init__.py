@@ -35,7 +35,11 @@ def read_json_file(path: Path, param: str = "cfg") -> object:
 
 
 def load_sae(
-    weights: Path, cfg: dict | None, site: Site | None = None, path_hint: str = "", max_bytes: int | None = None
+    weights: Path,
+    cfg: dict | None,
+    site: Site | None = None,
+    path_hint: str = "",
+    max_bytes: int | None = None,
 ) -> LoadedSAE:
     """An SAE from its weights file (safetensors or npz) and its config (None only for Gemma Scope)."""
     kind = sniff(weights)

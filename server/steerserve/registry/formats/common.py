@@ -26,7 +26,8 @@ class LoadedSAE:
 def require(tensors: dict[str, torch.Tensor], name: str, where: str) -> torch.Tensor:
     if name not in tensors:
         raise InvalidInput(
-            f"{where}: missing tensor {name!r} (found: {', '.join(sorted(tensors)) or 'none'})", param="weights"
+            f"{where}: missing tensor {name!r} (found: {', '.join(sorted(tensors)) or 'none'})",
+            param="weights",
         )
     return tensors[name]
 

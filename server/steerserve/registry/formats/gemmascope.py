@@ -37,7 +37,9 @@ def from_state(tensors: dict[str, torch.Tensor], site: Site | None, path_hint: s
         raise InvalidInput("a Gemma Scope params.npz carries no site: give one (layer or hook name)", "site")
     W_enc = require(tensors, "W_enc", "Gemma Scope SAE")  # [d_model, d_sae]
     if W_enc.dim() != 2:
-        raise InvalidInput(f"Gemma Scope SAE: W_enc must be 2-d [d_model, d_sae], got {list(W_enc.shape)}", "weights")
+        raise InvalidInput(
+            f"Gemma Scope SAE: W_enc must be 2-d [d_model, d_sae], got {list(W_enc.shape)}", "weights"
+        )
     d_in, d_sae = W_enc.shape
     cfg = {
         "architecture": "jumprelu",

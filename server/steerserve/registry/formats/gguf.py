@@ -23,7 +23,19 @@ from steerserve.registry.errors import InvalidInput
 from steerserve.sites import Site
 
 MAGIC = b"GGUF"
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 _TENSOR_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}  # ggml F32, F16
 _MAX_COUNT = 1 << 20
@@ -38,7 +50,9 @@ class _Cursor:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
-            raise InvalidInput(f"{self.name}: truncated GGUF file (wanted {n} bytes at {self.pos})", param=self.name)
+            raise InvalidInput(
+                f"{self.name}: truncated GGUF file (wanted {n} bytes at {self.pos})", param=self.name
+            )
         out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -92,7 +106,9 @@ def read_gguf(path: Path, name: str = "file") -> tuple[dict[str, object], dict[s
         dims = [cur.unpack("<Q") for _ in range(n_dims)]
         ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
         if ggml_type not in _TENSOR_DTYPES:
-            raise InvalidInput(f"{name}: tensor {tname!r} has ggml type {ggml_type}; only F32/F16", param=name)
+            raise InvalidInput(
+                f"{name}: tensor {tname!r} has ggml type {ggml_type}; only F32/F16", param=name
+            )
         infos.append((tname, dims, _TENSOR_DTYPES[ggml_type], offset))
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -103,7 +119,9 @@ def read_gguf(path: Path, name: str = "file") -> tuple[dict[str, object], dict[s
         nbytes = math.prod(dims) * dtype.itemsize
         begin = data_start + offset
         if offset % alignment or begin + nbytes > len(cur.data):
-            raise InvalidInput(f"{name}: tensor {tname!r} lies outside the data section (truncated?)", param=name)
+            raise InvalidInput(
+                f"{name}: tensor {tname!r} lies outside the data section (truncated?)", param=name
+            )
         if tname in tensors:
             raise InvalidInput(f"{name}: tensor {tname!r} appears twice", param=name)
         spans.append((begin, begin + nbytes, tname))
@@ -123,7 +141,9 @@ def control_vector(path: Path, name: str = "file") -> tuple[dict[Site, torch.Ten
     for tname, t in tensors.items():
         m = _DIRECTION.match(tname)
         if not m:
-            raise InvalidInput(f"{name}: unexpected tensor {tname!r} in a control vector (direction.N)", param=name)
+            raise InvalidInput(
+                f"{name}: unexpected tensor {tname!r} in a control vector (direction.N)", param=name
+            )
         if sum(d != 1 for d in t.shape) > 1:
             raise InvalidInput(f"{name}: {tname} must be a vector, got shape {list(t.shape)}", param=name)
         out[Site(int(m.group(1)), "resid_post")] = t.reshape(-1)

@@ -12,6 +12,7 @@ Several entries for one index (Neuronpedia keeps several explanations) merge: fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -30,7 +31,9 @@ def _entries(data: object) -> list:
             try:
                 data = [json.loads(line) for line in text.splitlines() if line.strip()]
             except json.JSONDecodeError as exc:
-                raise InvalidInput(f"features: neither JSON nor JSON lines ({exc})", param="features") from None
+                raise InvalidInput(
+                    f"features: neither JSON nor JSON lines ({exc})", param="features"
+                ) from None
     if isinstance(data, dict):
         for key in ("features", "explanations", "data"):
             if isinstance(data.get(key), list):
@@ -60,10 +63,8 @@ def _number(value: object, param: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"{param} must be a finite number, got {value!r}", param=param)
     return float(value)
@@ -73,7 +74,9 @@ def _index(value: object, param: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{param} must be an integer >= 0 (or a string of digits), got {value!r}", param=param)
+        raise InvalidInput(
+            f"{param} must be an integer >= 0 (or a string of digits), got {value!r}", param=param
+        )
     return value
 
 
@@ -92,11 +95,15 @@ def parse_features(data: object) -> list[FeatureInfo]:
         fields = {
             "label": _text(_first(entry, "label", "description"), f"{p}.label"),
             "explanation": _text(explanation, f"{p}.explanation"),
-            "max_activation": _number(_first(entry, "max_activation", "maxActApprox", "maxActivation"), f"{p}.max_activation"),
+            "max_activation": _number(
+                _first(entry, "max_activation", "maxActApprox", "maxActivation"), f"{p}.max_activation"
+            ),
             "density": _number(_first(entry, "density", "frac_nonzero", "fracNonzero"), f"{p}.density"),
         }
         if fields["density"] is not None and not 0.0 <= fields["density"] <= 1.0:
-            raise InvalidInput(f"{p}.density must be in [0, 1], got {fields['density']}", param=f"{p}.density")
+            raise InvalidInput(
+                f"{p}.density must be in [0, 1], got {fields['density']}", param=f"{p}.density"
+            )
         slot = merged.setdefault(index, {})
         for key, value in fields.items():
             if slot.get(key) is None:

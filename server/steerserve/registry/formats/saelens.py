@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from steerserve.registry.errors import InvalidInput
-from steerserve.registry.formats.common import LoadedSAE, as_int, reject_unknown, require, site_of, storage_dtype
+from steerserve.registry.formats.common import (
+    LoadedSAE,
+    as_int,
+    reject_unknown,
+    require,
+    site_of,
+    storage_dtype,
+)
 from steerserve.registry.sae import SAEWeights
 from steerserve.sites import Site
 
@@ -45,7 +52,9 @@ def _architecture(cfg: dict) -> tuple[str, int | None]:
             param="cfg.architecture",
         )
     if act not in ("relu", None):
-        raise InvalidInput(f"cfg.activation_fn {act!r} is not supported (relu or topk)", param="cfg.activation_fn")
+        raise InvalidInput(
+            f"cfg.activation_fn {act!r} is not supported (relu or topk)", param="cfg.activation_fn"
+        )
     return ("relu" if arch == "standard" else arch), None
 
 
@@ -77,7 +86,9 @@ def parse_site(cfg: dict, site: Site | None) -> Site:
         return site
     hook = _get(cfg, "hook_name", _get(cfg, "hook_point"))
     if hook is None:
-        raise InvalidInput("cfg has no hook_name (metadata.hook_name in SAELens 6); give a site", "cfg.hook_name")
+        raise InvalidInput(
+            "cfg has no hook_name (metadata.hook_name in SAELens 6); give a site", "cfg.hook_name"
+        )
     if _get(cfg, "hook_head_index", _get(cfg, "hook_point_head_index")) is not None:
         raise InvalidInput("per-head SAEs (hook_head_index) are not supported", param="cfg.hook_head_index")
     return site_of(hook, "cfg.hook_name")
@@ -103,7 +114,9 @@ def from_state(
     if "log_threshold" in t:  # JumpReLU training checkpoints store log(threshold)
         t["threshold"] = torch.exp(t.pop("log_threshold").double())
     enc_bias = ("b_gate", "r_mag", "b_mag") if arch == "gated" else ("b_enc",)
-    allowed = {"W_enc", "W_dec", "b_dec", "scaling_factor", *enc_bias} | ({"threshold"} if arch == "jumprelu" else set())
+    allowed = {"W_enc", "W_dec", "b_dec", "scaling_factor", *enc_bias} | (
+        {"threshold"} if arch == "jumprelu" else set()
+    )
     reject_unknown(t, allowed, _WHERE)
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     shapes.update({name: (d_sae,) for name in (*enc_bias, "scaling_factor", "threshold")})
@@ -125,7 +138,9 @@ def from_state(
             raise InvalidInput(f"{_WHERE}: scaling_factor must have shape [{d_sae}]", param="weights")
         if not torch.allclose(s, torch.ones_like(s)):
             if not cfg.get("finetuning_scaling_factor"):
-                raise InvalidInput("scaling_factor is present but cfg.finetuning_scaling_factor is false", "cfg")
+                raise InvalidInput(
+                    "scaling_factor is present but cfg.finetuning_scaling_factor is false", "cfg"
+                )
             w["W_dec"] = w["W_dec"] * s[:, None]
             folded.append("finetuning_scaling_factor")
     if arch == "gated":

@@ -21,7 +21,11 @@ _WHERE = "sparsify SAE"
 
 def looks_like(cfg: dict) -> bool:
     """A sparsify config (no SAELens architecture/hook keys; expansion_factor or num_latents)."""
-    return "architecture" not in cfg and "hook_name" not in cfg and ("expansion_factor" in cfg or "num_latents" in cfg)
+    return (
+        "architecture" not in cfg
+        and "hook_name" not in cfg
+        and ("expansion_factor" in cfg or "num_latents" in cfg)
+    )
 
 
 def _oriented(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor:
@@ -30,7 +34,9 @@ def _oriented(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor:
         return t
     if tuple(t.shape) == (cols, rows):
         return t.T
-    raise InvalidInput(f"{_WHERE}: {name} has shape {list(t.shape)}, expected [{rows}, {cols}]", param="weights")
+    raise InvalidInput(
+        f"{_WHERE}: {name} has shape {list(t.shape)}, expected [{rows}, {cols}]", param="weights"
+    )
 
 
 def from_state(cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None) -> LoadedSAE:
@@ -40,7 +46,9 @@ def from_state(cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None) -
         if cfg.get(flag):
             raise InvalidInput(f"sparsify cfg.{flag}=true is not supported", param=f"cfg.{flag}")
     if cfg.get("activation", "topk") != "topk":
-        raise InvalidInput(f"sparsify cfg.activation {cfg.get('activation')!r} is not supported", "cfg.activation")
+        raise InvalidInput(
+            f"sparsify cfg.activation {cfg.get('activation')!r} is not supported", "cfg.activation"
+        )
     k = as_int(cfg.get("k"), "cfg.k", minimum=1)
     reject_unknown(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, _WHERE)
     b_dec, b_enc = require(tensors, "b_dec", _WHERE), require(tensors, "encoder.bias", _WHERE)
@@ -50,8 +58,12 @@ def from_state(cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None) -
     if "d_in" in cfg and as_int(cfg["d_in"], "cfg.d_in", 1) != d_in:
         raise InvalidInput(f"{_WHERE}: cfg.d_in={cfg['d_in']} but b_dec has {d_in} entries", param="cfg.d_in")
     if cfg.get("num_latents") and as_int(cfg["num_latents"], "cfg.num_latents", 1) != d_sae:
-        raise InvalidInput(f"{_WHERE}: cfg.num_latents={cfg['num_latents']} but encoder.bias has {d_sae}", "cfg")
-    W_enc = _oriented(require(tensors, "encoder.weight", _WHERE), d_sae, d_in, "encoder.weight").T  # [d_in, d_sae]
+        raise InvalidInput(
+            f"{_WHERE}: cfg.num_latents={cfg['num_latents']} but encoder.bias has {d_sae}", "cfg"
+        )
+    W_enc = _oriented(
+        require(tensors, "encoder.weight", _WHERE), d_sae, d_in, "encoder.weight"
+    ).T  # [d_in, d_sae]
     W_dec = _oriented(require(tensors, "W_dec", _WHERE), d_sae, d_in, "W_dec")  # [d_sae, d_in]
     dtype = storage_dtype(W_enc)
     weights = SAEWeights(

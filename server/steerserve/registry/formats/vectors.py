@@ -36,7 +36,9 @@ def parse_vector_value(value: object, param: str = "vector") -> torch.Tensor:
         except (binascii.Error, ValueError):
             raise InvalidInput(f"{param} is a string but not valid base64", param=param) from None
         if not raw or len(raw) % 4:
-            raise InvalidInput(f"{param}: base64 data of {len(raw)} bytes is not a float32 array", param=param)
+            raise InvalidInput(
+                f"{param}: base64 data of {len(raw)} bytes is not a float32 array", param=param
+            )
         return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
     if not isinstance(value, list) or not value:
         raise InvalidInput(f"{param} must be a non-empty list of numbers or a base64 string", param=param)
@@ -70,7 +72,9 @@ def from_safetensors(path: Path, site: Site | None, name: str = "vector") -> Ste
     if len(tensors) == 1 and site is not None:
         (t,) = tensors.values()
         if sum(d != 1 for d in t.shape) > 1:
-            raise InvalidInput(f"{name}: the tensor must be a vector [d], got shape {list(t.shape)}", param=name)
+            raise InvalidInput(
+                f"{name}: the tensor must be a vector [d], got shape {list(t.shape)}", param=name
+            )
         return SteeringVector.of({site: t.reshape(-1)})
     directions: dict[Site, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -82,7 +86,9 @@ def from_safetensors(path: Path, site: Site | None, name: str = "vector") -> Ste
                 param=name,
             )
         if t.dim() != 1:
-            raise InvalidInput(f"{name}: tensor {key!r} must be 1-d [d], got shape {list(t.shape)}", param=name)
+            raise InvalidInput(
+                f"{name}: tensor {key!r} must be 1-d [d], got shape {list(t.shape)}", param=name
+            )
         directions[s] = t
     return _select(directions, site, name)
 

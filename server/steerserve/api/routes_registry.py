@@ -1,0 +1,272 @@
+"""Registry routes: SAEs, their features, steering vectors and variants (API.md, "Registry").
+
+Reads `request.app.state.registry` (steerserve.registry.Registry), `.model_info` (the served
+model, for fit checks: an SAE or vector must sit at an existing site with d == d_model) and
+`.config.registry.max_upload_mb`. Writes need the admin key, reads an API key. Uploads are streamed
+to disk under the size limit (413 once passed, nothing stored); registry work (disk, database)
+runs in the thread pool; every error is an APIError in the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from steerserve.api.auth import require_admin_key, require_api_key
+from steerserve.api.errors import APIError
+from steerserve.registry import formats
+from steerserve.registry.errors import Conflict, InvalidInput, NotFound, RegistryError, TooLarge
+from steerserve.registry.formats.common import site_of
+from steerserve.registry.formats.neuronpedia import parse_features
+from steerserve.registry.formats.vectors import from_json as vector_from_json
+from steerserve.registry.registry import Registry
+from steerserve.registry.uploads import Form, receive_body, receive_form
+from steerserve.registry.validate import check_id, check_variant
+from steerserve.sites import Site
+
+router = APIRouter()
+_admin = [Depends(require_admin_key)]
+_reader = [Depends(require_api_key)]
+_STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, TooLarge: 413}
+_MAX_SEARCH_LIMIT = 200
+
+
+def _to_api(exc: RegistryError) -> APIError:
+    status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
+    return APIError(status, exc.message, param=exc.param)
+
+
+async def _run(fn: Callable, *args, **kwargs):
+    """Blocking registry work in the thread pool, registry errors as API errors."""
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    except RegistryError as exc:
+        raise _to_api(exc) from None
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def _model(request: Request):
+    return getattr(request.app.state, "model_info", None)
+
+
+def _limit(request: Request) -> int:
+    return int(request.app.state.config.registry.max_upload_mb) * 1024 * 1024
+
+
+def _length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value and value.isdigit() else None
+
+
+async def _form(request: Request) -> Form:
+    try:
+        return await receive_form(
+            request.stream(), request.headers.get("content-type", ""), _length(request), _limit(request),
+            _registry(request).uploads_dir,
+        )  # fmt: skip
+    except RegistryError as exc:
+        raise _to_api(exc) from None
+
+
+async def _json(request: Request) -> object:
+    try:
+        body = await receive_body(request.stream(), _length(request), _limit(request))
+        return json.loads(body)
+    except RegistryError as exc:
+        raise _to_api(exc) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", param="body") from None
+
+
+def _site(fields: dict, required: bool = False) -> Site | None:
+    """`site` (hook name or {"layer", "hook"}) or `layer` (resid_post of that layer); form fields are text."""
+    if "site" in fields and "layer" in fields:
+        raise InvalidInput("give one of 'layer' or 'site', not both", param="site")
+    value = fields.get("site", fields.get("layer"))
+    if value is None or value == "":
+        if required:
+            raise InvalidInput("a site is required: give 'layer' or 'site'", param="layer")
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return site_of(value, "site" if "site" in fields else "layer")
+
+
+def _optional_id(value: object, param: str = "id") -> str | None:
+    return None if value in (None, "") else check_id(value, param)
+
+
+def _listing(items: list) -> dict:
+    return {"object": "list", "data": [item.to_json() for item in items]}
+
+
+def _deleted(kind: str, item_id: str) -> dict:
+    return {"id": item_id, "object": kind, "deleted": True}
+
+
+def _exists(getter: Callable, item_id: str) -> bool:
+    try:
+        getter(item_id)
+    except NotFound:
+        return False
+    return True
+
+
+# ---- SAEs -----------------------------------------------------------------------------------------
+
+
+def _import_sae(registry: Registry, form: Form, model, max_bytes: int):
+    """cfg + weights from the form -> stored SAE record (runs in the thread pool)."""
+    sae_id = _optional_id(form.fields.get("id"))
+    if sae_id is not None and _exists(registry.get_sae, sae_id):  # before the (slow) load; add_sae rechecks
+        raise Conflict(f"an SAE with id {sae_id!r} already exists", param="id")
+    weights = form.files.get("weights")
+    if weights is None:
+        raise InvalidInput("the multipart field 'weights' (safetensors or npz file) is required", "weights")
+    cfg_file = form.files.get("cfg")
+    cfg = formats.read_json_file(cfg_file.path, "cfg") if cfg_file is not None else None
+    loaded = formats.load_sae(weights.path, cfg, _site(form.fields), weights.filename or "", max_bytes)
+    return registry.add_sae(loaded, sae_id=sae_id, fit=model)
+
+
+@router.post("/v1/saes", status_code=201, dependencies=_admin)
+async def create_sae(request: Request) -> JSONResponse:
+    form = await _form(request)
+    try:
+        rec = await _run(_import_sae, _registry(request), form, _model(request), 8 * _limit(request))
+    finally:
+        form.cleanup()
+    return JSONResponse(rec.to_json(), status_code=201)
+
+
+@router.get("/v1/saes", dependencies=_reader)
+async def list_saes(request: Request, model: str | None = None) -> dict:
+    return _listing(await _run(_registry(request).list_saes, model))
+
+
+@router.get("/v1/saes/{sae_id}", dependencies=_reader)
+async def get_sae(request: Request, sae_id: str) -> dict:
+    registry = _registry(request)
+    rec = await _run(registry.get_sae, sae_id)
+    return {**rec.to_json(), "features_annotated": await _run(registry.count_features, sae_id)}
+
+
+@router.delete("/v1/saes/{sae_id}", dependencies=_admin)
+async def delete_sae(request: Request, sae_id: str) -> dict:
+    await _run(_registry(request).delete_sae, sae_id)
+    return _deleted("sae", sae_id)
+
+
+# ---- features -------------------------------------------------------------------------------------
+
+
+@router.put("/v1/saes/{sae_id}/features", dependencies=_admin)
+async def put_features(request: Request, sae_id: str) -> dict:
+    try:
+        body = await receive_body(request.stream(), _length(request), _limit(request))
+    except RegistryError as exc:
+        raise _to_api(exc) from None
+    registry = _registry(request)
+    count = await _run(lambda: registry.put_features(sae_id, parse_features(body)))
+    return {"sae": sae_id, "object": "features", "updated": count}
+
+
+@router.get("/v1/saes/{sae_id}/features/{index}", dependencies=_reader)
+async def get_feature(request: Request, sae_id: str, index: int) -> dict:
+    info = await _run(_registry(request).get_feature, sae_id, index)
+    return {"object": "feature", **info.to_json(sae_id)}
+
+
+@router.get("/v1/features/search", dependencies=_reader)
+async def search_features(request: Request, q: str, sae: str | None = None, limit: int = 20) -> dict:
+    if not q.strip():
+        raise APIError(400, "q must not be empty", param="q")
+    if not 1 <= limit <= _MAX_SEARCH_LIMIT:
+        raise APIError(400, f"limit must be in 1..{_MAX_SEARCH_LIMIT}, got {limit}", param="limit")
+    return _listing(await _run(_registry(request).search_features, q, sae, limit))
+
+
+# ---- vectors --------------------------------------------------------------------------------------
+
+
+def _vector_from_json(body: object):
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object", param=None)
+    if "vector" not in body:
+        raise InvalidInput("'vector' (a list of floats or base64 of float32) is required", param="vector")
+    return _optional_id(body.get("id")), vector_from_json(body["vector"], _site(body, required=True)), {}
+
+
+def _vector_from_form(form: Form):
+    upload = form.files.get("vector") or form.files.get("file")
+    if upload is None:
+        raise InvalidInput("the multipart field 'vector' (safetensors or gguf file) is required", "vector")
+    vec, meta = formats.load_vector(
+        upload.path, upload.filename, form.fields.get("format"), _site(form.fields)
+    )
+    return _optional_id(form.fields.get("id")), vec, meta
+
+
+@router.post("/v1/vectors", status_code=201, dependencies=_admin)
+async def create_vector(request: Request) -> JSONResponse:
+    registry, model = _registry(request), _model(request)
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        form = await _form(request)
+        try:
+            vector_id, vec, meta = await _run(_vector_from_form, form)
+        finally:
+            form.cleanup()
+    else:
+        vector_id, vec, meta = await _run(_vector_from_json, await _json(request))
+    rec = await _run(registry.add_vector, vec, vector_id=vector_id, fit=model, meta=meta)
+    return JSONResponse(rec.to_json(), status_code=201)
+
+
+@router.get("/v1/vectors", dependencies=_reader)
+async def list_vectors(request: Request) -> dict:
+    return _listing(await _run(_registry(request).list_vectors))
+
+
+@router.get("/v1/vectors/{vector_id}", dependencies=_reader)
+async def get_vector(request: Request, vector_id: str) -> dict:
+    return (await _run(_registry(request).get_vector, vector_id)).to_json()
+
+
+@router.delete("/v1/vectors/{vector_id}", dependencies=_admin)
+async def delete_vector(request: Request, vector_id: str) -> dict:
+    await _run(_registry(request).delete_vector, vector_id)
+    return _deleted("vector", vector_id)
+
+
+# ---- variants -------------------------------------------------------------------------------------
+
+
+@router.post("/v1/variants", status_code=201, dependencies=_admin)
+async def create_variant(request: Request) -> JSONResponse:
+    body = await _json(request)
+    registry = _registry(request)
+    rec = await _run(lambda: registry.add_variant(*check_variant(body)))
+    return JSONResponse(rec.to_json(), status_code=201)
+
+
+@router.get("/v1/variants", dependencies=_reader)
+async def list_variants(request: Request) -> dict:
+    return _listing(await _run(_registry(request).list_variants))
+
+
+@router.get("/v1/variants/{variant_id}", dependencies=_reader)
+async def get_variant(request: Request, variant_id: str) -> dict:
+    return (await _run(_registry(request).get_variant, variant_id)).to_json()
+
+
+@router.delete("/v1/variants/{variant_id}", dependencies=_admin)
+async def delete_variant(request: Request, variant_id: str) -> dict:
+    await _run(_registry(request).delete_variant, variant_id)
+    return _deleted("variant", variant_id)

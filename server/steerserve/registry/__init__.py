@@ -1,0 +1,31 @@
+"""Feature registry: SAEs, their features, steering vectors and variants, stored once, addressed by id.
+
+`Registry` is the facade (metadata in SQLite or PostgreSQL, weights as content-addressed safetensors
+blobs); `formats` turns SAELens / Gemma Scope / sparsify / control-vector files into `SAEWeights`
+and `SteeringVector`; `DeviceSAECache` keeps loaded SAEs on a device; `cli` adds
+`steerserve registry import|list|rm`.
+"""
+
+from steerserve.registry.device_cache import DeviceSAECache
+from steerserve.registry.errors import Conflict, InvalidInput, NotFound, RegistryError, TooLarge
+from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
+from steerserve.registry.registry import Registry
+from steerserve.registry.sae import SAEWeights
+from steerserve.registry.vector import SteeringVector
+
+__all__ = [
+    "Conflict",
+    "DeviceSAECache",
+    "FeatureHit",
+    "FeatureInfo",
+    "InvalidInput",
+    "NotFound",
+    "Registry",
+    "RegistryError",
+    "SAERecord",
+    "SAEWeights",
+    "SteeringVector",
+    "TooLarge",
+    "VariantRecord",
+    "VectorRecord",
+]

@@ -1,0 +1,334 @@
+"""Registry: the one facade over the metadata store (db + store) and the blob store (blobs).
+
+Storing anything with a blob follows one order, so a crash at any point leaves no row pointing at
+a missing or partial file:
+1. write the blob to a temp file, hash it, fsync it (no lock held);
+2. take the write lock; insert the rows (an id conflict stops here); rename the temp file to its
+   content address and fsync the directory; commit.
+Deleting commits the row removal first, then removes blobs no row references any more, under the
+write lock again. `recover()` (run at open) removes temp files of dead writers and unreferenced blobs.
+All methods block (disk, database): call them from a thread pool in async code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from steerserve.engine.types import ModelInfo
+from steerserve.registry import store
+from steerserve.registry.blobs import LocalBlobStore, clean_stray_temp
+from steerserve.registry.db import Database, Tx
+from steerserve.registry.errors import InvalidInput, NotFound
+from steerserve.registry.formats.common import LoadedSAE
+from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
+from steerserve.registry.sae import SAEWeights
+from steerserve.registry.schema import MIGRATIONS
+from steerserve.registry.tensors import read_safetensors, write_safetensors
+from steerserve.registry.validate import check_fits, check_id
+from steerserve.registry.vector import FORMAT as VECTOR_FORMAT
+from steerserve.registry.vector import SteeringVector
+
+logger = logging.getLogger(__name__)
+
+DeleteListener = Callable[[str, str], None]  # (kind "sae" | "vector", id)
+
+
+class Registry:
+    def __init__(self, data_dir: str | Path, url: str | None = None):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir = self.data_dir / "uploads"  # staging for streamed HTTP uploads
+        self.db = Database(url, self.data_dir)
+        self.blobs = LocalBlobStore(self.data_dir)
+        self._listeners: list[DeleteListener] = []
+        self.schema_version = self.db.migrate(MIGRATIONS)
+        self.recover()
+
+    @classmethod
+    def from_config(cls, cfg) -> Registry:
+        """From a `steerserve.config.RegistryConfig` (data_dir, registry_url)."""
+        return cls(cfg.data_dir, cfg.registry_url)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- recovery -----------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Remove stray temp files (dead writers) and blobs no row references; returns the counts."""
+        temps = self.blobs.clean_stray_temp() + clean_stray_temp(self.uploads_dir)
+        with self.db.write() as tx:
+            referenced = store.referenced_shas(tx)
+            orphans = [sha for sha in self.blobs.list() if sha not in referenced]
+            for sha in orphans:
+                self.blobs.delete(sha)
+        if temps or orphans:
+            logger.info(
+                "registry recovery: removed %d temp files, %d unreferenced blobs", len(temps), len(orphans)
+            )
+        return {"temp_files": len(temps), "orphan_blobs": len(orphans)}
+
+    def dangling(self) -> list[str]:
+        """`kind:id` of rows whose blob file is missing (empty unless files were removed by hand)."""
+        with self.db.read() as tx:
+            rows = [(f"sae:{r.id}", r.blob_sha256) for r in store.list_saes(tx)]
+            rows += [(f"vector:{r.id}", r.blob_sha256) for r in store.list_vectors(tx)]
+        return [name for name, sha in rows if not self.blobs.exists(sha)]
+
+    # ---- blob plumbing ------------------------------------------------------------------------
+
+    def _store(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], insert: Callable) -> str:
+        """Write a blob and commit the rows that name it, in the crash-safe order (module docstring).
+
+        `insert(tx, sha, size)` inserts the rows; it may raise (e.g. Conflict) before anything is published.
+        """
+        temp = self.blobs.new_temp()
+        try:
+            write_safetensors(tensors, temp, metadata)
+            sha, size = self.blobs.seal(temp)
+            with self.db.write() as tx:
+                insert(tx, sha, size)
+                self.blobs.publish(temp, sha)
+        finally:
+            temp.unlink(missing_ok=True)
+        return sha
+
+    def _collect(self, shas: list[str]) -> None:
+        """Delete the blobs among `shas` that no row references (under the write lock)."""
+        if not shas:
+            return
+        with self.db.write() as tx:
+            for sha in set(shas):
+                if not store.is_referenced(tx, sha):
+                    self.blobs.delete(sha)
+
+    def _read_blob(self, sha: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        path = self.blobs.path(sha)
+        if not path.is_file():
+            raise RuntimeError(f"the blob {sha} of {what} is missing from {self.blobs.root}")
+        return read_safetensors(path, what)
+
+    def add_delete_listener(self, listener: DeleteListener) -> None:
+        """Called as listener(kind, id) after an SAE or vector is deleted (device caches evict)."""
+        self._listeners.append(listener)
+
+    def _deleted(self, kind: str, item_id: str) -> None:
+        for listener in self._listeners:
+            listener(kind, item_id)
+
+    def _tx_get(self, getter: Callable[[Tx, str], object], item_id: str, what: str):
+        with self.db.read() as tx:
+            rec = getter(tx, item_id)
+        if rec is None:
+            raise NotFound(f"no {what} with id {item_id!r}", param="id")
+        return rec
+
+    # ---- SAEs ---------------------------------------------------------------------------------
+
+    def add_sae(
+        self,
+        sae: LoadedSAE | SAEWeights,
+        sae_id: str | None = None,
+        model: str | None = None,
+        fit: ModelInfo | None = None,
+    ) -> SAERecord:
+        """Store an SAE. `fit`: the served model, checked (site exists, d_in == d_model) and
+        recorded as the SAE's model; else `model`, else the model named in the file."""
+        loaded = sae if isinstance(sae, LoadedSAE) else LoadedSAE(sae)
+        w = loaded.weights
+        if sae_id is not None:
+            check_id(sae_id)
+        if fit is not None:
+            check_fits(w.site, w.d_in, fit, "the SAE")
+        model_name = fit.name if fit is not None else (model or loaded.model_name or "unknown")
+        meta = {**loaded.meta, **({"model_name": loaded.model_name} if loaded.model_name else {})}
+        holder: list[SAERecord] = []
+
+        def insert(tx: Tx, sha: str, size: int) -> None:
+            rec = SAERecord(
+                id=sae_id or f"{w.site.hook_name}-{sha[:10]}", uid=uuid.uuid4().hex, model=model_name,
+                site=w.site, d_in=w.d_in, d_sae=w.d_sae, architecture=w.architecture,
+                has_threshold=w.threshold is not None, k=w.k, apply_b_dec_to_input=w.apply_b_dec_to_input,
+                dtype=str(w.dtype).removeprefix("torch."), blob_sha256=sha, size_bytes=size,
+                created=time.time(), meta=meta,
+            )  # fmt: skip
+            store.insert_sae(tx, rec)
+            holder.append(rec)
+
+        self._store(w.tensors(), w.blob_metadata(), insert)
+        return holder[0]
+
+    def get_sae(self, sae_id: str) -> SAERecord:
+        return self._tx_get(store.get_sae, sae_id, "SAE")
+
+    def list_saes(self, model: str | None = None) -> list[SAERecord]:
+        with self.db.read() as tx:
+            return store.list_saes(tx, model)
+
+    def load_sae(self, sae_id: str) -> tuple[SAERecord, SAEWeights]:
+        """The record and its weights (CPU, stored dtype)."""
+        rec = self.get_sae(sae_id)
+        try:
+            tensors, metadata = self._read_blob(rec.blob_sha256, f"SAE {sae_id}")
+        except RuntimeError:
+            self.get_sae(sae_id)  # deleted meanwhile -> NotFound; else the blob is truly missing
+            raise
+        return rec, SAEWeights.from_blob(tensors, metadata)
+
+    def delete_sae(self, sae_id: str) -> SAERecord:
+        with self.db.write() as tx:
+            owned = store.cache_shas_of_owner(tx, f"sae:{sae_id}")
+            rec = store.delete_sae(tx, sae_id)
+        if rec is None:
+            raise NotFound(f"no SAE with id {sae_id!r}", param="id")
+        self._collect([rec.blob_sha256, *owned])
+        self._deleted("sae", sae_id)
+        return rec
+
+    # ---- features -----------------------------------------------------------------------------
+
+    def put_features(self, sae_id: str, infos: list[FeatureInfo]) -> int:
+        """Merge annotations into the SAE's features (None keeps the stored value); returns the count."""
+        with self.db.write() as tx:
+            rec = store.get_sae(tx, sae_id)
+            if rec is None:
+                raise NotFound(f"no SAE with id {sae_id!r}", param="id")
+            for i, info in enumerate(infos):
+                if not 0 <= info.index < rec.d_sae:
+                    raise InvalidInput(
+                        f"features[{i}].index {info.index} is out of range: SAE {sae_id!r} has features "
+                        f"0..{rec.d_sae - 1}",
+                        param=f"features[{i}].index",
+                    )
+            store.upsert_features(tx, sae_id, infos)
+        return len(infos)
+
+    def get_feature(self, sae_id: str, index: int) -> FeatureInfo:
+        """A feature's annotations (all None when none were uploaded); 404 outside 0..d_sae-1."""
+        with self.db.read() as tx:
+            rec = store.get_sae(tx, sae_id)
+            info = store.get_feature(tx, sae_id, index) if rec else None
+        if rec is None:
+            raise NotFound(f"no SAE with id {sae_id!r}", param="sae")
+        if not 0 <= index < rec.d_sae:
+            raise NotFound(f"SAE {sae_id!r} has features 0..{rec.d_sae - 1}, not {index}", param="index")
+        return info or FeatureInfo(index)
+
+    def count_features(self, sae_id: str) -> int:
+        with self.db.read() as tx:
+            return store.count_features(tx, sae_id)
+
+    def search_features(self, q: str, sae_id: str | None = None, limit: int = 20) -> list[FeatureHit]:
+        """Features whose label/explanation match `q`, best first (an exact label match first of all)."""
+        with self.db.read() as tx:
+            return store.search_features(tx, q, sae_id, limit)
+
+    # ---- vectors ------------------------------------------------------------------------------
+
+    def add_vector(
+        self,
+        vector: SteeringVector,
+        vector_id: str | None = None,
+        model: str | None = None,
+        fit: ModelInfo | None = None,
+        source: str = "upload",
+        meta: dict | None = None,
+    ) -> VectorRecord:
+        if vector_id is not None:
+            check_id(vector_id)
+        if source not in ("upload", "contrast"):
+            raise ValueError(f"source must be upload or contrast, got {source!r}")
+        if fit is not None:
+            for site in vector.sites:
+                check_fits(site, vector.d, fit, "the vector")
+        holder: list[VectorRecord] = []
+
+        def insert(tx: Tx, sha: str, size: int) -> None:
+            rec = VectorRecord(
+                id=vector_id or f"vec-{sha[:12]}", uid=uuid.uuid4().hex,
+                model=fit.name if fit is not None else (model or "unknown"), d=vector.d, norms=vector.norms(),
+                source=source, blob_sha256=sha, size_bytes=size, created=time.time(), meta=meta or {},
+            )  # fmt: skip
+            store.insert_vector(tx, rec)
+            holder.append(rec)
+
+        self._store(vector.blob_tensors(), {"format": VECTOR_FORMAT}, insert)
+        return holder[0]
+
+    def get_vector(self, vector_id: str) -> VectorRecord:
+        return self._tx_get(store.get_vector, vector_id, "vector")
+
+    def list_vectors(self) -> list[VectorRecord]:
+        with self.db.read() as tx:
+            return store.list_vectors(tx)
+
+    def load_vector(self, vector_id: str) -> tuple[VectorRecord, SteeringVector]:
+        rec = self.get_vector(vector_id)
+        try:
+            tensors, metadata = self._read_blob(rec.blob_sha256, f"vector {vector_id}")
+        except RuntimeError:
+            self.get_vector(vector_id)
+            raise
+        return rec, SteeringVector.from_blob(tensors, metadata)
+
+    def delete_vector(self, vector_id: str) -> VectorRecord:
+        with self.db.write() as tx:
+            owned = store.cache_shas_of_owner(tx, f"vector:{vector_id}")
+            rec = store.delete_vector(tx, vector_id)
+        if rec is None:
+            raise NotFound(f"no vector with id {vector_id!r}", param="id")
+        self._collect([rec.blob_sha256, *owned])
+        self._deleted("vector", vector_id)
+        return rec
+
+    # ---- variants -----------------------------------------------------------------------------
+
+    def add_variant(self, variant_id: str, spec: dict) -> VariantRecord:
+        rec = VariantRecord(check_id(variant_id), spec, time.time())
+        with self.db.write() as tx:
+            store.insert_variant(tx, rec)
+        return rec
+
+    def get_variant(self, variant_id: str) -> VariantRecord:
+        return self._tx_get(store.get_variant, variant_id, "variant")
+
+    def list_variants(self) -> list[VariantRecord]:
+        with self.db.read() as tx:
+            return store.list_variants(tx)
+
+    def delete_variant(self, variant_id: str) -> None:
+        with self.db.write() as tx:
+            found = store.delete_variant(tx, variant_id)
+        if not found:
+            raise NotFound(f"no variant with id {variant_id!r}", param="id")
+
+    # ---- derived-tensor cache -----------------------------------------------------------------
+
+    def put_cached(self, key: str, tensors: dict[str, torch.Tensor], owner: str | None = None) -> str:
+        """Store tensors under `key` (replacing any), dropped with `owner` ("sae:<id>" / "vector:<id>")."""
+        replaced: list[str] = []
+
+        def insert(tx: Tx, sha: str, size: int) -> None:
+            old = store.put_cache(tx, key, owner, sha, size, time.time())
+            if old and old != sha:
+                replaced.append(old)
+
+        sha = self._store(tensors, {"format": "steerserve.cache.v1"}, insert)
+        self._collect(replaced)
+        return sha
+
+    def get_cached(self, key: str) -> dict[str, torch.Tensor] | None:
+        with self.db.read() as tx:
+            sha = store.get_cache(tx, key)
+        if sha is None:
+            return None
+        try:
+            return read_safetensors(self.blobs.path(sha), f"cache {key}")[0]
+        except FileNotFoundError:  # replaced or dropped meanwhile
+            return None
