@@ -1,0 +1,125 @@
+"""Helpers of the kernel tests: random inputs, per-dtype tolerances, and naive float64 loops.
+
+The naive functions are the ops written the obvious way (Python loops over tokens / rows / ids, float64)
+and check the torch references; the references then check the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol as a fraction of the largest reference magnitude) per storage dtype; bf16 allows 2 ulp
+# because the CPU interpreter truncates fp32 -> bf16 where CUDA rounds to nearest.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rand(gen: torch.Generator, *shape: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normal values (never zeros), drawn on CPU for reproducibility, then moved."""
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    rtol, atol = TOL[dtype]
+    scale = max(float(ref.float().abs().max()), 1.0) if ref.numel() else 1.0
+    torch.testing.assert_close(
+        out.float().cpu(), ref.float().cpu(), rtol=rtol, atol=atol * scale, msg=what or None
+    )
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaN payloads included."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.shape == b.shape and torch.equal(a.cpu().view(ints), b.cpu().view(ints))
+
+
+def token_plan(T: int, S: int, gen: torch.Generator, dtype=torch.int32):
+    """(slot_of_token [T], pos_class [T] int8, slot_positions [S] int64) covering -1, every slot and
+    every position rule; slot S-1 is left for callers to give no work."""
+    slot = torch.randint(-1, S, (T,), generator=gen, dtype=torch.int64)
+    cover = torch.cat([torch.arange(S), torch.tensor([-1])])  # slot 0 (all positions) first
+    slot[: min(T, S + 1)] = cover[: min(T, S + 1)]
+    pos_class = torch.randint(0, 2, (T,), generator=gen).to(torch.int8)
+    slot_positions = torch.arange(S, dtype=torch.int64) % 3
+    return slot.to(dtype), pos_class, slot_positions
+
+
+def naive_steered(slot: int, pc: int, slot_positions, S: int) -> bool:
+    if not 0 <= slot < S:
+        return False
+    return slot_positions is None or int(slot_positions[slot]) in (0, pc + 1)
+
+
+def naive_steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class):
+    out = h.double().clone()
+    for t in range(h.shape[0]):
+        s = int(slot_of_token[t])
+        if naive_steered(s, int(pos_class[t]), slot_positions, slot_vectors.shape[0]):
+            out[t] += slot_vectors[s].double()
+    return out
+
+
+def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class):
+    out = h.double().clone()
+    for t in range(h.shape[0]):
+        s = int(slot_of_token[t])
+        if not naive_steered(s, int(pos_class[t]), slot_positions, slot_dirs.shape[0]):
+            continue
+        for k in range(min(int(dir_count[s]), slot_dirs.shape[1])):
+            u = slot_dirs[s, k].double()
+            c = float(out[t] @ u)
+            out[t] += (min(max(c, float(lo[s, k])), float(hi[s, k])) - c) * u
+    return out
+
+
+def naive_sae_edit(
+    h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
+    slot_positions, pos_class,
+):  # fmt: skip
+    out = h.double().clone()
+    for t in range(h.shape[0]):
+        s = int(slot_of_token[t])
+        if not naive_steered(s, int(pos_class[t]), slot_positions, feat_idx.shape[0]):
+            continue
+        x = h[t].double() - (b_dec.double() if apply_b_dec_to_input else 0.0)
+        for j in range(feat_idx.shape[1]):
+            f = int(feat_idx[s, j])
+            if f < 0:
+                continue
+            pre = float(x @ W_enc[:, f].double()) + float(b_enc[f])
+            a = pre if pre > (float(threshold[f]) if threshold is not None else 0.0) else 0.0
+            new = a * float(value[s, j]) if int(mode[s, j]) == 1 else float(value[s, j])
+            out[t] += (new - a) * W_dec[f].double()
+    return out
+
+
+def naive_logit_bias(logits, temp, sids, sbias, bank, didx, dscale, pids, pcounts, rep, pres, freq):
+    out = logits.double().clone()
+    R, V = logits.shape
+    for r in range(R):
+        for j in range(sids.shape[1]):
+            if 0 <= int(sids[r, j]) < V:
+                out[r, int(sids[r, j])] += float(sbias[r, j])
+        for j in range(didx.shape[1]):
+            if 0 <= int(didx[r, j]) < bank.shape[0]:
+                out[r] += float(dscale[r, j]) * bank[int(didx[r, j])].double()
+        for j in range(pids.shape[1]):
+            tok = int(pids[r, j])
+            if not 0 <= tok < V:
+                continue
+            x = float(out[r, tok])
+            x = x / float(rep[r]) if x > 0 else x * float(rep[r])
+            n = int(pcounts[r, j])
+            x = x - (float(pres[r]) if n > 0 else 0.0) - float(freq[r]) * n
+            out[r, tok] = x
+        out[r] /= float(temp[r])
+    return out
+
+
+def naive_encode(x, W_enc, b_enc, b_dec, thr, apply_b_dec):
+    """[T, d_sae] float64 activations."""
+    xin = x.double() - (b_dec.double() if apply_b_dec else 0.0)
+    pre = xin @ W_enc.double() + b_enc.double()
+    return torch.where(
+        pre > (thr.double() if thr is not None else 0.0), pre, torch.zeros((), dtype=torch.float64)
+    )

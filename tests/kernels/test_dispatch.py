@@ -1,0 +1,63 @@
+"""Backend dispatch: the argument, env STEERKERNELS_BACKEND, auto rules, and imports without triton."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import steerkernels as sk
+from steerkernels import _checks, reference
+from tests.kernels.helpers import rand, token_plan
+
+
+def test_resolve_backend(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("STEERKERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _checks.resolve_backend(None, cpu) == "torch"
+    assert _checks.resolve_backend("auto", cuda) == "triton"
+    assert _checks.resolve_backend("torch", cuda) == "torch"
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors or TRITON_INTERPRET=1"):
+        _checks.resolve_backend("triton", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _checks.resolve_backend(None, cpu) == "triton"
+    monkeypatch.setenv("STEERKERNELS_BACKEND", "torch")
+    assert _checks.resolve_backend(None, cpu) == "torch"
+    assert _checks.resolve_backend("triton", cpu) == "triton"  # the argument wins over the env
+    monkeypatch.setenv("STEERKERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'torch', 'triton'\)"):
+        _checks.resolve_backend(None, cpu)
+
+
+def test_env_switch_reaches_the_op(monkeypatch, gen):
+    """STEERKERNELS_BACKEND=torch routes an op to the reference module."""
+    calls = []
+    monkeypatch.setattr(reference, "steer_add", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setenv("STEERKERNELS_BACKEND", "torch")
+    slot, pc, sp = token_plan(5, 3, gen)
+    sk.steer_add(rand(gen, 5, 9), slot, rand(gen, 3, 9), sp, pc)
+    assert len(calls) == 1
+
+
+def test_package_imports_and_runs_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, steerkernels as sk\n"
+        "h = torch.randn(3, 5); v = torch.randn(2, 5)\n"
+        "out = sk.steer_add(h.clone(), torch.tensor([0, -1, 1]), v, None)\n"
+        "assert torch.allclose(out[0], h[0] + v[0]) and torch.equal(out[1], h[1])\n"
+        "assert sk._checks.resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
+    )
+    env = {**os.environ, "STEERKERNELS_BACKEND": "auto", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_device_mismatch_is_named(gen):
+    slot, pc, sp = token_plan(5, 3, gen)
+    with pytest.raises(ValueError, match="slot_vectors: expected a tensor on cpu"):
+        sk.steer_add(rand(gen, 5, 9), slot, rand(gen, 3, 9).to("meta"), sp, pc)

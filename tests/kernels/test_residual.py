@@ -1,0 +1,224 @@
+"""steer_add, project_clamp, sae_edit: reference vs naive float64 loops, Triton vs reference, bad ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steerkernels as sk
+from tests.kernels.helpers import (
+    DTYPES,
+    assert_close,
+    naive_project_clamp,
+    naive_sae_edit,
+    naive_steer_add,
+    naive_steered,
+    rand,
+    same_bits,
+    token_plan,
+)
+
+# (T, d, S): odd d, a single token, d above one 128-wide block
+SHAPES = [(9, 37, 4), (1, 45, 2), (6, 130, 3)]
+D_SAE, F, K = 53, 4, 3
+
+
+def steer_args(gen, T, d, S):
+    slot, pc, sp = token_plan(T, S, gen)
+    return dict(slot_of_token=slot, slot_vectors=rand(gen, S, d), slot_positions=sp, pos_class=pc)
+
+
+def clamp_args(gen, T, d, S):
+    slot, pc, sp = token_plan(T, S, gen)
+    dirs = torch.nn.functional.normalize(rand(gen, S, K, d), dim=-1)
+    lo = -rand(gen, S, K).abs() * 0.3
+    hi = rand(gen, S, K).abs() * 0.3
+    lo[0, 0], hi[0, 1] = float("-inf"), float("inf")
+    lo[0, 2] = hi[0, 2] = 0.0  # project_out
+    count = torch.arange(S, dtype=torch.int64).remainder(K + 1).flip(0)  # the last slot: 0 directions
+    count[0] = K
+    return dict(
+        slot_of_token=slot, slot_dirs=dirs, lo=lo, hi=hi, dir_count=count, slot_positions=sp, pos_class=pc
+    )
+
+
+def sae_args(gen, T, d, S, dtype=torch.float32, threshold=True, apply_b_dec=True):
+    slot, pc, sp = token_plan(T, S, gen)
+    feat = torch.randint(0, D_SAE, (S, F), generator=gen)
+    feat[0] = torch.tensor([2, 2, D_SAE - 1, 0])  # duplicates, both ends, every column used (max features)
+    if S > 1:
+        feat[1, 2:] = -1
+    feat[-1] = -1  # a slot with no work
+    return dict(
+        slot_of_token=slot,
+        feat_idx=feat,
+        W_enc=rand(gen, d, D_SAE, dtype=dtype) / d**0.5,
+        b_enc=rand(gen, D_SAE, dtype=dtype) * 0.1,
+        W_dec=rand(gen, D_SAE, d, dtype=dtype),
+        b_dec=rand(gen, d, dtype=dtype) * 0.1,
+        threshold=rand(gen, D_SAE).abs() * 0.2 if threshold else None,
+        apply_b_dec_to_input=apply_b_dec,
+        mode=torch.randint(0, 3, (S, F), generator=gen).to(torch.int8),
+        value=rand(gen, S, F) * 2,
+        slot_positions=sp,
+        pos_class=pc,
+    )
+
+
+def work_rows(op: str, args: dict) -> torch.Tensor:
+    """[T] bool: the rows the op must write (naive per-token rule)."""
+    slot, pc, sp = args["slot_of_token"], args["pos_class"], args["slot_positions"]
+    bank = {"steer_add": "slot_vectors", "project_clamp": "slot_dirs", "sae_edit": "feat_idx"}[op]
+    S = args[bank].shape[0]
+    rows = []
+    for t in range(slot.shape[0]):
+        s = int(slot[t])
+        ok = naive_steered(s, int(pc[t]), sp, S)
+        if ok and op == "project_clamp":
+            ok = int(args["dir_count"][s]) > 0
+        if ok and op == "sae_edit":
+            ok = bool((args["feat_idx"][s] >= 0).any())
+        rows.append(ok)
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def to(args: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def check_in_place(op: str, h0: torch.Tensor, args: dict, device: str, dtype: torch.dtype) -> None:
+    """Poison rows without work, run the reference and Triton, compare."""
+    work = work_rows(op, args)
+    assert work.any(), "a case without work tests nothing"
+    h0 = h0.clone()
+    h0[~work] = float("nan")
+    ref = getattr(sk, op)(h0.clone(), **args, backend="torch")
+    out = getattr(sk, op)(h0.clone().to(device), **to(args, device), backend="triton").cpu()
+    assert same_bits(out[~work], h0[~work]), "rows without work must be bit-identical"
+    assert not torch.equal(ref[work], h0[work]), "the op changed nothing: the case is too weak"
+    assert_close(out[work], ref[work], dtype, f"{op} {dtype}")
+
+
+BUILD = {"steer_add": steer_args, "project_clamp": clamp_args, "sae_edit": sae_args}
+NAIVE = {"steer_add": naive_steer_add, "project_clamp": naive_project_clamp, "sae_edit": naive_sae_edit}
+
+
+@pytest.mark.parametrize("op", list(BUILD))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_matches_naive_loop(op, dtype, gen):
+    for T, d, S in SHAPES:
+        args = BUILD[op](gen, T, d, S)
+        h = rand(gen, T, d, dtype=dtype) * 2
+        ref = getattr(sk.reference, op)(h.clone(), **args)
+        assert_close(ref, NAIVE[op](h, **args).to(dtype), dtype, f"{op} T={T} d={d}")
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_sae_edit_reference_variants_match_naive(threshold, apply_b_dec, gen):
+    args = sae_args(gen, 9, 37, 4, threshold=threshold, apply_b_dec=apply_b_dec)
+    h = rand(gen, 9, 37)
+    ref = sk.reference.sae_edit(h.clone(), **args)
+    assert_close(ref, naive_sae_edit(h, **args).float(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", list(BUILD))
+def test_triton_matches_reference(op, dtype, device, gen):
+    for T, d, S in SHAPES:
+        check_in_place(op, rand(gen, T, d, dtype=dtype) * 2, BUILD[op](gen, T, d, S), device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sae_edit_16bit_weights(dtype, device, gen):
+    """SAE weights in 16 bits, hidden state in fp32 (and vice versa)."""
+    args = sae_args(gen, 9, 37, 4, dtype=dtype)
+    check_in_place("sae_edit", rand(gen, 9, 37), args, device, torch.float32)
+    check_in_place("sae_edit", rand(gen, 9, 37, dtype=dtype), sae_args(gen, 9, 37, 4), device, dtype)
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_sae_edit_triton_variants(threshold, apply_b_dec, device, gen):
+    args = sae_args(gen, 7, 45, 3, threshold=threshold, apply_b_dec=apply_b_dec)
+    check_in_place("sae_edit", rand(gen, 7, 45), args, device, torch.float32)
+
+
+def test_sae_edit_strided_encoder_view(device, gen):
+    """W_enc given as the transpose view of a row-major [d_sae, d] copy (the coalesced layout)."""
+    args = sae_args(gen, 9, 37, 4)
+    args["W_enc"] = args["W_enc"].t().contiguous().t()
+    check_in_place("sae_edit", rand(gen, 9, 37), args, device, torch.float32)
+
+
+def test_positions_rule_and_no_slot_positions(device, gen):
+    """slot_positions None steers every position of every valid slot."""
+    args = steer_args(gen, 9, 37, 4)
+    args["slot_positions"] = None
+    h = rand(gen, 9, 37)
+    ref = sk.steer_add(h.clone(), **args, backend="torch")
+    out = sk.steer_add(h.clone().to(device), **to(args, device), backend="triton").cpu()
+    steered = args["slot_of_token"] >= 0
+    assert torch.equal(out[~steered], h[~steered])
+    assert_close(out, ref, torch.float32)
+    assert not torch.equal(out[steered], h[steered])
+
+
+# -- out-of-range ids ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "name", "bad", "message"),
+    [
+        ("steer_add", "slot_of_token", 4, r"slot_of_token: values must lie in \[-1, 4\)"),
+        ("steer_add", "slot_of_token", -2, r"slot_of_token: values must lie in \[-1, 4\)"),
+        ("steer_add", "slot_positions", 3, r"slot_positions: values must lie in \[0, 3\)"),
+        ("steer_add", "pos_class", 2, r"pos_class: values must lie in \[0, 2\)"),
+        ("project_clamp", "dir_count", K + 1, rf"dir_count: values must lie in \[0, {K + 1}\)"),
+        ("sae_edit", "feat_idx", D_SAE, rf"feat_idx: values must lie in \[-1, {D_SAE}\).*d_sae={D_SAE}"),
+        ("sae_edit", "feat_idx", -2, rf"feat_idx: values must lie in \[-1, {D_SAE}\)"),
+        ("sae_edit", "mode", 3, r"mode: values must lie in \[0, 3\)"),
+    ],
+)
+def test_launcher_rejects_out_of_range(op, name, bad, message, gen):
+    args = BUILD[op](gen, 9, 37, 4)
+    args[name] = args[name].clone()
+    args[name].view(-1)[1] = bad
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=message):
+            getattr(sk, op)(rand(gen, 9, 37), **args, backend=backend)
+
+
+def test_launcher_rejects_bad_bounds_and_shapes(gen):
+    args = clamp_args(gen, 9, 37, 4)
+    args["lo"] = args["hi"] + 1.0
+    with pytest.raises(ValueError, match="hi: must be >= lo"):
+        sk.project_clamp(rand(gen, 9, 37), **args)
+    args = steer_args(gen, 9, 37, 4)
+    with pytest.raises(ValueError, match=r"slot_vectors: expected shape \[\*, 37\]"):
+        sk.steer_add(rand(gen, 9, 37), **{**args, "slot_vectors": rand(gen, 4, 36)})
+    with pytest.raises(ValueError, match="pos_class: required"):
+        sk.steer_add(rand(gen, 9, 37), **{**args, "pos_class": None})
+    with pytest.raises(ValueError, match=r"slot_of_token: expected dtype in \(int32, int64\)"):
+        sk.steer_add(rand(gen, 9, 37), **{**args, "slot_of_token": args["slot_of_token"].float()})
+    with pytest.raises(ValueError, match="h: the last dimension must be contiguous"):
+        sk.steer_add(rand(gen, 37, 9).t(), **args)
+
+
+@pytest.mark.parametrize("op", list(BUILD))
+def test_kernel_masks_bad_ids(op, device, gen):
+    """With validation off, bad ids read and write nothing; the reference masks them the same way."""
+    T, d, S = 9, 37, 4
+    args = BUILD[op](gen, T, d, S)
+    args["slot_of_token"][[1, 4]] = torch.tensor([S + 7, -9], dtype=args["slot_of_token"].dtype)
+    args["pos_class"][2] = 5
+    if op == "project_clamp":
+        args["dir_count"][0] = K + 50
+    if op == "sae_edit":
+        args["feat_idx"][0, 1] = 10**6
+        args["feat_idx"][1, 0] = -7
+    h = rand(gen, T, d)
+    ref = getattr(sk, op)(h.clone(), **args, backend="torch", validate=False)
+    out = getattr(sk, op)(h.clone().to(device), **to(args, device), backend="triton", validate=False).cpu()
+    assert torch.equal(out[[1, 4]], h[[1, 4]])
+    assert_close(out, ref, torch.float32)
