@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from steerserve.registry.errors import InvalidInput, TooLarge
 
@@ -182,5 +181,26 @@ def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write contiguous CPU copies of `tensors` to `path` (no fsync: the blob store does that)."""
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata)
+    """Write `tensors` as safetensors, byte-for-byte deterministic (sorted names, sorted JSON keys), so
+    equal content gets one content address. No fsync: the blob store does that."""
+    names = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    ordered, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.dtype not in names:
+            raise ValueError(f"cannot store tensor {key!r} of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {
+            "dtype": names[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        ordered.append(t)
+        offset += nbytes
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in ordered:  # NOTE: little-endian hosts only, like the safetensors library itself
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
