@@ -7,7 +7,15 @@ import logging
 import os
 import sys
 
-from steerserve.config import CacheConfig, Config, LimitsConfig, ModelConfig, RegistryConfig, SchedulerConfig, ServerConfig
+from steerserve.config import (
+    CacheConfig,
+    Config,
+    LimitsConfig,
+    ModelConfig,
+    RegistryConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 
 def _keys(values: list[str] | None, env: str) -> tuple[str, ...]:
@@ -24,7 +32,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="name clients use in `model`")
     p.add_argument("--dtype", default=m.dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=m.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)"
+    )
     p.add_argument("--seed", type=int, default=m.seed)
     p.add_argument("--host", default=ServerConfig.host)
     p.add_argument("--port", type=int, default=ServerConfig.port)
@@ -35,7 +45,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=c.block_size)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--kv-cache-fraction", type=float, default=c.kv_cache_fraction)
-    p.add_argument("--api-key", action="append", help="accepted bearer key (repeatable; env STEERSERVE_API_KEY)")
+    p.add_argument(
+        "--api-key", action="append", help="accepted bearer key (repeatable; env STEERSERVE_API_KEY)"
+    )
     p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
     p.add_argument("--data-dir", default=None, help="registry data directory (env STEERSERVE_DATA_DIR)")
     p.add_argument("--registry-url", default=None, help="postgresql://... for a shared registry")
@@ -56,7 +68,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
             seed=a.seed,
         ),
         cache=CacheConfig(a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction),
-        scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.long_prefill_token_threshold),
+        scheduler=SchedulerConfig(
+            a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.long_prefill_token_threshold
+        ),
         limits=LimitsConfig(),
         server=ServerConfig(
             host=a.host,

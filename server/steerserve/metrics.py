@@ -32,18 +32,23 @@ class EngineMetrics:
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests.")
-        self.num_preemptions = counter("num_preemptions", "Requests preempted (their KV dropped, recomputed).")
+        self.num_preemptions = counter(
+            "num_preemptions", "Requests preempted (their KV dropped, recomputed)."
+        )
         self.steered_requests = counter("steered_requests", "Finished requests that carried steering.")
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         self._success = Counter(
-            "steerserve:request_success", "Finished requests by reason.", ["model_name", "finished_reason"], registry=r
+            "steerserve:request_success",
+            "Finished requests by reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
         )
         self._model = model_name
         self._preemptions_seen = 0
 
-    def observe_step(self, stats, num_batched_tokens: int) -> None:
+    def observe_step(self, stats) -> None:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)

@@ -25,7 +25,9 @@ async def health(request: Request):
     if engine is None:
         return JSONResponse(error_body(503, "the model is loading"), status_code=503)
     if engine.dead is not None:
-        return JSONResponse(error_body(503, f"the engine is dead: {engine.dead}", code="engine_dead"), status_code=503)
+        return JSONResponse(
+            error_body(503, f"the engine is dead: {engine.dead}", code="engine_dead"), status_code=503
+        )
     return {"status": "ok"}
 
 
@@ -40,7 +42,13 @@ async def models(request: Request):
     return {
         "object": "list",
         "data": [
-            {"id": info.name, "object": "model", "created": 0, "owned_by": "steerserve", "max_model_len": info.max_model_len}
+            {
+                "id": info.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "steerserve",
+                "max_model_len": info.max_model_len,
+            }
         ],
     }
 

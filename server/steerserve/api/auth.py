@@ -40,7 +40,9 @@ async def require_api_key(request: Request) -> None:
     if not cfg.api_keys:
         return
     if not _matches(_bearer(request), keys):
-        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        raise APIError(
+            401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+        )
 
 
 async def require_admin_key(request: Request) -> None:

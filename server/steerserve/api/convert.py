@@ -20,7 +20,9 @@ def bad(message: str, param: str | None, code: str = "invalid_value") -> APIErro
 def check_model(name: str | None, info: ModelInfo) -> None:
     if name is None or name == info.name:
         return
-    raise APIError(404, f"model {name!r} does not exist: this server serves {info.name!r}", "model", "model_not_found")
+    raise APIError(
+        404, f"model {name!r} does not exist: this server serves {info.name!r}", "model", "model_not_found"
+    )
 
 
 def check_steering_fields(body: SamplingFields) -> None:
@@ -31,7 +33,9 @@ def check_steering_fields(body: SamplingFields) -> None:
     if body.variant:
         raise APIError(404, f"variant {body.variant!r} does not exist", "variant", "variant_not_found")
     if body.return_unsteered:
-        raise bad("return_unsteered is not supported by this server build yet", "return_unsteered", "unsupported")
+        raise bad(
+            "return_unsteered is not supported by this server build yet", "return_unsteered", "unsupported"
+        )
 
 
 def check_token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
@@ -41,7 +45,9 @@ def check_token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
     return ids
 
 
-def completion_prompts(body: CompletionRequest, tokenizer, info: ModelInfo, limits: LimitsConfig) -> list[list[int]]:
+def completion_prompts(
+    body: CompletionRequest, tokenizer, info: ModelInfo, limits: LimitsConfig
+) -> list[list[int]]:
     p = body.prompt
     if isinstance(p, str):
         prompts = [encode_prompt(tokenizer, p)]

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from steerserve.api.auth import require_api_key
 from steerserve.api.convert import bad, check_token_ids, completion_prompts
-from steerserve.api.errors import error_body
 from steerserve.api.protocol import CompletionRequest, GenerateRequest
 from steerserve.api.routes_openai import build_requests
-from steerserve.api.serving import collect, finish_reason_text, new_id, sse, stream_choices, until_disconnect, usage
+from steerserve.api.serving import (
+    EventStream,
+    collect,
+    finish_reason_text,
+    new_id,
+    sse_events,
+    until_disconnect,
+    usage,
+)
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def _logprobs_json(lps) -> list[dict]:
-    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, v] for t, v in lp.top]} for lp in lps]
+    return [
+        {"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, v] for t, v in lp.top]} for lp in lps
+    ]
 
 
 @router.post("/generate")
@@ -35,26 +43,25 @@ async def generate(body: GenerateRequest, request: Request):
 
     if body.stream:
 
-        async def events():
-            n_out = 0
-            async for index, out in stream_choices(state.engine, reqs):
-                if out.error:
-                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
-                    break
-                n_out += len(out.token_ids)
-                for k, token_id in enumerate(out.token_ids):
-                    event = {"index": index, "token_id": token_id, "text": out.text if k == len(out.token_ids) - 1 else ""}
-                    if out.logprobs:
-                        event["logprobs"] = _logprobs_json([out.logprobs[k]])
-                    yield sse(event)
-                if out.finish_reason is not None:
-                    tail = {"index": index, "finish_reason": finish_reason_text(out.finish_reason)}
-                    if not out.token_ids and out.text:
-                        tail["text"] = out.text
-                    yield sse(tail | {"usage": usage(n_prompt, out.num_output_tokens)})
-            yield sse("[DONE]")
+        def render(index, out):
+            events = []
+            for k, token_id in enumerate(out.token_ids):
+                event = {
+                    "index": index,
+                    "token_id": token_id,
+                    "text": out.text if k == len(out.token_ids) - 1 else "",
+                }
+                if out.logprobs:
+                    event["logprobs"] = _logprobs_json([out.logprobs[k]])
+                events.append(event)
+            if out.finish_reason is not None:
+                tail = {"index": index, "finish_reason": finish_reason_text(out.finish_reason)}
+                if not out.token_ids and out.text:
+                    tail["text"] = out.text
+                events.append(tail | {"usage": usage(n_prompt, out.num_output_tokens)})
+            return events
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(sse_events(state.engine, reqs, render))
 
     results = await until_disconnect(request, collect(state.engine, reqs))
     first = results[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from steerserve.api.auth import require_api_key
 from steerserve.api.convert import (
@@ -16,15 +15,14 @@ from steerserve.api.convert import (
     completion_prompts,
     sampling_params,
 )
-from steerserve.api.errors import error_body
 from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from steerserve.api.serving import (
     ChoiceResult,
+    EventStream,
     collect,
     finish_reason_text,
     new_id,
-    sse,
-    stream_choices,
+    sse_events,
     until_disconnect,
     usage,
 )
@@ -70,7 +68,12 @@ def completion_logprobs(tokenizer, lps: list[TokenLogprob], offset: int = 0) -> 
         top.append({_token_text(tokenizer, t): v for t, v in lp.top} if lp.top else None)
         text_offset.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    }
 
 
 def chat_logprobs(tokenizer, lps: list[TokenLogprob]) -> dict:
@@ -101,27 +104,26 @@ async def completions(body: CompletionRequest, request: Request):
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = {"id": call_id, "object": "text_completion", "created": created, "model": model}
 
-        async def events():
-            n_out = 0
-            async for index, out in stream_choices(state.engine, reqs):
-                if out.error:
-                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
-                    break
-                n_out += len(out.token_ids)
-                choice = {
-                    "index": index,
-                    "text": out.text,
-                    "logprobs": completion_logprobs(tok, list(out.logprobs)) if body.logprobs is not None else None,
-                    "finish_reason": finish_reason_text(out.finish_reason),
-                }
-                yield sse({"id": call_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
-            if include_usage:
-                u = usage(sum(len(p) for p in prompts), n_out)
-                yield sse({"id": call_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u})
-            yield sse("[DONE]")
+        def render(index, out):
+            lp = completion_logprobs(tok, list(out.logprobs)) if body.logprobs is not None else None
+            choice = {
+                "index": index,
+                "text": out.text,
+                "logprobs": lp,
+                "finish_reason": finish_reason_text(out.finish_reason),
+            }
+            return [head | {"choices": [choice]}]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def final(n_out):
+            return (
+                [head | {"choices": [], "usage": usage(sum(len(p) for p in prompts), n_out)}]
+                if include_usage
+                else []
+            )
+
+        return EventStream(sse_events(state.engine, reqs, render, final))
 
     results = await until_disconnect(request, collect(state.engine, reqs))
     choices = [
@@ -157,27 +159,40 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = {"id": call_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        started: set[int] = set()
 
-        def chunk(choices, **extra):
-            return sse({"id": call_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra})
+        def render(index, out):
+            events = []
+            if index not in started:  # the first chunk of each choice carries the role
+                started.add(index)
+                events.append(
+                    head
+                    | {
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    }
+                )
+            delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+            lp = chat_logprobs(tok, list(out.logprobs)) if logprobs is not None else None
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": lp,
+                "finish_reason": finish_reason_text(out.finish_reason),
+            }
+            return [*events, head | {"choices": [choice]}]
 
-        async def events():
-            for i in range(len(reqs)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            n_out = 0
-            async for index, out in stream_choices(state.engine, reqs):
-                if out.error:
-                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
-                    break
-                n_out += len(out.token_ids)
-                delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-                lp = chat_logprobs(tok, list(out.logprobs)) if logprobs is not None else None
-                yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason_text(out.finish_reason)}])
-            if include_usage:
-                yield chunk([], usage=usage(len(prompt), n_out))
-            yield sse("[DONE]")
+        def final(n_out):
+            return [head | {"choices": [], "usage": usage(len(prompt), n_out)}] if include_usage else []
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(sse_events(state.engine, reqs, render, final))
 
     results = await until_disconnect(request, collect(state.engine, reqs))
     choices = [

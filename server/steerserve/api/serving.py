@@ -7,13 +7,16 @@ engine is aborted, so its slot and KV blocks are freed within a step.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
-from steerserve.api.errors import APIError
+from steerserve.api.errors import APIError, error_body
 from steerserve.engine.engine import AsyncEngine, EngineDeadError, RequestOutput
 from steerserve.engine.types import FinishReason, GenerationRequest, TokenLogprob
 
@@ -49,7 +52,9 @@ def engine_error(out: RequestOutput) -> APIError:
     return APIError(500, f"generation failed: {out.error}", code="engine_error")
 
 
-async def stream_choices(engine: AsyncEngine, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def stream_choices(
+    engine: AsyncEngine, requests: list[GenerationRequest]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) as they come, across all choices of one call."""
     if engine.dead is not None:
         raise APIError(503, f"the engine is not running: {engine.dead}", code="engine_dead")
@@ -61,7 +66,9 @@ async def stream_choices(engine: AsyncEngine, requests: list[GenerationRequest])
             async for out in engine.generate(req):
                 await merged.put((index, out))
         except EngineDeadError as exc:
-            await merged.put((index, RequestOutput(req.request_id, "", (), (), FinishReason.ERROR, 0, 0, str(exc))))
+            await merged.put(
+                (index, RequestOutput(req.request_id, "", (), (), FinishReason.ERROR, 0, 0, str(exc)))
+            )
         finally:
             await merged.put(done)
 
@@ -82,18 +89,53 @@ async def stream_choices(engine: AsyncEngine, requests: list[GenerationRequest])
 
 async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> list[ChoiceResult]:
     results = [ChoiceResult(i) for i in range(len(requests))]
-    async for index, out in stream_choices(engine, requests):
-        if out.error:
-            raise engine_error(out)
-        r = results[index]
-        r.text += out.text
-        r.token_ids.extend(out.token_ids)
-        r.logprobs.extend(out.logprobs)
-        r.num_prompt_tokens = out.num_prompt_tokens
-        r.num_output_tokens = out.num_output_tokens
-        if out.finish_reason is not None:
-            r.finish_reason = finish_reason_text(out.finish_reason)
+    async with aclosing(stream_choices(engine, requests)) as outputs:
+        async for index, out in outputs:
+            if out.error:
+                raise engine_error(out)
+            r = results[index]
+            r.text += out.text
+            r.token_ids.extend(out.token_ids)
+            r.logprobs.extend(out.logprobs)
+            r.num_prompt_tokens = out.num_prompt_tokens
+            r.num_output_tokens = out.num_output_tokens
+            if out.finish_reason is not None:
+                r.finish_reason = finish_reason_text(out.finish_reason)
     return results
+
+
+class EventStream(StreamingResponse):
+    """SSE response that stops, and closes its generator, the moment the client disconnects.
+
+    NOTE: under ASGI 2.4 Starlette only notices a disconnect when a write fails, and leaves the generator
+    suspended until garbage collection; listening for `http.disconnect` and closing the generator here
+    is what aborts the engine requests behind the stream within a step.
+    """
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream")
+
+    async def __call__(self, scope, receive, send) -> None:
+        stream = asyncio.ensure_future(super().__call__(scope, receive, send))
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while not stream.done():
+                if (await receive())["type"] == "http.disconnect":
+                    disconnected = True
+                    stream.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await stream
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+        finally:
+            watcher.cancel()
+            await self.body_iterator.aclose()
 
 
 async def until_disconnect(request: Request, coro):
@@ -115,6 +157,29 @@ async def until_disconnect(request: Request, coro):
 
 
 def sse(data: dict | str) -> str:
-    import json
-
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(
+    engine: AsyncEngine,
+    requests: list[GenerationRequest],
+    render: Callable[[int, RequestOutput], list[dict]],
+    final: Callable[[int], list[dict]] | None = None,
+) -> AsyncIterator[str]:
+    """The SSE body of a streamed call: rendered events per output, `final(n_output_tokens)`, [DONE]."""
+    n_out = 0
+    try:
+        async with aclosing(stream_choices(engine, requests)) as outputs:
+            async for index, out in outputs:
+                if out.error:
+                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
+                    break
+                n_out += len(out.token_ids)
+                for event in render(index, out):
+                    yield sse(event)
+    except APIError as exc:
+        yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    if final is not None:
+        for event in final(n_out):
+            yield sse(event)
+    yield sse("[DONE]")

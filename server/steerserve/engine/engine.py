@@ -84,9 +84,12 @@ class EngineCore:
                 logger.exception("request %s failed while emitting output", rid)
                 self.scheduler.finish(rid, FinishReason.ERROR)
                 outputs.append(self._finish_output(state, "", (), (), error=f"{type(exc).__name__}: {exc}"))
-        if self.metrics is not None:
-            self.metrics.observe_step(self.scheduler.stats(), sched.num_batched_tokens)
+        self.publish_stats()
         return outputs
+
+    def publish_stats(self) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_step(self.scheduler.stats())
 
     def _emit(self, state: RequestState, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         rid = state.request_id
@@ -104,7 +107,9 @@ class EngineCore:
         lps = (logprob,) if logprob is not None else ()
         if state.finish_reason is not None:
             return self._finish_output(state, None, (token,), lps)
-        return RequestOutput(rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, len(state.output_token_ids))
+        return RequestOutput(
+            rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, len(state.output_token_ids)
+        )
 
     def _finish_output(self, state: RequestState, text, token_ids, lps, error=None) -> RequestOutput:
         rid = state.request_id
@@ -195,6 +200,8 @@ class AsyncEngine:
                     self._deliver_threadsafe(outputs)
                     self._fail_inbox()
                     return
+            else:
+                self.core.publish_stats()  # aborts and arrivals change the gauges without a step
             if outputs:
                 self._deliver_threadsafe(outputs)
 

@@ -59,7 +59,9 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, max_model_len: int, eos_ids: tuple):
+    def __init__(
+        self, config: SchedulerConfig, allocator: BlockAllocator, max_model_len: int, eos_ids: tuple
+    ):
         self.config = config
         self.allocator = allocator
         self.max_model_len = max_model_len

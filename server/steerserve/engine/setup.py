@@ -38,7 +38,14 @@ def build_engine(config: Config) -> BuiltEngine:
     runner = ModelRunner(model, device, dtype, num_blocks, config.cache.block_size, layout, config.model.seed)
     logger.info(
         "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens",
-        name, info.architecture, device, dtype, info.n_layers, info.d_model, max_len, num_blocks,
+        name,
+        info.architecture,
+        device,
+        dtype,
+        info.n_layers,
+        info.d_model,
+        max_len,
+        num_blocks,
         config.cache.block_size,
     )
     return BuiltEngine(EngineCore(scheduler, runner, tokenizer, metrics), info, tokenizer, model, metrics)

@@ -20,7 +20,9 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
         raise ChatTemplateError(
             "this model's tokenizer has no chat template: use /v1/completions, or serve a model with one"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     # NOTE: templates already write BOS; encoding without special tokens avoids a double BOS.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -60,7 +60,7 @@ class GenerationRequest:
     arrival_time: float = 0.0
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"

@@ -63,12 +63,18 @@ def _tiny_config(arch: str):
             query_pre_attn_scalar=16,
             **llama_like,
         )
-    raise ValueError(f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, qwen2, qwen3, gemma2")
+    raise ValueError(
+        f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, qwen2, qwen3, gemma2"
+    )
 
 
 def _byte_chars() -> list[str]:
     """GPT-2's byte -> printable character map (what ByteLevel pre-tokenization produces)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -120,9 +126,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "float64": torch.float64,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
     except KeyError:
-        raise ValueError(f"--dtype must be auto, float32, float64, bfloat16 or float16, got {dtype!r}") from None
+        raise ValueError(
+            f"--dtype must be auto, float32, float64, bfloat16 or float16, got {dtype!r}"
+        ) from None
 
 
 def load_model(cfg: ModelConfig):
@@ -135,7 +148,9 @@ def load_model(cfg: ModelConfig):
     else:
         hf_cfg = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if hf_cfg.is_encoder_decoder:
-            raise ValueError(f"{cfg.model} is an encoder-decoder model: steerserve serves decoder-only models")
+            raise ValueError(
+                f"{cfg.model} is an encoder-decoder model: steerserve serves decoder-only models"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
         ).eval()

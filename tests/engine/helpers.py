@@ -1,0 +1,49 @@
+"""Driving an EngineCore by hand in tests: staggered arrivals, collected outputs."""
+
+from __future__ import annotations
+
+from steerserve.config import CacheConfig, Config, ModelConfig, SchedulerConfig
+from steerserve.engine.setup import build_engine
+from steerserve.engine.types import GenerationRequest
+
+
+def tiny_engine(
+    model: str,
+    *,
+    dtype="float32",
+    max_num_seqs=8,
+    budget_tokens=64,
+    chunk=24,
+    block_size=4,
+    kv_gb=0.05,
+    max_model_len=None,
+):
+    cfg = Config(
+        model=ModelConfig(model=model, dtype=dtype),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget_tokens,
+            max_model_len=max_model_len,
+            long_prefill_token_threshold=chunk,
+        ),
+        cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_gb),
+    )
+    return build_engine(cfg)
+
+
+def run_staggered(core, requests: list[GenerationRequest], every: int = 2, max_steps: int = 10_000) -> dict:
+    """Add one request every `every` steps; run to completion; request_id -> (token ids, finish reason)."""
+    pending = list(requests)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    reasons: dict[str, str] = {}
+    step = 0
+    while pending or core.has_work():
+        if pending and step % every == 0:
+            core.add(pending.pop(0))
+        for out in core.step():
+            tokens[out.request_id].extend(out.token_ids)
+            if out.finish_reason is not None:
+                reasons[out.request_id] = out.finish_reason.value
+        step += 1
+        assert step < max_steps, "engine did not finish"
+    return {rid: (tokens[rid], reasons.get(rid)) for rid in tokens}
