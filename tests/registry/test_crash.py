@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import save
 
 from steerserve.registry import FeatureInfo, Registry, SAEWeights
+from steerserve.registry.blobs import TempFile, clean_stray_temp
 from steerserve.sites import Site
 from tests.registry.app_process import free_port
 from tests.registry.helpers import rand_state, saelens_cfg
@@ -126,3 +127,16 @@ def test_server_killed_during_a_slow_upload(data_dir):
             _kill(proc)
     assert len(list((data_dir / "uploads").iterdir())) == 2  # the dead server's cfg and partial weights
     _assert_recovered(data_dir, None)
+
+
+def test_cleanup_spares_temp_files_a_live_writer_holds(tmp_path):
+    live = TempFile(tmp_path)
+    live.path.write_bytes(b"half a blob")
+    dead = tmp_path / "0123abcd.part"  # what a killed writer leaves: nobody holds its lock
+    dead.write_bytes(b"partial")
+    other = tmp_path / "notes.txt"
+    other.write_text("not ours")
+    assert clean_stray_temp(tmp_path) == [dead]
+    assert live.path.exists() and other.exists()
+    live.close()
+    assert not live.path.exists() and clean_stray_temp(tmp_path) == []

@@ -1,65 +1,82 @@
 """Content-addressed blob store: safetensors files named by their sha256.
 
-A blob is written to a temp file (name: `<host>-<pid>-<random>.part`), hashed and fsynced (`seal`),
-and only then renamed to `blobs/<sha[:2]>/<sha>.safetensors` (`publish`) and its directory fsynced;
-the registry commits the row that names it afterwards, holding its write lock from the rename to the
+A blob is written to a temp file (`TempFile`: `<random>.part`, flocked by its writer), hashed and
+fsynced (`seal`), and only then renamed to `blobs/<sha[:2]>/<sha>.safetensors` (`publish`) and its
+directory fsynced; the registry commits the row that names it afterwards, holding its write lock from the rename to the
 commit, so a crash never leaves a row pointing at a missing or partial file. Temp files whose writer
-is gone (same host, dead pid; or older than a day from another host) are removed at the next start.
+is gone (nobody holds their lock) are removed at the next start.
 
 `S3BlobStore` is an interface stub only: it raises on construction (see its docstring).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import secrets
-import socket
 import time
 from pathlib import Path
 
-_TEMP = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{16}\.part$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_FOREIGN_TEMP_AGE_S = 24 * 3600
+_UNLOCKABLE_TEMP_AGE_S = 24 * 3600
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+class TempFile:
+    """A temp file its writer holds an exclusive flock on for its whole life.
 
+    NOTE: liveness by lock, not by pid: a container restarted as PID 1 would take a dead writer's
+    pid for its own. The file is created as `.new` and locked before it is renamed to `.part`, so
+    cleanup never sees an unlocked `.part` of a live writer. The lock follows the inode through
+    `publish`'s rename; `close()` removes a file that was not published and drops the lock.
+    """
 
-def new_temp_path(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{_host()}-{os.getpid()}-{secrets.token_hex(8)}.part"
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        name = secrets.token_hex(16)
+        fresh = directory / f"{name}.new"
+        self._fd: int | None = os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path = directory / f"{name}.part"
+        os.rename(fresh, self.path)
 
+    def close(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def __enter__(self) -> TempFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def clean_stray_temp(directory: Path) -> list[Path]:
-    """Remove temp files whose writer is gone; returns what was removed."""
-    removed = []
+    """Remove temp files no live writer holds locked; returns what was removed."""
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
-    host = _host()
-    for path in directory.iterdir():
-        m = _TEMP.match(path.name)
-        if not m:
+    for path in directory.glob("*.part"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
             continue
-        if m["host"] == host:
-            stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
-        else:
-            stale = time.time() - path.stat().st_mtime > _FOREIGN_TEMP_AGE_S
-        if stale:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stale = True
+        except BlockingIOError:
+            stale = False  # a live writer holds it
+        except OSError:  # no lock support on this file system: fall back to age
+            stale = time.time() - os.fstat(fd).st_mtime > _UNLOCKABLE_TEMP_AGE_S
+        try:
+            if stale:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -84,8 +101,8 @@ class LocalBlobStore:
             raise ValueError(f"not a sha256 hex digest: {sha!r}")
         return self.root / sha[:2] / f"{sha}.safetensors"
 
-    def new_temp(self) -> Path:
-        return new_temp_path(self.temp_dir)
+    def new_temp(self) -> TempFile:
+        return TempFile(self.temp_dir)
 
     def seal(self, temp: Path) -> tuple[str, int]:
         """Hash and fsync a fully written temp file: (sha256, size in bytes)."""

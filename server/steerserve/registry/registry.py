@@ -88,15 +88,12 @@ class Registry:
 
         `insert(tx, sha, size)` inserts the rows; it may raise (e.g. Conflict) before anything is published.
         """
-        temp = self.blobs.new_temp()
-        try:
-            write_safetensors(tensors, temp, metadata)
-            sha, size = self.blobs.seal(temp)
+        with self.blobs.new_temp() as temp:
+            write_safetensors(tensors, temp.path, metadata)
+            sha, size = self.blobs.seal(temp.path)
             with self.db.write() as tx:
                 insert(tx, sha, size)
-                self.blobs.publish(temp, sha)
-        finally:
-            temp.unlink(missing_ok=True)
+                self.blobs.publish(temp.path, sha)
         return sha
 
     def _collect(self, shas: list[str]) -> None:

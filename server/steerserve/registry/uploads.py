@@ -1,8 +1,8 @@
 """Streamed request bodies under a byte limit: multipart files spooled to temp files, JSON read whole.
 
 No web framework here: the functions take the body as an async iterator of chunks (Starlette's
-`request.stream()`). Files go to temp files in the registry's uploads folder (named like blob temp
-files, so a crashed server's leftovers are removed at the next start) and are deleted by
+`request.stream()`). Files go to temp files in the registry's uploads folder (locked `TempFile`s
+like the blob store's, so a crashed server's leftovers are removed at the next start) and are deleted by
 `Form.cleanup()` once the request is done. Past the limit nothing more is stored and TooLarge is
 raised; see `_limited` for what happens to the rest of the body.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from steerserve.registry.blobs import new_temp_path
+from steerserve.registry.blobs import TempFile
 from steerserve.registry.errors import InvalidInput, TooLarge
 
 _DRAIN_CAP = 8 << 20  # read (and drop) at most this much past the limit so the client sees the 413
@@ -26,9 +26,13 @@ _MAX_PARTS = 16
 
 @dataclass
 class UploadedFile:
-    path: Path
+    temp: TempFile  # locked while the request lives: a restart's cleanup leaves it alone
     filename: str | None
     size: int = 0
+
+    @property
+    def path(self) -> Path:
+        return self.temp.path
 
 
 @dataclass
@@ -38,7 +42,7 @@ class Form:
 
     def cleanup(self) -> None:
         for f in self.files.values():
-            f.path.unlink(missing_ok=True)
+            f.temp.close()
 
 
 def _too_large(limit: int) -> TooLarge:
@@ -115,7 +119,7 @@ class _FormBuilder:
             raise InvalidInput(f"the multipart field {name!r} appears twice", param=name)
         if b"filename" in options:
             filename = options[b"filename"].decode("utf-8", errors="replace")
-            upload = UploadedFile(new_temp_path(self.directory), filename)
+            upload = UploadedFile(TempFile(self.directory), filename)
             self.form.files[name] = upload
             self._file = (upload, open(upload.path, "wb"))  # noqa: SIM115 - closed in on_part_end/close
         else:
