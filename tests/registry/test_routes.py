@@ -250,3 +250,14 @@ def test_auth(data_dir):
         error(c.get("/v1/variants"), 401)
         assert c.get("/v1/variants", headers={"Authorization": "Bearer user-key"}).status_code == 200
         error(c.delete("/v1/variants/v", headers={"Authorization": "Bearer user-key"}), 403)
+
+
+def test_uploads_wait_for_the_model(data_dir):
+    app = make_app(data_dir)
+    del app.state.model_info  # as in the real app before its lifespan has loaded the model
+    with ThreadServer(app) as s, httpx.Client(base_url=s.url) as c:
+        resp = upload(c)
+        error(resp, 503, match="loading")
+        assert resp.headers["retry-after"] == "5"
+        error(c.post("/v1/vectors", json={"id": "v", "layer": 1, "vector": [1.0] * D_IN}), 503)
+        assert c.get("/v1/saes").json()["data"] == []

@@ -53,7 +53,12 @@ def _registry(request: Request) -> Registry:
 
 
 def _model(request: Request):
-    return getattr(request.app.state, "model_info", None)
+    """The served model's ModelInfo; uploads are checked against it, so none are taken before it loads."""
+    info = getattr(request.app.state, "model_info", None)
+    if info is None:
+        raise APIError(503, "the model is still loading; uploads are checked against it, retry shortly",
+                       headers={"Retry-After": "5"})  # fmt: skip
+    return info
 
 
 def _limit(request: Request) -> int:
@@ -138,9 +143,10 @@ def _import_sae(registry: Registry, form: Form, model, max_bytes: int):
 
 @router.post("/v1/saes", status_code=201, dependencies=_admin)
 async def create_sae(request: Request) -> JSONResponse:
+    model = _model(request)
     form = await _form(request)
     try:
-        rec = await _run(_import_sae, _registry(request), form, _model(request), 8 * _limit(request))
+        rec = await _run(_import_sae, _registry(request), form, model, 8 * _limit(request))
     finally:
         form.cleanup()
     return JSONResponse(rec.to_json(), status_code=201)
