@@ -137,6 +137,11 @@ def _import_sae(registry: Registry, form: Form, model, max_bytes: int):
         raise InvalidInput("the multipart field 'weights' (safetensors or npz file) is required", "weights")
     cfg_file = form.files.get("cfg")
     cfg = formats.read_json_file(cfg_file.path, "cfg") if cfg_file is not None else None
+    if cfg_file is None and "cfg" in form.fields:  # sent as a text field rather than a file
+        try:
+            cfg = json.loads(form.fields["cfg"])
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"cfg is not valid JSON: {exc}", param="cfg") from None
     loaded = formats.load_sae(weights.path, cfg, _site(form.fields), weights.filename or "", max_bytes)
     return registry.add_sae(loaded, sae_id=sae_id, fit=model)
 
