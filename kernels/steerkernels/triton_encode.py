@@ -48,7 +48,7 @@ def _encode_topk_kernel(
         cols = tile * BN + tl.arange(0, BN)
         cm = cols < d_sae
         acc = tl.zeros([BT, BN], dtype=tl.float32)
-        bsum = tl.zeros([BN], dtype=tl.float32)
+        bacc = tl.zeros([16, BN], dtype=tl.float32)
         for k0 in range(0, d, BK):
             ks = k0 + tl.arange(0, BK)
             km = ks < d
@@ -58,16 +58,26 @@ def _encode_topk_kernel(
             if DOT_16BIT:
                 acc = tl.dot(xt, w, acc)
                 if APPLY_B_DEC:
-                    # NOTE: (x - b_dec) @ W = x @ W - b_dec @ W keeps the 16-bit dot exact in fp32.
+                    # NOTE: (x - b_dec) @ W = x @ W - b_dec @ W keeps the 16-bit dot exact in fp32;
+                    # b_dec @ W rides the tensor cores as rows 0 (b_dec rounded) and 1 (its residual).
                     bd = tl.load(bdec_ptr + ks, mask=km, other=0.0).to(tl.float32)
-                    bsum += tl.sum(bd[:, None] * w.to(tl.float32), axis=0)
+                    bd_hi = bd.to(w.dtype)
+                    bd_lo = (bd - bd_hi.to(tl.float32)).to(w.dtype)
+                    r16 = tl.arange(0, 16)[:, None]
+                    zero = tl.zeros([16, BK], dtype=w.dtype)
+                    btile = tl.where(r16 == 0, bd_hi[None, :], tl.where(r16 == 1, bd_lo[None, :], zero))
+                    bacc = tl.dot(btile, w, bacc)
             else:
                 xt = xt.to(tl.float32)
                 if APPLY_B_DEC:
                     bd = tl.load(bdec_ptr + ks, mask=km, other=0.0).to(tl.float32)
                     xt = tl.where(km[None, :], xt - bd[None, :], 0.0)
                 acc = tl.dot(xt, w.to(tl.float32), acc, input_precision=PRECISION)
-        pre = acc - bsum[None, :] + tl.load(benc_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        pre = (
+            acc
+            - tl.sum(bacc, axis=0)[None, :]
+            + tl.load(benc_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        )
         thr = tl.zeros([BN], dtype=tl.float32)
         if HAS_THR:
             thr = tl.load(thr_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -92,7 +102,7 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
             0, k, dtype=torch.int64, device=dev
         )
     kp = _util.next_pow2(k)
-    bt = 16 if T <= 16 else 32
+    bt = 16 if T <= 16 else 32 if T <= 32 else 64
     bn = max(kp, min(128, _util.next_pow2(d_sae)), 16)
     bk = min(64, max(16, _util.next_pow2(d)))
     n_tiles = triton.cdiv(d_sae, bn)
@@ -113,7 +123,7 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
         threshold if threshold is not None else b_enc, cand_v, cand_i, T, d, d_sae, n_tiles,
         tiles_per_split, n_split, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
         DOT_16BIT=dot_16bit, PRECISION=precision, BT=bt, BN=bn, BK=bk, KP=kp,
-        num_warps=4 if bn * bt <= 4096 else 8,
+        num_warps=4 if bn * bt < 8192 else 8,
     )  # fmt: skip
     if n_split == 1:
         # NOTE: one split's merge is already sorted descending

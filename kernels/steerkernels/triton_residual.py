@@ -1,6 +1,7 @@
 """Triton kernels of the residual-stream ops: `steer_add`, `project_clamp`, `sae_edit`.
 
-Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block). A
+Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block;
+sae_edit at prefill sizes: per block of 16 tokens, see `_sae_edit_kernel`). A
 token whose slot is -1 / out of range or whose position class the slot does not steer loads nothing and
 stores nothing, so unsteered tokens cost one scalar load. All arithmetic is fp32; stores round to h's
 dtype once. Launchers take arguments already checked by `steerkernels` and pass explicit strides, so
@@ -15,29 +16,31 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from steerkernels import _util
 from steerkernels._util import next_pow2
 
 
 @triton.jit
-def _token_slot(slot_ptr, pc_ptr, sp_ptr, t, S, HAS_POS: tl.constexpr):
-    """(slot clamped to a valid row, steered?) for token t; bad slot ids are unsteered."""
-    slot = tl.load(slot_ptr + t).to(tl.int32)
+def _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS: tl.constexpr):
+    """(slot clamped to a valid row, steered?) for token(s) t (scalar or vector); t >= T and bad slot
+    ids are unsteered."""
+    slot = tl.load(slot_ptr + t, mask=t < T, other=-1).to(tl.int32)
     ok = (slot >= 0) & (slot < S)
     slot = tl.where(ok, slot, 0)
     if HAS_POS:
         sp = tl.load(sp_ptr + slot, mask=ok, other=-1).to(tl.int32)
-        pc = tl.load(pc_ptr + t).to(tl.int32)
+        pc = tl.load(pc_ptr + t, mask=t < T, other=0).to(tl.int32)
         ok = ok & ((sp == 0) | (sp == pc + 1))
     return slot.to(tl.int64), ok
 
 
 @triton.jit
 def _steer_add_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, vec_ptr, stride_v, S, d,
+    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T, vec_ptr, stride_v, S, d,
     HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, S, HAS_POS)
+    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = offs < tl.where(ok, d, 0)  # NOTE: scalar predicates enter masks as a length (see module doc)
     row = h_ptr + t.to(tl.int64) * stride_h
@@ -48,12 +51,12 @@ def _steer_add_kernel(
 
 @triton.jit
 def _project_clamp_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr,
+    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
     dir_ptr, stride_ds, stride_dk, lo_ptr, hi_ptr, stride_ls, stride_hs, cnt_ptr, S, K, d,
     HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, S, HAS_POS)
+    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
     n = tl.load(cnt_ptr + slot, mask=ok, other=0).to(tl.int32)
     n = tl.minimum(tl.maximum(n, 0), K)
     offs = tl.arange(0, BLOCK_D)
@@ -70,14 +73,12 @@ def _project_clamp_kernel(
 
 
 @triton.jit
-def _sae_edit_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr,
-    feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
+def _sae_edit_row(
+    h_ptr, stride_h, t, slot, ok, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, F,
     wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
-    HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
-    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, S, HAS_POS)
+    """One token: its whole row in registers, the slot's features one after another."""
     offs = tl.arange(0, BLOCK_D)
     md = offs < tl.where(ok, d, 0)
     row = h_ptr + t.to(tl.int64) * stride_h
@@ -109,6 +110,89 @@ def _sae_edit_kernel(
     tl.store(row + offs, (x + delta).to(h_ptr.dtype.element_ty), mask=offs < tl.where(n_valid > 0, d, 0))
 
 
+@triton.jit
+def _sae_edit_block(
+    h_ptr, stride_h, toks, steered, s0, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, F,
+    wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
+    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BT: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """BT tokens of one slot s0 (or none): pre = X @ W_enc[:, f] and X += coef @ W_dec[f] as two passes
+    of fp32 dots over d, so the slot's weights are read once per block instead of once per token."""
+    s = tl.maximum(s0, 0).to(tl.int64)
+    j = tl.arange(0, FP)
+    fj = tl.load(feat_ptr + s * stride_fs + j, mask=j < tl.where(s0 >= 0, F, 0), other=-1).to(tl.int64)
+    fv = (fj >= 0) & (fj < d_sae)  # [FP]
+    fj = tl.where(fv, fj, 0)
+    rows_ok = tl.where(tl.sum(fv.to(tl.int32), axis=0) > 0, steered, False)  # [BT]
+    rows = h_ptr + toks.to(tl.int64)[:, None] * stride_h
+    pre = tl.zeros([BT, FP], dtype=tl.float32)
+    for k0 in range(0, d, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < d
+        x = tl.load(rows + ks[None, :], mask=rows_ok[:, None] & km[None, :], other=0.0).to(tl.float32)
+        if APPLY_B_DEC:
+            x -= tl.load(bdec_ptr + ks, mask=km, other=0.0).to(tl.float32)[None, :]
+        w_off = ks.to(tl.int64)[:, None] * stride_ed + fj[None, :] * stride_ef
+        w = tl.load(wenc_ptr + w_off, mask=km[:, None] & fv[None, :], other=0.0).to(tl.float32)  # [BK, FP]
+        pre = tl.dot(x, w, pre, input_precision="ieee")
+    pre += tl.load(benc_ptr + fj, mask=fv, other=0.0).to(tl.float32)[None, :]
+    thr = tl.zeros([FP], dtype=tl.float32)
+    if HAS_THR:
+        thr = tl.load(thr_ptr + fj, mask=fv, other=0.0).to(tl.float32)
+    a = tl.where(pre > thr[None, :], pre, 0.0)  # [BT, FP]
+    v = tl.load(val_ptr + s * stride_vs + j, mask=fv, other=0.0)[None, :]
+    scale = tl.load(mode_ptr + s * stride_ms + j, mask=fv, other=0)[None, :] == 1
+    coef = tl.where(fv[None, :], tl.where(scale, a * v, v) - a, 0.0)  # [BT, FP]
+    for k0 in range(0, d, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < d
+        wd_off = fj[:, None] * stride_df + ks.to(tl.int64)[None, :] * stride_dd
+        wd = tl.load(wdec_ptr + wd_off, mask=fv[:, None] & km[None, :], other=0.0).to(tl.float32)  # [FP, BK]
+        m = rows_ok[:, None] & km[None, :]
+        x = tl.load(rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        x += tl.dot(coef, wd, input_precision="ieee")
+        tl.store(rows + ks[None, :], x.to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _sae_edit_kernel(
+    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
+    feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
+    wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
+    HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BT: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """BT == 1: one program per token. BT > 1: a block of tokens; if all its steered tokens share a
+    slot (prefill) it takes the dot path, else it walks its tokens one by one."""
+    if BT == 1:
+        t = tl.program_id(0)
+        slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
+        _sae_edit_row(
+            h_ptr, stride_h, t, slot, ok, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, F,
+            wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr,
+            d_sae, d, HAS_THR, APPLY_B_DEC, BLOCK_D,
+        )  # fmt: skip
+    else:
+        toks = tl.program_id(0) * BT + tl.arange(0, BT)
+        slots, steered = _token_slot(slot_ptr, pc_ptr, sp_ptr, toks, T, S, HAS_POS)
+        s0 = tl.max(tl.where(steered, slots, -1), axis=0)
+        if tl.sum((steered & (slots != s0)).to(tl.int32), axis=0) == 0:
+            _sae_edit_block(
+                h_ptr, stride_h, toks, steered, s0, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr,
+                stride_vs, F, wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd,
+                bdec_ptr, thr_ptr, d_sae, d, HAS_THR, APPLY_B_DEC, BT, FP, BK,
+            )  # fmt: skip
+        else:
+            for i in range(0, BT):
+                t = tl.program_id(0) * BT + i
+                slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
+                _sae_edit_row(
+                    h_ptr, stride_h, t, slot, ok, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr,
+                    stride_vs, F, wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd,
+                    bdec_ptr, thr_ptr, d_sae, d, HAS_THR, APPLY_B_DEC, BLOCK_D,
+                )  # fmt: skip
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -127,7 +211,7 @@ def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
     pc, sp, has_pos = _pos_args(slot_of_token, slot_positions, pos_class)
     block = min(next_pow2(d), 1024)
     _steer_add_kernel[(T, triton.cdiv(d, block))](
-        h, h.stride(0), slot_of_token, pc, sp, slot_vectors, slot_vectors.stride(0),
+        h, h.stride(0), slot_of_token, pc, sp, T, slot_vectors, slot_vectors.stride(0),
         slot_vectors.shape[0], d, HAS_POS=has_pos, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
@@ -144,7 +228,7 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions
     slot_dirs = slot_dirs if slot_dirs.stride(2) == 1 else slot_dirs.contiguous()
     lo, hi = lo.contiguous(), hi.contiguous()
     _project_clamp_kernel[(T,)](
-        h, h.stride(0), slot_of_token, pc, sp, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
+        h, h.stride(0), slot_of_token, pc, sp, T, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
         lo, hi, lo.stride(0), hi.stride(0), dir_count, S, K, d,
         HAS_POS=has_pos, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
@@ -162,12 +246,15 @@ def sae_edit(
     pc, sp, has_pos = _pos_args(slot_of_token, slot_positions, pos_class)
     feat_idx, mode, value = feat_idx.contiguous(), mode.contiguous(), value.contiguous()
     block = next_pow2(d)
-    _sae_edit_kernel[(T,)](
-        h, h.stride(0), slot_of_token, pc, sp,
+    # NOTE: token blocks only when there are enough of them to fill the device (prefill-sized T);
+    # decode batches (one token per slot) keep one program per token.
+    bt = 16 if triton.cdiv(T, 16) >= _util.num_sms(h.device) else 1
+    _sae_edit_kernel[(triton.cdiv(T, bt),)](
+        h, h.stride(0), slot_of_token, pc, sp, T,
         feat_idx, feat_idx.stride(0), mode, mode.stride(0), value, value.stride(0), S, F,
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
         b_dec, threshold if threshold is not None else b_enc, W_enc.shape[1], d,
         HAS_POS=has_pos, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
-        BLOCK_D=block, num_warps=_warps(block),
+        BLOCK_D=block, BT=bt, FP=max(16, next_pow2(F)), BK=64, num_warps=_warps(block),
     )  # fmt: skip
     return h

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import steerkernels as sk
+import steerkernels._util as sk_util
 from tests.kernels.helpers import (
     DTYPES,
     assert_close,
@@ -144,6 +145,25 @@ def test_sae_edit_16bit_weights(dtype, device, gen):
 def test_sae_edit_triton_variants(threshold, apply_b_dec, device, gen):
     args = sae_args(gen, 7, 45, 3, threshold=threshold, apply_b_dec=apply_b_dec)
     check_in_place("sae_edit", rand(gen, 7, 45), args, device, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["rows", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sae_edit_prefill_blocks(path, dtype, device, gen, monkeypatch):
+    """Prefill layout: 16-token blocks of one slot (dot path), a mixed block (token by token), an
+    unsteered block and a partial last block; `rows` forces one program per token instead."""
+    monkeypatch.setattr(sk_util, "num_sms", lambda device: 10**6 if path == "rows" else 0)
+    T, d, S = 53, 45, 3
+    args = sae_args(gen, T, d, S, dtype=dtype)
+    slot = torch.zeros(T, dtype=torch.int32)
+    slot[[3, 9]] = -1
+    slot[16:32] = (torch.arange(16) + 1) % 3 - 1  # ends with a steered token
+    slot[32:48] = -1
+    slot[48:] = 1
+    args["slot_of_token"] = slot
+    args["pos_class"] = torch.randint(0, 2, (T,), generator=gen).to(torch.int8)
+    args["feat_idx"][1] = torch.tensor([5, -1, 9, 5])
+    check_in_place("sae_edit", rand(gen, T, d, dtype=dtype), args, device, dtype)
 
 
 def test_sae_edit_strided_encoder_view(device, gen):
