@@ -193,6 +193,10 @@ def _sae_edit_kernel(
                 )  # fmt: skip
 
 
+# NOTE: d-chunk of the token-block path of sae_edit: fewer, larger steps hide memory latency.
+_BLOCK_K = 128
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -255,6 +259,6 @@ def sae_edit(
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
         b_dec, threshold if threshold is not None else b_enc, W_enc.shape[1], d,
         HAS_POS=has_pos, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
-        BLOCK_D=block, BT=bt, FP=max(16, next_pow2(F)), BK=64, num_warps=_warps(block),
+        BLOCK_D=block, BT=bt, FP=max(16, next_pow2(F)), BK=_BLOCK_K, num_warps=_warps(block),
     )  # fmt: skip
     return h
