@@ -1,6 +1,6 @@
 """Triton `sae_encode_topk`: fused SAE encoder and per-token top-k, one activation tile at a time.
 
-Grid (token blocks, feature splits). A program owns BT tokens and a contiguous range of feature tiles;
+Grid (token blocks, feature splits). A program owns a tile of BT rows (tokens, see FOLD) and a contiguous range of feature tiles;
 for each [BT, BN] tile it computes the activations with `tl.dot`, packs (value, index) into one int64
 key per element (order-preserving), and merges the tile into a running top-KP in registers with
 `tl.topk`. Each split writes KP candidates per token; a final `torch.topk` over n_split * KP candidates
@@ -35,12 +35,17 @@ def _unpack(keys):
 def _encode_topk_kernel(
     x_ptr, stride_xt, stride_xd, w_ptr, stride_wd, stride_wn, benc_ptr, bdec_ptr, thr_ptr,
     cand_v_ptr, cand_i_ptr, T, d, d_sae, n_tiles, tiles_per_split, n_split,
-    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, DOT_16BIT: tl.constexpr, PRECISION: tl.constexpr,
-    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
+    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, DOT_16BIT: tl.constexpr, FOLD: tl.constexpr,
+    PRECISION: tl.constexpr, BT: tl.constexpr, TOK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    KP: tl.constexpr,
 ):  # fmt: skip
+    # NOTE: FOLD (16-bit dot with b_dec): (x - b_dec) @ W = x @ W - b_dec @ W keeps the dot exact in
+    # fp32; b_dec @ W comes from the same dot as tile rows BT-2 (b_dec rounded) and BT-1 (its residual),
+    # so a tile holds TOK = BT - 2 tokens.
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    rm = rows < T
+    r = tl.arange(0, BT)
+    rows = tl.program_id(0) * TOK + r
+    rm = (r < TOK) & (rows < T)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
     run = _pack(tl.full([BT, KP], float("-inf"), tl.float32), tl.zeros([BT, KP], dtype=tl.int32))
     first = split * tiles_per_split
@@ -48,7 +53,6 @@ def _encode_topk_kernel(
         cols = tile * BN + tl.arange(0, BN)
         cm = cols < d_sae
         acc = tl.zeros([BT, BN], dtype=tl.float32)
-        bacc = tl.zeros([16, BN], dtype=tl.float32)
         for k0 in range(0, d, BK):
             ks = k0 + tl.arange(0, BK)
             km = ks < d
@@ -56,28 +60,22 @@ def _encode_topk_kernel(
             w_off = ks.to(tl.int64)[:, None] * stride_wd + cols[None, :] * stride_wn
             w = tl.load(w_ptr + w_off, mask=km[:, None] & cm[None, :], other=0.0)  # [BK, BN]
             if DOT_16BIT:
-                acc = tl.dot(xt, w, acc)
-                if APPLY_B_DEC:
-                    # NOTE: (x - b_dec) @ W = x @ W - b_dec @ W keeps the 16-bit dot exact in fp32;
-                    # b_dec @ W rides the tensor cores as rows 0 (b_dec rounded) and 1 (its residual).
+                if FOLD:
                     bd = tl.load(bdec_ptr + ks, mask=km, other=0.0).to(tl.float32)
-                    bd_hi = bd.to(w.dtype)
-                    bd_lo = (bd - bd_hi.to(tl.float32)).to(w.dtype)
-                    r16 = tl.arange(0, 16)[:, None]
-                    zero = tl.zeros([16, BK], dtype=w.dtype)
-                    btile = tl.where(r16 == 0, bd_hi[None, :], tl.where(r16 == 1, bd_lo[None, :], zero))
-                    bacc = tl.dot(btile, w, bacc)
+                    bd_hi = bd.to(xt.dtype)
+                    bd_lo = (bd - bd_hi.to(tl.float32)).to(xt.dtype)
+                    xt = tl.where(r[:, None] == BT - 2, bd_hi[None, :], xt)
+                    xt = tl.where(r[:, None] == BT - 1, bd_lo[None, :], xt)
+                acc = tl.dot(xt, w, acc)
             else:
                 xt = xt.to(tl.float32)
                 if APPLY_B_DEC:
                     bd = tl.load(bdec_ptr + ks, mask=km, other=0.0).to(tl.float32)
                     xt = tl.where(km[None, :], xt - bd[None, :], 0.0)
                 acc = tl.dot(xt, w.to(tl.float32), acc, input_precision=PRECISION)
-        pre = (
-            acc
-            - tl.sum(bacc, axis=0)[None, :]
-            + tl.load(benc_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-        )
+        if FOLD:
+            acc -= tl.sum(tl.where(r[:, None] >= BT - 2, acc, 0.0), axis=0)[None, :]
+        pre = acc + tl.load(benc_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
         thr = tl.zeros([BN], dtype=tl.float32)
         if HAS_THR:
             thr = tl.load(thr_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -102,19 +100,21 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
             0, k, dtype=torch.int64, device=dev
         )
     kp = _util.next_pow2(k)
-    bt = 16 if T <= 16 else 32 if T <= 32 else 64
-    bn = max(kp, min(128, _util.next_pow2(d_sae)), 16)
-    bk = min(64, max(16, _util.next_pow2(d)))
-    n_tiles = triton.cdiv(d_sae, bn)
-    n_tok = triton.cdiv(T, bt)
-    # NOTE: enough programs to fill the device; each split adds KP candidates per token.
-    n_split = max(1, min(n_tiles, triton.cdiv(4 * _util.num_sms(dev), n_tok)))
-    tiles_per_split = triton.cdiv(n_tiles, n_split)
-    n_split = triton.cdiv(n_tiles, tiles_per_split)
     # NOTE: the CPU interpreter (triton 3.9) multiplies bf16 tiles as raw uint16, so there bf16 takes the
     # (numerically equivalent) fp32 path; fp16 and CUDA use the 16-bit dot.
     dot_16bit = x.dtype == W_enc.dtype and x.dtype != torch.float32
     dot_16bit = dot_16bit and (dev.type == "cuda" or x.dtype == torch.float16)
+    fold = dot_16bit and apply_b_dec_to_input
+    spare = 2 if fold else 0  # tile rows that carry b_dec
+    bt = 16 if T + spare <= 16 else 32 if T + spare <= 32 else 64
+    bn = max(kp, min(128, _util.next_pow2(d_sae)), 16)
+    bk = min(64, max(16, _util.next_pow2(d)))
+    n_tiles = triton.cdiv(d_sae, bn)
+    n_tok = triton.cdiv(T, bt - spare)
+    # NOTE: enough programs to fill the device; each split adds KP candidates per token.
+    n_split = max(1, min(n_tiles, triton.cdiv(4 * _util.num_sms(dev), n_tok)))
+    tiles_per_split = triton.cdiv(n_tiles, n_split)
+    n_split = triton.cdiv(n_tiles, tiles_per_split)
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     cand_v = _util.empty((T, n_split, kp), torch.float32, dev)
     cand_i = _util.empty((T, n_split, kp), torch.int64, dev)
@@ -122,7 +122,7 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
         x, x.stride(0), x.stride(1), W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, b_dec,
         threshold if threshold is not None else b_enc, cand_v, cand_i, T, d, d_sae, n_tiles,
         tiles_per_split, n_split, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
-        DOT_16BIT=dot_16bit, PRECISION=precision, BT=bt, BN=bn, BK=bk, KP=kp,
+        DOT_16BIT=dot_16bit, FOLD=fold, PRECISION=precision, BT=bt, TOK=bt - spare, BN=bn, BK=bk, KP=kp,
         num_warps=4 if bn * bt < 8192 else 8,
     )  # fmt: skip
     if n_split == 1:

@@ -1,7 +1,6 @@
 """Triton kernels of the residual-stream ops: `steer_add`, `project_clamp`, `sae_edit`.
 
-Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block;
-sae_edit at prefill sizes: per block of 16 tokens, see `_sae_edit_kernel`). A
+Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block). A
 token whose slot is -1 / out of range or whose position class the slot does not steer loads nothing and
 stores nothing, so unsteered tokens cost one scalar load. All arithmetic is fp32; stores round to h's
 dtype once. Launchers take arguments already checked by `steerkernels` and pass explicit strides, so
@@ -16,7 +15,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from steerkernels import _util
 from steerkernels._util import next_pow2
 
 
@@ -73,12 +71,16 @@ def _project_clamp_kernel(
 
 
 @triton.jit
-def _sae_edit_row(
-    h_ptr, stride_h, t, slot, ok, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, F,
+def _sae_edit_kernel(
+    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
+    feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
     wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
-    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One token: its whole row in registers, the slot's features one after another."""
+    # NOTE: one program per token, also at prefill sizes: a 16-token tl.dot variant for blocks of one slot
+    # (weights read once per block) measured 1.3-2x slower on an H100 (fewer programs, latency-bound).
+    t = tl.program_id(0)
+    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
     offs = tl.arange(0, BLOCK_D)
     md = offs < tl.where(ok, d, 0)
     row = h_ptr + t.to(tl.int64) * stride_h
@@ -108,93 +110,6 @@ def _sae_edit_row(
         delta += coef * wd
         n_valid += fv.to(tl.int32)
     tl.store(row + offs, (x + delta).to(h_ptr.dtype.element_ty), mask=offs < tl.where(n_valid > 0, d, 0))
-
-
-@triton.jit
-def _sae_edit_block(
-    h_ptr, stride_h, toks, steered, s0, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, F,
-    wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
-    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BT: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """BT tokens of one slot s0 (or none): pre = X @ W_enc[:, f] and X += coef @ W_dec[f] as two passes
-    of fp32 dots over d, so the slot's weights are read once per block instead of once per token."""
-    s = tl.maximum(s0, 0).to(tl.int64)
-    j = tl.arange(0, FP)
-    fj = tl.load(feat_ptr + s * stride_fs + j, mask=j < tl.where(s0 >= 0, F, 0), other=-1).to(tl.int64)
-    fv = (fj >= 0) & (fj < d_sae)  # [FP]
-    fj = tl.where(fv, fj, 0)
-    rows_ok = tl.where(tl.sum(fv.to(tl.int32), axis=0) > 0, steered, False)  # [BT]
-    rows = h_ptr + toks.to(tl.int64)[:, None] * stride_h
-    pre = tl.zeros([BT, FP], dtype=tl.float32)
-    for k0 in range(0, d, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < d
-        x = tl.load(rows + ks[None, :], mask=rows_ok[:, None] & km[None, :], other=0.0).to(tl.float32)
-        if APPLY_B_DEC:
-            x -= tl.load(bdec_ptr + ks, mask=km, other=0.0).to(tl.float32)[None, :]
-        w_off = ks.to(tl.int64)[:, None] * stride_ed + fj[None, :] * stride_ef
-        w = tl.load(wenc_ptr + w_off, mask=km[:, None] & fv[None, :], other=0.0).to(tl.float32)  # [BK, FP]
-        pre = tl.dot(x, w, pre, input_precision="ieee")
-    pre += tl.load(benc_ptr + fj, mask=fv, other=0.0).to(tl.float32)[None, :]
-    thr = tl.zeros([FP], dtype=tl.float32)
-    if HAS_THR:
-        thr = tl.load(thr_ptr + fj, mask=fv, other=0.0).to(tl.float32)
-    a = tl.where(pre > thr[None, :], pre, 0.0)  # [BT, FP]
-    v = tl.load(val_ptr + s * stride_vs + j, mask=fv, other=0.0)[None, :]
-    scale = tl.load(mode_ptr + s * stride_ms + j, mask=fv, other=0)[None, :] == 1
-    coef = tl.where(fv[None, :], tl.where(scale, a * v, v) - a, 0.0)  # [BT, FP]
-    for k0 in range(0, d, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < d
-        wd_off = fj[:, None] * stride_df + ks.to(tl.int64)[None, :] * stride_dd
-        wd = tl.load(wdec_ptr + wd_off, mask=fv[:, None] & km[None, :], other=0.0).to(tl.float32)  # [FP, BK]
-        m = rows_ok[:, None] & km[None, :]
-        x = tl.load(rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        x += tl.dot(coef, wd, input_precision="ieee")
-        tl.store(rows + ks[None, :], x.to(h_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _sae_edit_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
-    feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
-    wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
-    HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BT: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """BT == 1: one program per token. BT > 1: a block of tokens; if all its steered tokens share a
-    slot (prefill) it takes the dot path, else it walks its tokens one by one."""
-    if BT == 1:
-        t = tl.program_id(0)
-        slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
-        _sae_edit_row(
-            h_ptr, stride_h, t, slot, ok, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, F,
-            wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr,
-            d_sae, d, HAS_THR, APPLY_B_DEC, BLOCK_D,
-        )  # fmt: skip
-    else:
-        toks = tl.program_id(0) * BT + tl.arange(0, BT)
-        slots, steered = _token_slot(slot_ptr, pc_ptr, sp_ptr, toks, T, S, HAS_POS)
-        s0 = tl.max(tl.where(steered, slots, -1), axis=0)
-        if tl.sum((steered & (slots != s0)).to(tl.int32), axis=0) == 0:
-            _sae_edit_block(
-                h_ptr, stride_h, toks, steered, s0, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr,
-                stride_vs, F, wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd,
-                bdec_ptr, thr_ptr, d_sae, d, HAS_THR, APPLY_B_DEC, BT, FP, BK,
-            )  # fmt: skip
-        else:
-            for i in range(0, BT):
-                t = tl.program_id(0) * BT + i
-                slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
-                _sae_edit_row(
-                    h_ptr, stride_h, t, slot, ok, feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr,
-                    stride_vs, F, wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd,
-                    bdec_ptr, thr_ptr, d_sae, d, HAS_THR, APPLY_B_DEC, BLOCK_D,
-                )  # fmt: skip
-
-
-# NOTE: d-chunk of the token-block path of sae_edit: fewer, larger steps hide memory latency.
-_BLOCK_K = 128
 
 
 def _warps(block: int) -> int:
@@ -250,15 +165,12 @@ def sae_edit(
     pc, sp, has_pos = _pos_args(slot_of_token, slot_positions, pos_class)
     feat_idx, mode, value = feat_idx.contiguous(), mode.contiguous(), value.contiguous()
     block = next_pow2(d)
-    # NOTE: token blocks only when there are enough of them to fill the device (prefill-sized T);
-    # decode batches (one token per slot) keep one program per token.
-    bt = 16 if triton.cdiv(T, 16) >= _util.num_sms(h.device) else 1
-    _sae_edit_kernel[(triton.cdiv(T, bt),)](
+    _sae_edit_kernel[(T,)](
         h, h.stride(0), slot_of_token, pc, sp, T,
         feat_idx, feat_idx.stride(0), mode, mode.stride(0), value, value.stride(0), S, F,
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
         b_dec, threshold if threshold is not None else b_enc, W_enc.shape[1], d,
         HAS_POS=has_pos, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
-        BLOCK_D=block, BT=bt, FP=max(16, next_pow2(F)), BK=_BLOCK_K, num_warps=_warps(block),
+        BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
