@@ -1,10 +1,11 @@
 """Triton `sae_encode_topk`: fused SAE encoder and per-token top-k, one activation tile at a time.
 
-Grid (token blocks, feature splits). A program owns a tile of BT rows (tokens, see FOLD) and a contiguous range of feature tiles;
-for each [BT, BN] tile it computes the activations with `tl.dot`, packs (value, index) into one int64
-key per element (order-preserving), and merges the tile into a running top-KP in registers with
-`tl.topk`. Each split writes KP candidates per token; a final `torch.topk` over n_split * KP candidates
-picks k (skipped when there is one split). Memory: candidates are [T, n_split, KP], never [T, d_sae].
+Grid (token blocks, feature splits). A program owns BT tile rows (tokens; see FOLD) and a contiguous
+range of feature tiles; for each [BT, BN] tile it computes the activations with `tl.dot`, packs
+(value, index) into one int64 key per element (order-preserving), and merges the tile into a running
+top-KP in registers with `tl.topk`. Each split writes KP candidates per token; a final `torch.topk` over
+n_split * KP candidates picks k (skipped when there is one split). Memory: candidates are
+[T, n_split, KP], never [T, d_sae].
 """
 
 from __future__ import annotations
