@@ -45,6 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=c.block_size)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--kv-cache-fraction", type=float, default=c.kv_cache_fraction)
+    p.add_argument("--kv-cache-dtype", default=c.kv_cache_dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument(
         "--api-key", action="append", help="accepted bearer key (repeatable; env STEERSERVE_API_KEY)"
     )
@@ -67,7 +68,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
             served_model_name=a.served_model_name,
             seed=a.seed,
         ),
-        cache=CacheConfig(a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction),
+        cache=CacheConfig(a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction, a.kv_cache_dtype),
         scheduler=SchedulerConfig(
             a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.long_prefill_token_threshold
         ),

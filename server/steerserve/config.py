@@ -38,6 +38,9 @@ class CacheConfig:
     """KV-cache budget in GiB. None: `kv_cache_fraction` of free device memory (CPU: of available RAM)."""
     kv_cache_fraction: float = 0.3
     """Share of free memory given to the KV cache when no explicit budget is set."""
+    kv_cache_dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16 | float64. auto: the model's dtype on CUDA, float32 on CPU
+    (PyTorch's CPU attention kernels run 2-3x slower on bf16 than on fp32 at decode)."""
 
 
 @dataclass(frozen=True)

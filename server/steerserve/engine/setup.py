@@ -12,7 +12,7 @@ from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.types import ModelInfo
 from steerserve.metrics import EngineMetrics
 from steerserve.runner.model_loader import load_model, model_info, model_max_len
-from steerserve.runner.model_runner import ModelRunner, plan_kv_cache
+from steerserve.runner.model_runner import ModelRunner, kv_cache_dtype, plan_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +29,16 @@ class BuiltEngine:
 def build_engine(config: Config) -> BuiltEngine:
     model, tokenizer, device, dtype = load_model(config.model)
     max_len = min(config.scheduler.max_model_len or model_max_len(model), model_max_len(model))
-    num_blocks, max_len, layout = plan_kv_cache(model, config.cache, config.scheduler, max_len, device, dtype)
+    kv_dtype = kv_cache_dtype(config.cache, device, dtype)
+    num_blocks, max_len, layout = plan_kv_cache(model, config.cache, config.scheduler, max_len, device, kv_dtype)
     name = config.model.served_model_name or config.model.model
     info = model_info(model, tokenizer, name, max_len)
     metrics = EngineMetrics(name)
     allocator = BlockAllocator(num_blocks, config.cache.block_size)
     scheduler = Scheduler(config.scheduler, allocator, max_len, info.eos_token_ids)
-    runner = ModelRunner(model, device, dtype, num_blocks, config.cache.block_size, layout, config.model.seed)
+    runner = ModelRunner(model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed)
     logger.info(
-        "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens",
+        "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens (%s)",
         name,
         info.architecture,
         device,
@@ -47,5 +48,6 @@ def build_engine(config: Config) -> BuiltEngine:
         max_len,
         num_blocks,
         config.cache.block_size,
+        kv_dtype,
     )
     return BuiltEngine(EngineCore(scheduler, runner, tokenizer, metrics), info, tokenizer, model, metrics)

@@ -94,6 +94,8 @@ def steerserve_attention(
     k_cache.index_copy_(1, steer_attn.slot_mapping, key[0].to(k_cache.dtype))
     v_cache.index_copy_(1, steer_attn.slot_mapping, value[0].to(v_cache.dtype))
     gqa = query.shape[1] != key.shape[1]
+    out_dtype = query.dtype
+    query = query.to(k_cache.dtype)  # NOTE: attention runs in the cache's dtype (fp32 on CPU, see config)
 
     outputs = []
     for span in steer_attn.spans:
@@ -109,7 +111,6 @@ def steerserve_attention(
             idx = span.gather_index[first:]
             k = k_cache.index_select(1, idx).unsqueeze(0)
             v = v_cache.index_select(1, idx).unsqueeze(0)
-        k, v = k.to(q.dtype), v.to(q.dtype)
         mask = None
         causal = False
         if span.q_len > 1:
@@ -127,7 +128,7 @@ def steerserve_attention(
             )
         outputs.append(out)
     attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # [1, H, T, hd]
-    return attn.transpose(1, 2).contiguous(), None
+    return attn.transpose(1, 2).to(out_dtype).contiguous(), None
 
 
 def register_attention() -> None:

@@ -20,6 +20,7 @@ from steerserve.config import CacheConfig, SchedulerConfig
 from steerserve.engine.scheduler import SchedulerOutput
 from steerserve.engine.types import TokenLogprob
 from steerserve.runner.attention import KVCache
+from steerserve.runner.model_loader import resolve_dtype
 from steerserve.runner.input_batch import (
     CachedRequest,
     build_forward_inputs,
@@ -48,8 +49,14 @@ def _available_memory(device: torch.device) -> int:
     return 4 << 30
 
 
+def kv_cache_dtype(cache_cfg: CacheConfig, device, model_dtype) -> torch.dtype:
+    if cache_cfg.kv_cache_dtype == "auto":
+        return model_dtype if device.type == "cuda" or model_dtype == torch.float64 else torch.float32
+    return resolve_dtype(cache_cfg.kv_cache_dtype, device)
+
+
 def plan_kv_cache(model, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, max_len: int, device, dtype):
-    """(num_blocks, max_model_len, shape facts) for a KV cache within the memory budget."""
+    """(num_blocks, max_model_len, shape facts) for a KV cache of `dtype` within the memory budget."""
     cfg = model.config
     n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

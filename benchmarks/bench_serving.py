@@ -1,0 +1,203 @@
+"""Serving benchmark: a GPT-2-small-shaped random model, 64 mixed requests, through the real HTTP server.
+
+Workload (fixed seed): prompt lengths 16-512 and output lengths 16-256, token-id prompts, EOS ignored so
+every request produces exactly its output length. Two arrival patterns: all at once, and Poisson.
+Baseline in the same run: transformers `generate()` in static batches of 16 (left-padded, each batch
+runs to its longest output; only requested tokens count as useful).
+
+    python benchmarks/bench_serving.py                   # full run (a few minutes on 2 cores)
+    python benchmarks/bench_serving.py --num-requests 16 --hf-batches 1   # quick look
+    python benchmarks/bench_serving.py --vllm-url http://127.0.0.1:8001   # also a vLLM server
+
+Prints a table: output tokens/s, TTFT and inter-token latency p50/p99, and ratios to the HF baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+    arrivals: list[float]  # seconds after start, Poisson
+
+
+def make_workload(n: int, seed: int, rate: float, vocab: int) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(0, vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
+    outputs = [rng.randint(16, 256) for _ in range(n)]
+    t, arrivals = 0.0, []
+    for _ in range(n):
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    return Workload(prompts, outputs, arrivals)
+
+
+@dataclass
+class RequestTiming:
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+async def one_request(client, url, model, prompt, max_tokens, delay, t0, steering=None) -> RequestTiming:
+    await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if steering:
+        body.update(steering)
+    timing = RequestTiming()
+    start = last = time.perf_counter()
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                timing.tokens = chunk["usage"]["completion_tokens"]
+            if not chunk.get("choices"):
+                continue
+            now = time.perf_counter()
+            if timing.ttft == 0.0:
+                timing.ttft = now - start
+            else:
+                timing.itls.append(now - last)
+            last = now
+    return timing
+
+
+async def run_http(url: str, model: str, wl: Workload, poisson: bool, steering_for=None) -> dict:
+    limits = httpx.Limits(max_connections=len(wl.prompts) + 8)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        t0 = time.perf_counter()
+        tasks = [
+            one_request(client, url, model, p, n, wl.arrivals[i] if poisson else 0.0, t0,
+                        steering_for(i) if steering_for else None)
+            for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True))
+        ]
+        timings = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    return summarize(timings, elapsed)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summarize(timings: list[RequestTiming], elapsed: float) -> dict:
+    tokens = sum(t.tokens for t in timings)
+    itls = [x for t in timings for x in t.itls]
+    ttfts = [t.ttft for t in timings]
+    return {"tok_s": tokens / elapsed, "tokens": tokens, "elapsed": elapsed,
+            "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99),
+            "itl_p50": pct(itls, 0.5), "itl_p99": pct(itls, 0.99)}
+
+
+def run_hf_static(model_dir: str, wl: Workload, batch_size: int, num_batches: int, threads: int) -> dict:
+    """transformers generate() in static batches: the way a script without a server does it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    useful, t0 = 0, time.perf_counter()
+    ttfts = []
+    for b in range(num_batches):
+        idx = list(range(b * batch_size, min(len(wl.prompts), (b + 1) * batch_size)))
+        if not idx:
+            break
+        longest = max(len(wl.prompts[i]) for i in idx)
+        ids = torch.full((len(idx), longest), 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            p = wl.prompts[i]
+            ids[row, longest - len(p):] = torch.tensor(p)
+            mask[row, longest - len(p):] = 1
+        batch_start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(wl.output_lens[i] for i in idx),
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+        useful += sum(wl.output_lens[i] for i in idx)
+        ttfts += [time.perf_counter() - batch_start] * len(idx)  # a static batch returns all at the end
+    elapsed = time.perf_counter() - t0
+    return {"tok_s": useful / elapsed, "tokens": useful, "elapsed": elapsed, "ttft_p50": pct(ttfts, 0.5),
+            "ttft_p99": pct(ttfts, 0.99), "itl_p50": float("nan"), "itl_p99": float("nan")}
+
+
+def start_server(model_dir: str, threads: int, extra: list[str]):
+    from tests.server_process import ServerProcess
+
+    log = os.path.join(tempfile.mkdtemp(), "server.log")
+    args = ["--model", model_dir, "--served-model-name", "gpt2-small-random", "--threads", str(threads),
+            "--max-num-seqs", "64", "--log-level", "warning", *extra]
+    return ServerProcess(args, log).wait_healthy(timeout=300)
+
+
+def print_table(rows: list[tuple[str, dict]], baseline: str) -> None:
+    base = dict(rows)[baseline]["tok_s"]
+    print(f"\n{'run':<34}{'tok/s':>9}{'x HF':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'secs':>7}")
+    for name, r in rows:
+        print(f"{name:<34}{r['tok_s']:>9.1f}{r['tok_s'] / base:>7.2f}{r['ttft_p50']:>10.2f}{r['ttft_p99']:>10.2f}"
+              f"{r['itl_p50'] * 1000:>7.0f}ms{r['itl_p99'] * 1000:>7.0f}ms{r['tokens']:>8}{r['elapsed']:>7.1f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--hf-batches", type=int, default=1, help="static batches of 16 run through generate()")
+    ap.add_argument("--skip-poisson", action="store_true")
+    ap.add_argument("--vllm-url", default=None, help="also run the workload against this OpenAI server")
+    ap.add_argument("--vllm-model", default=None)
+    ap.add_argument("--model-dir", default=None, help="an existing save_pretrained dir of the model")
+    ap.add_argument("--dtype", default="bfloat16", help="steerserve's --dtype (bfloat16: AVX512-BF16 GEMMs)")
+    args = ap.parse_args(argv)
+
+    from steerserve.runner.model_loader import save_random_model
+
+    model_dir = args.model_dir or save_random_model("gpt2-small", tempfile.mkdtemp(prefix="gpt2small-"))
+    wl = make_workload(args.num_requests, args.seed, args.rate, vocab=50257)
+    print(f"workload: {len(wl.prompts)} requests, {sum(map(len, wl.prompts))} prompt tokens, "
+          f"{sum(wl.output_lens)} output tokens; model {model_dir}", flush=True)
+    rows = []
+    server = start_server(model_dir, args.threads, ["--dtype", args.dtype])
+    try:
+        print("steerserve, all at once ...", flush=True)
+        rows.append((f"steerserve burst {args.dtype}", asyncio.run(run_http(server.url, "gpt2-small-random", wl, False))))
+        if not args.skip_poisson:
+            print(f"steerserve, Poisson {args.rate}/s ...", flush=True)
+            rows.append((f"steerserve Poisson {args.rate}/s", asyncio.run(run_http(server.url, "gpt2-small-random", wl, True))))
+    finally:
+        server.stop()
+    if args.vllm_url:
+        print("vLLM, all at once ...", flush=True)
+        rows.append(("vLLM burst", asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False))))
+    print(f"HF generate(), {args.hf_batches} static batch(es) of 16 ...", flush=True)
+    rows.append(("HF generate static x16", run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
+    print_table(rows, "HF generate static x16")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
