@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -57,8 +56,15 @@ class RequestTiming:
 
 async def one_request(client, url, model, prompt, max_tokens, delay, t0, steering=None) -> RequestTiming:
     await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     if steering:
         body.update(steering)
     timing = RequestTiming()
@@ -87,8 +93,16 @@ async def run_http(url: str, model: str, wl: Workload, poisson: bool, steering_f
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
         t0 = time.perf_counter()
         tasks = [
-            one_request(client, url, model, p, n, wl.arrivals[i] if poisson else 0.0, t0,
-                        steering_for(i) if steering_for else None)
+            one_request(
+                client,
+                url,
+                model,
+                p,
+                n,
+                wl.arrivals[i] if poisson else 0.0,
+                t0,
+                steering_for(i) if steering_for else None,
+            )
             for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True))
         ]
         timings = await asyncio.gather(*tasks)
@@ -107,9 +121,15 @@ def summarize(timings: list[RequestTiming], elapsed: float) -> dict:
     tokens = sum(t.tokens for t in timings)
     itls = [x for t in timings for x in t.itls]
     ttfts = [t.ttft for t in timings]
-    return {"tok_s": tokens / elapsed, "tokens": tokens, "elapsed": elapsed,
-            "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99),
-            "itl_p50": pct(itls, 0.5), "itl_p99": pct(itls, 0.99)}
+    return {
+        "tok_s": tokens / elapsed,
+        "tokens": tokens,
+        "elapsed": elapsed,
+        "ttft_p50": pct(ttfts, 0.5),
+        "ttft_p99": pct(ttfts, 0.99),
+        "itl_p50": pct(itls, 0.5),
+        "itl_p99": pct(itls, 0.99),
+    }
 
 
 def run_hf_static(model_dir: str, wl: Workload, batch_size: int, num_batches: int, threads: int) -> dict:
@@ -130,34 +150,62 @@ def run_hf_static(model_dir: str, wl: Workload, batch_size: int, num_batches: in
         mask = torch.zeros_like(ids)
         for row, i in enumerate(idx):
             p = wl.prompts[i]
-            ids[row, longest - len(p):] = torch.tensor(p)
-            mask[row, longest - len(p):] = 1
+            ids[row, longest - len(p) :] = torch.tensor(p)
+            mask[row, longest - len(p) :] = 1
         batch_start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=max(wl.output_lens[i] for i in idx),
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max(wl.output_lens[i] for i in idx),
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         useful += sum(wl.output_lens[i] for i in idx)
         ttfts += [time.perf_counter() - batch_start] * len(idx)  # a static batch returns all at the end
     elapsed = time.perf_counter() - t0
-    return {"tok_s": useful / elapsed, "tokens": useful, "elapsed": elapsed, "ttft_p50": pct(ttfts, 0.5),
-            "ttft_p99": pct(ttfts, 0.99), "itl_p50": float("nan"), "itl_p99": float("nan")}
+    return {
+        "tok_s": useful / elapsed,
+        "tokens": useful,
+        "elapsed": elapsed,
+        "ttft_p50": pct(ttfts, 0.5),
+        "ttft_p99": pct(ttfts, 0.99),
+        "itl_p50": float("nan"),
+        "itl_p99": float("nan"),
+    }
 
 
 def start_server(model_dir: str, threads: int, extra: list[str]):
     from tests.server_process import ServerProcess
 
     log = os.path.join(tempfile.mkdtemp(), "server.log")
-    args = ["--model", model_dir, "--served-model-name", "gpt2-small-random", "--threads", str(threads),
-            "--max-num-seqs", "64", "--log-level", "warning", *extra]
+    args = [
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "gpt2-small-random",
+        "--threads",
+        str(threads),
+        "--max-num-seqs",
+        "64",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     return ServerProcess(args, log).wait_healthy(timeout=300)
 
 
 def print_table(rows: list[tuple[str, dict]], baseline: str) -> None:
     base = dict(rows)[baseline]["tok_s"]
-    print(f"\n{'run':<34}{'tok/s':>9}{'x HF':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'secs':>7}")
+    print(
+        f"\n{'run':<34}{'tok/s':>9}{'x HF':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'secs':>7}"
+    )
     for name, r in rows:
-        print(f"{name:<34}{r['tok_s']:>9.1f}{r['tok_s'] / base:>7.2f}{r['ttft_p50']:>10.2f}{r['ttft_p99']:>10.2f}"
-              f"{r['itl_p50'] * 1000:>7.0f}ms{r['itl_p99'] * 1000:>7.0f}ms{r['tokens']:>8}{r['elapsed']:>7.1f}")
+        print(
+            f"{name:<34}{r['tok_s']:>9.1f}{r['tok_s'] / base:>7.2f}{r['ttft_p50']:>10.2f}{r['ttft_p99']:>10.2f}"
+            f"{r['itl_p50'] * 1000:>7.0f}ms{r['itl_p99'] * 1000:>7.0f}ms{r['tokens']:>8}{r['elapsed']:>7.1f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -178,21 +226,36 @@ def main(argv=None) -> int:
 
     model_dir = args.model_dir or save_random_model("gpt2-small", tempfile.mkdtemp(prefix="gpt2small-"))
     wl = make_workload(args.num_requests, args.seed, args.rate, vocab=50257)
-    print(f"workload: {len(wl.prompts)} requests, {sum(map(len, wl.prompts))} prompt tokens, "
-          f"{sum(wl.output_lens)} output tokens; model {model_dir}", flush=True)
+    print(
+        f"workload: {len(wl.prompts)} requests, {sum(map(len, wl.prompts))} prompt tokens, "
+        f"{sum(wl.output_lens)} output tokens; model {model_dir}",
+        flush=True,
+    )
     rows = []
     server = start_server(model_dir, args.threads, ["--dtype", args.dtype])
     try:
         print("steerserve, all at once ...", flush=True)
-        rows.append((f"steerserve burst {args.dtype}", asyncio.run(run_http(server.url, "gpt2-small-random", wl, False))))
+        rows.append(
+            (
+                f"steerserve burst {args.dtype}",
+                asyncio.run(run_http(server.url, "gpt2-small-random", wl, False)),
+            )
+        )
         if not args.skip_poisson:
             print(f"steerserve, Poisson {args.rate}/s ...", flush=True)
-            rows.append((f"steerserve Poisson {args.rate}/s", asyncio.run(run_http(server.url, "gpt2-small-random", wl, True))))
+            rows.append(
+                (
+                    f"steerserve Poisson {args.rate}/s",
+                    asyncio.run(run_http(server.url, "gpt2-small-random", wl, True)),
+                )
+            )
     finally:
         server.stop()
     if args.vllm_url:
         print("vLLM, all at once ...", flush=True)
-        rows.append(("vLLM burst", asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False))))
+        rows.append(
+            ("vLLM burst", asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False)))
+        )
     print(f"HF generate(), {args.hf_batches} static batch(es) of 16 ...", flush=True)
     rows.append(("HF generate static x16", run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
     print_table(rows, "HF generate static x16")

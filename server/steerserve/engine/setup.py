@@ -30,13 +30,17 @@ def build_engine(config: Config) -> BuiltEngine:
     model, tokenizer, device, dtype = load_model(config.model)
     max_len = min(config.scheduler.max_model_len or model_max_len(model), model_max_len(model))
     kv_dtype = kv_cache_dtype(config.cache, device, dtype)
-    num_blocks, max_len, layout = plan_kv_cache(model, config.cache, config.scheduler, max_len, device, kv_dtype)
+    num_blocks, max_len, layout = plan_kv_cache(
+        model, config.cache, config.scheduler, max_len, device, kv_dtype
+    )
     name = config.model.served_model_name or config.model.model
     info = model_info(model, tokenizer, name, max_len)
     metrics = EngineMetrics(name)
     allocator = BlockAllocator(num_blocks, config.cache.block_size)
     scheduler = Scheduler(config.scheduler, allocator, max_len, info.eos_token_ids)
-    runner = ModelRunner(model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed)
+    runner = ModelRunner(
+        model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed
+    )
     logger.info(
         "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens (%s)",
         name,

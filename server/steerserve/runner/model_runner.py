@@ -20,13 +20,13 @@ from steerserve.config import CacheConfig, SchedulerConfig
 from steerserve.engine.scheduler import SchedulerOutput
 from steerserve.engine.types import TokenLogprob
 from steerserve.runner.attention import KVCache
-from steerserve.runner.model_loader import resolve_dtype
 from steerserve.runner.input_batch import (
     CachedRequest,
     build_forward_inputs,
     build_sampling_batch,
     new_cached_request,
 )
+from steerserve.runner.model_loader import resolve_dtype
 from steerserve.sampling.sampler import Sampler
 
 logger = logging.getLogger(__name__)
