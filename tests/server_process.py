@@ -22,6 +22,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        if "--data-dir" not in args:  # never write a registry into the working tree
+            args = [*args, "--data-dir", os.path.join(os.path.dirname(log_path), "data")]
         cmd = [
             sys.executable,
             "-m",

@@ -16,6 +16,7 @@ from steerserve.config import (
     SchedulerConfig,
     ServerConfig,
 )
+from steerserve.registry.cli import add_registry_commands
 
 
 def _keys(values: list[str] | None, env: str) -> tuple[str, ...]:
@@ -100,14 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="steerserve", description="a steerable LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="start the HTTP server"))
+    add_registry_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        level=getattr(logging, getattr(args, "log_level", "info").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
         serve(config_from_args(args), args.threads)
-    return 0
+        return 0
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from steerserve.api import routes_generate, routes_openai
+from steerserve.api import routes_generate, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
 from steerserve.api.errors import error_body, install_error_handlers
 from steerserve.config import Config
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
+from steerserve.registry import Registry
 
 logger = logging.getLogger(__name__)
 service = APIRouter()
@@ -58,6 +59,7 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.registry = Registry.from_config(config.registry)
         b = built or build_engine(config)
         engine = AsyncEngine(b.core)
         app.state.model_info = b.info
@@ -69,6 +71,7 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
             yield
         finally:
             engine.shutdown()
+            app.state.registry.close()
 
     app = FastAPI(title="steerserve", version="0.1.0", lifespan=lifespan)
     app.state.config = config
@@ -77,4 +80,5 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     app.include_router(service)
     app.include_router(routes_openai.router)
     app.include_router(routes_generate.router)
+    app.include_router(routes_registry.router)
     return app
