@@ -7,7 +7,7 @@ launch overhead gone). Bytes = every tensor the op must touch read / written onc
 the copy bandwidth measured in this run; `x roof` = best time of ours / roof (target <= 1.5 on GPU).
 
     python benchmarks/bench_kernels.py            # serving shapes (GPU)
-    python benchmarks/bench_kernels.py --quick    # small shapes, fine on CPU
+    python benchmarks/bench_kernels.py --quick --threads 1   # small shapes, fine on CPU
 """
 
 from __future__ import annotations
@@ -235,13 +235,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU-friendly)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        # NOTE: on a busy 2-core box, 2 OpenMP threads can make a 1 MB add take ms (a parked thread)
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bw = copy_bandwidth(device, (64 << 20) if args.quick or device.type == "cpu" else (1 << 30))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"device: {name}   copy bandwidth: {bw / 1e9:.1f} GB/s   backend: {sk._checks.resolve_backend(None, device)}"
+        f"device: {name}   threads: {torch.get_num_threads()}   copy bandwidth: {bw / 1e9:.1f} GB/s   "
+        f"backend: {sk._checks.resolve_backend(None, device)}"
     )
     head = f"{'op':<17} {'shape':<44} {'naive ms':>9} {'ours ms':>9} {'graph ms':>9} {'speedup':>8} {'GB/s':>7} {'roof ms':>8} {'x roof':>7}"
     print(head)
