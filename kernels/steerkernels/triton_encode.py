@@ -117,6 +117,8 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()  # NOTE: indexed with unit stride
+    threshold = threshold.contiguous() if threshold is not None else None
     cand_v = _util.empty((T, n_split, kp), torch.float32, dev)
     cand_i = _util.empty((T, n_split, kp), torch.int64, dev)
     _encode_topk_kernel[(n_tok, n_split)](

@@ -116,21 +116,24 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _pos_args(slot_of_token, slot_positions, pos_class):
-    """(pc_ptr, sp_ptr, HAS_POS); unused pointers point at slot_of_token."""
+def _token_args(slot_of_token, slot_positions, pos_class):
+    """(slot, pc, sp, HAS_POS) as contiguous tensors; without positions pc/sp point at the slots (unread).
+    NOTE: kernels index 1-D operands with unit stride, so every small operand is made contiguous."""
+    slot = slot_of_token.contiguous()
     if slot_positions is None:
-        return slot_of_token, slot_of_token, False
-    return pos_class, slot_positions, True
+        return slot, slot, slot, False
+    return slot, pos_class.contiguous(), slot_positions.contiguous(), True
 
 
 def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
     T, d = h.shape
     if T == 0 or d == 0 or slot_vectors.shape[0] == 0:
         return h
-    pc, sp, has_pos = _pos_args(slot_of_token, slot_positions, pos_class)
+    slot, pc, sp, has_pos = _token_args(slot_of_token, slot_positions, pos_class)
+    slot_vectors = slot_vectors if slot_vectors.stride(1) == 1 else slot_vectors.contiguous()
     block = min(next_pow2(d), 1024)
     _steer_add_kernel[(T, triton.cdiv(d, block))](
-        h, h.stride(0), slot_of_token, pc, sp, T, slot_vectors, slot_vectors.stride(0),
+        h, h.stride(0), slot, pc, sp, T, slot_vectors, slot_vectors.stride(0),
         slot_vectors.shape[0], d, HAS_POS=has_pos, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
@@ -141,13 +144,13 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions
     S, K, _ = slot_dirs.shape
     if T == 0 or d == 0 or S == 0 or K == 0:
         return h
-    pc, sp, has_pos = _pos_args(slot_of_token, slot_positions, pos_class)
+    slot, pc, sp, has_pos = _token_args(slot_of_token, slot_positions, pos_class)
     block = next_pow2(d)
     # NOTE: directions must be contiguous along d for coalesced loads; [S, K] banks are tiny to copy.
     slot_dirs = slot_dirs if slot_dirs.stride(2) == 1 else slot_dirs.contiguous()
-    lo, hi = lo.contiguous(), hi.contiguous()
+    lo, hi, dir_count = lo.contiguous(), hi.contiguous(), dir_count.contiguous()
     _project_clamp_kernel[(T,)](
-        h, h.stride(0), slot_of_token, pc, sp, T, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
+        h, h.stride(0), slot, pc, sp, T, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
         lo, hi, lo.stride(0), hi.stride(0), dir_count, S, K, d,
         HAS_POS=has_pos, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
@@ -162,15 +165,18 @@ def sae_edit(
     S, F = feat_idx.shape
     if T == 0 or d == 0 or S == 0 or F == 0:
         return h
-    pc, sp, has_pos = _pos_args(slot_of_token, slot_positions, pos_class)
+    slot, pc, sp, has_pos = _token_args(slot_of_token, slot_positions, pos_class)
     feat_idx, mode, value = feat_idx.contiguous(), mode.contiguous(), value.contiguous()
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
+    has_thr = threshold is not None
+    threshold = threshold.contiguous() if has_thr else b_enc  # a stand-in pointer, never read
     block = next_pow2(d)
     _sae_edit_kernel[(T,)](
-        h, h.stride(0), slot_of_token, pc, sp, T,
+        h, h.stride(0), slot, pc, sp, T,
         feat_idx, feat_idx.stride(0), mode, mode.stride(0), value, value.stride(0), S, F,
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
-        b_dec, threshold if threshold is not None else b_enc, W_enc.shape[1], d,
-        HAS_POS=has_pos, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
+        b_dec, threshold, W_enc.shape[1], d,
+        HAS_POS=has_pos, HAS_THR=has_thr, APPLY_B_DEC=bool(apply_b_dec_to_input),
         BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h

@@ -169,6 +169,19 @@ def test_sae_edit_strided_encoder_view(device, gen):
     check_in_place("sae_edit", rand(gen, 9, 37), args, device, torch.float32)
 
 
+def test_strided_operands(device, gen):
+    """Views with non-unit strides (index tensors, banks, SAE vectors) read the right elements."""
+    args = steer_args(gen, 9, 37, 4)
+    args["slot_of_token"] = torch.stack([args["slot_of_token"], args["slot_of_token"]], 1)[:, 0]
+    args["slot_vectors"] = args["slot_vectors"].t().contiguous().t()
+    check_in_place("steer_add", rand(gen, 9, 37), args, device, torch.float32)
+    args = sae_args(gen, 9, 37, 4)
+    for name in ("b_enc", "b_dec", "threshold"):
+        args[name] = torch.stack([args[name], -args[name]], 1)[:, 0]
+    args["pos_class"] = torch.stack([args["pos_class"], 1 - args["pos_class"]], 1)[:, 0]
+    check_in_place("sae_edit", rand(gen, 9, 37), args, device, torch.float32)
+
+
 def test_positions_rule_and_no_slot_positions(device, gen):
     """slot_positions None steers every position of every valid slot."""
     args = steer_args(gen, 9, 37, 4)
