@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,9 +69,14 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of /metrics whose labels include `labels`; KeyError if absent."""
         text = httpx.get(self.url + "/metrics", timeout=5).text
         for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+            m = re.match(r"^([^{ ]+)(?:\{(.*)\})? (\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                return float(m.group(3))
+        raise KeyError(f"{name} {labels}")

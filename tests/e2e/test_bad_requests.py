@@ -103,24 +103,31 @@ def test_chat_without_template_is_a_400(tiny_model_dir, tmp_path):
         proc.stop()
 
 
+def _aborted(server) -> float:
+    try:
+        return server.metric("steerserve:request_success_total", finished_reason="abort")
+    except KeyError:
+        return 0.0
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnecting_client_frees_its_slot(server, stream):
-    body = {"prompt": "Once", "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": stream}
+    aborted_before = _aborted(server)
+    # 8 choices x 1000 tokens: seconds of work, so the client leaves long before the end
+    body = {"prompt": "Once", "max_tokens": 1000, "n": 8, "temperature": 0, "ignore_eos": True, "stream": stream}
     if stream:
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            # NOTE: no `break` out of iter_lines(): closing that generator closes the connection early
             lines = r.iter_lines()
-            got = []
-            for line in lines:
-                if line.startswith("data: {"):
-                    got.append(line)
-                if len(got) >= 3:
-                    break
-            assert server.metric("steerserve:num_requests_running") >= 1
+            while sum(next(lines).startswith("data: {") for _ in range(2)) == 0:
+                pass
+            assert server.metric("steerserve:num_requests_running") == 8
     else:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
     deadline = time.monotonic() + 10
     while server.metric("steerserve:num_requests_running") > 0:
         assert time.monotonic() < deadline, "the aborted request still holds its slot"
         time.sleep(0.05)
+    assert _aborted(server) == aborted_before + 8  # finished by the abort, not by running out
     assert server.metric("steerserve:kv_cache_usage_perc") == 0.0
