@@ -196,16 +196,21 @@ def start_server(model_dir: str, threads: int, extra: list[str]):
     return ServerProcess(args, log).wait_healthy(timeout=300)
 
 
-def print_table(rows: list[tuple[str, dict]], baseline: str) -> None:
-    base = dict(rows)[baseline]["tok_s"]
-    print(
-        f"\n{'run':<34}{'tok/s':>9}{'x HF':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'secs':>7}"
-    )
+def print_table(rows: list[tuple[str, dict]], baseline: str | None) -> None:
+    base = dict(rows).get(baseline, {}).get("tok_s") if baseline else None
+    head = f"{'run':<34}{'tok/s':>9}{'ratio':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+    print(f"\n{head}{'tokens':>8}{'secs':>7}   (ratio = tok/s over {baseline or 'nothing'})")
     for name, r in rows:
+        ratio = f"{r['tok_s'] / base:>7.2f}" if base else f"{'-':>7}"
         print(
-            f"{name:<34}{r['tok_s']:>9.1f}{r['tok_s'] / base:>7.2f}{r['ttft_p50']:>10.2f}{r['ttft_p99']:>10.2f}"
-            f"{r['itl_p50'] * 1000:>7.0f}ms{r['itl_p99'] * 1000:>7.0f}ms{r['tokens']:>8}{r['elapsed']:>7.1f}"
+            f"{name:<34}{r['tok_s']:>9.1f}{ratio}{r['ttft_p50']:>10.2f}{r['ttft_p99']:>10.2f}"
+            f"{r['itl_p50'] * 1000:>7.0f}ms{r['itl_p99'] * 1000:>7.0f}ms{r['tokens']:>8}{r['elapsed']:>7.1f}",
+            flush=True,
         )
+
+
+class _Skip(Exception):
+    pass
 
 
 def main(argv=None) -> int:
@@ -216,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--hf-batches", type=int, default=1, help="static batches of 16 run through generate()")
     ap.add_argument("--skip-poisson", action="store_true")
+    ap.add_argument("--skip-steerserve", action="store_true", help="only the other servers / baselines")
     ap.add_argument("--vllm-url", default=None, help="also run the workload against this OpenAI server")
     ap.add_argument("--vllm-model", default=None)
     ap.add_argument("--model-dir", default=None, help="an existing save_pretrained dir of the model")
@@ -232,8 +238,10 @@ def main(argv=None) -> int:
         flush=True,
     )
     rows = []
-    server = start_server(model_dir, args.threads, ["--dtype", args.dtype])
+    server = None if args.skip_steerserve else start_server(model_dir, args.threads, ["--dtype", args.dtype])
     try:
+        if server is None:
+            raise _Skip
         print("steerserve, all at once ...", flush=True)
         rows.append(
             (
@@ -249,16 +257,22 @@ def main(argv=None) -> int:
                     asyncio.run(run_http(server.url, "gpt2-small-random", wl, True)),
                 )
             )
+    except _Skip:
+        pass
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     if args.vllm_url:
         print("vLLM, all at once ...", flush=True)
         rows.append(
             ("vLLM burst", asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False)))
         )
-    print(f"HF generate(), {args.hf_batches} static batch(es) of 16 ...", flush=True)
-    rows.append(("HF generate static x16", run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
-    print_table(rows, "HF generate static x16")
+    baseline = None
+    if args.hf_batches > 0:
+        print(f"HF generate(), {args.hf_batches} static batch(es) of 16 ...", flush=True)
+        baseline = "HF generate static x16"
+        rows.append((baseline, run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
+    print_table(rows, baseline)
     return 0
 
 
