@@ -1,0 +1,188 @@
+"""Steering builders: Python objects that render the `steering` / `feature_logit_bias` JSON of API.md.
+
+    Steering.feature("res-l0", 12).add(4.0)               {"feature": {...}, "mode": "add", "strength": 4.0, ...}
+    Steering.feature("res-l0", 12).clamp(10)              set the feature's activation to 10
+    Steering.feature("res-l0", 12).scale(0.5)             multiply the feature's activation
+    Steering.feature("res-l0", 12).ablate()               activation -> 0 (`to="mean"`: to its mean)
+    Steering.feature("res-l0", 12).logit_bias(2.0)        a `feature_logit_bias` entry
+    Steering.vector("honesty").add(1.5)                   h += 1.5 * v
+    Steering.vector("honesty").project_out()              remove h's component along v
+    Steering.vector("honesty").clamp(-1, 1)               clip h's projection on the unit vector
+
+Every intervention takes `positions=` ("all" | "prompt" | "generated"; `.at(...)` returns a copy
+with other positions). Builders check what they can locally (finite numbers, known modes) and raise
+ValueError; the server checks the rest (ids exist, index < d_sae) and answers 400/404.
+`Steering.body(...)` builds the extension fields for `extra_body=` of the openai SDK.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+Positions = Literal["all", "prompt", "generated"]
+AddScale = Literal["raw", "unit", "max_activation"]
+_POSITIONS = ("all", "prompt", "generated")
+_SCALES = ("raw", "unit", "max_activation")
+
+
+def _finite(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positions(value: str) -> str:
+    if value not in _POSITIONS:
+        raise ValueError(f"positions must be one of {_POSITIONS}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One entry of `steering`: a target (`{"feature": ...}` or `{"vector": id}`), a mode, its fields."""
+
+    target: dict[str, Any]
+    mode: str
+    params: dict[str, Any] = field(default_factory=dict)
+    positions: str = "all"
+
+    def at(self, positions: Positions) -> Intervention:
+        """The same intervention applied at other positions."""
+        return replace(self, positions=_positions(positions))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.target, "mode": self.mode, **self.params, "positions": self.positions}
+
+
+@dataclass(frozen=True)
+class FeatureLogitBias:
+    """One entry of `feature_logit_bias`: add `strength` x the logits feature `index` writes."""
+
+    sae: str
+    index: int
+    strength: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feature": {"sae": self.sae, "index": self.index}, "strength": self.strength}
+
+
+@dataclass(frozen=True)
+class FeatureRef:
+    """`{"sae": id, "index": i}`: one SAE feature; its methods build interventions on it."""
+
+    sae: str
+    index: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sae, str) or not self.sae:
+            raise ValueError(f"sae must be a non-empty id, got {self.sae!r}")
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise ValueError(f"index must be an int >= 0, got {self.index!r}")
+
+    def _make(self, mode: str, params: dict, positions: str) -> Intervention:
+        target = {"feature": {"sae": self.sae, "index": self.index}}
+        return Intervention(target, mode, params, _positions(positions))
+
+    def add(self, strength: float, scale: AddScale = "raw", positions: Positions = "all") -> Intervention:
+        """h += strength * W_dec[f] (`scale="unit"`: the unit direction; `"max_activation"`: x its max)."""
+        if scale not in _SCALES:
+            raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+        params = {"strength": _finite(strength, "strength"), "scale": scale}
+        return self._make("add", params, positions)
+
+    def clamp(self, value: float, positions: Positions = "all") -> Intervention:
+        """Set the feature's activation to `value` (keeping the SAE's reconstruction error)."""
+        return self._make("clamp", {"value": _finite(value, "value")}, positions)
+
+    def scale(self, factor: float, positions: Positions = "all") -> Intervention:
+        """Multiply the feature's activation by `factor`."""
+        return self._make("scale", {"factor": _finite(factor, "factor")}, positions)
+
+    def ablate(self, to: Literal["zero", "mean"] = "zero", positions: Positions = "all") -> Intervention:
+        """Set the feature's activation to 0 (or to its mean with `to="mean"`)."""
+        if to not in ("zero", "mean"):
+            raise ValueError(f"to must be 'zero' or 'mean', got {to!r}")
+        return self._make("ablate", {"to": "mean"} if to == "mean" else {}, positions)
+
+    def logit_bias(self, strength: float) -> FeatureLogitBias:
+        """A `feature_logit_bias` entry: bias the output by what this feature promotes."""
+        return FeatureLogitBias(self.sae, self.index, _finite(strength, "strength"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sae": self.sae, "index": self.index}
+
+
+@dataclass(frozen=True)
+class VectorRef:
+    """A stored steering vector, by id; its methods build interventions on it."""
+
+    id: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"vector id must be a non-empty string, got {self.id!r}")
+
+    def _make(self, mode: str, params: dict, positions: str) -> Intervention:
+        return Intervention({"vector": self.id}, mode, params, _positions(positions))
+
+    def add(self, strength: float, positions: Positions = "all") -> Intervention:
+        """h += strength * v."""
+        return self._make("add", {"strength": _finite(strength, "strength")}, positions)
+
+    def project_out(self, positions: Positions = "all") -> Intervention:
+        """Remove h's component along v."""
+        return self._make("project_out", {}, positions)
+
+    def clamp(self, lo: float, hi: float, positions: Positions = "all") -> Intervention:
+        """Clip h's projection on the unit vector to [lo, hi]."""
+        lo, hi = _finite(lo, "lo"), _finite(hi, "hi")
+        if lo > hi:
+            raise ValueError(f"clamp needs lo <= hi, got lo={lo} > hi={hi}")
+        return self._make("clamp", {"min": lo, "max": hi}, positions)
+
+
+class Steering:
+    """Entry points: `Steering.feature(sae, index)`, `Steering.vector(id)`, `Steering.body(...)`."""
+
+    @staticmethod
+    def feature(sae: str, index: int) -> FeatureRef:
+        return FeatureRef(sae, index)
+
+    @staticmethod
+    def vector(vector_id: str) -> VectorRef:
+        return VectorRef(vector_id)
+
+    @staticmethod
+    def body(
+        steering: Iterable[Intervention | Mapping[str, Any]] | None = None,
+        feature_logit_bias: Iterable[FeatureLogitBias | Mapping[str, Any]] | None = None,
+        variant: str | None = None,
+        return_unsteered: bool | None = None,
+    ) -> dict[str, Any]:
+        """The extension fields as one dict: `openai_client.chat.completions.create(..., extra_body=...)`."""
+        out: dict[str, Any] = {}
+        if steering is not None:
+            out["steering"] = to_json_list(steering)
+        if feature_logit_bias is not None:
+            out["feature_logit_bias"] = to_json_list(feature_logit_bias)
+        if variant is not None:
+            out["variant"] = variant
+        if return_unsteered is not None:
+            out["return_unsteered"] = bool(return_unsteered)
+        return out
+
+
+def to_json_list(items: Iterable[Any]) -> list[dict[str, Any]]:
+    """Builders -> JSON dicts; dicts pass through (copied) so hand-written JSON works too."""
+    out = []
+    for item in items:
+        if hasattr(item, "to_json"):
+            out.append(item.to_json())
+        elif isinstance(item, Mapping):
+            out.append(dict(item))
+        else:
+            raise TypeError(f"expected an Intervention, FeatureLogitBias or dict, got {type(item).__name__}")
+    return out
