@@ -70,6 +70,24 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SteeringConfig:
+    max_steering_rows: int = 64
+    """Distinct steering specs on the device at once (identical specs share a row); more wait."""
+    max_interventions: int = 64
+    """Interventions per request (a vector acting at several sites counts once per site)."""
+    max_project_dirs: int = 8
+    """Projection / clamp directions per row, site and position class."""
+    max_feature_edits: int = 16
+    """Clamped / scaled / ablated features per row, site, SAE and position class."""
+    max_logit_bias_features: int = 32
+    """Entries of `feature_logit_bias` per request."""
+    max_abs_value: float = 1e6
+    """Largest |strength|, |value|, |factor| accepted."""
+    sae_cache_mb: int = 2048
+    """Device memory for SAE weights in use by running requests (LRU)."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -96,5 +114,6 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from steerserve.config import CacheConfig, Config, ModelConfig, SchedulerConfig
+import tempfile
+
+from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
 from steerserve.engine.setup import build_engine
 from steerserve.engine.types import GenerationRequest
 
@@ -17,6 +19,8 @@ def tiny_engine(
     block_size=4,
     kv_gb=0.05,
     max_model_len=None,
+    data_dir=None,
+    steering=None,
 ):
     cfg = Config(
         model=ModelConfig(model=model, dtype=dtype),
@@ -27,6 +31,8 @@ def tiny_engine(
             long_prefill_token_threshold=chunk,
         ),
         cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_gb),
+        registry=RegistryConfig(data_dir=data_dir or tempfile.mkdtemp(prefix="steerserve-test-")),
+        **({"steering": steering} if steering is not None else {}),
     )
     return build_engine(cfg)
 

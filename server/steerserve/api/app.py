@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from steerserve.api import routes_generate, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
@@ -14,7 +15,6 @@ from steerserve.api.errors import error_body, install_error_handlers
 from steerserve.config import Config
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
-from steerserve.registry import Registry
 
 logger = logging.getLogger(__name__)
 service = APIRouter()
@@ -40,6 +40,7 @@ async def metrics(request: Request):
 @service.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def models(request: Request):
     info = request.app.state.model_info
+    variants = await run_in_threadpool(request.app.state.registry.list_variants)
     return {
         "object": "list",
         "data": [
@@ -49,7 +50,17 @@ async def models(request: Request):
                 "created": 0,
                 "owned_by": "steerserve",
                 "max_model_len": info.max_model_len,
-            }
+            },
+            *(
+                {
+                    "id": f"{info.name}:{v.id}",
+                    "object": "model",
+                    "created": int(v.created),
+                    "owned_by": "steerserve",
+                    "parent": info.name,
+                }
+                for v in variants
+            ),
         ],
     }
 
@@ -59,8 +70,8 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.registry = Registry.from_config(config.registry)
         b = built or build_engine(config)
+        app.state.registry = b.registry
         engine = AsyncEngine(b.core)
         app.state.model_info = b.info
         app.state.tokenizer = b.tokenizer

@@ -25,19 +25,6 @@ def check_model(name: str | None, info: ModelInfo) -> None:
     )
 
 
-def check_steering_fields(body: SamplingFields) -> None:
-    # NOTE: steering arrives with the steering issue; until then refuse it loudly rather than ignore it.
-    for field in ("steering", "feature_logit_bias"):
-        if getattr(body, field):
-            raise bad(f"{field} is not supported by this server build yet", field, "unsupported")
-    if body.variant:
-        raise APIError(404, f"variant {body.variant!r} does not exist", "variant", "variant_not_found")
-    if body.return_unsteered:
-        raise bad(
-            "return_unsteered is not supported by this server build yet", "return_unsteered", "unsupported"
-        )
-
-
 def check_token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
     for t in ids:
         if not 0 <= t < info.vocab_size:

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Request
 
 from steerserve.api.auth import require_api_key
 from steerserve.api.convert import bad, check_token_ids, completion_prompts
+from steerserve.api.plan import plan_call
 from steerserve.api.protocol import CompletionRequest, GenerateRequest
-from steerserve.api.routes_openai import build_requests
 from steerserve.api.serving import (
     EventStream,
     collect,
@@ -38,7 +38,8 @@ async def generate(body: GenerateRequest, request: Request):
         prompts = completion_prompts(
             CompletionRequest(prompt=body.prompt), state.tokenizer, state.model_info, state.config.limits
         )
-    reqs = build_requests(request, body, prompts, body.max_tokens, body.logprobs, new_id("gen"))
+    plan = await plan_call(request, body, prompts, body.max_tokens, body.logprobs, new_id("gen"))
+    reqs = plan.requests
     n_prompt = len(prompts[0])
 
     if body.stream:
@@ -50,12 +51,17 @@ async def generate(body: GenerateRequest, request: Request):
                     "index": index,
                     "token_id": token_id,
                     "text": out.text if k == len(out.token_ids) - 1 else "",
+                    **plan.choice_extra(index),
                 }
                 if out.logprobs:
                     event["logprobs"] = _logprobs_json([out.logprobs[k]])
                 events.append(event)
             if out.finish_reason is not None:
-                tail = {"index": index, "finish_reason": finish_reason_text(out.finish_reason)}
+                tail = {
+                    "index": index,
+                    "finish_reason": finish_reason_text(out.finish_reason),
+                    **plan.choice_extra(index),
+                }
                 if not out.token_ids and out.text:
                     tail["text"] = out.text
                 events.append(tail | {"usage": usage(n_prompt, out.num_output_tokens)})
@@ -73,9 +79,23 @@ async def generate(body: GenerateRequest, request: Request):
     }
     if body.logprobs is not None:
         response["logprobs"] = _logprobs_json(first.logprobs)
+    if plan.num_steered < len(results):  # return_unsteered: the twin of the first choice beside it
+        twin = results[plan.num_steered]
+        response["unsteered"] = {
+            "text": twin.text,
+            "token_ids": twin.token_ids,
+            "finish_reason": twin.finish_reason,
+        }
     if len(results) > 1:
         response["choices"] = [
-            {"index": r.index, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            {
+                "index": r.index,
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason,
+                **plan.choice_extra(r.index),
+            }
             for r in results
         ]
+    response.update(plan.response_extra())
     return response

@@ -7,15 +7,9 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from steerserve.api.auth import require_api_key
-from steerserve.api.convert import (
-    chat_prompt,
-    check_model,
-    check_steering_fields,
-    child_seed,
-    completion_prompts,
-    sampling_params,
-)
-from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from steerserve.api.convert import chat_prompt, completion_prompts
+from steerserve.api.plan import plan_call
+from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from steerserve.api.serving import (
     ChoiceResult,
     EventStream,
@@ -26,33 +20,9 @@ from steerserve.api.serving import (
     until_disconnect,
     usage,
 )
-from steerserve.engine.types import GenerationRequest, TokenLogprob
+from steerserve.engine.types import TokenLogprob
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
-
-
-def build_requests(
-    request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens, logprobs, call_id: str
-) -> list[GenerationRequest]:
-    state = request.app.state
-    check_model(body.model, state.model_info)
-    check_steering_fields(body)
-    out = []
-    now = time.monotonic()
-    for p, ids in enumerate(prompts):
-        for i in range(body.n):
-            index = p * body.n + i
-            sp = sampling_params(
-                body,
-                prompt_len=len(ids),
-                max_tokens=max_tokens,
-                logprobs=logprobs,
-                info=state.model_info,
-                limits=state.config.limits,
-                seed=child_seed(body.seed, index) if body.n > 1 else body.seed,
-            )
-            out.append(GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, None, now))
-    return out
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -97,7 +67,8 @@ async def completions(body: CompletionRequest, request: Request):
     state = request.app.state
     prompts = completion_prompts(body, state.tokenizer, state.model_info, state.config.limits)
     call_id = new_id("cmpl")
-    reqs = build_requests(request, body, prompts, body.max_tokens, body.logprobs, call_id)
+    plan = await plan_call(request, body, prompts, body.max_tokens, body.logprobs, call_id)
+    reqs = plan.requests
     model = body.model or state.model_info.name
     created = int(time.time())
     tok = state.tokenizer
@@ -113,6 +84,7 @@ async def completions(body: CompletionRequest, request: Request):
                 "text": out.text,
                 "logprobs": lp,
                 "finish_reason": finish_reason_text(out.finish_reason),
+                **plan.choice_extra(index),
             }
             return [head | {"choices": [choice]}]
 
@@ -132,6 +104,7 @@ async def completions(body: CompletionRequest, request: Request):
             "text": r.text,
             "logprobs": completion_logprobs(tok, r.logprobs) if body.logprobs is not None else None,
             "finish_reason": r.finish_reason,
+            **plan.choice_extra(r.index),
         }
         for r in results
     ]
@@ -142,6 +115,7 @@ async def completions(body: CompletionRequest, request: Request):
         "model": model,
         "choices": choices,
         "usage": _usage_of(results, prompts),
+        **plan.response_extra(),
     }
 
 
@@ -152,7 +126,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     call_id = new_id("chatcmpl")
     max_tokens = body.max_completion_tokens or body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    reqs = build_requests(request, body, [prompt], max_tokens, logprobs, call_id)
+    plan = await plan_call(request, body, [prompt], max_tokens, logprobs, call_id)
+    reqs = plan.requests
     model = body.model or state.model_info.name
     created = int(time.time())
     tok = state.tokenizer
@@ -186,6 +161,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "delta": delta,
                 "logprobs": lp,
                 "finish_reason": finish_reason_text(out.finish_reason),
+                **plan.choice_extra(index),
             }
             return [*events, head | {"choices": [choice]}]
 
@@ -201,6 +177,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "message": {"role": "assistant", "content": r.text},
             "logprobs": chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
             "finish_reason": r.finish_reason,
+            **plan.choice_extra(r.index),
         }
         for r in results
     ]
@@ -211,4 +188,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "model": model,
         "choices": choices,
         "usage": usage(len(prompt), sum(r.num_output_tokens for r in results)),
+        **plan.response_extra(),
     }

@@ -76,6 +76,10 @@ class EngineCore:
         advanced = self.scheduler.update(sched, result.sampled)
         now = time.monotonic()
         outputs = []
+        for rid, message in result.failed.items():
+            state = self.scheduler.finish(rid, FinishReason.ERROR)
+            if state is not None:
+                outputs.append(self._finish_output(state, "", (), (), error=message))
         for state in advanced:
             rid = state.request_id
             try:

@@ -13,8 +13,8 @@ text: the engine finishes those through `finish()`.
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass
 
 from steerserve.config import SchedulerConfig
 from steerserve.engine.kv_cache import BlockAllocator
@@ -55,12 +55,18 @@ class SchedulerStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0
-    finished: list[RequestState] = field(default_factory=list)
+    num_waiting_for_row: int = 0
+    num_steering_rows: int = 0
 
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, allocator: BlockAllocator, max_model_len: int, eos_ids: tuple
+        self,
+        config: SchedulerConfig,
+        allocator: BlockAllocator,
+        max_model_len: int,
+        eos_ids: tuple,
+        max_steering_rows: int = 64,
     ):
         self.config = config
         self.allocator = allocator
@@ -72,6 +78,11 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._seen_by_runner: set[str] = set()
         self.num_preemptions = 0
+        # NOTE: a steering row is held from a request's first schedule to its finish (preemption keeps it),
+        # mirroring the runner's SteeringRows; distinct fingerprints beyond the rows wait.
+        self.max_steering_rows = max_steering_rows
+        self._row_refs: Counter[str] = Counter()
+        self.num_waiting_for_row = 0
 
     # -- intake ---------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:
@@ -115,13 +126,18 @@ class Scheduler:
             budget -= n
             i += 1
 
+        skipped: list[RequestState] = []  # waiting for a steering row; keep their place in line
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             state = self.waiting[0]
+            if not self._row_available(state):
+                skipped.append(self.waiting.popleft())
+                continue
             n = min(state.num_tokens - state.num_computed_tokens, budget, chunk_cap)
             target = state.num_computed_tokens + n
             if not self.allocator.allocate(state.blocks, target, expected_tokens=state.expected_total_tokens):
                 break
             self.waiting.popleft()
+            self._hold_row(state)
             state.status = RequestStatus.RUNNING
             if state.first_scheduled_time is None:
                 state.first_scheduled_time = time.monotonic()
@@ -129,6 +145,8 @@ class Scheduler:
             plan.append((state, n))
             budget -= n
 
+        self.waiting.extendleft(reversed(skipped))
+        self.num_waiting_for_row = len(skipped)
         scheduled = tuple(self._scheduled(state, n) for state, n in plan)
         finished, self._finished_since_last_step = tuple(self._finished_since_last_step), []
         return SchedulerOutput(scheduled, finished, self.config.max_num_batched_tokens - budget)
@@ -150,6 +168,21 @@ class Scheduler:
             sampling=req.sampling,
             steering=req.steering,
         )
+
+    def _fingerprint(self, state: RequestState) -> str | None:
+        spec = state.request.steering
+        return None if spec is None else spec.fingerprint
+
+    def _row_available(self, state: RequestState) -> bool:
+        fp = self._fingerprint(state)
+        if fp is None or state.request_id in self._seen_by_runner or fp in self._row_refs:
+            return True
+        return len(self._row_refs) < self.max_steering_rows
+
+    def _hold_row(self, state: RequestState) -> None:
+        fp = self._fingerprint(state)
+        if fp is not None and state.request_id not in self._seen_by_runner:
+            self._row_refs[fp] += 1
 
     def _allocate_or_preempt(self, state: RequestState, num_tokens: int) -> bool:
         while not self.allocator.allocate(state.blocks, num_tokens):
@@ -208,6 +241,11 @@ class Scheduler:
         if state.request_id in self._seen_by_runner:
             self._seen_by_runner.discard(state.request_id)
             self._finished_since_last_step.append(state.request_id)
+            fp = self._fingerprint(state)
+            if fp is not None:
+                self._row_refs[fp] -= 1
+                if self._row_refs[fp] == 0:
+                    del self._row_refs[fp]
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -215,4 +253,6 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.allocator.usage(),
             num_preemptions=self.num_preemptions,
+            num_waiting_for_row=self.num_waiting_for_row,
+            num_steering_rows=len(self._row_refs),
         )

@@ -11,8 +11,11 @@ from steerserve.engine.kv_cache import BlockAllocator
 from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.types import ModelInfo
 from steerserve.metrics import EngineMetrics
+from steerserve.registry import Registry
 from steerserve.runner.model_loader import load_model, model_info, model_max_len
 from steerserve.runner.model_runner import ModelRunner, kv_cache_dtype, plan_kv_cache
+from steerserve.steering.resources import SteeringResources
+from steerserve.steering.rows import SteeringRows
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +27,13 @@ class BuiltEngine:
     tokenizer: object
     model: object
     metrics: EngineMetrics
+    registry: Registry
+    steering: SteeringRows
 
 
-def build_engine(config: Config) -> BuiltEngine:
+def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngine:
+    """The engine; `registry` (opened from config.registry when None) backs its steering."""
+    registry = registry or Registry.from_config(config.registry)
     model, tokenizer, device, dtype = load_model(config.model)
     max_len = min(config.scheduler.max_model_len or model_max_len(model), model_max_len(model))
     kv_dtype = kv_cache_dtype(config.cache, device, dtype)
@@ -37,9 +44,13 @@ def build_engine(config: Config) -> BuiltEngine:
     info = model_info(model, tokenizer, name, max_len)
     metrics = EngineMetrics(name)
     allocator = BlockAllocator(num_blocks, config.cache.block_size)
-    scheduler = Scheduler(config.scheduler, allocator, max_len, info.eos_token_ids)
+    scheduler = Scheduler(
+        config.scheduler, allocator, max_len, info.eos_token_ids, config.steering.max_steering_rows
+    )
+    resources = SteeringResources(registry, model, device, config.steering.sae_cache_mb << 20)
+    steering = SteeringRows(config.steering, model, resources, info.vocab_size)
     runner = ModelRunner(
-        model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed
+        model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed, steering
     )
     logger.info(
         "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens (%s)",
@@ -54,4 +65,5 @@ def build_engine(config: Config) -> BuiltEngine:
         config.cache.block_size,
         kv_dtype,
     )
-    return BuiltEngine(EngineCore(scheduler, runner, tokenizer, metrics), info, tokenizer, model, metrics)
+    core = EngineCore(scheduler, runner, tokenizer, metrics)
+    return BuiltEngine(core, info, tokenizer, model, metrics, registry, steering)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from steerserve.runner import cpu_attention
+
 ATTENTION_NAME = "steerserve"
 
 
@@ -34,6 +36,7 @@ class RequestSpan:
 class AttentionMetadata:
     spans: list[RequestSpan]
     slot_mapping: torch.Tensor  # [T] cache row each new token's k/v is written to
+    cpu_plan: cpu_attention.DecodePlan | None = None  # built by the first layer on the CPU kernel path
 
 
 class KVCache:
@@ -73,6 +76,54 @@ def _softcapped_attention(q, k, v, mask, scaling, softcap):
     return torch.matmul(probs, v)
 
 
+def _span_attention(q, k_cache, v_cache, span: RequestSpan, scaling, sliding_window, softcap, gqa):
+    """One request's rows `q` [1, H, q, hd] attended to its cached keys (SDPA, or eager when soft-capped)."""
+    first = 0
+    if sliding_window is not None and span.q_len == 1:
+        first = max(0, span.ctx_len - sliding_window)  # decode: only the window's keys
+    if span.gather_index is None:
+        lo = span.cache_start + first
+        k = k_cache[:, lo : span.cache_start + span.ctx_len].unsqueeze(0)
+        v = v_cache[:, lo : span.cache_start + span.ctx_len].unsqueeze(0)
+    else:
+        idx = span.gather_index[first:]
+        k = k_cache.index_select(1, idx).unsqueeze(0)
+        v = v_cache.index_select(1, idx).unsqueeze(0)
+    mask = None
+    causal = False
+    if span.q_len > 1:
+        if span.q_len == span.ctx_len and sliding_window is None:
+            causal = True
+        else:
+            mask = _span_mask(span, sliding_window, q.device)
+    if softcap is not None:
+        if causal:
+            mask = _span_mask(span, None, q.device)
+        return _softcapped_attention(q, k, v, mask, scaling, softcap)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa
+    )
+
+
+def _kernel_for(query, key, value, k_cache, dropout):
+    """The CPU kernel library when it can run this call, else None (-> the SDPA path)."""
+    if query.device.type != "cpu" or dropout != 0.0:
+        return None
+    codes = cpu_attention.DTYPE_CODES
+    if (
+        query.dtype not in codes
+        or key.dtype not in codes
+        or k_cache.dtype not in codes
+        or value.dtype != key.dtype
+    ):
+        return None
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1 or not k_cache.is_contiguous():
+        return None
+    if query.shape[1] % key.shape[1] != 0:
+        return None
+    return cpu_attention.load()
+
+
 def steerserve_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # [1, H, T, hd]
@@ -91,44 +142,47 @@ def steerserve_attention(
         raise RuntimeError("steerserve attention called without batch metadata: use the ModelRunner")
     layer = module.layer_idx
     k_cache, v_cache = steer_cache.keys[layer], steer_cache.values[layer]  # [H_kv, rows, hd]
+    gqa = query.shape[1] != key.shape[1]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    lib = _kernel_for(query, key, value, k_cache, dropout)
+    if lib is not None:
+        return _kernel_attention(
+            lib, query, key, value, k_cache, v_cache, steer_attn, scaling, sliding_window, softcap
+        )
+
     k_cache.index_copy_(1, steer_attn.slot_mapping, key[0].to(k_cache.dtype))
     v_cache.index_copy_(1, steer_attn.slot_mapping, value[0].to(v_cache.dtype))
-    gqa = query.shape[1] != key.shape[1]
     out_dtype = query.dtype
     query = query.to(k_cache.dtype)  # NOTE: attention runs in the cache's dtype (fp32 on CPU, see config)
-
     outputs = []
     for span in steer_attn.spans:
         q = query[:, :, span.q_start : span.q_start + span.q_len]  # [1, H, q, hd]
-        first = 0
-        if sliding_window is not None and span.q_len == 1:
-            first = max(0, span.ctx_len - sliding_window)  # decode: only the window's keys
-        if span.gather_index is None:
-            lo = span.cache_start + first
-            k = k_cache[:, lo : span.cache_start + span.ctx_len].unsqueeze(0)
-            v = v_cache[:, lo : span.cache_start + span.ctx_len].unsqueeze(0)
-        else:
-            idx = span.gather_index[first:]
-            k = k_cache.index_select(1, idx).unsqueeze(0)
-            v = v_cache.index_select(1, idx).unsqueeze(0)
-        mask = None
-        causal = False
-        if span.q_len > 1:
-            if span.q_len == span.ctx_len and sliding_window is None:
-                causal = True
-            else:
-                mask = _span_mask(span, sliding_window, q.device)
-        if softcap is not None:
-            if causal:
-                mask = _span_mask(span, None, q.device)
-            out = _softcapped_attention(q, k, v, mask, scaling, softcap)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa
-            )
-        outputs.append(out)
+        outputs.append(_span_attention(q, k_cache, v_cache, span, scaling, sliding_window, softcap, gqa))
     attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # [1, H, T, hd]
     return attn.transpose(1, 2).to(out_dtype).contiguous(), None
+
+
+def _kernel_attention(lib, query, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):
+    """CPU: the C++ kernel writes k/v and attends all decode rows in one call; prefill chunks use SDPA."""
+    plan = meta.cpu_plan
+    if plan is None:
+        plan = meta.cpu_plan = cpu_attention.DecodePlan(
+            meta.spans, meta.slot_mapping, query.shape[2], k_cache.shape[1]
+        )
+    cpu_attention.write_kv(lib, key, value, k_cache, v_cache, plan.slots)
+    n_tokens, n_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
+    out = torch.empty(n_tokens, n_heads, head_dim, dtype=query.dtype)  # [T, H, hd]
+    if plan.n:
+        cpu_attention.decode_attention(
+            lib, plan, query, k_cache, v_cache, out, scaling, sliding_window, softcap
+        )
+    gqa = n_heads != key.shape[1]
+    for span in plan.prefill:
+        q = query[:, :, span.q_start : span.q_start + span.q_len].to(k_cache.dtype)  # [1, H, q, hd]
+        res = _span_attention(q, k_cache, v_cache, span, scaling, sliding_window, softcap, gqa)
+        out[span.q_start : span.q_start + span.q_len] = res[0].transpose(0, 1)
+    return out.unsqueeze(0), None
 
 
 def register_attention() -> None:

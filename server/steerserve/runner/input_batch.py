@@ -29,7 +29,8 @@ class CachedRequest:
     generator: torch.Generator | None
     prompt_token_set: frozenset[int]
     output_counts: Counter = field(default_factory=Counter)
-    steering: object | None = None
+    steering: object | None = None  # SteeringSpec
+    row: int = -1  # steering row on the device; -1 = unsteered
 
 
 def new_cached_request(item: ScheduledRequest, device: torch.device, rng: random.Random) -> CachedRequest:
@@ -50,7 +51,7 @@ class ForwardInputs:
     logits_rows: torch.Tensor  # [R] rows of the packed batch whose logits are sampled
     sample_ids: list[str]  # request ids of those rows, in order
     pos_class: torch.Tensor  # [T] int8: 0 prompt token, 1 generated token
-    token_request: list[int]  # [T] -> index into the step's scheduled list (for steering)
+    token_row: torch.Tensor | None  # [T] int64 steering row per token (-1 none); None = nobody steers
     num_tokens: int
 
 
@@ -61,7 +62,10 @@ def _to_device(values, dtype, device) -> torch.Tensor:
     return t
 
 
-def build_forward_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: int, device) -> ForwardInputs:
+def build_forward_inputs(
+    scheduled: tuple[ScheduledRequest, ...], rows: list[int], block_size: int, device
+) -> ForwardInputs:
+    """Pack the step; `rows[k]` is the steering row of scheduled[k] (-1 = unsteered)."""
     ids: list[int] = []
     positions: list[np.ndarray] = []
     slots: list[np.ndarray] = []
@@ -69,8 +73,7 @@ def build_forward_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: in
     logits_rows: list[int] = []
     sample_ids: list[str] = []
     pos_class: list[np.ndarray] = []
-    owner: list[int] = []
-    for k, item in enumerate(scheduled):
+    for item in scheduled:
         n = len(item.token_ids)
         q_start = len(ids)
         ids.extend(item.token_ids)
@@ -79,14 +82,13 @@ def build_forward_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: in
         positions.append(pos)
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         pos_class.append((pos >= item.num_prompt_tokens).astype(np.int8))
-        owner.extend([k] * n)
         ctx = item.start + n
         contiguous = blocks[-1] - blocks[0] + 1 == len(blocks)
         if contiguous:
             spans.append(RequestSpan(q_start, n, ctx, int(blocks[0]) * block_size, None))
         else:
-            rows = (blocks[:, None] * block_size + np.arange(block_size)[None, :]).reshape(-1)[:ctx]
-            spans.append(RequestSpan(q_start, n, ctx, -1, _to_device(rows, torch.int64, device)))
+            cache_rows = (blocks[:, None] * block_size + np.arange(block_size)[None, :]).reshape(-1)[:ctx]
+            spans.append(RequestSpan(q_start, n, ctx, -1, _to_device(cache_rows, torch.int64, device)))
         if item.sample:
             logits_rows.append(q_start + n - 1)
             sample_ids.append(item.request_id)
@@ -97,9 +99,16 @@ def build_forward_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: in
         logits_rows=_to_device(logits_rows, torch.int64, device),
         sample_ids=sample_ids,
         pos_class=_to_device(np.concatenate(pos_class), torch.int8, device),
-        token_request=owner,
+        token_row=_token_rows(scheduled, rows, device),
         num_tokens=len(ids),
     )
+
+
+def _token_rows(scheduled, rows: list[int], device) -> torch.Tensor | None:
+    if all(r < 0 for r in rows):
+        return None
+    counts = [len(item.token_ids) for item in scheduled]
+    return _to_device(np.repeat(np.asarray(rows, dtype=np.int64), counts), torch.int64, device)
 
 
 def _padded(rows: list[list], fill, dtype, device) -> torch.Tensor:
@@ -110,7 +119,8 @@ def _padded(rows: list[list], fill, dtype, device) -> torch.Tensor:
     return _to_device(out, getattr(torch, np.dtype(dtype).name), device)
 
 
-def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device) -> SamplingBatch:
+def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device, dense=None) -> SamplingBatch:
+    """`dense`: (bank [B, V], idx [R, D], scale [R, D]) of feature logit biases, or None."""
     sps = [r.sampling for r in reqs]
     random_rows = [i for i, sp in enumerate(sps) if not sp.greedy]
     temperature = [1.0 if sp.greedy else sp.temperature for sp in sps]
@@ -125,9 +135,15 @@ def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device) -> Sampl
         else:
             penalty_ids.append([])
             penalty_counts.append([])
-    needs_processing = any(
+    needs_processing = dense is not None or any(
         sp.logit_bias or sp.uses_penalties or (not sp.greedy and sp.temperature != 1.0) for sp in sps
     )
+    if dense is None:
+        dense = (
+            torch.zeros((0, vocab), dtype=torch.float32, device=device),
+            torch.full((len(reqs), 0), -1, dtype=torch.int64, device=device),
+            torch.zeros((len(reqs), 0), dtype=torch.float32, device=device),
+        )
     any_top_k = any(sps[i].top_k > 0 for i in random_rows)
     any_top_p = any(sps[i].top_p < 1.0 for i in random_rows)
     any_min_p = any(sps[i].min_p > 0.0 for i in random_rows)
@@ -142,9 +158,9 @@ def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device) -> Sampl
         needs_processing=needs_processing,
         sparse_ids=_padded([[t for t, _ in s] for s in sparse], -1, np.int64, device),
         sparse_bias=_padded([[b for _, b in s] for s in sparse], 0.0, np.float32, device),
-        dense_bank=torch.zeros((0, vocab), dtype=f32, device=device),
-        dense_idx=torch.full((len(reqs), 0), -1, dtype=torch.int64, device=device),
-        dense_scale=torch.zeros((len(reqs), 0), dtype=f32, device=device),
+        dense_bank=dense[0],
+        dense_idx=dense[1],
+        dense_scale=dense[2],
         penalty_ids=_padded(penalty_ids, -1, np.int64, device),
         penalty_counts=_padded(penalty_counts, 0, np.int32, device),
         repetition_penalty=_to_device([sp.repetition_penalty for sp in sps], f32, device),

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 class RunnerOutput:
     sampled: dict[str, int]
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> why it cannot run
 
 
 def _available_memory(device: torch.device) -> int:
@@ -82,7 +83,9 @@ def plan_kv_cache(model, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, max
 
 
 class ModelRunner:
-    def __init__(self, model, device, dtype, num_blocks: int, block_size: int, layout, seed: int = 0):
+    def __init__(
+        self, model, device, dtype, num_blocks: int, block_size: int, layout, seed: int = 0, steering=None
+    ):
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -92,35 +95,63 @@ class ModelRunner:
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequest] = {}
         self._rng = random.Random(seed)
+        self.steering = steering  # SteeringRows, or None when the server cannot steer
+
+    def _admit(self, item) -> CachedRequest:
+        req = new_cached_request(item, self.device, self._rng)
+        if item.steering is not None:
+            if self.steering is None:
+                raise RuntimeError("this server was started without steering support")
+            req.row = self.steering.acquire(item.steering)
+        return req
+
+    def _forget(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and req.row >= 0:
+            self.steering.release(req.steering)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_ids:
-            self.requests.pop(rid, None)
+            self._forget(rid)
+        failed: dict[str, str] = {}
         for item in sched.scheduled:
             if item.request_id not in self.requests:
-                self.requests[item.request_id] = new_cached_request(item, self.device, self._rng)
-        if sched.is_empty:
-            return RunnerOutput({})
+                try:
+                    self.requests[item.request_id] = self._admit(item)
+                except Exception as exc:  # this request cannot run; the batch goes on without it
+                    logger.warning("request %s failed at admission: %s", item.request_id, exc)
+                    failed[item.request_id] = f"{type(exc).__name__}: {exc}"
+        scheduled = tuple(item for item in sched.scheduled if item.request_id not in failed)
+        if not scheduled:
+            return RunnerOutput({}, failed=failed)
 
-        inputs = build_forward_inputs(sched.scheduled, self.block_size, self.device)
-        out = self.model(
-            input_ids=inputs.input_ids,
-            position_ids=inputs.position_ids,
-            logits_to_keep=inputs.logits_rows,
-            use_cache=False,
-            steer_attn=inputs.attn,
-            steer_cache=self.kv_cache,
-        )
+        rows = [self.requests[item.request_id].row for item in scheduled]
+        inputs = build_forward_inputs(scheduled, rows, self.block_size, self.device)
+        if self.steering is not None:
+            self.steering.begin_step(inputs.token_row, inputs.pos_class)
+        try:
+            out = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                logits_to_keep=inputs.logits_rows,
+                use_cache=False,
+                steer_attn=inputs.attn,
+                steer_cache=self.kv_cache,
+            )
+        finally:
+            if self.steering is not None:
+                self.steering.end_step()
         if not inputs.sample_ids:
-            return RunnerOutput({})
+            return RunnerOutput({}, failed=failed)
         logits = out.logits[0]  # [R, V]
         reqs = [self.requests[rid] for rid in inputs.sample_ids]
-        batch = build_sampling_batch(reqs, self.vocab_size, self.device)
+        dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
+        batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
         result = self.sampler(logits, batch)
-        return self._to_host(reqs, result)
+        return self._to_host(reqs, result, failed)
 
-    def _to_host(self, reqs: list[CachedRequest], result) -> RunnerOutput:
+    def _to_host(self, reqs: list[CachedRequest], result, failed: dict[str, str]) -> RunnerOutput:
         tokens = result.token_ids.tolist()  # the one host-device sync of the step
         sampled = {}
         for req, tok in zip(reqs, tokens, strict=True):
@@ -128,7 +159,7 @@ class ModelRunner:
             if req.sampling.uses_penalties:
                 req.output_counts[tok] += 1
         if result.logprobs is None:
-            return RunnerOutput(sampled)
+            return RunnerOutput(sampled, failed=failed)
         chosen = result.logprobs.tolist()
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
         top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
@@ -139,4 +170,4 @@ class ModelRunner:
                 continue
             top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if k and top_ids else ()
             logprobs[req.request_id] = TokenLogprob(tok, chosen[i], top)
-        return RunnerOutput(sampled, logprobs)
+        return RunnerOutput(sampled, logprobs, failed)

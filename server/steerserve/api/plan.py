@@ -1,0 +1,83 @@
+"""Planning one generation call: model/variant resolution, steering compilation, and the fan-out of
+prompts x n choices (plus unsteered twins) into GenerationRequests."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from steerserve.api.convert import bad, check_model, child_seed, sampling_params
+from steerserve.api.protocol import SamplingFields
+from steerserve.engine.types import GenerationRequest
+from steerserve.steering.compile import compile_steering
+from steerserve.steering.spec import SteeringSpec
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    requests: list[GenerationRequest]
+    num_steered: int  # choices [0, num_steered) carry the steering; the rest are unsteered twins
+    steering: SteeringSpec | None
+
+    def is_twin(self, index: int) -> bool:
+        return self.steering is not None and index >= self.num_steered
+
+    def choice_extra(self, index: int) -> dict:
+        """Extra keys of choice `index`: `steered` whenever the call carries steering."""
+        if self.steering is None:
+            return {}
+        return {"steered": not self.is_twin(index)}
+
+    def response_extra(self) -> dict:
+        return {} if self.steering is None else {"steering": self.steering.summary()}
+
+
+def resolve_variant(body: SamplingFields, model_name: str) -> str | None:
+    """`model="<model>:<variant>"` or the `variant` field; both naming different variants is a 400."""
+    from_model = None
+    if body.model and body.model != model_name and body.model.startswith(model_name + ":"):
+        from_model = body.model[len(model_name) + 1 :]
+    if from_model and body.variant and from_model != body.variant:
+        raise bad(f"model names variant {from_model!r} but variant is {body.variant!r}", "variant")
+    return body.variant or from_model
+
+
+async def plan_call(
+    request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens, logprobs, call_id: str
+) -> CallPlan:
+    state = request.app.state
+    info = state.model_info
+    variant = resolve_variant(body, info.name)
+    check_model(body.model if variant is None or body.model == info.name else info.name, info)
+    spec = None
+    if body.steering or body.feature_logit_bias or variant:
+        spec = await run_in_threadpool(
+            compile_steering, state.registry, info, state.config.steering, body.steering,
+            body.feature_logit_bias, variant,
+        )  # fmt: skip
+    twins = body.return_unsteered and spec is not None
+    seed = body.seed
+    if twins and seed is None:  # the twin must draw the same random numbers as the steered choice
+        seed = random.getrandbits(63)
+    now = time.monotonic()
+    steered, unsteered = [], []
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            index = p * body.n + i
+            sp = sampling_params(
+                body,
+                prompt_len=len(ids),
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                info=info,
+                limits=state.config.limits,
+                seed=child_seed(seed, index) if body.n > 1 else seed,
+            )
+            steered.append(GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, spec, now))
+            if twins:
+                unsteered.append(GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now))
+    return CallPlan(steered + unsteered, len(steered), spec)

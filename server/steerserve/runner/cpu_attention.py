@@ -1,0 +1,269 @@
+"""The CPU decode-attention kernel (csrc/cpu_attention.cpp): build, load, and call it with ctypes.
+
+One call attends every decode row of a step (all requests, all heads) for one layer, reading each
+request's keys in place from the `[n_kv_heads, rows, head_dim]` cache (a start row when its blocks are
+contiguous, a row index when fragmented); a second call writes the step's new keys and values into
+the cache. fp32 and bf16 queries and caches; GQA, sliding window and soft-capping.
+
+The library is plain C ABI (no torch headers), compiled on first use with the system C++ compiler
+(`-O3 -march=native -fopenmp`, about 1-2 s) into a per-machine cache directory, keyed by a hash of the
+source, the flags, the compiler and the CPU, so a machine compiles it once:
+`$STEERSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/steerserve/kernels`, else `~/.cache/steerserve/kernels`.
+When the build or load fails (no compiler, odd CPU), `load()` returns None once with a warning and
+attention stays on PyTorch SDPA. `STEERSERVE_CPU_ATTENTION=0` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+ABI_VERSION = 1
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+_COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None once tried
+
+
+class DecodeArgs(ctypes.Structure):
+    """Mirror of `DecodeArgs` in the C++ source (element strides)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("q_row", ctypes.c_int64),
+        ("q_head", ctypes.c_int64),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("cache_head", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("out_row", ctypes.c_int64),
+        ("out_head", ctypes.c_int64),
+        ("q_rows", ctypes.c_void_p),
+        ("ctx_lens", ctypes.c_void_p),
+        ("starts", ctypes.c_void_p),
+        ("gather", ctypes.c_void_p),
+        ("rows", ctypes.c_void_p),
+        ("n_req", ctypes.c_int64),
+        ("n_heads", ctypes.c_int64),
+        ("n_kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("window", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("softcap", ctypes.c_float),
+        ("q_dtype", ctypes.c_int32),
+        ("kv_dtype", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32),
+    ]
+
+
+class WriteArgs(ctypes.Structure):
+    """Mirror of `WriteArgs` in the C++ source."""
+
+    _fields_ = [
+        ("key", ctypes.c_void_p),
+        ("value", ctypes.c_void_p),
+        ("k_head", ctypes.c_int64),
+        ("k_row", ctypes.c_int64),
+        ("v_head", ctypes.c_int64),
+        ("v_row", ctypes.c_int64),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("cache_head", ctypes.c_int64),
+        ("slots", ctypes.c_void_p),
+        ("n_tokens", ctypes.c_int64),
+        ("n_kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("src_dtype", ctypes.c_int32),
+        ("kv_dtype", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32),
+    ]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("STEERSERVE_KERNEL_CACHE"):
+        return Path(os.environ["STEERSERVE_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "steerserve" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: -march=native code must not run on another CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cxx: str) -> Path:
+    src = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join(
+                [src, " ".join(flags + _COMMON_FLAGS).encode(), version.encode(), _cpu_signature().encode()]
+            )
+        ).hexdigest()[:16]
+        out = cache_dir() / f"cpu_attention_{key}.so"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # NOTE: build into a temp file and rename: concurrent builders never see a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [cxx, *flags, *_COMMON_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode == 0:
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, out)
+            logger.info("built %s in %.1f s", out, time.perf_counter() - t0)
+            return out
+        os.unlink(tmp)
+        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-2000:]}")
+    raise RuntimeError("compilation failed:\n" + "\n".join(errors))
+
+
+def _open(path: Path):
+    lib = ctypes.CDLL(str(path))
+    if lib.ss_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path}: ABI version {lib.ss_abi_version()} != {ABI_VERSION}")
+    lib.ss_decode_attention.argtypes = [ctypes.POINTER(DecodeArgs)]
+    lib.ss_write_kv.argtypes = [ctypes.POINTER(WriteArgs)]
+    return lib
+
+
+def load():
+    """The kernel library (built on first use), or None when it cannot be had on this machine."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _try_load()
+    return _state["lib"]
+
+
+def _try_load():
+    if os.environ.get("STEERSERVE_CPU_ATTENTION", "1") == "0":
+        return None
+    if platform.system() != "Linux":
+        logger.info("CPU attention kernel: only built on Linux; using SDPA")
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        logger.warning("CPU attention kernel: no C++ compiler found (set CXX); using SDPA")
+        return None
+    try:
+        return _open(_build(cxx))
+    except Exception as exc:  # any failure means SDPA, never a dead server
+        logger.warning("CPU attention kernel unavailable, using SDPA: %s", exc)
+        return None
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodePlan:
+    """The step's decode rows as the kernel's arrays; built once per forward, reused by every layer.
+
+    NOTE: the kernel trusts these indices, so they are bounds-checked here, once per step.
+    """
+
+    def __init__(self, spans, slot_mapping: torch.Tensor, n_tokens: int, cache_rows: int):
+        self.slots = slot_mapping.to(torch.int64).contiguous()  # [T]
+        if self.slots.numel() != n_tokens or (
+            n_tokens and not (int(self.slots.min()) >= 0 and int(self.slots.max()) < cache_rows)
+        ):
+            raise ValueError(f"slot mapping out of range for {n_tokens} tokens and {cache_rows} cache rows")
+        decode = [s for s in spans if s.q_len == 1]
+        self.prefill = [s for s in spans if s.q_len != 1]
+        self.n = len(decode)
+        gathered, offsets, total = [], [], 0
+        for s in decode:
+            if not (0 <= s.q_start < n_tokens and s.ctx_len >= 1):
+                raise ValueError(f"bad decode span {s}")
+            if s.gather_index is None:
+                if not (s.cache_start >= 0 and s.cache_start + s.ctx_len <= cache_rows):
+                    raise ValueError(f"decode span outside the cache: {s}")
+                offsets.append(-1)
+            else:
+                idx = s.gather_index.to(torch.int64)
+                if idx.numel() < s.ctx_len or not (int(idx.min()) >= 0 and int(idx.max()) < cache_rows):
+                    raise ValueError(f"gather index outside the cache: {s}")
+                offsets.append(total)
+                gathered.append(idx)
+                total += idx.numel()
+        cols = [[s.q_start for s in decode], [s.ctx_len for s in decode], [s.cache_start for s in decode]]
+        self.meta = torch.tensor([*cols, offsets], dtype=torch.int64).reshape(4, -1)  # [4, n]
+        self.rows = torch.cat(gathered) if gathered else None
+        self.args = DecodeArgs()
+        base, step = self.meta.data_ptr(), self.meta.stride(0) * 8
+        self.args.q_rows, self.args.ctx_lens = base, base + step
+        self.args.starts, self.args.gather = base + 2 * step, base + 3 * step
+        self.args.rows = _ptr(self.rows)
+        self.args.n_req = self.n
+
+
+def write_kv(lib, key, value, k_cache, v_cache, slots) -> None:
+    """k_cache[:, slots[t]] = key[0, :, t] (and values), converting to the cache's dtype."""
+    a = WriteArgs()
+    k, v = key[0], value[0]  # [H_kv, T, hd]
+    a.key, a.value = k.data_ptr(), v.data_ptr()
+    a.k_head, a.k_row, a.v_head, a.v_row = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+    a.k_cache, a.v_cache, a.cache_head = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0)
+    a.slots = slots.data_ptr()
+    a.n_tokens, a.n_kv_heads, a.head_dim = k.shape[1], k.shape[0], k.shape[2]
+    a.src_dtype, a.kv_dtype = DTYPE_CODES[key.dtype], DTYPE_CODES[k_cache.dtype]
+    a.n_threads = torch.get_num_threads()
+    if lib.ss_write_kv(ctypes.byref(a)) != 0:
+        raise RuntimeError("ss_write_kv: unsupported dtypes")
+
+
+def decode_attention(lib, plan: DecodePlan, query, k_cache, v_cache, out, scale, window, softcap) -> None:
+    """out[q_row] = attention of each decode row over its cached keys; query [1, H, T, hd], out [T, H, hd]."""
+    a = plan.args
+    q = query[0]  # [H, T, hd]
+    a.q, a.q_row, a.q_head = q.data_ptr(), q.stride(1), q.stride(0)
+    a.k_cache, a.v_cache, a.cache_head = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0)
+    a.out, a.out_row, a.out_head = out.data_ptr(), out.stride(0), out.stride(1)
+    a.n_heads, a.n_kv_heads, a.head_dim = q.shape[0], k_cache.shape[0], q.shape[2]
+    a.window = window or 0
+    a.scale, a.softcap = scale, softcap or 0.0
+    a.q_dtype, a.kv_dtype = DTYPE_CODES[query.dtype], DTYPE_CODES[k_cache.dtype]
+    a.n_threads = torch.get_num_threads()
+    if lib.ss_decode_attention(ctypes.byref(a)) != 0:
+        raise RuntimeError("ss_decode_attention: unsupported dtypes")

@@ -1,0 +1,145 @@
+"""Device banks of one site: what each steering row does there, laid out for the kernels.
+
+Slots: each row has two slots, `2 * row + pos_class` (0 prompt token, 1 generated token), so an
+intervention limited to prompt or generated positions lives only in that slot, and a token's slot is
+known from its row and position class. At one site, in order:
+  1. SAE feature edits (clamp / scale / ablate), one `sae_edit` call per SAE used there;
+  2. projections / clamps along vector directions (`project_clamp`);
+  3. additive steering, summed per slot at admission (`steer_add`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import steerkernels
+from steerserve.registry import SAEWeights
+
+_EDIT_MODE = {"feature_clamp": 0, "feature_scale": 1, "feature_ablate": 2}
+
+
+def slots_for(row: int, positions: str) -> tuple[int, ...]:
+    if positions == "prompt":
+        return (2 * row,)
+    if positions == "generated":
+        return (2 * row + 1,)
+    return (2 * row, 2 * row + 1)
+
+
+class SAEEdits:
+    """Feature edits of one SAE at one site: `[2R, F]` padded index tensors."""
+
+    def __init__(self, weights: SAEWeights, num_slots: int, width: int, device):
+        self.weights = weights
+        self.refs = 0  # rows using this SAE here
+        self.feat_idx = torch.full((num_slots, width), -1, dtype=torch.int64, device=device)
+        self.mode = torch.zeros((num_slots, width), dtype=torch.int8, device=device)
+        self.value = torch.zeros((num_slots, width), dtype=torch.float32, device=device)
+        self.count = [0] * num_slots
+        self.has_row = torch.zeros(num_slots // 2, dtype=torch.bool, device=device)
+
+    def add(self, slot: int, index: int, kind: str, value: float) -> None:
+        k = self.count[slot]
+        if k >= self.feat_idx.shape[1]:
+            raise ValueError(f"more than {self.feat_idx.shape[1]} feature edits of one SAE at one site")
+        self.feat_idx[slot, k], self.mode[slot, k], self.value[slot, k] = index, _EDIT_MODE[kind], value
+        self.count[slot] = k + 1
+
+    def clear_row(self, row: int) -> None:
+        for slot in (2 * row, 2 * row + 1):
+            self.feat_idx[slot].fill_(-1)
+            self.count[slot] = 0
+
+    def apply(self, h: torch.Tensor, slots: torch.Tensor) -> None:
+        w = self.weights
+        steerkernels.sae_edit(
+            h, slots, self.feat_idx, w.W_enc, w.b_enc, w.W_dec, w.b_dec,
+            w.threshold if w.architecture == "jumprelu" else None,
+            w.apply_b_dec_to_input, self.mode, self.value, None, validate=False,
+        )  # fmt: skip
+
+
+class SiteBank:
+    """Everything the rows do at one site."""
+
+    def __init__(self, num_rows: int, d: int, cfg, device):
+        s = 2 * num_rows
+        self.device = device
+        self.cfg = cfg
+        self.add = torch.zeros((s, d), dtype=torch.float32, device=device)  # [2R, d]
+        self.has_add = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        self.dirs = torch.zeros((s, cfg.max_project_dirs, d), dtype=torch.float32, device=device)
+        self.lo = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
+        self.hi = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
+        self.dir_count = torch.zeros(s, dtype=torch.int32, device=device)
+        self.has_proj = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        self.edits: dict[str, SAEEdits] = {}  # sae uid -> edits
+        self.add_rows: set[int] = set()  # host mirrors of has_add / has_proj: skip idle kernels
+        self.proj_rows: set[int] = set()
+        self.proj_count = [0] * s
+
+    @property
+    def idle(self) -> bool:
+        return not (self.add_rows or self.proj_rows or self.edits)
+
+    def add_vector(self, row: int, positions: str, vec: torch.Tensor) -> None:
+        for slot in slots_for(row, positions):
+            self.add[slot] += vec
+        self.has_add[row] = True
+        self.add_rows.add(row)
+
+    def add_projection(self, row: int, positions: str, unit: torch.Tensor, lo: float, hi: float) -> None:
+        for slot in slots_for(row, positions):
+            k = self.proj_count[slot]
+            if k >= self.dirs.shape[1]:
+                raise ValueError(f"more than {self.dirs.shape[1]} projection directions at one site")
+            self.dirs[slot, k], self.lo[slot, k], self.hi[slot, k] = unit, lo, hi
+            self.proj_count[slot] = k + 1
+            self.dir_count[slot] = k + 1
+        self.has_proj[row] = True
+        self.proj_rows.add(row)
+
+    def add_edit(
+        self, row: int, positions: str, uid: str, weights, index: int, kind: str, value: float
+    ) -> None:
+        edits = self.edits.get(uid)
+        if edits is None:
+            edits = self.edits[uid] = SAEEdits(
+                weights, self.add.shape[0], self.cfg.max_feature_edits, self.device
+            )
+        if not bool(edits.has_row[row]):
+            edits.refs += 1
+            edits.has_row[row] = True
+        for slot in slots_for(row, positions):
+            edits.add(slot, index, kind, value)
+
+    def clear_row(self, row: int) -> None:
+        self.add[2 * row : 2 * row + 2].zero_()
+        self.has_add[row] = False
+        self.dir_count[2 * row : 2 * row + 2] = 0
+        self.proj_count[2 * row] = self.proj_count[2 * row + 1] = 0
+        self.has_proj[row] = False
+        self.add_rows.discard(row)
+        self.proj_rows.discard(row)
+        for uid, edits in list(self.edits.items()):
+            if bool(edits.has_row[row]):
+                edits.clear_row(row)
+                edits.has_row[row] = False
+                edits.refs -= 1
+                if edits.refs == 0:
+                    del self.edits[uid]
+
+    def apply(self, h: torch.Tensor, token_row: torch.Tensor, token_slot: torch.Tensor) -> None:
+        """Edit `h` [T, d] in place for the tokens whose rows act here (token_slot -1 = none)."""
+        steered = token_row >= 0
+        safe_row = token_row.clamp(min=0)
+        for edits in self.edits.values():
+            edits.apply(h, torch.where(steered & edits.has_row[safe_row], token_slot, -1))
+        if self.proj_rows:
+            slots = torch.where(steered & self.has_proj[safe_row], token_slot, -1)
+            steerkernels.project_clamp(
+                h, slots, self.dirs, self.lo, self.hi, self.dir_count, None, validate=False
+            )
+        if self.add_rows:
+            slots = torch.where(steered & self.has_add[safe_row], token_slot, -1)
+            steerkernels.steer_add(h, slots, self.add, None, validate=False)

@@ -1,0 +1,232 @@
+"""Request JSON (`steering`, `feature_logit_bias`, `variant`) -> a validated SteeringSpec.
+
+Every check that needs the registry or the model happens here, so nothing invalid reaches the device:
+SAE / vector / variant exist (404), fit the served model (d_in, site), feature index < d_sae, numbers
+finite and within caps, `scale: max_activation` only where the feature has one. Errors name the
+offending field: `steering[2].feature.index`. Blocking (registry reads): call it from a thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+from steerserve.api.errors import APIError
+from steerserve.config import SteeringConfig
+from steerserve.engine.types import ModelInfo
+from steerserve.registry import NotFound, Registry
+from steerserve.sites import Site
+from steerserve.steering.spec import POSITIONS, Intervention, LogitBiasTerm, SAERef, SteeringSpec
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_steering")
+
+
+class _Compiler:
+    def __init__(self, registry: Registry, info: ModelInfo, limits: SteeringConfig):
+        self.registry = registry
+        self.info = info
+        self.limits = limits
+        self._saes: dict[str, object] = {}
+
+    # -- shared pieces ------------------------------------------------------------------------
+    def number(self, item: dict, key: str, param: str, default=None, lo=None) -> float:
+        value = item.get(key, default)
+        if value is None:
+            raise _bad(f"{param}.{key}", "is required")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(f"{param}.{key}", f"must be a number, got {value!r}")
+        value = float(value)
+        cap = self.limits.max_abs_value
+        if not math.isfinite(value) or abs(value) > cap:
+            raise _bad(f"{param}.{key}", f"must be finite with |value| <= {cap:g}, got {value!r}")
+        if lo is not None and value < lo:
+            raise _bad(f"{param}.{key}", f"must be >= {lo:g}, got {value!r}")
+        return value
+
+    def sae(self, ref: object, param: str) -> tuple[object, int]:
+        if not isinstance(ref, dict) or not isinstance(ref.get("sae"), str):
+            raise _bad(param, 'must be {"sae": "<sae id>", "index": <int>}')
+        sae_id, index = ref["sae"], ref.get("index")
+        if sae_id not in self._saes:
+            try:
+                record = self.registry.get_sae(sae_id)
+            except NotFound:
+                raise APIError(
+                    404, f"{param}.sae: SAE {sae_id!r} does not exist", f"{param}.sae", "sae_not_found"
+                ) from None
+            if record.d_in != self.info.d_model:
+                raise _bad(
+                    f"{param}.sae",
+                    f"SAE {sae_id!r} has d_in {record.d_in}; the model has d_model {self.info.d_model}",
+                )
+            if record.site.layer >= self.info.n_layers:
+                raise _bad(
+                    f"{param}.sae",
+                    f"SAE {sae_id!r} acts at layer {record.site.layer}; the model has {self.info.n_layers}",
+                )
+            self._saes[sae_id] = record
+        record = self._saes[sae_id]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < record.d_sae:
+            raise _bad(
+                f"{param}.index",
+                f"must be an integer in [0, {record.d_sae}) for SAE {sae_id!r}, got {index!r}",
+            )
+        return record, index
+
+    def positions(self, item: dict, param: str) -> str:
+        pos = item.get("positions", "all")
+        if pos not in POSITIONS:
+            raise _bad(f"{param}.positions", f"must be one of {', '.join(POSITIONS)}, got {pos!r}")
+        return pos
+
+    # -- interventions ------------------------------------------------------------------------
+    def intervention(self, item: object, param: str) -> list[Intervention]:
+        if not isinstance(item, dict):
+            raise _bad(param, "must be an object")
+        has_feature, has_vector = "feature" in item, "vector" in item
+        if has_feature == has_vector:
+            raise _bad(param, 'needs exactly one of "feature" or "vector"')
+        mode = item.get("mode")
+        if has_feature:
+            return [self.feature_intervention(item, mode, param)]
+        return self.vector_interventions(item, mode, param)
+
+    def feature_intervention(self, item: dict, mode: object, param: str) -> Intervention:
+        record, index = self.sae(item["feature"], f"{param}.feature")
+        common = dict(
+            site=record.site,
+            positions=self.positions(item, param),
+            sae=SAERef(record.id, record.uid),
+            index=index,
+            source=param,
+        )
+        if mode == "add":
+            scale = item.get("scale", "raw")
+            if scale not in ("raw", "unit", "max_activation"):
+                raise _bad(f"{param}.scale", f"must be raw, unit or max_activation, got {scale!r}")
+            max_act = None
+            if scale == "max_activation":
+                max_act = self.registry.get_feature(record.id, index).max_activation
+                if max_act is None:
+                    raise _bad(
+                        f"{param}.scale",
+                        f"feature {index} of SAE {record.id!r} has no recorded max activation",
+                    )
+            return Intervention(
+                "feature_add",
+                value=self.number(item, "strength", param),
+                scale=scale,
+                max_activation=max_act,
+                **common,
+            )
+        if mode == "clamp":
+            return Intervention("feature_clamp", value=self.number(item, "value", param), **common)
+        if mode == "scale":
+            return Intervention("feature_scale", value=self.number(item, "factor", param), **common)
+        if mode == "ablate":
+            to = item.get("to", "zero")
+            if to == "mean":
+                raise _bad(
+                    f"{param}.to", f'SAE {record.id!r} has no recorded mean activations; use "to": "zero"'
+                )
+            if to not in ("zero", 0, 0.0):
+                raise _bad(f"{param}.to", f'must be "zero" or "mean", got {to!r}')
+            return Intervention("feature_ablate", value=0.0, **common)
+        raise _bad(f"{param}.mode", f"must be add, clamp, scale or ablate for a feature, got {mode!r}")
+
+    def vector_interventions(self, item: dict, mode: object, param: str) -> list[Intervention]:
+        vector_id = item["vector"]
+        if not isinstance(vector_id, str):
+            raise _bad(f"{param}.vector", f"must be a vector id, got {vector_id!r}")
+        try:
+            record = self.registry.get_vector(vector_id)
+        except NotFound:
+            raise APIError(
+                404,
+                f"{param}.vector: vector {vector_id!r} does not exist",
+                f"{param}.vector",
+                "vector_not_found",
+            ) from None
+        if record.d != self.info.d_model:
+            raise _bad(
+                f"{param}.vector",
+                f"vector {vector_id!r} has d {record.d}; the model has d_model {self.info.d_model}",
+            )
+        sites: list[Site] = sorted(record.norms)
+        for site in sites:
+            if site.layer >= self.info.n_layers:
+                raise _bad(
+                    f"{param}.vector",
+                    f"vector {vector_id!r} acts at layer {site.layer}; the model has {self.info.n_layers}",
+                )
+        positions = self.positions(item, param)
+        common = dict(positions=positions, vector_id=record.id, vector_uid=record.uid, source=param)
+        if mode == "add":
+            strength = self.number(item, "strength", param)
+            return [Intervention("vector_add", site=s, value=strength, **common) for s in sites]
+        if mode in ("project_out", "clamp"):
+            if any(record.norms[s] == 0.0 for s in sites):
+                raise _bad(f"{param}.vector", f"vector {vector_id!r} is zero at a site: it has no direction")
+            lo = hi = 0.0
+            if mode == "clamp":
+                lo, hi = self.number(item, "min", param), self.number(item, "max", param)
+                if lo > hi:
+                    raise _bad(f"{param}.min", f"min {lo:g} is above max {hi:g}")
+            return [Intervention("vector_project", site=s, lo=lo, hi=hi, **common) for s in sites]
+        raise _bad(f"{param}.mode", f"must be add, project_out or clamp for a vector, got {mode!r}")
+
+    def logit_bias(self, item: object, param: str) -> LogitBiasTerm:
+        if not isinstance(item, dict):
+            raise _bad(param, 'must be {"feature": {...}, "strength": float}')
+        record, index = self.sae(item.get("feature"), f"{param}.feature")
+        return LogitBiasTerm(
+            SAERef(record.id, record.uid), index, self.number(item, "strength", param), param
+        )
+
+    def items(self, steering: list, biases: list, prefix: str = "") -> tuple[list, list]:
+        interventions = [
+            iv
+            for i, item in enumerate(steering or [])
+            for iv in self.intervention(item, f"{prefix}steering[{i}]")
+        ]
+        terms = [
+            self.logit_bias(item, f"{prefix}feature_logit_bias[{i}]") for i, item in enumerate(biases or [])
+        ]
+        return interventions, terms
+
+
+def compile_steering(
+    registry: Registry,
+    info: ModelInfo,
+    limits: SteeringConfig,
+    steering: list | None,
+    feature_logit_bias: list | None,
+    variant: str | None,
+) -> SteeringSpec | None:
+    """The request's SteeringSpec (the variant's items first, then the request's); None when empty."""
+    c = _Compiler(registry, info, limits)
+    interventions, terms = [], []
+    if variant is not None:
+        try:
+            spec = registry.get_variant(variant).spec
+        except NotFound:
+            raise APIError(
+                404, f"variant {variant!r} does not exist", "variant", "variant_not_found"
+            ) from None
+        interventions, terms = c.items(
+            spec.get("steering"), spec.get("feature_logit_bias"), f"variant:{variant}."
+        )
+    more, more_terms = c.items(steering, feature_logit_bias)
+    interventions += more
+    terms += more_terms
+    if len(interventions) > limits.max_interventions:
+        raise _bad(
+            "steering",
+            f"{len(interventions)} interventions (after expanding vectors per site); at most {limits.max_interventions}",
+        )
+    if len(terms) > limits.max_logit_bias_features:
+        raise _bad("feature_logit_bias", f"{len(terms)} features; at most {limits.max_logit_bias_features}")
+    if not interventions and not terms:
+        return None
+    return SteeringSpec.build(interventions, terms, variant)

@@ -1,0 +1,70 @@
+"""What steering rows are built from: SAE weights and vectors on the device, and feature logit effects.
+
+A feature's direct logit effect is its decoder direction read out the way the model reads its residual
+stream: through the final norm and the unembedding, `U(N(W_dec[f]) - N(0))` with U the unembedding
+without bias (`lm_head(x) - lm_head(0)`). For LayerNorm that is `W_U (g * (d - mean d) / std d)`, for
+RMSNorm `W_U (g * d / rms d)`: the logits that direction adds when it dominates the residual. Effects are
+computed once per (SAE, feature) and cached in the registry's blob store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steerserve.registry import DeviceSAECache, Registry, SAEWeights
+from steerserve.sites import Site
+from steerserve.steering.spec import SAERef
+
+
+class SteeringResourceError(RuntimeError):
+    """An item a request was compiled against changed or vanished before it ran."""
+
+
+def final_norm(model) -> torch.nn.Module:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+
+
+class SteeringResources:
+    def __init__(self, registry: Registry, model, device: torch.device, sae_cache_bytes: int):
+        self.registry = registry
+        self.model = model
+        self.device = device
+        self.saes = DeviceSAECache(registry, device, sae_cache_bytes, dtype=torch.float32)
+
+    def sae(self, ref: SAERef) -> SAEWeights:
+        record = self.registry.get_sae(ref.id)
+        if record.uid != ref.uid:
+            raise SteeringResourceError(f"SAE {ref.id!r} was replaced after this request was validated")
+        return self.saes.get(ref.id)
+
+    def vector(self, vector_id: str, uid: str, site: Site) -> torch.Tensor:
+        record, vec = self.registry.load_vector(vector_id)
+        if record.uid != uid:
+            raise SteeringResourceError(f"vector {vector_id!r} was replaced after this request was validated")
+        return vec.directions[site].to(self.device, torch.float32)  # [d]
+
+    @torch.inference_mode()
+    def logit_effect(self, ref: SAERef, index: int) -> torch.Tensor:
+        """[V] fp32: the logits feature `index` of SAE `ref` writes directly."""
+        key = f"logit_effect:{ref.uid}:{index}"
+        cached = self.registry.get_cached(key)
+        if cached is not None:
+            return cached["effect"].to(self.device, torch.float32)
+        direction = self.sae(ref).W_dec[index]  # [d]
+        effect = self.readout(direction[None])[0]
+        self.registry.put_cached(key, {"effect": effect.cpu().contiguous()}, owner=f"sae:{ref.id}")
+        return effect
+
+    def readout(self, directions: torch.Tensor) -> torch.Tensor:
+        """[n, d] directions -> [n, V] logits through the final norm and the unembedding (no biases)."""
+        norm, head = final_norm(self.model), self.model.get_output_embeddings()
+        dtype = head.weight.dtype
+        x = directions.to(dtype)
+        zero = torch.zeros_like(x[:1])
+        normed = norm(x) - norm(zero)
+        return (head(normed) - head(zero)).float()
