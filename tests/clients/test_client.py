@@ -173,3 +173,25 @@ def test_errors_are_typed_with_the_server_fields(client):
         client.get_feature("no-such-sae", 0)
     with pytest.raises(BadRequestError):
         client.upload_sae(cfg=json.loads(json.dumps(sae_cfg(d_sae=8))), weights=sae_state(), id="c-shape")
+
+
+def test_steered_generation_through_the_client(client, sae_dir):
+    client.upload_sae(sae_dir, id="c-steer")
+    push = Steering.feature("c-steer", 3).add(50.0, scale="unit")
+    zero = client.generate("The weather is", max_tokens=4, steering=[Steering.feature("c-steer", 3).add(0.0)],
+                           return_unsteered=True, **GREEDY)  # fmt: skip
+    assert zero["text"] == zero["unsteered"]["text"]  # steering 0 = none
+    out = client.generate("The weather is", max_tokens=4, steering=[push], return_unsteered=True, **GREEDY)
+    assert out["token_ids"] != out["unsteered"]["token_ids"]
+    assert [c["steered"] for c in out["choices"]] == [True, False]
+    client.create_variant("c-push", steering=[push])
+    assert f"{MODEL}:c-push" in [m["id"] for m in client.models()]
+    by_model = client.completions("The weather is", model=f"{MODEL}:c-push", max_tokens=4, **GREEDY)
+    by_field = client.completions("The weather is", variant="c-push", max_tokens=4, **GREEDY)
+    plain = client.completions("The weather is", max_tokens=4, **GREEDY)
+    assert by_model["choices"][0]["text"] == by_field["choices"][0]["text"] != plain["choices"][0]["text"]
+    events = list(client.chat_stream("hi", steering=[push], max_tokens=2, **GREEDY))
+    assert events and all(e["object"] == "chat.completion.chunk" for e in events)
+    with pytest.raises(NotFoundError) as info:
+        client.generate("x", max_tokens=1, steering=[Steering.feature("no-such-sae", 0).add(1.0)])
+    assert info.value.param.startswith("steering[0]")

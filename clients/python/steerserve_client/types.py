@@ -13,7 +13,9 @@ class Usage(TypedDict, total=False):
 
 
 class GenerateResponse(TypedDict, total=False):
-    """`POST /generate`; `choices` only when n > 1 (or with `return_unsteered`)."""
+    """`POST /generate`; `choices` only when n > 1 or with `return_unsteered` (then `unsteered` holds
+    the twin of the first choice, and each choice says whether it was `steered`); `steering` echoes
+    what the server compiled the request's steering to."""
 
     text: str
     token_ids: list[int]
@@ -21,6 +23,8 @@ class GenerateResponse(TypedDict, total=False):
     usage: Usage
     logprobs: list[dict[str, Any]]
     choices: list[dict[str, Any]]
+    unsteered: dict[str, Any]
+    steering: dict[str, Any]
 
 
 class GenerateEvent(TypedDict, total=False):
@@ -32,6 +36,7 @@ class GenerateEvent(TypedDict, total=False):
     finish_reason: str
     usage: Usage
     logprobs: list[dict[str, Any]]
+    steered: bool
 
 
 class SAEInfo(TypedDict, total=False):
