@@ -29,6 +29,16 @@ def random_sae(d: int, site: Site, seed: int, jumprelu: bool = False) -> SAEWeig
     )
 
 
+def tied_sae(d: int, site: Site, seed: int) -> SAEWeights:
+    """Feature 5 reads exactly what it writes (W_enc[:, 5] . W_dec[5] = 1) and is always active, as in
+    a well-trained SAE's live feature: clamping it sets its re-measured activation exactly."""
+    w = random_sae(d, site, seed)
+    W_enc, b_enc = w.W_enc.clone(), w.b_enc.clone()
+    W_enc[:, 5] = w.W_dec[5] / w.W_dec[5].pow(2).sum()
+    b_enc[5] = 50.0
+    return SAEWeights(W_enc, b_enc, w.W_dec, w.b_dec, "relu", site)
+
+
 class SteeringWorld:
     """An engine plus the SAEs/vectors it can steer with, and the same tensors for the reference."""
 
@@ -41,6 +51,7 @@ class SteeringWorld:
         self.saes = {
             "post0": random_sae(d, Site(0, "resid_post"), 1),
             "pre1": random_sae(d, Site(1, "resid_pre"), 2, jumprelu=True),
+            "tied": tied_sae(d, Site(1, "resid_pre"), 4),
         }
         for sae_id, w in self.saes.items():
             reg.add_sae(w, sae_id=sae_id, model=info.name, fit=info)
