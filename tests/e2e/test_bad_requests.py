@@ -114,7 +114,14 @@ def _aborted(server) -> float:
 def test_disconnecting_client_frees_its_slot(server, stream):
     aborted_before = _aborted(server)
     # 8 choices x 1000 tokens: seconds of work, so the client leaves long before the end
-    body = {"prompt": "Once", "max_tokens": 1000, "n": 8, "temperature": 0, "ignore_eos": True, "stream": stream}
+    body = {
+        "prompt": "Once",
+        "max_tokens": 1000,
+        "n": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     if stream:
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
             # NOTE: no `break` out of iter_lines(): closing that generator closes the connection early
