@@ -83,3 +83,7 @@ def fake():
     server = FakeServer().start()
     yield server
     server.stop()
+
+
+# The throwaway PostgreSQL server of the registry tests (session scope), for the replica tests.
+from tests.registry.conftest import pg_server  # noqa: E402, F401
