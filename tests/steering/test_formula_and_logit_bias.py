@@ -19,11 +19,11 @@ def capture_site(world, layer: int, hook: str, prompt: list[int], spec, max_toke
     if hook == "resid_post":
         # registered after the steering hooks exist? No: capture at the next layer's input instead
         handle = layer_mod.register_forward_hook(
-            lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out)[0].clone())
+            lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out)[0].float().cpu())
         )
     else:
         handle = layer_mod.register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"])[0].clone()), with_kwargs=True
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"])[0].float().cpu()), with_kwargs=True
         )
     try:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -62,7 +62,7 @@ def test_clamp_sets_the_activation_at_every_steered_position(world):
     core = world.built.core
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     core.add(GenerationRequest("clamp", tuple(p), sp, spec))
-    handle = first_norm.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].clone()))
+    handle = first_norm.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].float().cpu()))
     try:
         while core.has_work():
             core.step()
@@ -74,7 +74,7 @@ def test_clamp_sets_the_activation_at_every_steered_position(world):
 
 def test_logit_effect_is_the_readout_through_final_norm_and_unembedding(world):
     model = world.built.model
-    w = world.saes["post0"].W_dec[11]
+    w = world.saes["post0"].W_dec[11].to(model.device)
     norm = model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
     if isinstance(norm, torch.nn.LayerNorm):
         expected_hidden = norm.weight * (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + norm.eps)
@@ -83,7 +83,7 @@ def test_logit_effect_is_the_readout_through_final_norm_and_unembedding(world):
     expected = model.get_output_embeddings().weight @ expected_hidden
     spec = world.spec(feature_logit_bias=[{"feature": {"sae": "post0", "index": 11}, "strength": 1.0}])
     effect = world.built.core.runner.steering.resources.logit_effect(spec.logit_biases[0].sae, 11)
-    torch.testing.assert_close(effect, expected.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(effect.cpu(), expected.detach().cpu(), rtol=1e-4, atol=1e-4)
 
 
 def test_feature_logit_bias_promotes_and_bans_its_top_token(world):
