@@ -27,6 +27,11 @@ from dataclasses import dataclass, field
 import httpx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from steered_workload import add_saes, hf_hooks_one_at_a_time, steering_for
+
+MODEL_NAME = "gpt2-small-random"
 
 
 @dataclass
@@ -176,23 +181,12 @@ def run_hf_static(model_dir: str, wl: Workload, batch_size: int, num_batches: in
     }
 
 
-def start_server(model_dir: str, threads: int, extra: list[str]):
+def start_server(model_dir: str, threads: int, extra: list[str], data_dir: str):
     from tests.server_process import ServerProcess
 
     log = os.path.join(tempfile.mkdtemp(), "server.log")
-    args = [
-        "--model",
-        model_dir,
-        "--served-model-name",
-        "gpt2-small-random",
-        "--threads",
-        str(threads),
-        "--max-num-seqs",
-        "64",
-        "--log-level",
-        "warning",
-        *extra,
-    ]
+    args = ["--model", model_dir, "--served-model-name", MODEL_NAME, "--threads", str(threads),
+            "--max-num-seqs", "64", "--log-level", "warning", "--data-dir", data_dir, *extra]  # fmt: skip
     return ServerProcess(args, log).wait_healthy(timeout=300)
 
 
@@ -209,8 +203,32 @@ def print_table(rows: list[tuple[str, dict]], baseline: str | None) -> None:
         )
 
 
-class _Skip(Exception):
-    pass
+def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]:
+    """The workload through a steerserve server: unsteered, and with --steered, steered in the same run."""
+    rows = []
+    steer = None
+    if args.steered:
+        add_saes(args.data_dir, 768, args.d_sae, MODEL_NAME)
+        steer = lambda i: steering_for(i, args.d_sae, args.seed)  # noqa: E731
+    server = start_server(model_dir, args.threads, ["--dtype", args.dtype], args.data_dir)
+    try:
+        for poisson in (False, True) if not args.skip_poisson else (False,):
+            kind = f"Poisson {args.rate}/s" if poisson else "burst"
+            print(f"steerserve {kind} ...", flush=True)
+            rows.append(
+                (
+                    f"steerserve {kind} {args.dtype}",
+                    asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson)),
+                )
+            )
+            if steer is not None:
+                print(f"steerserve {kind}, every request steered ...", flush=True)
+                rows.append(
+                    (f"  steered {kind}", asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, steer)))
+                )
+    finally:
+        server.stop()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -226,7 +244,12 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm-model", default=None)
     ap.add_argument("--model-dir", default=None, help="an existing save_pretrained dir of the model")
     ap.add_argument("--dtype", default="bfloat16", help="steerserve's --dtype (bfloat16: AVX512-BF16 GEMMs)")
+    ap.add_argument("--steered", action="store_true", help="also run every request steered (same server)")
+    ap.add_argument("--d-sae", type=int, default=24576, help="features per SAE for --steered")
+    ap.add_argument("--hf-hooks-requests", type=int, default=4, help="steered requests through HF + hooks")
+    ap.add_argument("--data-dir", default=None, help="registry directory (default: a temp dir)")
     args = ap.parse_args(argv)
+    args.data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench-registry-")
 
     from steerserve.runner.model_loader import save_random_model
 
@@ -238,41 +261,39 @@ def main(argv=None) -> int:
         flush=True,
     )
     rows = []
-    server = None if args.skip_steerserve else start_server(model_dir, args.threads, ["--dtype", args.dtype])
-    try:
-        if server is None:
-            raise _Skip
-        print("steerserve, all at once ...", flush=True)
-        rows.append(
-            (
-                f"steerserve burst {args.dtype}",
-                asyncio.run(run_http(server.url, "gpt2-small-random", wl, False)),
-            )
-        )
-        if not args.skip_poisson:
-            print(f"steerserve, Poisson {args.rate}/s ...", flush=True)
-            rows.append(
-                (
-                    f"steerserve Poisson {args.rate}/s",
-                    asyncio.run(run_http(server.url, "gpt2-small-random", wl, True)),
-                )
-            )
-    except _Skip:
-        pass
-    finally:
-        if server is not None:
-            server.stop()
+    if not args.skip_steerserve:
+        rows += run_steerserve(args, model_dir, wl)
     if args.vllm_url:
         print("vLLM, all at once ...", flush=True)
         rows.append(
             ("vLLM burst", asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False)))
         )
     baseline = None
+    if args.steered and args.hf_hooks_requests > 0:
+        print(
+            f"HF generate() + forward hooks, {args.hf_hooks_requests} steered requests one at a time ...",
+            flush=True,
+        )
+        rows.append(
+            (
+                "HF hooks, one at a time",
+                hf_hooks_one_at_a_time(
+                    model_dir,
+                    add_saes(args.data_dir, 768, args.d_sae, MODEL_NAME),
+                    wl,
+                    args.hf_hooks_requests,
+                    args.threads,
+                ),
+            )
+        )
     if args.hf_batches > 0:
         print(f"HF generate(), {args.hf_batches} static batch(es) of 16 ...", flush=True)
         baseline = "HF generate static x16"
         rows.append((baseline, run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
     print_table(rows, baseline)
+    for (name, r), (prev_name, prev) in zip(rows[1:], rows[:-1], strict=True):
+        if name.strip().startswith("steered"):
+            print(f"{name.strip()} / {prev_name}: {r['tok_s'] / prev['tok_s']:.3f}x throughput")
     return 0
 
 

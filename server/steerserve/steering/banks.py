@@ -52,10 +52,11 @@ class SAEEdits:
 
     def apply(self, h: torch.Tensor, slots: torch.Tensor) -> None:
         w = self.weights
+        width = max(self.count)  # NOTE: only as wide as the busiest slot: the kernels gather per column
         steerkernels.sae_edit(
-            h, slots, self.feat_idx, w.W_enc, w.b_enc, w.W_dec, w.b_dec,
+            h, slots, self.feat_idx[:, :width], w.W_enc, w.b_enc, w.W_dec, w.b_dec,
             w.threshold if w.architecture == "jumprelu" else None,
-            w.apply_b_dec_to_input, self.mode, self.value, None, validate=False,
+            w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width], None, validate=False,
         )  # fmt: skip
 
 

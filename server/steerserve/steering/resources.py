@@ -9,11 +9,15 @@ computed once per (SAE, feature) and cached in the registry's blob store.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from steerserve.registry import DeviceSAECache, Registry, SAEWeights
 from steerserve.sites import Site
 from steerserve.steering.spec import SAERef
+
+_EFFECTS_IN_MEMORY = 4096  # feature logit effects kept on the device (V floats each)
 
 
 class SteeringResourceError(RuntimeError):
@@ -35,6 +39,7 @@ class SteeringResources:
         self.model = model
         self.device = device
         self.saes = DeviceSAECache(registry, device, sae_cache_bytes, dtype=torch.float32)
+        self._effects: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (uid, index) -> [V]
 
     def sae(self, ref: SAERef) -> SAEWeights:
         record = self.registry.get_sae(ref.id)
@@ -50,14 +55,21 @@ class SteeringResources:
 
     @torch.inference_mode()
     def logit_effect(self, ref: SAERef, index: int) -> torch.Tensor:
-        """[V] fp32: the logits feature `index` of SAE `ref` writes directly."""
+        """[V] fp32: the logits feature `index` of SAE `ref` writes directly (memory, then blob cache)."""
+        effect = self._effects.get((ref.uid, index))
+        if effect is not None:
+            self._effects.move_to_end((ref.uid, index))
+            return effect
         key = f"logit_effect:{ref.uid}:{index}"
         cached = self.registry.get_cached(key)
         if cached is not None:
-            return cached["effect"].to(self.device, torch.float32)
-        direction = self.sae(ref).W_dec[index]  # [d]
-        effect = self.readout(direction[None])[0]
-        self.registry.put_cached(key, {"effect": effect.cpu().contiguous()}, owner=f"sae:{ref.id}")
+            effect = cached["effect"].to(self.device, torch.float32)
+        else:
+            effect = self.readout(self.sae(ref).W_dec[index][None])[0]  # [V]
+            self.registry.put_cached(key, {"effect": effect.cpu().contiguous()}, owner=f"sae:{ref.id}")
+        self._effects[(ref.uid, index)] = effect
+        if len(self._effects) > _EFFECTS_IN_MEMORY:
+            self._effects.popitem(last=False)
         return effect
 
     def readout(self, directions: torch.Tensor) -> torch.Tensor:

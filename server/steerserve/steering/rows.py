@@ -99,10 +99,11 @@ class SteeringRows:
 
     def _write(self, row: int, spec: SteeringSpec) -> None:
         res = self.resources
+        saes = {iv.sae.uid: res.sae(iv.sae) for iv in spec.interventions if iv.sae is not None}  # once each
         for iv in spec.interventions:
             bank = self._bank(iv.site)
             if iv.kind == "feature_add":
-                w_dec = res.sae(iv.sae).W_dec[iv.index]  # [d]
+                w_dec = saes[iv.sae.uid].W_dec[iv.index]  # [d]
                 bank.add_vector(row, iv.positions, _feature_add_coeff(iv, w_dec) * w_dec.float())
             elif iv.kind == "vector_add":
                 bank.add_vector(
@@ -112,7 +113,7 @@ class SteeringRows:
                 v = res.vector(iv.vector_id, iv.vector_uid, iv.site)
                 bank.add_projection(row, iv.positions, v / v.norm(), iv.lo, iv.hi)
             else:
-                bank.add_edit(row, iv.positions, iv.sae.uid, res.sae(iv.sae), iv.index, iv.kind, iv.value)
+                bank.add_edit(row, iv.positions, iv.sae.uid, saes[iv.sae.uid], iv.index, iv.kind, iv.value)
         if spec.logit_biases:
             if self._logit_bank is None:
                 self._logit_bank = torch.zeros(

@@ -100,51 +100,118 @@ struct DecodeArgs {
   int32_t q_dtype, kv_dtype, n_threads;
 };
 
-// One (request, kv head) item: the group's query heads share every key and value row they read.
-template <typename QT, typename KT>
-void attend(const DecodeArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
-  const int64_t hd = a.head_dim, G = a.n_heads / a.n_kv_heads, ctx = a.ctx_lens[r];
-  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - lo;
-  const KT* kb = static_cast<const KT*>(a.k_cache) + g * a.cache_head;
-  const KT* vb = static_cast<const KT*>(a.v_cache) + g * a.cache_head;
-  const int64_t* rows = a.gather[r] >= 0 ? a.rows + a.gather[r] + lo : nullptr;
-  const int64_t first = a.starts[r] + lo;
-  auto row = [&](int64_t j) { return (rows ? rows[j] : first + j) * hd; };
+#ifdef SS_AVX512
+// Sixteen vectors -> one: lane i = sum of the lanes of a[i] (a transpose-and-add tree, 15 adds).
+inline __m512 reduce16(__m512* a) {
+  __m512 c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: lanes 0-7 key 2i, 8-15 key 2i+1
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane l: key 4i + l
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lane l: two partials of keys 8i + l and 8i + 4 + l
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0xEE));
+  __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+  // f[4l + i] = key 4i + l
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(idx, f);
+}
+#endif
 
-  buf.resize(size_t(G * (2 * hd + n + 1)));
-  float* qf = buf.data();    // [G, hd] queries in fp32
-  float* acc = qf + G * hd;  // [G, hd] sum of p * v
-  float* inv = acc + G * hd; // [G] 1 / sum of p
-  float* s = inv + G;        // [G, n] scores, then probabilities
-  const QT* qp = static_cast<const QT*>(a.q) + a.q_rows[r] * a.q_row + g * G * a.q_head;
-  for (int64_t h = 0; h < G; ++h)
-    for (int64_t d = 0; d < hd; ++d) qf[h * hd + d] = to_f32(qp[h * a.q_head + d]);
-  std::fill(acc, acc + G * hd, 0.0f);
-
-  // scores: s[h, j] = softcap(q_h . k_j * scale)
+// Scores of `n` keys for the G query heads of a group: s[h * n + j] = (q_h . k_j) * scale.
+template <typename KT, typename RowFn>
+void scores(const float* qf, int64_t G, int64_t hd, const KT* kb, RowFn row, int64_t n, float scale,
+            float* s) {
+#ifdef SS_AVX512
+  // NOTE: 16 keys at a time, 16 independent FMA chains, one reduction tree per 16 keys.
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, n - j0);
+    const KT* k[16];
+    for (int i = 0; i < 16; ++i) k[i] = kb + row(j0 + std::min<int64_t>(i, nb - 1));
+    if (j0 + 16 < n)  // the next block's rows, while this one computes
+      for (int64_t i = j0 + 16; i < std::min<int64_t>(n, j0 + 32); ++i)
+        for (int64_t b = 0; b < hd * int64_t(sizeof(KT)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(kb + row(i)) + b, _MM_HINT_T0);
+    for (int64_t h = 0; h < G; ++h) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) {  // NOTE: row by row, so memory is read in order
+        __m512 x = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hd; d += 16) {
+          const __mmask16 m = lane_mask(hd - d);
+          x = _mm512_fmadd_ps(load16(qf + h * hd + d, m), load16(k[i] + d, m), x);
+        }
+        acc[i] = x;
+      }
+      store16(s + h * n + j0, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)), lane_mask(nb));
+    }
+  }
+#else
   for (int64_t j = 0; j < n; ++j) {
     const KT* k = kb + row(j);
     for (int64_t h = 0; h < G; ++h) {
-      const float* q = qf + h * hd;
-#ifdef SS_AVX512
-      __m512 v = _mm512_setzero_ps();
-      for (int64_t d = 0; d < hd; d += 16) {
-        __mmask16 m = lane_mask(hd - d);
-        v = _mm512_fmadd_ps(load16(q + d, m), load16(k + d, m), v);
-      }
-      float dot = _mm512_reduce_add_ps(v);
-#else
       float dot = 0.0f;
-      for (int64_t d = 0; d < hd; ++d) dot += q[d] * to_f32(k[d]);
-#endif
-      s[h * n + j] = dot * a.scale;
+      for (int64_t d = 0; d < hd; ++d) dot += qf[h * hd + d] * to_f32(k[d]);
+      s[h * n + j] = dot * scale;
     }
   }
-  // softmax per head (fp32), unnormalised; 1/sum is applied to the output
+#endif
+}
+
+// acc[h * hd + d] += sum_j p[h * n + j] * v_j[d]
+template <typename KT, typename RowFn>
+void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn row, int64_t n,
+                     float* acc) {
+#ifdef SS_AVX512
+  // NOTE: blocks of 64 keys (in L1 across heads) x 64-wide column tiles held in registers, with two
+  // accumulator sets (even and odd keys) so the FMA chains overlap.
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t nb = std::min<int64_t>(64, n - j0);
+    for (int64_t h = 0; h < G; ++h) {
+      const float* ph = p + h * n + j0;
+      for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+        __mmask16 m[4];
+        __m512 a0[4], a1[4];
+        for (int c = 0; c < 4; ++c) {
+          m[c] = d0 + 16 * c < hd ? lane_mask(hd - d0 - 16 * c) : 0;
+          a0[c] = load16(acc + h * hd + d0 + 16 * c, m[c]);
+          a1[c] = _mm512_setzero_ps();
+        }
+        int64_t i = 0;
+        for (; i + 1 < nb; i += 2) {
+          const KT* v0 = vb + row(j0 + i) + d0;
+          const KT* v1 = vb + row(j0 + i + 1) + d0;
+          const __m512 p0 = _mm512_set1_ps(ph[i]), p1 = _mm512_set1_ps(ph[i + 1]);
+          for (int c = 0; c < 4; ++c) {
+            a0[c] = _mm512_fmadd_ps(p0, load16(v0 + 16 * c, m[c]), a0[c]);
+            a1[c] = _mm512_fmadd_ps(p1, load16(v1 + 16 * c, m[c]), a1[c]);
+          }
+        }
+        if (i < nb) {
+          const KT* v0 = vb + row(j0 + i) + d0;
+          const __m512 p0 = _mm512_set1_ps(ph[i]);
+          for (int c = 0; c < 4; ++c) a0[c] = _mm512_fmadd_ps(p0, load16(v0 + 16 * c, m[c]), a0[c]);
+        }
+        for (int c = 0; c < 4; ++c) store16(acc + h * hd + d0 + 16 * c, _mm512_add_ps(a0[c], a1[c]), m[c]);
+      }
+    }
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    const KT* v = vb + row(j);
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t d = 0; d < hd; ++d) acc[h * hd + d] += p[h * n + j] * to_f32(v[d]);
+  }
+#endif
+}
+
+// Softmax of each head's scores in place (fp32), unnormalised; returns 1 / sum in inv[h].
+void softmax(float* s, int64_t G, int64_t n, float softcap, float* inv) {
   for (int64_t h = 0; h < G; ++h) {
     float* sh = s + h * n;
-    if (a.softcap > 0.0f)
-      for (int64_t j = 0; j < n; ++j) sh[j] = a.softcap * std::tanh(sh[j] / a.softcap);
+    if (softcap > 0.0f)
+      for (int64_t j = 0; j < n; ++j) sh[j] = softcap * std::tanh(sh[j] / softcap);
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sh[j]);
     float sum = 0.0f;
@@ -162,22 +229,37 @@ void attend(const DecodeArgs& a, int64_t r, int64_t g, std::vector<float>& buf) 
 #endif
     inv[h] = 1.0f / sum;
   }
-  // acc[h] = sum_j p[h, j] * v_j
-  for (int64_t j = 0; j < n; ++j) {
-    const KT* v = vb + row(j);
-    for (int64_t h = 0; h < G; ++h) {
-      float p = s[h * n + j];
-      float* o = acc + h * hd;
-#ifdef SS_AVX512
-      __m512 vp = _mm512_set1_ps(p);
-      for (int64_t d = 0; d < hd; d += 16) {
-        __mmask16 m = lane_mask(hd - d);
-        store16(o + d, _mm512_fmadd_ps(vp, load16(v + d, m), load16(o + d, m)), m);
-      }
-#else
-      for (int64_t d = 0; d < hd; ++d) o[d] += p * to_f32(v[d]);
-#endif
-    }
+}
+
+// One (request, kv head) item: the group's query heads share every key and value row they read.
+template <typename QT, typename KT>
+void attend(const DecodeArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
+  const int64_t hd = a.head_dim, G = a.n_heads / a.n_kv_heads, ctx = a.ctx_lens[r];
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - lo;
+  const KT* kb = static_cast<const KT*>(a.k_cache) + g * a.cache_head;
+  const KT* vb = static_cast<const KT*>(a.v_cache) + g * a.cache_head;
+
+  buf.resize(size_t(G * (2 * hd + n + 1)));
+  float* qf = buf.data();     // [G, hd] queries in fp32
+  float* acc = qf + G * hd;   // [G, hd] sum of p * v
+  float* inv = acc + G * hd;  // [G] 1 / sum of p
+  float* s = inv + G;         // [G, n] scores, then probabilities
+  const QT* qp = static_cast<const QT*>(a.q) + a.q_rows[r] * a.q_row + g * G * a.q_head;
+  for (int64_t h = 0; h < G; ++h)
+    for (int64_t d = 0; d < hd; ++d) qf[h * hd + d] = to_f32(qp[h * a.q_head + d]);
+  std::fill(acc, acc + G * hd, 0.0f);
+
+  auto run = [&](auto row) {
+    scores(qf, G, hd, kb, row, n, a.scale, s);
+    softmax(s, G, n, a.softcap, inv);
+    weighted_values(s, G, hd, vb, row, n, acc);
+  };
+  if (a.gather[r] >= 0) {
+    const int64_t* rows = a.rows + a.gather[r] + lo;
+    run([rows, hd](int64_t j) { return rows[j] * hd; });
+  } else {
+    const int64_t first = a.starts[r] + lo;
+    run([first, hd](int64_t j) { return (first + j) * hd; });
   }
   QT* op = static_cast<QT*>(a.out) + a.q_rows[r] * a.out_row + g * G * a.out_head;
   for (int64_t h = 0; h < G; ++h)

@@ -1,0 +1,121 @@
+"""The steered side of the serving benchmark: SAEs in a registry, per-request steering, and the way
+researchers steer today (HF generate() one request at a time with forward hooks) as a baseline.
+
+Per request (different per request, fixed seed): 4 `add` features and 1 `clamp`, spread over two sites
+(layers 4 and 8, resid_post, one 24576-feature SAE each), and 2 feature logit biases.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from steerserve.registry import Registry, SAEWeights
+from steerserve.sites import Site
+
+SITES = (Site(4, "resid_post"), Site(8, "resid_post"))
+SAE_IDS = ("bench-l4", "bench-l8")
+
+
+def add_saes(data_dir: str, d_model: int, d_sae: int, model_name: str) -> dict[str, SAEWeights]:
+    """Seeded random SAEs written into the registry at `data_dir` (skipped if already there)."""
+    registry = Registry(data_dir)
+    saes = {}
+    try:
+        for i, (sae_id, site) in enumerate(zip(SAE_IDS, SITES, strict=True)):
+            g = torch.Generator().manual_seed(100 + i)
+            w = SAEWeights(
+                W_enc=torch.randn(d_model, d_sae, generator=g) / d_model**0.5,
+                b_enc=torch.randn(d_sae, generator=g) * 0.1,
+                W_dec=torch.randn(d_sae, d_model, generator=g) / d_model**0.5,
+                b_dec=torch.zeros(d_model),
+                architecture="relu",
+                site=site,
+            )
+            if sae_id not in {r.id for r in registry.list_saes()}:
+                registry.add_sae(w, sae_id=sae_id, model=model_name)
+            saes[sae_id] = w
+    finally:
+        registry.close()
+    return saes
+
+
+def steering_for(i: int, d_sae: int, seed: int = 0) -> dict:
+    rng = random.Random(seed * 1000 + i)
+
+    def feature(sae_id: str) -> dict:
+        return {"sae": sae_id, "index": rng.randrange(d_sae)}
+
+    steering = [
+        {"feature": feature(SAE_IDS[k % 2]), "mode": "add", "strength": rng.uniform(-4, 4)} for k in range(4)
+    ]
+    steering.append({"feature": feature(SAE_IDS[1]), "mode": "clamp", "value": rng.uniform(0, 5)})
+    biases = [{"feature": feature(SAE_IDS[k]), "strength": rng.uniform(-3, 3)} for k in range(2)]
+    return {"steering": steering, "feature_logit_bias": biases}
+
+
+class _AddBias:
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias
+
+    def __call__(self, input_ids, scores):
+        return scores + self.bias
+
+
+def hf_hooks_one_at_a_time(model_dir: str, saes: dict[str, SAEWeights], wl, n: int, threads: int) -> dict:
+    """HF generate() per request with forward hooks doing the same steering: today's research loop."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    layers = model.transformer.h
+    head, norm = model.lm_head, model.transformer.ln_f
+    tokens, t0 = 0, time.perf_counter()
+    for i in range(n):
+        spec = steering_for(i, next(iter(saes.values())).W_enc.shape[1])
+        by_layer: dict[int, list] = {}
+        for item in spec["steering"]:
+            sae_id, f = item["feature"]["sae"], item["feature"]["index"]
+            by_layer.setdefault(SITES[SAE_IDS.index(sae_id)].layer, []).append((item, saes[sae_id], f))
+
+        def hook(module, args, output, items):
+            h = output[0] if isinstance(output, tuple) else output
+            x = h.float()
+            for item, sae, f in items:
+                if item["mode"] == "add":
+                    x = x + item["strength"] * sae.W_dec[f]
+                else:
+                    a = torch.relu(x @ sae.W_enc[:, f] + sae.b_enc[f])
+                    x = x + (item["value"] - a)[..., None] * sae.W_dec[f]
+            h.copy_(x.to(h.dtype))
+
+        bias = torch.zeros(model.config.vocab_size)
+        for b in spec["feature_logit_bias"]:
+            d = saes[b["feature"]["sae"]].W_dec[b["feature"]["index"]].to(torch.bfloat16)
+            with torch.inference_mode():
+                bias += b["strength"] * (head(norm(d) - norm(torch.zeros_like(d)))).float()
+
+        handles = [
+            layers[layer].register_forward_hook(lambda m, a, o, items=items: hook(m, a, o, items))
+            for layer, items in by_layer.items()
+        ]
+        ids = torch.tensor([wl.prompts[i]])
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=wl.output_lens[i],
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([_AddBias(bias)]),
+            )
+        for handle in handles:
+            handle.remove()
+        tokens += wl.output_lens[i]
+    elapsed = time.perf_counter() - t0
+    nan = float("nan")
+    return {"tok_s": tokens / elapsed, "tokens": tokens, "elapsed": elapsed, "ttft_p50": nan, "ttft_p99": nan,
+            "itl_p50": nan, "itl_p99": nan}  # fmt: skip
