@@ -133,3 +133,13 @@ def test_auth_headers_and_request_shapes(fake):
     assert search.path == "/v1/features/search?q=cold&sae=res-l0&limit=5"
     assert (delete.method, delete.path) == ("DELETE", "/v1/variants/a%2Fb")
     assert delete.headers["Authorization"] == "Bearer admin-key"
+
+
+def test_a_retried_upload_sends_its_files_again(fake, sae_dir):
+    fake.queue(Reply(503, BUSY, {"Retry-After": "0"}), Reply(201, {"id": "s"}))
+    assert Client(fake.url, max_retries=1).upload_sae(sae_dir, id="s") == {"id": "s"}
+    weights = (sae_dir / "sae_weights.safetensors").read_bytes()
+    first, second = fake.requests
+    assert weights in first.body and weights in second.body  # (each try has its own boundary)
+    assert len(first.body) == len(second.body)
+    assert b'name="id"' in first.body and b'filename="cfg.json"' in first.body
