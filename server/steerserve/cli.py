@@ -52,7 +52,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
     p.add_argument("--data-dir", default=None, help="registry data directory (env STEERSERVE_DATA_DIR)")
-    p.add_argument("--registry-url", default=None, help="postgresql://... for a shared registry")
+    p.add_argument("--registry-url", default=None, help="postgresql://... (env STEERSERVE_REGISTRY_URL)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--log-level", default="info")
 
@@ -81,7 +81,10 @@ def config_from_args(a: argparse.Namespace) -> Config:
             admin_keys=_keys(a.admin_key, "STEERSERVE_ADMIN_KEY"),
             log_level=a.log_level,
         ),
-        registry=RegistryConfig(data_dir=registry.data_dir, registry_url=a.registry_url),
+        registry=RegistryConfig(
+            data_dir=registry.data_dir,
+            registry_url=a.registry_url or os.environ.get("STEERSERVE_REGISTRY_URL"),
+        ),
     )
 
 

@@ -23,7 +23,8 @@ def capture_site(world, layer: int, hook: str, prompt: list[int], spec, max_toke
         )
     else:
         handle = layer_mod.register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"])[0].float().cpu()), with_kwargs=True
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"])[0].float().cpu()),
+            with_kwargs=True,
         )
     try:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
