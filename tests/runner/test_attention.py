@@ -1,0 +1,218 @@
+"""The CPU decode-attention kernel against torch SDPA, and steerserve_attention's kernel path against its
+SDPA path.
+
+Random caches and queries of odd shapes: GQA groups, head dims that are not a multiple of 16, fragmented
+(gathered) requests, sliding windows, soft-capping, one-key contexts, many requests; fp32 and bf16 caches
+and queries. Kernel outputs are poisoned with NaN first, so a row it forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steerserve.runner import cpu_attention
+from steerserve.runner.attention import AttentionMetadata, KVCache, RequestSpan, steerserve_attention
+
+LIB = cpu_attention.load()
+needs_kernel = pytest.mark.skipif(LIB is None, reason="CPU attention kernel could not be built here")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def random_layout(rng: random.Random, n_req: int, cache_rows: int, max_ctx: int, q_lens=(1,)):
+    """Disjoint spans over a cache of `cache_rows`: contiguous runs at random offsets in the lower half,
+    fragmented requests (every third) scattered over the upper half."""
+    spans, q_start, cursor = [], 0, 0
+    half = cache_rows // 2
+    scattered = list(range(half, cache_rows))
+    rng.shuffle(scattered)
+    for i in range(n_req):
+        q_len = rng.choice(q_lens)
+        ctx = rng.randint(q_len, max_ctx)
+        if i % 3 == 2:
+            rows = torch.tensor([scattered.pop() for _ in range(ctx)], dtype=torch.int64)
+            spans.append(RequestSpan(q_start, q_len, ctx, -1, rows))
+        else:
+            cursor += rng.randint(0, 3)
+            assert cursor + ctx <= half, "cache too small for the layout"
+            spans.append(RequestSpan(q_start, q_len, ctx, cursor, None))
+            cursor += ctx
+        q_start += q_len
+    return spans, q_start
+
+
+def span_rows(span: RequestSpan) -> torch.Tensor:
+    if span.gather_index is not None:
+        return span.gather_index[: span.ctx_len]
+    return torch.arange(span.cache_start, span.cache_start + span.ctx_len)
+
+
+def reference(q, k_cache, v_cache, span, scale, window, softcap):
+    """float64 SDPA (eager when soft-capped) of one request's rows `q` [1, H, q, hd] over its keys."""
+    rows = span_rows(span)
+    k = k_cache[:, rows].double().unsqueeze(0)  # [1, H_kv, ctx, hd]
+    v = v_cache[:, rows].double().unsqueeze(0)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q_pos = torch.arange(span.ctx_len - span.q_len, span.ctx_len)[:, None]
+    k_pos = torch.arange(span.ctx_len)[None, :]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    q = q.double()
+    if softcap:
+        s = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+        return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def make_case(seed, n_heads, n_kv, hd, n_req, max_ctx, q_dtype, kv_dtype, q_lens=(1,)):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cache_rows = 2 * (n_req * (max_ctx + 3) + max_ctx)
+    spans, n_tokens = random_layout(rng, n_req, cache_rows, max_ctx, q_lens)
+    k_cache = torch.randn(n_kv, cache_rows, hd, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(n_kv, cache_rows, hd, generator=gen).to(kv_dtype)
+    # queries as the models make them: a transposed view of [1, T, H, hd] (non-contiguous)
+    q = (torch.randn(1, n_tokens, n_heads, hd, generator=gen) * 2).to(q_dtype).transpose(1, 2)
+    return spans, n_tokens, q, k_cache, v_cache
+
+
+def run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap):
+    slots = torch.zeros(n_tokens, dtype=torch.int64)
+    plan = cpu_attention.DecodePlan(spans, slots, n_tokens, k_cache.shape[1])
+    out = torch.full((n_tokens, q.shape[1], q.shape[3]), float("nan"), dtype=q.dtype)  # poisoned
+    cpu_attention.decode_attention(LIB, plan, q, k_cache, v_cache, out, scale, window, softcap)
+    return out, plan
+
+
+def tolerance(q_dtype, kv_dtype):
+    return (2e-2, 2e-2) if torch.bfloat16 in (q_dtype, kv_dtype) else (2e-5, 2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("q_dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd,n_req,max_ctx,window,softcap",
+    [
+        (12, 12, 64, 64, 300, None, None),  # GPT-2 small's decode shape, many requests
+        (6, 2, 40, 9, 70, None, None),  # GQA 3, head dim not a multiple of 16
+        (8, 1, 24, 5, 33, 7, None),  # MQA, sliding window
+        (4, 2, 16, 7, 40, 8, 50.0),  # Gemma-2-like: window and softcap
+        (4, 4, 80, 3, 1, None, None),  # one key each
+        (2, 2, 128, 2, 1100, None, 30.0),  # long contexts, wide heads, softcap alone
+    ],
+)
+def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ctx, window, softcap):
+    spans, n_tokens, q, k_cache, v_cache = make_case(1, n_heads, n_kv, hd, n_req, max_ctx, q_dtype, kv_dtype)
+    scale = hd**-0.5 * 1.3
+    out, plan = run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap)
+    assert plan.n == n_req and not plan.prefill
+    rtol, atol = tolerance(q_dtype, kv_dtype)
+    for span in spans:
+        ref = reference(
+            q[:, :, span.q_start : span.q_start + 1], k_cache, v_cache, span, scale, window, softcap
+        )
+        got = out[span.q_start].double()  # [H, hd]
+        torch.testing.assert_close(got, ref[0, :, 0], rtol=rtol, atol=atol, msg=f"span {span}")
+
+
+@needs_kernel
+def test_only_decode_rows_are_written():
+    """Prefill spans are left to SDPA: the kernel must not touch their rows."""
+    spans, n_tokens, q, k_cache, v_cache = make_case(
+        2, 4, 2, 32, 12, 60, torch.float32, torch.float32, q_lens=(1, 1, 5)
+    )
+    out, plan = run_kernel(spans, n_tokens, q, k_cache, v_cache, 0.2, None, None)
+    assert plan.prefill and plan.n
+    for span in spans:
+        rows = out[span.q_start : span.q_start + span.q_len]
+        assert torch.isnan(rows).all() if span.q_len > 1 else not torch.isnan(rows).any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_write_kv_matches_index_copy(src_dtype, kv_dtype):
+    gen = torch.Generator().manual_seed(3)
+    n_kv, n_tokens, hd, rows = 3, 37, 40, 200
+    slots = torch.randperm(rows, generator=gen)[:n_tokens]
+    # key/value as the models make them: transposed views of [1, T, H_kv, hd]
+    key = torch.randn(1, n_tokens, n_kv, hd, generator=gen).to(src_dtype).transpose(1, 2)
+    value = (torch.randn(1, n_tokens, n_kv, hd, generator=gen) * 1e3).to(src_dtype).transpose(1, 2)
+    k_cache = torch.randn(n_kv, rows, hd, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(n_kv, rows, hd, generator=gen).to(kv_dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref.index_copy_(1, slots, key[0].to(kv_dtype))
+    v_ref.index_copy_(1, slots, value[0].to(kv_dtype))
+    cpu_attention.write_kv(LIB, key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # bit-exact, untouched rows too
+
+
+@needs_kernel
+def test_plan_rejects_out_of_range_indices():
+    ok = RequestSpan(0, 1, 10, 0, None)
+    with pytest.raises(ValueError):
+        cpu_attention.DecodePlan([RequestSpan(0, 1, 10, 95, None)], torch.zeros(1, dtype=torch.int64), 1, 100)
+    with pytest.raises(ValueError):
+        bad = RequestSpan(0, 1, 3, -1, torch.tensor([0, 5, 100]))
+        cpu_attention.DecodePlan([bad], torch.zeros(1, dtype=torch.int64), 1, 100)
+    with pytest.raises(ValueError):
+        cpu_attention.DecodePlan([ok], torch.tensor([100]), 1, 100)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, idx):
+        super().__init__()
+        self.layer_idx = idx
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [(None, None), (6, 20.0)])
+def test_steerserve_attention_kernel_path_matches_sdpa_path(monkeypatch, kv_dtype, window, softcap):
+    """A mixed step (prefill chunks + decode rows, fragmented requests) through both paths of the layer."""
+    n_heads, n_kv, hd, q_dtype = 6, 2, 24, torch.bfloat16
+    rng = random.Random(4)
+    gen = torch.Generator().manual_seed(4)
+    spans, n_tokens = random_layout(rng, 10, 800, 30, q_lens=(1, 1, 4))
+    # new tokens go to the last q_len rows of each request's context
+    slots = torch.cat([span_rows(s)[s.ctx_len - s.q_len :] for s in spans])
+    cache = KVCache(1, n_kv, hd, 800, kv_dtype, "cpu")
+    for t in (*cache.keys, *cache.values):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    q = torch.randn(1, n_tokens, n_heads, hd, generator=gen).to(q_dtype).transpose(1, 2)
+    k = torch.randn(1, n_tokens, n_kv, hd, generator=gen).to(q_dtype).transpose(1, 2)
+    v = torch.randn(1, n_tokens, n_kv, hd, generator=gen).to(q_dtype).transpose(1, 2)
+    kw = dict(scaling=0.3, sliding_window=window, softcap=softcap)
+
+    meta = AttentionMetadata(spans, slots)
+    got, _ = steerserve_attention(_Layer(0), q, k, v, None, steer_attn=meta, steer_cache=cache, **kw)
+    assert meta.cpu_plan is not None, "the kernel path was not taken"
+    got_cache = (cache.keys[0].clone(), cache.values[0].clone())
+
+    monkeypatch.setattr(cpu_attention, "load", lambda: None)
+    meta = AttentionMetadata(spans, slots)
+    want, _ = steerserve_attention(_Layer(0), q, k, v, None, steer_attn=meta, steer_cache=cache, **kw)
+    assert meta.cpu_plan is None
+    assert torch.equal(got_cache[0], cache.keys[0]) and torch.equal(got_cache[1], cache.values[0])
+    assert got.shape == want.shape == (1, n_tokens, n_heads, hd) and got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_build_failure_falls_back(monkeypatch, tmp_path):
+    """No compiler, or a compiler that fails: load() is None (SDPA), never an exception."""
+    monkeypatch.setenv("STEERSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpu_attention, "_compiler", lambda: None)
+    assert cpu_attention.load() is None
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpu_attention, "_compiler", lambda: "/bin/false")
+    assert cpu_attention.load() is None
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setenv("STEERSERVE_CPU_ATTENTION", "0")
+    assert cpu_attention.load() is None
