@@ -160,6 +160,12 @@ def load_model(cfg: ModelConfig):
     model.set_attn_implementation(ATTENTION_NAME)
     model.to(device)
     model.requires_grad_(False)
+    if device.type == "cpu":
+        from steerserve.runner import cpu_attention, cpu_weights
+
+        cpu_attention.load()  # NOTE: build the decode kernel now (once per machine), not on the first request
+        if dtype == torch.bfloat16:
+            cpu_weights.pack_linear_weights(model)  # bit-identical outputs, no per-call weight reorder
     return model, tokenizer, device, dtype
 
 

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -121,9 +122,10 @@ inline __m512 reduce16(__m512* a) {
 #endif
 
 // Scores of `n` keys for the G query heads of a group: s[h * n + j] = (q_h . k_j) * scale.
+// qb: the same queries in bf16 when they came as bf16 (exact), else null.
 template <typename KT, typename RowFn>
-void scores(const float* qf, int64_t G, int64_t hd, const KT* kb, RowFn row, int64_t n, float scale,
-            float* s) {
+void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb, RowFn row, int64_t n,
+            float scale, float* s) {
 #ifdef SS_AVX512
   // NOTE: 16 keys at a time, 16 independent FMA chains, one reduction tree per 16 keys.
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -138,6 +140,19 @@ void scores(const float* qf, int64_t G, int64_t hd, const KT* kb, RowFn row, int
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) {  // NOTE: row by row, so memory is read in order
         __m512 x = _mm512_setzero_ps();
+#ifdef __AVX512BF16__
+        if constexpr (std::is_same_v<KT, bf16>) {
+          if (qb) {  // bf16 x bf16 pairs: products are exact in fp32, no conversions
+            for (int64_t d = 0; d < hd; d += 32) {
+              const __mmask32 m = hd - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (hd - d)) - 1);
+              x = _mm512_dpbf16_ps(x, __m512bh(_mm512_maskz_loadu_epi16(m, qb + h * hd + d)),
+                                   __m512bh(_mm512_maskz_loadu_epi16(m, k[i] + d)));
+            }
+            acc[i] = x;
+            continue;
+          }
+        }
+#endif
         for (int64_t d = 0; d < hd; d += 16) {
           const __mmask16 m = lane_mask(hd - d);
           x = _mm512_fmadd_ps(load16(qf + h * hd + d, m), load16(k[i] + d, m), x);
@@ -239,18 +254,23 @@ void attend(const DecodeArgs& a, int64_t r, int64_t g, std::vector<float>& buf) 
   const KT* kb = static_cast<const KT*>(a.k_cache) + g * a.cache_head;
   const KT* vb = static_cast<const KT*>(a.v_cache) + g * a.cache_head;
 
-  buf.resize(size_t(G * (2 * hd + n + 1)));
+  buf.resize(size_t(G * (3 * hd + n + 1)));
   float* qf = buf.data();     // [G, hd] queries in fp32
   float* acc = qf + G * hd;   // [G, hd] sum of p * v
   float* inv = acc + G * hd;  // [G] 1 / sum of p
   float* s = inv + G;         // [G, n] scores, then probabilities
+  bf16* qb = nullptr;         // [G, hd] queries in bf16, when they are bf16
   const QT* qp = static_cast<const QT*>(a.q) + a.q_rows[r] * a.q_row + g * G * a.q_head;
   for (int64_t h = 0; h < G; ++h)
     for (int64_t d = 0; d < hd; ++d) qf[h * hd + d] = to_f32(qp[h * a.q_head + d]);
+  if constexpr (std::is_same_v<QT, bf16>) {
+    qb = reinterpret_cast<bf16*>(s + G * n);
+    for (int64_t h = 0; h < G; ++h) std::memcpy(qb + h * hd, qp + h * a.q_head, size_t(hd) * sizeof(bf16));
+  }
   std::fill(acc, acc + G * hd, 0.0f);
 
   auto run = [&](auto row) {
-    scores(qf, G, hd, kb, row, n, a.scale, s);
+    scores(qf, qb, G, hd, kb, row, n, a.scale, s);
     softmax(s, G, n, a.softcap, inv);
     weighted_values(s, G, hd, vb, row, n, acc);
   };
