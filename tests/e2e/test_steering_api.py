@@ -3,46 +3,11 @@ choices side by side, variants through `model=`, and bad interventions that fail
 
 from __future__ import annotations
 
-import io
-import json
 import threading
 
 import httpx
-import pytest
-from safetensors.torch import save
 
-from tests.registry.helpers import rand_state, saelens_cfg
-
-D_MODEL, D_SAE = 64, 48
-
-
-@pytest.fixture(scope="module")
-def steerable(server):
-    """An SAE at blocks.0.hook_resid_post, a feature label with max activation, a vector, a variant."""
-    cfg = saelens_cfg("standard", 6, hook="blocks.0.hook_resid_post", d_in=D_MODEL, d_sae=D_SAE)
-    state = rand_state("standard", D_MODEL, D_SAE, seed=11)
-    state["W_dec"] = state["W_dec"] * 20  # strong directions: steering visibly changes this tiny model
-    files = {
-        "cfg": ("cfg.json", json.dumps(cfg), "application/json"),
-        "weights": ("sae_weights.safetensors", io.BytesIO(save(state)), "application/octet-stream"),
-    }
-    r = httpx.post(server.url + "/v1/saes", files=files, data={"id": "sae0"})
-    assert r.status_code in (201, 409), r.text
-    r = httpx.put(
-        server.url + "/v1/saes/sae0/features", json=[{"index": 4, "label": "cold", "max_activation": 3.0}]
-    )
-    assert r.status_code == 200, r.text
-    vec = [((i * 37) % 11 - 5) / 2.0 for i in range(D_MODEL)]
-    r = httpx.post(server.url + "/v1/vectors", json={"id": "vec0", "layer": 1, "vector": vec})
-    assert r.status_code in (201, 409), r.text
-    variant = {
-        "id": "cold",
-        "steering": [{"feature": {"sae": "sae0", "index": 4}, "mode": "add", "strength": 3.0}],
-    }
-    r = httpx.post(server.url + "/v1/variants", json=variant)
-    assert r.status_code in (201, 409), r.text
-    return server
-
+from tests.e2e.conftest import D_SAE
 
 STEER = [{"feature": {"sae": "sae0", "index": 4}, "mode": "add", "strength": 3.0}]
 PROMPT = "The weather in California is"

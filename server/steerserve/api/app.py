@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from steerserve.api import routes_generate, routes_openai, routes_registry
+from steerserve.api import routes_generate, routes_interp, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
 from steerserve.api.errors import error_body, install_error_handlers
 from steerserve.config import Config
@@ -72,6 +72,7 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         b = built or build_engine(config)
         app.state.registry = b.registry
+        app.state.steering_resources = b.steering.resources
         engine = AsyncEngine(b.core)
         app.state.model_info = b.info
         app.state.tokenizer = b.tokenizer
@@ -92,4 +93,5 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_generate.router)
     app.include_router(routes_registry.router)
+    app.include_router(routes_interp.router)
     return app

@@ -11,8 +11,11 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from steerserve.api.convert import bad, check_model, child_seed, sampling_params
+from steerserve.api.errors import APIError
+from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.protocol import SamplingFields
-from steerserve.engine.types import GenerationRequest
+from steerserve.engine.types import FeatureCapture, GenerationRequest
+from steerserve.registry import NotFound
 from steerserve.steering.compile import compile_steering
 from steerserve.steering.spec import SteeringSpec
 
@@ -22,6 +25,21 @@ class CallPlan:
     requests: list[GenerationRequest]
     num_steered: int  # choices [0, num_steered) carry the steering; the rest are unsteered twins
     steering: SteeringSpec | None
+    labels: FeatureLabels | None = None  # set when the call asked for return_features
+
+    def features(self, index: int, feats, output_ids) -> dict:
+        """{"features": [...]} for choice `index` when the call captures features, else {}."""
+        if self.labels is None:
+            return {}
+        prompt = self.requests[index].prompt_token_ids
+
+        def token_at(pos: int) -> int | None:
+            if pos < len(prompt):
+                return prompt[pos]
+            k = pos - len(prompt)
+            return output_ids[k] if k < len(output_ids) else None
+
+        return {"features": token_features_json(feats, token_at, self.labels)}
 
     def is_twin(self, index: int) -> bool:
         return self.steering is not None and index >= self.num_steered
@@ -34,6 +52,19 @@ class CallPlan:
 
     def response_extra(self) -> dict:
         return {} if self.steering is None else {"steering": self.steering.summary()}
+
+
+def feature_capture(
+    registry, info, want, positions: str, param: str = "return_features.sae"
+) -> FeatureCapture:
+    """A validated FeatureCapture for `want` (.sae, .top_k); 404 for an unknown SAE."""
+    try:
+        record = registry.get_sae(want.sae)
+    except NotFound:
+        raise APIError(404, f"{param}: SAE {want.sae!r} does not exist", param, "sae_not_found") from None
+    if record.d_in != info.d_model or record.site.layer >= info.n_layers:
+        raise bad(f"{param}: SAE {want.sae!r} does not fit the served model", param)
+    return FeatureCapture(record.id, record.uid, want.top_k, positions)
 
 
 def resolve_variant(body: SamplingFields, model_name: str) -> str | None:
@@ -59,6 +90,11 @@ async def plan_call(
             compile_steering, state.registry, info, state.config.steering, body.steering,
             body.feature_logit_bias, variant,
         )  # fmt: skip
+    capture = None
+    if body.return_features is not None:
+        capture = await run_in_threadpool(
+            feature_capture, state.registry, info, body.return_features, "generated"
+        )
     twins = body.return_unsteered and spec is not None
     seed = body.seed
     if twins and seed is None:  # the twin must draw the same random numbers as the steered choice
@@ -77,7 +113,8 @@ async def plan_call(
                 limits=state.config.limits,
                 seed=child_seed(seed, index) if body.n > 1 else seed,
             )
-            steered.append(GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, spec, now))
+            steered.append(GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, spec, now, capture))
             if twins:
-                unsteered.append(GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now))
-    return CallPlan(steered + unsteered, len(steered), spec)
+                unsteered.append(GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now, capture))
+    labels = FeatureLabels(state.registry, capture.sae_id) if capture is not None else None
+    return CallPlan(steered + unsteered, len(steered), spec, labels)

@@ -17,6 +17,11 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ReturnFeatures(_Body):
+    sae: str
+    top_k: int = Field(5, ge=1, le=64)
+
+
 class SamplingFields(_Body):
     """Fields shared by all three generation routes."""
 
@@ -43,6 +48,7 @@ class SamplingFields(_Body):
     steering: list[dict[str, Any]] | None = None
     feature_logit_bias: list[dict[str, Any]] | None = None
     return_unsteered: bool = False
+    return_features: ReturnFeatures | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -71,3 +77,18 @@ class GenerateRequest(SamplingFields):
     prompt: str | list[int]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0)
+
+
+class InspectGenerate(_Body):
+    max_tokens: int = Field(16, ge=1)
+    steering: list[dict[str, Any]] | None = None
+    feature_logit_bias: list[dict[str, Any]] | None = None
+    variant: str | None = None
+
+
+class InspectRequest(_Body):
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+    sae: str
+    top_k: int = Field(5, ge=1, le=64)
+    generate: InspectGenerate | None = None

@@ -43,9 +43,15 @@ async def generate(body: GenerateRequest, request: Request):
     n_prompt = len(prompts[0])
 
     if body.stream:
+        outputs: dict[int, list[int]] = {}
 
         def render(index, out):
-            events = []
+            outputs.setdefault(index, []).extend(out.token_ids)
+            events = (
+                [{"index": index, **plan.features(index, out.features, outputs[index])}]
+                if out.features
+                else []
+            )
             for k, token_id in enumerate(out.token_ids):
                 event = {
                     "index": index,
@@ -76,6 +82,7 @@ async def generate(body: GenerateRequest, request: Request):
         "token_ids": first.token_ids,
         "finish_reason": first.finish_reason,
         "usage": usage(n_prompt, sum(r.num_output_tokens for r in results)),
+        **plan.features(0, first.features, first.token_ids),
     }
     if body.logprobs is not None:
         response["logprobs"] = _logprobs_json(first.logprobs)

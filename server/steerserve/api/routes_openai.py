@@ -76,8 +76,10 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": call_id, "object": "text_completion", "created": created, "model": model}
+        outputs: dict[int, list[int]] = {}
 
         def render(index, out):
+            outputs.setdefault(index, []).extend(out.token_ids)
             lp = completion_logprobs(tok, list(out.logprobs)) if body.logprobs is not None else None
             choice = {
                 "index": index,
@@ -85,6 +87,7 @@ async def completions(body: CompletionRequest, request: Request):
                 "logprobs": lp,
                 "finish_reason": finish_reason_text(out.finish_reason),
                 **plan.choice_extra(index),
+                **plan.features(index, out.features, outputs[index]),
             }
             return [head | {"choices": [choice]}]
 
@@ -105,6 +108,7 @@ async def completions(body: CompletionRequest, request: Request):
             "logprobs": completion_logprobs(tok, r.logprobs) if body.logprobs is not None else None,
             "finish_reason": r.finish_reason,
             **plan.choice_extra(r.index),
+            **plan.features(r.index, r.features, r.token_ids),
         }
         for r in results
     ]
@@ -136,8 +140,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": call_id, "object": "chat.completion.chunk", "created": created, "model": model}
         started: set[int] = set()
+        outputs: dict[int, list[int]] = {}
 
         def render(index, out):
+            outputs.setdefault(index, []).extend(out.token_ids)
             events = []
             if index not in started:  # the first chunk of each choice carries the role
                 started.add(index)
@@ -162,6 +168,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "logprobs": lp,
                 "finish_reason": finish_reason_text(out.finish_reason),
                 **plan.choice_extra(index),
+                **plan.features(index, out.features, outputs[index]),
             }
             return [*events, head | {"choices": [choice]}]
 
@@ -178,6 +185,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "logprobs": chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
             "finish_reason": r.finish_reason,
             **plan.choice_extra(r.index),
+            **plan.features(r.index, r.features, r.token_ids),
         }
         for r in results
     ]

@@ -192,7 +192,12 @@ async def put_features(request: Request, sae_id: str) -> dict:
 @router.get("/v1/saes/{sae_id}/features/{index}", dependencies=_reader)
 async def get_feature(request: Request, sae_id: str, index: int) -> dict:
     info = await _run(_registry(request).get_feature, sae_id, index)
-    return {"object": "feature", **info.to_json(sae_id)}
+    out = {"object": "feature", **info.to_json(sae_id)}
+    if getattr(request.app.state, "steering_resources", None) is not None:  # needs the served model
+        from steerserve.api.routes_interp import feature_top_logits
+
+        out["top_logits"] = await feature_top_logits(request, sae_id, index)
+    return out
 
 
 @router.get("/v1/features/search", dependencies=_reader)

@@ -34,6 +34,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    features: list = field(default_factory=list)  # TokenFeatures captured for this choice
 
 
 def finish_reason_text(reason: FinishReason | None) -> str | None:
@@ -97,6 +98,7 @@ async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> lis
             r.text += out.text
             r.token_ids.extend(out.token_ids)
             r.logprobs.extend(out.logprobs)
+            r.features.extend(out.features)
             r.num_prompt_tokens = out.num_prompt_tokens
             r.num_output_tokens = out.num_output_tokens
             if out.finish_reason is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from steerserve.engine.request import RequestState
 from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.tokenizer import Detokenizer
-from steerserve.engine.types import FinishReason, GenerationRequest, TokenLogprob
+from steerserve.engine.types import FinishReason, GenerationRequest, TokenFeatures, TokenLogprob
 from steerserve.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    features: tuple[TokenFeatures, ...] = ()  # captured since the previous output (FeatureCapture)
 
 
 class EngineDeadError(RuntimeError):
@@ -55,6 +56,7 @@ class EngineCore:
         self.detok: dict[str, Detokenizer] = {}
         self._arrival: dict[str, float] = {}
         self._last_token_time: dict[str, float] = {}
+        self._features: dict[str, list[TokenFeatures]] = {}  # captured, not yet handed out
 
     def add(self, request: GenerationRequest) -> None:
         self.scheduler.add(request)
@@ -74,6 +76,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
         advanced = self.scheduler.update(sched, result.sampled)
+        for rid, feats in result.features.items():
+            self._features.setdefault(rid, []).extend(feats)
         now = time.monotonic()
         outputs = []
         for rid, message in result.failed.items():
@@ -111,8 +115,10 @@ class EngineCore:
         lps = (logprob,) if logprob is not None else ()
         if state.finish_reason is not None:
             return self._finish_output(state, None, (token,), lps)
+        features = tuple(self._features.pop(rid, ()))
+        n_out = len(state.output_token_ids)
         return RequestOutput(
-            rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, len(state.output_token_ids)
+            rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, n_out, None, features
         )
 
     def _finish_output(self, state: RequestState, text, token_ids, lps, error=None) -> RequestOutput:
@@ -126,8 +132,17 @@ class EngineCore:
         reason = FinishReason.ERROR if error else state.finish_reason
         if self.metrics is not None and arrival is not None:
             self.metrics.observe_finish(state, reason, time.monotonic() - arrival)
+        features = tuple(self._features.pop(rid, ()))
         return RequestOutput(
-            rid, text, token_ids, lps, reason, state.num_prompt_tokens, len(state.output_token_ids), error
+            rid,
+            text,
+            token_ids,
+            lps,
+            reason,
+            state.num_prompt_tokens,
+            len(state.output_token_ids),
+            error,
+            features,
         )
 
     def fail_all(self, message: str) -> list[RequestOutput]:

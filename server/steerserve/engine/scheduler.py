@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from steerserve.config import SchedulerConfig
 from steerserve.engine.kv_cache import BlockAllocator
 from steerserve.engine.request import RequestState, RequestStatus
-from steerserve.engine.types import FinishReason, GenerationRequest, SamplingParams
+from steerserve.engine.types import FeatureCapture, FinishReason, GenerationRequest, SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class ScheduledRequest:
     is_new: bool  # first time the runner sees this request (or first time since preemption)
     sampling: SamplingParams
     steering: object | None
+    capture: FeatureCapture | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +168,7 @@ class Scheduler:
             is_new=is_new,
             sampling=req.sampling,
             steering=req.steering,
+            capture=req.capture,
         )
 
     def _fingerprint(self, state: RequestState) -> str | None:

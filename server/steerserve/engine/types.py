@@ -52,12 +52,30 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureCapture:
+    """Report the top-k SAE features of each token at the SAE's site (after any steering there)."""
+
+    sae_id: str
+    sae_uid: str
+    top_k: int
+    positions: str = "generated"  # prompt | generated | all
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFeatures:
+    position: int  # the token's position in prompt + output
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
-    steering: object | None = None  # a SteeringSpec (steering issue); None = unsteered
+    steering: object | None = None  # a SteeringSpec; None = unsteered
     arrival_time: float = 0.0
+    capture: FeatureCapture | None = None
 
 
 class FinishReason(enum.StrEnum):

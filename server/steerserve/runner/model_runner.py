@@ -18,7 +18,7 @@ import torch
 
 from steerserve.config import CacheConfig, SchedulerConfig
 from steerserve.engine.scheduler import SchedulerOutput
-from steerserve.engine.types import TokenLogprob
+from steerserve.engine.types import TokenFeatures, TokenLogprob
 from steerserve.runner.attention import KVCache
 from steerserve.runner.input_batch import (
     CachedRequest,
@@ -26,8 +26,10 @@ from steerserve.runner.input_batch import (
     build_sampling_batch,
     new_cached_request,
 )
-from steerserve.runner.model_loader import resolve_dtype
+from steerserve.runner.model_loader import decoder_layers, resolve_dtype
+from steerserve.runner.site_hooks import SiteHooks
 from steerserve.sampling.sampler import Sampler
+from steerserve.steering.capture import FeatureCapturer
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class RunnerOutput:
     sampled: dict[str, int]
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why it cannot run
+    features: dict[str, list[TokenFeatures]] = field(default_factory=dict)  # captured, per request
 
 
 def _available_memory(device: torch.device) -> int:
@@ -96,6 +99,29 @@ class ModelRunner:
         self.requests: dict[str, CachedRequest] = {}
         self._rng = random.Random(seed)
         self.steering = steering  # SteeringRows, or None when the server cannot steer
+        self.capturer = FeatureCapturer(steering.resources) if steering is not None else None
+        self.site_hooks = SiteHooks(decoder_layers(model), self._on_site)
+
+    def _on_site(self, site, h) -> None:
+        self.steering.apply(site, h)  # steering first: a capture sees the steered state
+        self.capturer.collect(site, h)
+
+    def _plan_captures(self, scheduled) -> None:
+        items, q_start = [], 0
+        for item in scheduled:
+            if item.capture is not None:
+                items.append(
+                    (
+                        item.request_id,
+                        item.capture,
+                        q_start,
+                        item.start,
+                        len(item.token_ids),
+                        item.num_prompt_tokens,
+                    )
+                )
+            q_start += len(item.token_ids)
+        self.capturer.plan(items)
 
     def _admit(self, item) -> CachedRequest:
         req = new_cached_request(item, self.device, self._rng)
@@ -130,6 +156,8 @@ class ModelRunner:
         inputs = build_forward_inputs(scheduled, rows, self.block_size, self.device)
         if self.steering is not None:
             self.steering.begin_step(inputs.token_row, inputs.pos_class)
+            self._plan_captures(scheduled)
+            self.site_hooks.sync(self.steering.sites() | self.capturer.sites())
         try:
             out = self.model(
                 input_ids=inputs.input_ids,
@@ -142,16 +170,17 @@ class ModelRunner:
         finally:
             if self.steering is not None:
                 self.steering.end_step()
+        features = self.capturer.results() if self.capturer is not None else {}
         if not inputs.sample_ids:
-            return RunnerOutput({}, failed=failed)
+            return RunnerOutput({}, failed=failed, features=features)
         logits = out.logits[0]  # [R, V]
         reqs = [self.requests[rid] for rid in inputs.sample_ids]
         dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
         batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
         result = self.sampler(logits, batch)
-        return self._to_host(reqs, result, failed)
+        return self._to_host(reqs, result, failed, features)
 
-    def _to_host(self, reqs: list[CachedRequest], result, failed: dict[str, str]) -> RunnerOutput:
+    def _to_host(self, reqs: list[CachedRequest], result, failed: dict[str, str], features) -> RunnerOutput:
         tokens = result.token_ids.tolist()  # the one host-device sync of the step
         sampled = {}
         for req, tok in zip(reqs, tokens, strict=True):
@@ -159,7 +188,7 @@ class ModelRunner:
             if req.sampling.uses_penalties:
                 req.output_counts[tok] += 1
         if result.logprobs is None:
-            return RunnerOutput(sampled, failed=failed)
+            return RunnerOutput(sampled, failed=failed, features=features)
         chosen = result.logprobs.tolist()
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
         top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
@@ -170,4 +199,4 @@ class ModelRunner:
                 continue
             top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if k and top_ids else ()
             logprobs[req.request_id] = TokenLogprob(tok, chosen[i], top)
-        return RunnerOutput(sampled, logprobs, failed)
+        return RunnerOutput(sampled, logprobs, failed, features)

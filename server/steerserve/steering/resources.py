@@ -9,6 +9,7 @@ computed once per (SAE, feature) and cached in the registry's blob store.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -40,12 +41,15 @@ class SteeringResources:
         self.device = device
         self.saes = DeviceSAECache(registry, device, sae_cache_bytes, dtype=torch.float32)
         self._effects: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (uid, index) -> [V]
+        # NOTE: the engine thread and API threads (top_logits) share these caches
+        self._lock = threading.RLock()
 
     def sae(self, ref: SAERef) -> SAEWeights:
         record = self.registry.get_sae(ref.id)
         if record.uid != ref.uid:
             raise SteeringResourceError(f"SAE {ref.id!r} was replaced after this request was validated")
-        return self.saes.get(ref.id)
+        with self._lock:
+            return self.saes.get(ref.id)
 
     def vector(self, vector_id: str, uid: str, site: Site) -> torch.Tensor:
         record, vec = self.registry.load_vector(vector_id)
@@ -56,6 +60,10 @@ class SteeringResources:
     @torch.inference_mode()
     def logit_effect(self, ref: SAERef, index: int) -> torch.Tensor:
         """[V] fp32: the logits feature `index` of SAE `ref` writes directly (memory, then blob cache)."""
+        with self._lock:
+            return self._logit_effect(ref, index)
+
+    def _logit_effect(self, ref: SAERef, index: int) -> torch.Tensor:
         effect = self._effects.get((ref.uid, index))
         if effect is not None:
             self._effects.move_to_end((ref.uid, index))

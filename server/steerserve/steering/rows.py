@@ -2,8 +2,8 @@
 
 A row holds one SteeringSpec: written once when its first request is admitted, shared by every live
 request with the same fingerprint, cleared when the last one finishes. Per step the runner tells
-`begin_step()` each token's row and position class; the hooks at the sites any live row uses then call
-the kernels on the layer's hidden states. No live row at a site = no hook there = no cost.
+`begin_step()` each token's row and position class; the runner's site hooks (runner/site_hooks.py) then
+call `apply()` at the sites any live row uses. No live row at a site = no hook there = no cost.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.config import SteeringConfig
-from steerserve.runner.model_loader import decoder_layers
 from steerserve.sites import Site
 from steerserve.steering.banks import SiteBank
 from steerserve.steering.resources import SteeringResources
@@ -42,16 +41,13 @@ def _feature_add_coeff(iv: Intervention, w_dec_row: torch.Tensor) -> float:
 class SteeringRows:
     def __init__(self, cfg: SteeringConfig, model, resources: SteeringResources, vocab_size: int):
         self.cfg = cfg
-        self.model = model
         self.resources = resources
         self.device = resources.device
         self.d_model = model.config.hidden_size
         self.vocab_size = vocab_size
-        self.layers = decoder_layers(model)
         self._rows: dict[str, _Row] = {}
         self._free = list(range(cfg.max_steering_rows - 1, -1, -1))
         self.banks: dict[Site, SiteBank] = {}
-        self._hooks: dict[Site, torch.utils.hooks.RemovableHandle] = {}
         self._logit_bank: torch.Tensor | None = None  # [R, V], allocated on first use
         self._token_row: torch.Tensor | None = None  # [T] this step
         self._token_slot: torch.Tensor | None = None  # [T]
@@ -76,7 +72,6 @@ class SteeringRows:
             self._free.append(index)
             raise
         self._rows[spec.fingerprint] = _Row(index, 1, spec, bool(spec.logit_biases))
-        self._sync_hooks()
         return index
 
     def release(self, spec: SteeringSpec) -> None:
@@ -87,7 +82,6 @@ class SteeringRows:
         del self._rows[spec.fingerprint]
         self._clear(row.index, spec)
         self._free.append(row.index)
-        self._sync_hooks()
 
     def _bank(self, site: Site) -> SiteBank:
         bank = self.banks.get(site)
@@ -133,39 +127,15 @@ class SteeringRows:
         if self._logit_bank is not None:
             self._logit_bank[row].zero_()
 
-    # -- hooks ----------------------------------------------------------------------------------
-    def _sync_hooks(self) -> None:
-        for site in list(self._hooks):
-            if site not in self.banks:
-                self._hooks.pop(site).remove()
-        for site in self.banks:
-            if site not in self._hooks:
-                layer = self.layers[site.layer]
-                if site.hook == "resid_pre":
-                    self._hooks[site] = layer.register_forward_pre_hook(
-                        self._pre_hook(site), with_kwargs=True
-                    )
-                else:
-                    self._hooks[site] = layer.register_forward_hook(self._post_hook(site))
+    # -- inside the forward pass ----------------------------------------------------------------
+    def sites(self) -> set[Site]:
+        return set(self.banks)
 
-    def _apply(self, site: Site, hidden: torch.Tensor) -> None:
-        if self._token_row is None:
-            return
-        h = hidden.view(-1, hidden.shape[-1])  # [T, d], a view: edits land in the layer's tensor
-        self.banks[site].apply(h, self._token_row, self._token_slot)
-
-    def _pre_hook(self, site: Site):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._apply(site, hidden)
-
-        return hook
-
-    def _post_hook(self, site: Site):
-        def hook(module, args, output):
-            self._apply(site, output[0] if isinstance(output, tuple) else output)
-
-        return hook
+    def apply(self, site: Site, h: torch.Tensor) -> None:
+        """Edit `h` [T, d] at `site` in place for this step's steered tokens."""
+        bank = self.banks.get(site)
+        if bank is not None and self._token_row is not None:
+            bank.apply(h, self._token_row, self._token_slot)
 
     # -- per step -------------------------------------------------------------------------------
     def begin_step(self, token_row: torch.Tensor | None, pos_class: torch.Tensor) -> None:

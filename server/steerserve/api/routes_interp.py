@@ -1,0 +1,121 @@
+"""Interpretability routes: POST /v1/inspect (per-token SAE features, optionally on a steered completion
+generated in the same call) and the direct logit effect of a feature (`top_logits`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from steerserve.api.auth import require_api_key
+from steerserve.api.convert import bad
+from steerserve.api.errors import APIError
+from steerserve.api.features_json import FeatureLabels, token_features_json
+from steerserve.api.plan import feature_capture
+from steerserve.api.protocol import ChatCompletionRequest, InspectRequest
+from steerserve.api.serving import collect, new_id, until_disconnect
+from steerserve.engine.tokenizer import encode_prompt
+from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.registry import NotFound
+from steerserve.steering.compile import compile_steering
+from steerserve.steering.spec import SAERef
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+TOP_LOGITS = 10
+
+
+def _prompt(body: InspectRequest, state) -> list[int]:
+    if (body.text is None) == (body.messages is None):
+        raise bad("give exactly one of text or messages", "text")
+    if body.text is not None:
+        if not body.text:
+            raise bad("text must not be empty", "text")
+        return encode_prompt(state.tokenizer, body.text)
+    from steerserve.api.convert import chat_prompt
+
+    return chat_prompt(ChatCompletionRequest(messages=body.messages), state.tokenizer)
+
+
+@router.post("/v1/inspect")
+async def inspect(body: InspectRequest, request: Request):
+    state = request.app.state
+    info, tok = state.model_info, state.tokenizer
+    prompt = _prompt(body, state)
+    capture = await run_in_threadpool(feature_capture, state.registry, info, body, "all", "sae")
+    spec, max_tokens = None, 1
+    if body.generate is not None:
+        g = body.generate
+        spec = await run_in_threadpool(
+            compile_steering,
+            state.registry,
+            info,
+            state.config.steering,
+            g.steering,
+            g.feature_logit_bias,
+            g.variant,
+        )
+        max_tokens = g.max_tokens + 1  # NOTE: one more step, so the last reported token has activations too
+    if len(prompt) + max_tokens > info.max_model_len:
+        raise bad(f"text is {len(prompt)} tokens; with generation it must fit {info.max_model_len}", "text")
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    req = GenerationRequest(new_id("inspect"), tuple(prompt), sp, spec, time.monotonic(), capture)
+    (result,) = await until_disconnect(request, collect(state.engine, [req]))
+    ids = prompt + result.token_ids
+    labels = FeatureLabels(state.registry, capture.sae_id)
+    by_position = await run_in_threadpool(
+        token_features_json, result.features, lambda p: ids[p] if p < len(ids) else None, labels
+    )
+    tokens = []
+    for entry in by_position:
+        pos, token_id = entry["position"], entry["token_id"]
+        tokens.append(
+            {
+                "token": tok.decode([token_id]),
+                "token_id": token_id,
+                "position": pos,
+                "generated": pos >= len(prompt),
+                "special": token_id in tok.all_special_ids,
+                "features": entry["features"],
+            }
+        )
+    out = {"object": "inspection", "sae": capture.sae_id, "tokens": tokens}
+    if body.generate is not None:
+        generated = result.token_ids[: body.generate.max_tokens]
+        out["text"] = tok.decode(generated, skip_special_tokens=True)
+        if spec is not None:
+            out["steering"] = spec.summary()
+    return out
+
+
+def top_logits(state, sae_id: str, index: int) -> dict:
+    """Tokens feature `index` promotes and suppresses most through the unembedding (blocking)."""
+    resources = state.steering_resources
+    record = state.registry.get_sae(sae_id)
+    if not 0 <= index < record.d_sae:
+        raise APIError(
+            404,
+            f"feature {index} does not exist: SAE {sae_id!r} has {record.d_sae}",
+            "index",
+            "feature_not_found",
+        )
+    effect = resources.logit_effect(SAERef(record.id, record.uid), index).float().cpu()
+    k = min(TOP_LOGITS, effect.numel())
+    tok = state.tokenizer
+
+    def entries(values: torch.Tensor, ids: torch.Tensor) -> list[dict]:
+        return [
+            {"token": tok.decode([i]), "token_id": i, "value": v}
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+        ]
+
+    up, down = effect.topk(k), (-effect).topk(k)
+    return {"promoted": entries(up.values, up.indices), "suppressed": entries(-down.values, down.indices)}
+
+
+async def feature_top_logits(request: Request, sae_id: str, index: int) -> dict:
+    try:
+        return await run_in_threadpool(top_logits, request.app.state, sae_id, index)
+    except NotFound:
+        raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None

@@ -1,0 +1,83 @@
+"""Feature capture: the top-k SAE features of chosen tokens, read inside the batched forward pass.
+
+Per step the runner lists, for each request that captures, the rows of the packed batch to read; at the
+SAE's site (after steering there) `sae_encode_topk` encodes just those rows; after the forward pass the
+results are copied to the host together with the sampled tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import steerkernels
+from steerserve.engine.types import FeatureCapture, TokenFeatures
+from steerserve.registry import SAEWeights
+from steerserve.sites import Site
+
+
+@dataclass
+class _Group:
+    """The rows of one SAE to encode this step."""
+
+    weights: SAEWeights
+    top_k: int
+    rows: list[int] = field(default_factory=list)  # packed-batch rows
+    owners: list[tuple[str, int]] = field(default_factory=list)  # (request id, position) per row
+    result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class FeatureCapturer:
+    def __init__(self, resources):
+        self.resources = resources
+        self._groups: dict[Site, list[_Group]] = {}
+
+    def sites(self) -> set[Site]:
+        return set(self._groups)
+
+    def plan(self, items: list[tuple[str, FeatureCapture, int, int, int, int]]) -> None:
+        """items: (request id, capture, q_start, first position, n tokens, n prompt tokens) per request."""
+        from steerserve.steering.spec import SAERef
+
+        by_key: dict[tuple[str, int], _Group] = {}
+        self._groups = {}
+        for rid, cap, q_start, start, n, n_prompt in items:
+            weights = self.resources.sae(SAERef(cap.sae_id, cap.sae_uid))
+            group = by_key.get((cap.sae_uid, cap.top_k))
+            if group is None:
+                group = by_key[(cap.sae_uid, cap.top_k)] = _Group(weights, cap.top_k)
+                self._groups.setdefault(weights.site, []).append(group)
+            for k in range(n):
+                pos = start + k
+                generated = pos >= n_prompt
+                if cap.positions == "all" or (cap.positions == "generated") == generated:
+                    group.rows.append(q_start + k)
+                    group.owners.append((rid, pos))
+
+    def collect(self, site: Site, h: torch.Tensor) -> None:
+        for group in self._groups.get(site, ()):
+            if not group.rows:
+                continue
+            rows = torch.tensor(group.rows, dtype=torch.int64, device=h.device)
+            w = group.weights
+            group.result = steerkernels.sae_encode_topk(
+                h.index_select(0, rows).float(), w.W_enc, w.b_enc, w.b_dec,
+                w.threshold if w.architecture == "jumprelu" else None, w.apply_b_dec_to_input,
+                min(group.top_k, w.d_sae),
+            )  # fmt: skip
+
+    def results(self) -> dict[str, list[TokenFeatures]]:
+        out: dict[str, list[TokenFeatures]] = {}
+        for groups in self._groups.values():
+            for group in groups:
+                if group.result is None:
+                    continue
+                values, indices = (t.tolist() for t in group.result)
+                for (rid, pos), vals, idx in zip(group.owners, values, indices, strict=True):
+                    keep = [(i, v) for i, v in zip(idx, vals, strict=True) if v > 0]
+                    out.setdefault(rid, []).append(
+                        TokenFeatures(pos, tuple(i for i, _ in keep), tuple(v for _, v in keep))
+                    )
+        self._groups = {}
+        return out

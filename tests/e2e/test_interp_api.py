@@ -1,0 +1,147 @@
+"""Interpretability through the real server: /v1/inspect and return_features against the SAE's own
+encode of hidden states captured here with a forward hook; top_logits against the readout formula."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.registry.helpers import ref_saelens_encode
+
+TEXT = "The weather in Alaska is always"
+
+
+@pytest.fixture(scope="module")
+def hf(steerable):
+    model = AutoModelForCausalLM.from_pretrained(steerable.model_dir, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(steerable.model_dir)
+
+
+def site_states(model, ids: list[int]) -> torch.Tensor:
+    """resid_post of layer 0 for every token: the SAE's site."""
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+    )
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen[0][0]
+
+
+def expected_top(steerable, h: torch.Tensor, k: int):
+    acts = ref_saelens_encode("standard", steerable.sae_state, h)  # float64, SAELens' own formula
+    vals, idx = acts.topk(k, dim=-1)
+    return vals, idx
+
+
+def test_inspect_matches_the_saes_own_encode(steerable, hf):
+    model, tok = hf
+    r = httpx.post(steerable.url + "/v1/inspect", json={"text": TEXT, "sae": "sae0", "top_k": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = tok(TEXT)["input_ids"]
+    assert [t["token_id"] for t in body["tokens"]] == ids
+    vals, idx = expected_top(steerable, site_states(model, ids), 4)
+    labelled = 0
+    for t, v, i in zip(body["tokens"], vals, idx, strict=True):
+        got = t["features"]
+        keep = [(int(a), float(b)) for a, b in zip(i, v, strict=True) if b > 0]
+        assert [f["index"] for f in got] == [a for a, _ in keep]
+        assert [f["activation"] for f in got] == pytest.approx([b for _, b in keep], rel=1e-4, abs=1e-4)
+        labelled += any(f["label"] == "cold" for f in got)
+    assert all(t["features"] for t in body["tokens"]), "a random SAE with biases fires on every token"
+    assert labelled == sum(4 in [f["index"] for f in t["features"]] for t in body["tokens"])
+
+
+def test_return_features_on_generated_tokens(client, steerable, hf):
+    model, tok = hf
+    r = client.completions.create(
+        model="tiny-gpt2",
+        prompt=TEXT,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"return_features": {"sae": "sae0", "top_k": 3}, "ignore_eos": True},
+    )
+    feats = r.choices[0].model_extra["features"]
+    prompt_ids = tok(TEXT)["input_ids"]
+    out_ids = [f["token_id"] for f in feats]
+    # activations of a generated token arrive when it is fed back: all but the last have them
+    assert [f["position"] for f in feats] == list(range(len(prompt_ids), len(prompt_ids) + 5))
+    ids = prompt_ids + out_ids
+    vals, idx = expected_top(steerable, site_states(model, ids), 3)
+    for f in feats:
+        keep = [int(a) for a, b in zip(idx[f["position"]], vals[f["position"]], strict=True) if b > 0]
+        assert [x["index"] for x in f["features"]] == keep
+    streamed = client.completions.create(
+        model="tiny-gpt2",
+        prompt=TEXT,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        extra_body={"return_features": {"sae": "sae0", "top_k": 3}, "ignore_eos": True},
+    )
+    chunks = [f for c in streamed if c.choices for f in (c.choices[0].model_extra or {}).get("features", [])]
+    assert chunks == feats
+
+
+def test_inspect_a_steered_completion_shows_the_feature_firing(steerable):
+    sd = steerable.sae_state  # the feature that reads its own direction most strongly
+    f = int((sd["W_dec"] * sd["W_enc"].t()).sum(-1).argmax())
+    steer = [
+        {"feature": {"sae": "sae0", "index": f}, "mode": "add", "strength": 3.0, "positions": "generated"}
+    ]
+    base = httpx.post(
+        steerable.url + "/v1/inspect",
+        timeout=60,
+        json={"text": TEXT, "sae": "sae0", "top_k": 8, "generate": {"max_tokens": 5}},
+    ).json()
+    steered = httpx.post(
+        steerable.url + "/v1/inspect",
+        timeout=60,
+        json={"text": TEXT, "sae": "sae0", "top_k": 8, "generate": {"max_tokens": 5, "steering": steer}},
+    ).json()
+    plain = httpx.post(
+        steerable.url + "/v1/completions",
+        timeout=60,
+        json={"prompt": TEXT, "max_tokens": 5, "temperature": 0, "steering": steer},
+    ).json()
+    assert steered["text"] == plain["choices"][0]["text"]
+
+    def act(t):
+        return next((x["activation"] for x in t["features"] if x["index"] == f), 0.0)
+
+    gen_steered = [act(t) for t in steered["tokens"] if t["generated"]]
+    gen_base = [act(t) for t in base["tokens"] if t["generated"]]
+    assert len(gen_steered) == 5 and sum(gen_steered) > sum(gen_base)
+
+
+def test_top_logits_follow_the_readout(steerable, hf):
+    model, _ = hf
+    r = httpx.get(steerable.url + "/v1/saes/sae0/features/4", timeout=60).json()
+    assert r["label"] == "cold" and r["max_activation"] == 3.0
+    w = steerable.sae_state["W_dec"][4]
+    ln = model.transformer.ln_f
+    hidden = ln.weight * (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + ln.eps)
+    effect = (model.lm_head.weight @ hidden).detach()
+    assert [e["token_id"] for e in r["top_logits"]["promoted"]] == effect.topk(10).indices.tolist()
+    assert [e["token_id"] for e in r["top_logits"]["suppressed"]] == (-effect).topk(10).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"text": TEXT, "sae": "nope"}, 404, "sae"),
+        ({"sae": "sae0"}, 400, "text"),
+        ({"text": "", "sae": "sae0"}, 400, "text"),
+        ({"text": TEXT, "sae": "sae0", "top_k": 1000}, 400, "top_k"),
+        ({"text": TEXT, "sae": "sae0", "generate": {"max_tokens": 5000}}, 400, "text"),
+    ],
+)
+def test_inspect_bad_input(steerable, body, status, param):
+    r = httpx.post(steerable.url + "/v1/inspect", json=body, timeout=30)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
