@@ -143,7 +143,9 @@ def test_write_kv_matches_index_copy(src_dtype, kv_dtype):
     slots = torch.randperm(rows, generator=gen)[:n_tokens]
     # key/value as the models make them: transposed views of [1, T, H_kv, hd]
     key = torch.randn(1, n_tokens, n_kv, hd, generator=gen).to(src_dtype).transpose(1, 2)
-    value = (torch.randn(1, n_tokens, n_kv, hd, generator=gen) * 1e3).to(src_dtype).transpose(1, 2)
+    value = torch.randn(1, n_tokens, n_kv, hd, generator=gen) * 1e3
+    value[0, :4, 0, :5] = torch.tensor([float("inf"), -float("inf"), 1e-40, 3.4e38, -0.0])  # rounding edges
+    value = value.to(src_dtype).transpose(1, 2)
     k_cache = torch.randn(n_kv, rows, hd, generator=gen).to(kv_dtype)
     v_cache = torch.randn(n_kv, rows, hd, generator=gen).to(kv_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()

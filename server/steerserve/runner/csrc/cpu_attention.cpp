@@ -309,10 +309,27 @@ struct WriteArgs {
   int32_t src_dtype, kv_dtype, n_threads;
 };
 
+// dst[:n] = src[:n] in dst's dtype (bf16: round to nearest even).
+template <typename ST, typename KT>
+inline void copy_row(const ST* src, KT* dst, int64_t n) {
+  if constexpr (std::is_same_v<ST, KT>) {
+    std::memcpy(dst, src, size_t(n) * sizeof(KT));
+  } else {
+#ifdef SS_AVX512
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = lane_mask(n - d);
+      store16(dst + d, load16(src + d, m), m);
+    }
+#else
+    for (int64_t d = 0; d < n; ++d) from_f32(to_f32(src[d]), dst + d);
+#endif
+  }
+}
+
 template <typename ST, typename KT>
 void write_all(const WriteArgs& a) {
   const int64_t items = a.n_tokens * a.n_kv_heads, hd = a.head_dim;
-  const int nt = items * hd >= (1 << 16) ? a.n_threads : 1;
+  const int nt = items * hd >= (1 << 14) ? a.n_threads : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < items; ++i) {
     const int64_t t = i / a.n_kv_heads, g = i % a.n_kv_heads;
@@ -320,10 +337,8 @@ void write_all(const WriteArgs& a) {
     const ST* vs = static_cast<const ST*>(a.value) + g * a.v_head + t * a.v_row;
     KT* kd = static_cast<KT*>(a.k_cache) + g * a.cache_head + a.slots[t] * hd;
     KT* vd = static_cast<KT*>(a.v_cache) + g * a.cache_head + a.slots[t] * hd;
-    for (int64_t d = 0; d < hd; ++d) {
-      from_f32(to_f32(ks[d]), kd + d);
-      from_f32(to_f32(vs[d]), vd + d);
-    }
+    copy_row(ks, kd, hd);
+    copy_row(vs, vd, hd);
   }
 }
 
