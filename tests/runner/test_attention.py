@@ -218,3 +218,11 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_attention, "_state", {})
     monkeypatch.setenv("STEERSERVE_CPU_ATTENTION", "0")
     assert cpu_attention.load() is None
+
+
+def test_preferred_kv_dtype(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "load", lambda: object())
+    assert cpu_attention.preferred_kv_dtype(torch.bfloat16) == torch.bfloat16
+    assert cpu_attention.preferred_kv_dtype(torch.float16) == torch.float32
+    monkeypatch.setattr(cpu_attention, "load", lambda: None)
+    assert cpu_attention.preferred_kv_dtype(torch.bfloat16) == torch.float32

@@ -193,6 +193,12 @@ def available() -> bool:
     return load() is not None
 
 
+def preferred_kv_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The KV-cache dtype to pick on CPU for `auto`: the model's own when the kernel runs it (bf16 halves
+    the bytes decode reads, and is what HF's own bf16 cache holds), else fp32 (SDPA's fast CPU dtype)."""
+    return model_dtype if model_dtype in DTYPE_CODES and available() else torch.float32
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
