@@ -67,6 +67,8 @@ class LimitsConfig:
     """Largest `top_logprobs` / `logprobs`."""
     max_prompts: int = 64
     """Most prompts in one completions call (prompt as a list)."""
+    max_contrast_pairs: int = 512
+    """Most prompt pairs in one /v1/vectors/contrast call."""
 
 
 @dataclass(frozen=True)

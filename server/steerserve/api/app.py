@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from steerserve.api import routes_generate, routes_interp, routes_openai, routes_registry
+from steerserve.api import routes_contrast, routes_generate, routes_interp, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
 from steerserve.api.errors import error_body, install_error_handlers
 from steerserve.config import Config
@@ -94,4 +94,5 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     app.include_router(routes_generate.router)
     app.include_router(routes_registry.router)
     app.include_router(routes_interp.router)
+    app.include_router(routes_contrast.router)
     return app

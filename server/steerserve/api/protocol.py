@@ -92,3 +92,17 @@ class InspectRequest(_Body):
     sae: str
     top_k: int = Field(5, ge=1, le=64)
     generate: InspectGenerate | None = None
+
+
+class ContrastPair(_Body):
+    positive: str = Field(min_length=1)
+    negative: str = Field(min_length=1)
+
+
+class ContrastVectorRequest(_Body):
+    id: str
+    layer: int | None = Field(None, ge=0)
+    site: str | dict[str, Any] | None = None
+    pairs: list[ContrastPair] = Field(min_length=1)
+    token: Literal["last", "mean"] = "last"
+    method: Literal["mean_diff", "pca"] = "mean_diff"

@@ -62,6 +62,19 @@ class FeatureCapture:
 
 
 @dataclass(frozen=True, slots=True)
+class HiddenCapture:
+    """Report the residual stream at `site` (after any steering there) for the prompt's tokens."""
+
+    site: object  # steerserve.sites.Site
+
+
+@dataclass(frozen=True, slots=True)
+class TokenHidden:
+    position: int
+    vector: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TokenFeatures:
     position: int  # the token's position in prompt + output
     indices: tuple[int, ...]
@@ -75,7 +88,7 @@ class GenerationRequest:
     sampling: SamplingParams
     steering: object | None = None  # a SteeringSpec; None = unsteered
     arrival_time: float = 0.0
-    capture: FeatureCapture | None = None
+    capture: FeatureCapture | HiddenCapture | None = None
 
 
 class FinishReason(enum.StrEnum):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 import steerkernels
-from steerserve.engine.types import FeatureCapture, TokenFeatures
+from steerserve.engine.types import FeatureCapture, HiddenCapture, TokenFeatures, TokenHidden
 from steerserve.registry import SAEWeights
 from steerserve.sites import Site
 
@@ -28,21 +28,37 @@ class _Group:
     result: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@dataclass
+class _Hidden:
+    """Rows whose hidden state at a site is copied out as it is."""
+
+    rows: list[int] = field(default_factory=list)
+    owners: list[tuple[str, int]] = field(default_factory=list)
+    result: torch.Tensor | None = None
+
+
 class FeatureCapturer:
     def __init__(self, resources):
         self.resources = resources
         self._groups: dict[Site, list[_Group]] = {}
+        self._hidden: dict[Site, _Hidden] = {}
 
     def sites(self) -> set[Site]:
-        return set(self._groups)
+        return set(self._groups) | set(self._hidden)
 
     def plan(self, items: list[tuple[str, FeatureCapture, int, int, int, int]]) -> None:
         """items: (request id, capture, q_start, first position, n tokens, n prompt tokens) per request."""
         from steerserve.steering.spec import SAERef
 
         by_key: dict[tuple[str, int], _Group] = {}
-        self._groups = {}
+        self._groups, self._hidden = {}, {}
         for rid, cap, q_start, start, n, n_prompt in items:
+            if isinstance(cap, HiddenCapture):
+                hidden = self._hidden.setdefault(cap.site, _Hidden())
+                for k in range(min(n, max(0, n_prompt - start))):  # prompt tokens only
+                    hidden.rows.append(q_start + k)
+                    hidden.owners.append((rid, start + k))
+                continue
             weights = self.resources.sae(SAERef(cap.sae_id, cap.sae_uid))
             group = by_key.get((cap.sae_uid, cap.top_k))
             if group is None:
@@ -56,6 +72,11 @@ class FeatureCapturer:
                     group.owners.append((rid, pos))
 
     def collect(self, site: Site, h: torch.Tensor) -> None:
+        hidden = self._hidden.get(site)
+        if hidden is not None and hidden.rows:
+            hidden.result = h.index_select(
+                0, torch.tensor(hidden.rows, dtype=torch.int64, device=h.device)
+            ).float()
         for group in self._groups.get(site, ()):
             if not group.rows:
                 continue
@@ -67,8 +88,12 @@ class FeatureCapturer:
                 min(group.top_k, w.d_sae),
             )  # fmt: skip
 
-    def results(self) -> dict[str, list[TokenFeatures]]:
-        out: dict[str, list[TokenFeatures]] = {}
+    def results(self) -> dict[str, list[TokenFeatures | TokenHidden]]:
+        out: dict[str, list[TokenFeatures | TokenHidden]] = {}
+        for hidden in self._hidden.values():
+            if hidden.result is not None:
+                for (rid, pos), vec in zip(hidden.owners, hidden.result.tolist(), strict=True):
+                    out.setdefault(rid, []).append(TokenHidden(pos, tuple(vec)))
         for groups in self._groups.values():
             for group in groups:
                 if group.result is None:
@@ -79,5 +104,5 @@ class FeatureCapturer:
                     out.setdefault(rid, []).append(
                         TokenFeatures(pos, tuple(i for i, _ in keep), tuple(v for _, v in keep))
                     )
-        self._groups = {}
+        self._groups, self._hidden = {}, {}
         return out
