@@ -220,3 +220,39 @@ def test_contrast_pca_is_signed_toward_positives(steerable):
 def test_contrast_bad_input(steerable, body, param):
     r = httpx.post(steerable.url + "/v1/vectors/contrast", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_search_by_effect_finds_the_feature_built_to_promote_a_token(steerable, hf):
+    import io
+    import json
+
+    from safetensors.torch import save
+
+    from tests.e2e.conftest import D_MODEL, sae_state
+    from tests.registry.helpers import saelens_cfg
+
+    model, tok = hf
+    U = model.lm_head.weight.detach()
+    target = int(tok("Q", add_special_tokens=False)["input_ids"][0])
+    state = sae_state()
+    direction = (U[target] - U.mean(0)) / model.transformer.ln_f.weight.detach()
+    state["W_dec"][7] = (direction - direction.mean()) * 3  # feature 7 writes "Q" and nothing else
+    cfg = saelens_cfg("standard", 6, hook="blocks.1.hook_resid_post", d_in=D_MODEL, d_sae=48)
+    files = {
+        "cfg": ("cfg.json", json.dumps(cfg), "application/json"),
+        "weights": ("w.safetensors", io.BytesIO(save(state)), "application/octet-stream"),
+    }
+    r = httpx.post(steerable.url + "/v1/saes", files=files, data={"id": "promo"})
+    assert r.status_code in (201, 409), r.text
+    hits = httpx.get(steerable.url + "/v1/features/search", params={"promotes": "Q", "limit": 5}).json()
+    assert hits["token_id"] == target
+    assert (hits["data"][0]["sae"], hits["data"][0]["index"]) == ("promo", 7)
+    by_id = httpx.get(
+        steerable.url + "/v1/features/search", params={"promotes": str(target), "sae": "promo"}
+    ).json()
+    assert by_id["data"][0]["index"] == 7
+    top = httpx.get(steerable.url + "/v1/saes/promo/features/7").json()["top_logits"]["promoted"][0]
+    assert top["token_id"] == target
+    bad = httpx.get(steerable.url + "/v1/features/search", params={"promotes": "two words"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "promotes"
+    assert httpx.get(steerable.url + "/v1/features/search").status_code == 400

@@ -15,6 +15,7 @@ from steerserve.api.errors import error_body, install_error_handlers
 from steerserve.config import Config
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
+from steerserve.steering.promotion import PromotionIndex
 
 logger = logging.getLogger(__name__)
 service = APIRouter()
@@ -73,6 +74,7 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
         b = built or build_engine(config)
         app.state.registry = b.registry
         app.state.steering_resources = b.steering.resources
+        app.state.promotion = PromotionIndex(b.steering.resources)
         engine = AsyncEngine(b.core)
         app.state.model_info = b.info
         app.state.tokenizer = b.tokenizer

@@ -119,3 +119,38 @@ async def feature_top_logits(request: Request, sae_id: str, index: int) -> dict:
         return await run_in_threadpool(top_logits, request.app.state, sae_id, index)
     except NotFound:
         raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None
+
+
+def _promotion_hits(state, token: str, sae_id: str | None, limit: int) -> dict:
+    tok = state.tokenizer
+    ids = tok(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        if token.lstrip("-").isdigit() and 0 <= int(token) < state.model_info.vocab_size:
+            ids = [int(token)]
+        else:
+            raise bad(
+                f"promotes={token!r} is {len(ids)} tokens; give one token (its text or its id)", "promotes"
+            )
+    token_id = ids[0]
+    records = [state.registry.get_sae(sae_id)] if sae_id else state.registry.list_saes()
+    hits = []
+    for record in records:
+        if record.d_in != state.model_info.d_model:
+            continue
+        scores = state.promotion.scores(SAERef(record.id, record.uid), token_id)
+        top = scores.topk(min(limit, scores.numel()))
+        for value, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            hits.append((value, record.id, index))
+    hits.sort(reverse=True)
+    data = []
+    for value, sid, index in hits[:limit]:
+        labels = FeatureLabels(state.registry, sid)
+        data.append({"sae": sid, "index": index, "label": labels(index), "score": value})
+    return {"object": "list", "token": tok.decode([token_id]), "token_id": token_id, "data": data}
+
+
+async def search_by_promotion(request: Request, token: str, sae_id: str | None, limit: int) -> dict:
+    try:
+        return await run_in_threadpool(_promotion_hits, request.app.state, token, sae_id, limit)
+    except NotFound:
+        raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None

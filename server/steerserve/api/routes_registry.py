@@ -201,11 +201,21 @@ async def get_feature(request: Request, sae_id: str, index: int) -> dict:
 
 
 @router.get("/v1/features/search", dependencies=_reader)
-async def search_features(request: Request, q: str, sae: str | None = None, limit: int = 20) -> dict:
-    if not q.strip():
-        raise APIError(400, "q must not be empty", param="q")
+async def search_features(
+    request: Request,
+    q: str | None = None,
+    sae: str | None = None,
+    limit: int = 20,
+    promotes: str | None = None,
+) -> dict:
     if not 1 <= limit <= _MAX_SEARCH_LIMIT:
         raise APIError(400, f"limit must be in 1..{_MAX_SEARCH_LIMIT}, got {limit}", param="limit")
+    if promotes is not None:  # search by effect: needs the served model
+        from steerserve.api.routes_interp import search_by_promotion
+
+        return await search_by_promotion(request, promotes, sae, limit)
+    if q is None or not q.strip():
+        raise APIError(400, "q must not be empty (or search by effect with promotes=TOKEN)", param="q")
     return _listing(await _run(_registry(request).search_features, q, sae, limit))
 
 
