@@ -256,3 +256,39 @@ def test_search_by_effect_finds_the_feature_built_to_promote_a_token(steerable, 
     bad = httpx.get(steerable.url + "/v1/features/search", params={"promotes": "two words"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "promotes"
     assert httpx.get(steerable.url + "/v1/features/search").status_code == 400
+
+
+def test_feature_contrast_ranks_by_mean_activation_difference(steerable, hf):
+    model, tok = hf
+    positive = ["It is cold and snowy", "A freezing wind blows"]
+    negative = ["It is hot and sunny", "A scorching day"]
+    r = httpx.post(
+        steerable.url + "/v1/features/contrast",
+        timeout=60,
+        json={"sae": "sae0", "positive": positive, "negative": negative, "top_k": 5},
+    )
+    assert r.status_code == 200, r.text
+
+    def mean_acts(texts):
+        per_text = [
+            ref_saelens_encode("standard", steerable.sae_state, layer_states(model, tok, t, 0)).mean(0)
+            for t in texts
+        ]
+        return torch.stack(per_text).mean(0)
+
+    diff = mean_acts(positive) - mean_acts(negative)
+    expected = diff.abs().argsort(descending=True)[:5].tolist()
+    data = r.json()["data"]
+    assert [d["feature"]["index"] for d in data] == expected
+    assert [d["difference"] for d in data] == pytest.approx(
+        [float(diff[i]) for i in expected], rel=1e-3, abs=1e-4
+    )
+    assert all(d["feature"]["sae"] == "sae0" for d in data)
+    bad = httpx.post(
+        steerable.url + "/v1/features/contrast", json={"sae": "nope", "positive": ["a"], "negative": ["b"]}
+    )
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "sae"
+    empty = httpx.post(
+        steerable.url + "/v1/features/contrast", json={"sae": "sae0", "positive": [], "negative": ["b"]}
+    )
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "positive"

@@ -106,3 +106,10 @@ class ContrastVectorRequest(_Body):
     pairs: list[ContrastPair] = Field(min_length=1)
     token: Literal["last", "mean"] = "last"
     method: Literal["mean_diff", "pca"] = "mean_diff"
+
+
+class FeatureContrastRequest(_Body):
+    sae: str
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(min_length=1)
+    top_k: int = Field(10, ge=1, le=256)

@@ -1,4 +1,7 @@
-"""POST /v1/vectors/contrast: a steering vector from contrast pairs (CAA), computed by the server.
+"""Contrast endpoints: a steering vector from contrast pairs (CAA), and the SAE features that separate
+two sets of texts.
+
+POST /v1/vectors/contrast:
 
 Each prompt runs through the batched engine as a one-token request that captures the residual stream
 at the site; per prompt the last token's state (or the mean over its tokens) is taken; the vector is the
@@ -10,22 +13,38 @@ differences, signed so that positives project higher (`pca`, as repeng does). St
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from steerserve.api.auth import require_admin_key
+from steerserve.api.auth import require_admin_key, require_api_key
 from steerserve.api.convert import bad
-from steerserve.api.protocol import ContrastVectorRequest
+from steerserve.api.features_json import FeatureLabels
+from steerserve.api.plan import feature_capture
+from steerserve.api.protocol import ContrastVectorRequest, FeatureContrastRequest
 from steerserve.api.routes_registry import _run
 from steerserve.api.serving import collect, new_id, until_disconnect
 from steerserve.engine.tokenizer import encode_prompt
-from steerserve.engine.types import GenerationRequest, HiddenCapture, SamplingParams, TokenHidden
+from steerserve.engine.types import (
+    GenerationRequest,
+    HiddenCapture,
+    SamplingParams,
+    TokenFeatures,
+    TokenHidden,
+)
 from steerserve.registry import SteeringVector
 from steerserve.sites import Site, SiteError, parse_site
 
-router = APIRouter(dependencies=[Depends(require_admin_key)])
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class _Want:
+    sae: str
+    top_k: int
 
 
 def _site(body: ContrastVectorRequest, n_layers: int) -> Site:
@@ -47,7 +66,7 @@ def contrast_direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> tor
     return direction if float(((pos - neg) @ direction).mean()) >= 0 else -direction
 
 
-@router.post("/v1/vectors/contrast")
+@router.post("/v1/vectors/contrast", dependencies=[Depends(require_admin_key)])
 async def contrast_vector(body: ContrastVectorRequest, request: Request):
     state = request.app.state
     info, limits = state.model_info, state.config.limits
@@ -78,3 +97,55 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
         state.registry.add_vector, vec, vector_id=body.id, fit=info, source="contrast", meta=meta
     )
     return JSONResponse(rec.to_json(), status_code=201)
+
+
+_CAPTURE_K = 128  # NOTE: features outside a token's top 128 count as 0 (exact for SAEs with L0 <= 128)
+
+
+@router.post("/v1/features/contrast", dependencies=[Depends(require_api_key)])
+async def contrast_features(body: FeatureContrastRequest, request: Request):
+    """SAE features whose mean activation differs most between two sets of texts (Goodfire-style)."""
+    state = request.app.state
+    info, limits = state.model_info, state.config.limits
+    texts = body.positive + body.negative
+    if len(texts) > 2 * limits.max_contrast_pairs:
+        raise bad(f"{len(texts)} texts; at most {2 * limits.max_contrast_pairs}", "positive")
+    for name, group in (("positive", body.positive), ("negative", body.negative)):
+        for i, t in enumerate(group):
+            if not t:
+                raise bad(f"{name}[{i}] must not be empty", f"{name}[{i}]")
+    capture = await run_in_threadpool(
+        feature_capture, state.registry, info, _Want(body.sae, _CAPTURE_K), "all", "sae"
+    )
+    record = await _run(state.registry.get_sae, body.sae)
+    prompts = [encode_prompt(state.tokenizer, t) for t in texts]
+    for i, ids in enumerate(prompts):
+        if len(ids) >= info.max_model_len:
+            raise bad(f"text {i} is {len(ids)} tokens; the context holds {info.max_model_len}", "positive")
+    call_id, now, sp = new_id("fcontrast"), time.monotonic(), SamplingParams(max_tokens=1, temperature=0.0)
+    reqs = [
+        GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, capture)
+        for i, ids in enumerate(prompts)
+    ]
+    results = await until_disconnect(request, collect(state.engine, reqs))
+    means = torch.zeros(len(texts), record.d_sae)  # per text: mean activation over its tokens
+    for row, r in enumerate(results):
+        feats = [f for f in r.features if isinstance(f, TokenFeatures)]
+        for f in feats:
+            means[row, list(f.indices)] += torch.tensor(f.values)
+        means[row] /= max(1, len(feats))
+    pos, neg = means[: len(body.positive)].mean(0), means[len(body.positive) :].mean(0)
+    diff = pos - neg
+    order = diff.abs().argsort(descending=True)[: body.top_k].tolist()
+    labels = FeatureLabels(state.registry, body.sae)
+    data = [
+        {
+            "feature": {"sae": body.sae, "index": i},
+            "label": await run_in_threadpool(labels, i),
+            "positive_mean": float(pos[i]),
+            "negative_mean": float(neg[i]),
+            "difference": float(diff[i]),
+        }
+        for i in order
+    ]
+    return {"object": "list", "sae": body.sae, "data": data}
