@@ -1,6 +1,9 @@
 """`steerserve registry import|list|rm`: the registry from the command line, through the same
 loaders (`formats`) and the same `Registry` methods as the HTTP routes.
 
+`stats SAE --texts FILE --model M` computes each feature's max activation and density through the
+engine (steering/stats.py) and stores them.
+
 `import` takes a local path, or `--hub REPO_ID --path PATH` fetched with huggingface_hub (its cache,
 HF_HUB_CACHE and HF_HUB_OFFLINE are honoured). What is imported is decided by `--kind` or guessed:
 a folder, a `.npz`, or a `.safetensors` beside a `cfg.json` is an SAE; a `.gguf`, other
@@ -59,6 +62,16 @@ def add_registry_commands(subparsers) -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON lines")
     _common(ls)
     ls.set_defaults(func=_reporting(cmd_list))
+
+    st = sub.add_parser("stats", help="compute each feature's max activation and density over a text file")
+    st.add_argument("sae", help="SAE id")
+    st.add_argument("--texts", required=True, help="text file, one document per line")
+    st.add_argument("--model", required=True, help="the served model (path, HF id or random:<arch>)")
+    st.add_argument("--dtype", default="auto")
+    st.add_argument("--device", default="auto")
+    st.add_argument("--batch", type=int, default=32, help="documents per engine batch")
+    _common(st)
+    st.set_defaults(func=_reporting(cmd_stats))
 
     rm = sub.add_parser("rm", help="delete a stored item")
     rm.add_argument("kind", choices=("sae", "vector", "variant"))
@@ -189,6 +202,40 @@ def cmd_rm(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     print(f"deleted {args.kind} {args.id}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Feature statistics through the engine (steering/stats.py), stored as the SAE's annotations."""
+    import logging
+
+    from steerserve.config import Config, ModelConfig
+    from steerserve.engine.setup import build_engine
+    from steerserve.steering.stats import feature_stats, store_feature_stats
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    texts = [
+        line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    if not texts:
+        raise InvalidInput(f"{args.texts} holds no text", param="texts")
+    base = RegistryConfig()
+    registry_cfg = RegistryConfig(
+        data_dir=args.data_dir or base.data_dir, registry_url=args.registry_url or base.registry_url
+    )
+    config = Config(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device), registry=registry_cfg
+    )
+    built = build_engine(config)
+    try:
+        stats = feature_stats(built, args.sae, texts, batch=args.batch)
+        n = store_feature_stats(built, args.sae, stats)
+    finally:
+        built.registry.close()
+    print(
+        f"{args.sae}: {n} features over {stats.num_tokens} tokens; "
+        f"{int((stats.density > 0).sum())} ever active; {stats.saturated} tokens saturated the top-k capture"
+    )
     return 0
 
 

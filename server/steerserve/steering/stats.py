@@ -1,0 +1,75 @@
+"""Feature statistics job: each feature's max activation and density over a text corpus, through the
+engine (batched prefills with a feature capture), stored as the SAE's feature annotations.
+
+Per token the capture keeps the top `k = min(d_sae, 256)` features, so both statistics are exact for
+tokens with at most k active features; tokens with more are counted and reported (`saturated`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from steerserve.engine.setup import BuiltEngine
+from steerserve.engine.tokenizer import encode_prompt
+from steerserve.engine.types import FeatureCapture, GenerationRequest, SamplingParams, TokenFeatures
+from steerserve.registry import FeatureInfo
+
+logger = logging.getLogger(__name__)
+MAX_K = 256
+
+
+@dataclass
+class FeatureStats:
+    max_activation: torch.Tensor  # [d_sae]
+    density: torch.Tensor  # [d_sae] fraction of tokens where the feature is active
+    num_tokens: int
+    saturated: int  # tokens whose k-th captured feature was still active
+
+
+def feature_stats(
+    built: BuiltEngine, sae_id: str, texts: list[str], batch: int = 32, log_every: float = 5.0
+) -> FeatureStats:
+    record = built.registry.get_sae(sae_id)
+    k = min(record.d_sae, MAX_K)
+    capture = FeatureCapture(record.id, record.uid, k, "all")
+    core, info = built.core, built.info
+    max_act = torch.zeros(record.d_sae)
+    active = torch.zeros(record.d_sae)
+    tokens = saturated = 0
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    last_log = time.monotonic()
+    for start in range(0, len(texts), batch):
+        for i, text in enumerate(texts[start : start + batch]):
+            ids = encode_prompt(built.tokenizer, text)[: info.max_model_len - 1]
+            if ids:
+                core.add(
+                    GenerationRequest(f"stats-{start + i}", tuple(ids), sp, None, time.monotonic(), capture)
+                )
+        while core.has_work():
+            for out in core.step():
+                for f in out.features:
+                    if not isinstance(f, TokenFeatures):
+                        continue
+                    tokens += 1
+                    saturated += len(f.indices) == k
+                    if f.indices:
+                        idx, val = torch.tensor(f.indices), torch.tensor(f.values)
+                        max_act[idx] = torch.maximum(max_act[idx], val)
+                        active[idx] += 1
+        if time.monotonic() - last_log > log_every or start + batch >= len(texts):
+            done = min(start + batch, len(texts))
+            logger.info("feature stats for %s: %d/%d texts, %d tokens", sae_id, done, len(texts), tokens)
+            last_log = time.monotonic()
+    return FeatureStats(max_act, active / max(tokens, 1), tokens, saturated)
+
+
+def store_feature_stats(built: BuiltEngine, sae_id: str, stats: FeatureStats) -> int:
+    infos = [
+        FeatureInfo(index=i, max_activation=float(m), density=float(d))
+        for i, (m, d) in enumerate(zip(stats.max_activation.tolist(), stats.density.tolist(), strict=True))
+    ]
+    return built.registry.put_features(sae_id, infos)
