@@ -292,3 +292,15 @@ def test_feature_contrast_ranks_by_mean_activation_difference(steerable, hf):
         steerable.url + "/v1/features/contrast", json={"sae": "sae0", "positive": [], "negative": ["b"]}
     )
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "positive"
+
+
+def test_contrast_caps_come_from_config(steerable):
+    too_many = [{"positive": "a", "negative": "b"}] * 513  # LimitsConfig.max_contrast_pairs = 512
+    r = httpx.post(steerable.url + "/v1/vectors/contrast", json={"id": "big", "layer": 0, "pairs": too_many})
+    assert r.status_code == 400 and "at most 512" in r.json()["error"]["message"]
+    long_text = "word " * 400  # 2000 tokens > the 1024-token context
+    r = httpx.post(
+        steerable.url + "/v1/vectors/contrast",
+        json={"id": "long", "layer": 0, "pairs": [{"positive": long_text, "negative": "b"}]},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pairs"
