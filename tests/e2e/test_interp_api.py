@@ -304,3 +304,17 @@ def test_contrast_caps_come_from_config(steerable):
         json={"id": "long", "layer": 0, "pairs": [{"positive": long_text, "negative": "b"}]},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "pairs"
+
+
+def test_inspect_several_saes_in_one_call(steerable):
+    one = httpx.post(steerable.url + "/v1/inspect", json={"text": TEXT, "sae": "sae0", "top_k": 3}).json()
+    both = httpx.post(
+        steerable.url + "/v1/inspect", json={"text": TEXT, "sae": "sae0", "saes": ["promo"], "top_k": 3}
+    )
+    assert both.status_code == 200, both.text
+    tokens = both.json()["tokens"]
+    assert [t["features"] for t in tokens] == [t["features"] for t in one["tokens"]]
+    assert all(set(t["features_by_sae"]) == {"sae0", "promo"} for t in tokens)
+    assert all(t["features_by_sae"]["sae0"] == t["features"] for t in tokens)
+    missing = httpx.post(steerable.url + "/v1/inspect", json={"text": TEXT, "sae": "sae0", "saes": ["nope"]})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "saes[0]"

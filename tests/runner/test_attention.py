@@ -81,11 +81,15 @@ def make_case(seed, n_heads, n_kv, hd, n_req, max_ctx, q_dtype, kv_dtype, q_lens
     return spans, n_tokens, q, k_cache, v_cache
 
 
-def run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap):
+def run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap, prefill=True):
     slots = torch.zeros(n_tokens, dtype=torch.int64)
-    plan = cpu_attention.DecodePlan(spans, slots, n_tokens, k_cache.shape[1])
+    plan = cpu_attention.StepPlan(spans, slots, n_tokens, k_cache.shape[1], prefill)
     out = torch.full((n_tokens, q.shape[1], q.shape[3]), float("nan"), dtype=q.dtype)  # poisoned
-    cpu_attention.decode_attention(LIB, plan, q, k_cache, v_cache, out, scale, window, softcap)
+    args = (q, k_cache, v_cache, out, scale, window, softcap)
+    if plan.decode.n:
+        cpu_attention.decode_attention(LIB, plan.decode, *args)
+    if plan.prefill is not None:
+        cpu_attention.prefill_attention(LIB, plan.prefill, *args)
     return out, plan
 
 
@@ -111,7 +115,7 @@ def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ct
     spans, n_tokens, q, k_cache, v_cache = make_case(1, n_heads, n_kv, hd, n_req, max_ctx, q_dtype, kv_dtype)
     scale = hd**-0.5 * 1.3
     out, plan = run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap)
-    assert plan.n == n_req and not plan.prefill
+    assert plan.decode.n == n_req and plan.prefill is None and not plan.sdpa_spans
     rtol, atol = tolerance(q_dtype, kv_dtype)
     for span in spans:
         ref = reference(
@@ -122,13 +126,45 @@ def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ct
 
 
 @needs_kernel
-def test_only_decode_rows_are_written():
-    """Prefill spans are left to SDPA: the kernel must not touch their rows."""
+@pytest.mark.skipif(LIB is None or not LIB.has_prefill, reason="prefill kernel needs AVX-512")
+@pytest.mark.parametrize("q_dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd,n_req,max_ctx,window,softcap",
+    [
+        (12, 12, 64, 6, 300, None, None),  # GPT-2 small's shape
+        (6, 2, 40, 5, 150, None, None),  # GQA 3, head dim not a multiple of 16
+        (8, 1, 24, 4, 140, 7, None),  # MQA, sliding window shorter than the chunks
+        (4, 2, 16, 5, 140, 8, 50.0),  # Gemma-2-like: window and softcap
+        (2, 2, 128, 3, 600, 200, 30.0),  # long chunks with past, wide heads, window > chunk
+        (4, 4, 80, 4, 140, None, None),  # head dim 80: a partial 64-column tile
+    ],
+)
+def test_prefill_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ctx, window, softcap):
+    """Chunks of 2..130 rows (with and without past, many 64-row work items, 4-row tails) beside decode rows."""
+    q_lens = (1, 2, 5, 17, 64, 70, 130)
+    spans, n_tokens, q, k_cache, v_cache = make_case(
+        5, n_heads, n_kv, hd, n_req, max_ctx, q_dtype, kv_dtype, q_lens=q_lens
+    )
+    scale = hd**-0.5 * 0.9
+    out, plan = run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap)
+    assert plan.prefill is not None and not plan.sdpa_spans
+    rtol, atol = tolerance(q_dtype, kv_dtype)
+    for span in spans:
+        rows = slice(span.q_start, span.q_start + span.q_len)
+        ref = reference(q[:, :, rows], k_cache, v_cache, span, scale, window, softcap)  # [1, H, q, hd]
+        got = out[rows].double().transpose(0, 1)  # [H, q, hd]
+        torch.testing.assert_close(got, ref[0], rtol=rtol, atol=atol, msg=f"span {span}")
+
+
+@needs_kernel
+def test_only_decode_rows_are_written_without_prefill_kernel():
+    """Prefill spans left to SDPA: the decode kernel must not touch their rows."""
     spans, n_tokens, q, k_cache, v_cache = make_case(
         2, 4, 2, 32, 12, 60, torch.float32, torch.float32, q_lens=(1, 1, 5)
     )
-    out, plan = run_kernel(spans, n_tokens, q, k_cache, v_cache, 0.2, None, None)
-    assert plan.prefill and plan.n
+    out, plan = run_kernel(spans, n_tokens, q, k_cache, v_cache, 0.2, None, None, prefill=False)
+    assert plan.sdpa_spans and plan.decode.n and plan.prefill is None
     for span in spans:
         rows = out[span.q_start : span.q_start + span.q_len]
         assert torch.isnan(rows).all() if span.q_len > 1 else not torch.isnan(rows).any()
@@ -157,14 +193,19 @@ def test_write_kv_matches_index_copy(src_dtype, kv_dtype):
 
 @needs_kernel
 def test_plan_rejects_out_of_range_indices():
-    ok = RequestSpan(0, 1, 10, 0, None)
+    def plan(spans, slots, n_tokens=1):
+        return cpu_attention.StepPlan(spans, slots, n_tokens, 100, True)
+
+    zero = torch.zeros(1, dtype=torch.int64)
+    plan([RequestSpan(0, 1, 10, 90, None)], zero)  # the last rows: fine
     with pytest.raises(ValueError):
-        cpu_attention.DecodePlan([RequestSpan(0, 1, 10, 95, None)], torch.zeros(1, dtype=torch.int64), 1, 100)
+        plan([RequestSpan(0, 1, 10, 95, None)], zero)
     with pytest.raises(ValueError):
-        bad = RequestSpan(0, 1, 3, -1, torch.tensor([0, 5, 100]))
-        cpu_attention.DecodePlan([bad], torch.zeros(1, dtype=torch.int64), 1, 100)
+        plan([RequestSpan(0, 1, 3, -1, torch.tensor([0, 5, 100]))], zero)
     with pytest.raises(ValueError):
-        cpu_attention.DecodePlan([ok], torch.tensor([100]), 1, 100)
+        plan([RequestSpan(0, 1, 10, 0, None)], torch.tensor([100]))
+    with pytest.raises(ValueError):  # a chunk running past the batch
+        plan([RequestSpan(0, 3, 10, 0, None)], torch.zeros(2, dtype=torch.int64), 2)
 
 
 class _Layer(torch.nn.Module):

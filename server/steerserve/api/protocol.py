@@ -90,6 +90,7 @@ class InspectRequest(_Body):
     text: str | None = None
     messages: list[ChatMessage] | None = None
     sae: str
+    saes: list[str] | None = None  # more SAEs to read on the same text, in the same batch
     top_k: int = Field(5, ge=1, le=64)
     generate: InspectGenerate | None = None
 

@@ -4,6 +4,7 @@ generated in the same call) and the direct logit effect of a feature (`top_logit
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from fastapi import APIRouter, Depends, Request
@@ -24,6 +25,7 @@ from steerserve.steering.spec import SAERef
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 TOP_LOGITS = 10
+_MAX_INSPECT_SAES = 8
 
 
 def _prompt(body: InspectRequest, state) -> list[int]:
@@ -38,12 +40,29 @@ def _prompt(body: InspectRequest, state) -> list[int]:
     return chat_prompt(ChatCompletionRequest(messages=body.messages), state.tokenizer)
 
 
+@dataclass(frozen=True)
+class _Want:
+    sae: str
+    top_k: int
+
+
 @router.post("/v1/inspect")
 async def inspect(body: InspectRequest, request: Request):
+    """Per-token features of `sae` (and of each of `saes`): one capturing request per SAE, one batch."""
     state = request.app.state
     info, tok = state.model_info, state.tokenizer
     prompt = _prompt(body, state)
-    capture = await run_in_threadpool(feature_capture, state.registry, info, body, "all", "sae")
+    sae_ids = [body.sae, *(s for s in body.saes or [] if s != body.sae)]
+    if len(sae_ids) > _MAX_INSPECT_SAES:
+        raise bad(f"{len(sae_ids)} SAEs; at most {_MAX_INSPECT_SAES}", "saes")
+    captures = []
+    for k, sae_id in enumerate(sae_ids):
+        param = "sae" if k == 0 else f"saes[{(body.saes or []).index(sae_id)}]"
+        captures.append(
+            await run_in_threadpool(
+                feature_capture, state.registry, info, _Want(sae_id, body.top_k), "all", param
+            )
+        )
     spec, max_tokens = None, 1
     if body.generate is not None:
         g = body.generate
@@ -60,30 +79,39 @@ async def inspect(body: InspectRequest, request: Request):
     if len(prompt) + max_tokens > info.max_model_len:
         raise bad(f"text is {len(prompt)} tokens; with generation it must fit {info.max_model_len}", "text")
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    req = GenerationRequest(new_id("inspect"), tuple(prompt), sp, spec, time.monotonic(), capture)
-    (result,) = await until_disconnect(request, collect(state.engine, [req]))
-    ids = prompt + result.token_ids
-    labels = FeatureLabels(state.registry, capture.sae_id)
-    by_position = await run_in_threadpool(
-        token_features_json, result.features, lambda p: ids[p] if p < len(ids) else None, labels
-    )
-    tokens = []
-    for entry in by_position:
-        pos, token_id = entry["position"], entry["token_id"]
-        tokens.append(
-            {
-                "token": tok.decode([token_id]),
-                "token_id": token_id,
-                "position": pos,
-                "generated": pos >= len(prompt),
-                "special": token_id in tok.all_special_ids,
-                "features": entry["features"],
-            }
+    call_id, now = new_id("inspect"), time.monotonic()
+    reqs = [
+        GenerationRequest(f"{call_id}-{k}", tuple(prompt), sp, spec, now, c) for k, c in enumerate(captures)
+    ]
+    results = await until_disconnect(request, collect(state.engine, reqs))
+    ids = prompt + results[0].token_ids  # greedy and identically steered: every request wrote the same
+    per_sae = []
+    for capture, result in zip(captures, results, strict=True):
+        labels = FeatureLabels(state.registry, capture.sae_id)
+        per_sae.append(
+            await run_in_threadpool(
+                token_features_json, result.features, lambda p: ids[p] if p < len(ids) else None, labels
+            )
         )
-    out = {"object": "inspection", "sae": capture.sae_id, "tokens": tokens}
+    tokens = []
+    for k, entry in enumerate(per_sae[0]):
+        pos, token_id = entry["position"], entry["token_id"]
+        token = {
+            "token": tok.decode([token_id]),
+            "token_id": token_id,
+            "position": pos,
+            "generated": pos >= len(prompt),
+            "special": token_id in tok.all_special_ids,
+            "features": entry["features"],
+        }
+        if body.saes:
+            token["features_by_sae"] = {
+                c.sae_id: feats[k]["features"] for c, feats in zip(captures, per_sae, strict=True)
+            }
+        tokens.append(token)
+    out = {"object": "inspection", "sae": body.sae, "tokens": tokens}
     if body.generate is not None:
-        generated = result.token_ids[: body.generate.max_tokens]
-        out["text"] = tok.decode(generated, skip_special_tokens=True)
+        out["text"] = tok.decode(results[0].token_ids[: body.generate.max_tokens], skip_special_tokens=True)
         if spec is not None:
             out["steering"] = spec.summary()
     return out

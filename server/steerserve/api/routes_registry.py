@@ -26,7 +26,7 @@ from steerserve.registry.formats.vectors import from_json as vector_from_json
 from steerserve.registry.registry import Registry
 from steerserve.registry.uploads import Form, receive_body, receive_form
 from steerserve.registry.validate import check_id, check_variant
-from steerserve.sites import Site
+from steerserve.sites import Site, SiteError, parse_site
 
 router = APIRouter()
 _admin = [Depends(require_admin_key)]
@@ -207,6 +207,7 @@ async def search_features(
     sae: str | None = None,
     limit: int = 20,
     promotes: str | None = None,
+    site: str | None = None,
 ) -> dict:
     if not 1 <= limit <= _MAX_SEARCH_LIMIT:
         raise APIError(400, f"limit must be in 1..{_MAX_SEARCH_LIMIT}, got {limit}", param="limit")
@@ -216,7 +217,13 @@ async def search_features(
         return await search_by_promotion(request, promotes, sae, limit)
     if q is None or not q.strip():
         raise APIError(400, "q must not be empty (or search by effect with promotes=TOKEN)", param="q")
-    return _listing(await _run(_registry(request).search_features, q, sae, limit))
+    where = None
+    if site is not None:
+        try:
+            where = parse_site(int(site) if site.isdigit() else site)
+        except SiteError as exc:
+            raise APIError(400, str(exc), param="site") from None
+    return _listing(await _run(_registry(request).search_features, q, sae, limit, where))
 
 
 # ---- vectors --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from steerserve.registry.tensors import read_safetensors, write_safetensors
 from steerserve.registry.validate import check_fits, check_id
 from steerserve.registry.vector import FORMAT as VECTOR_FORMAT
 from steerserve.registry.vector import SteeringVector
+from steerserve.sites import Site
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +222,13 @@ class Registry:
         with self.db.read() as tx:
             return store.count_features(tx, sae_id)
 
-    def search_features(self, q: str, sae_id: str | None = None, limit: int = 20) -> list[FeatureHit]:
-        """Features whose label/explanation match `q`, best first (an exact label match first of all)."""
+    def search_features(
+        self, q: str, sae_id: str | None = None, limit: int = 20, site: Site | None = None
+    ) -> list[FeatureHit]:
+        """Features whose label/explanation match `q`, best first (an exact label match first of all);
+        only SAE `sae_id` and / or SAEs at `site` when given."""
         with self.db.read() as tx:
-            return store.search_features(tx, q, sae_id, limit)
+            return store.search_features(tx, q, sae_id, limit, site)
 
     # ---- vectors ------------------------------------------------------------------------------
 

@@ -106,12 +106,16 @@ def count_features(tx: Tx, sae_id: str) -> int:
     return tx.one("SELECT COUNT(*) AS n FROM features WHERE sae_id = ?", (sae_id,))["n"]
 
 
-def search_features(tx: Tx, q: str, sae_id: str | None, limit: int) -> list[FeatureHit]:
+def search_features(
+    tx: Tx, q: str, sae_id: str | None, limit: int, site: Site | None = None
+) -> list[FeatureHit]:
     """Full-text match on label and explanation (label weighted higher); an exact label first."""
     tokens = re.findall(r"\w+", q.lower())
     if not tokens:
         return []
     sae_filter = " AND f.sae_id = ?" if sae_id is not None else ""
+    if site is not None:
+        sae_filter += " AND f.sae_id IN (SELECT id FROM saes WHERE layer = ? AND hook = ?)"
     if tx.dialect == "sqlite":
         sql = (
             "SELECT f.sae_id, f.idx, f.label, f.explanation, "
@@ -130,7 +134,8 @@ def search_features(tx: Tx, q: str, sae_id: str | None, limit: int) -> list[Feat
         )
         match = " & ".join(f"{t}:*" for t in tokens)
     params: list = [q.strip(), match] + ([match] if tx.dialect == "postgresql" else [])
-    params += ([sae_id] if sae_id is not None else []) + [limit]
+    params += ([sae_id] if sae_id is not None else []) + ([site.layer, site.hook] if site is not None else [])
+    params += [limit]
     return [
         FeatureHit(r["sae_id"], r["idx"], r["label"], r["explanation"], float(r["score"]))
         for r in tx.all(sql, params)

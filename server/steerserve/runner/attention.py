@@ -36,7 +36,7 @@ class RequestSpan:
 class AttentionMetadata:
     spans: list[RequestSpan]
     slot_mapping: torch.Tensor  # [T] cache row each new token's k/v is written to
-    cpu_plan: cpu_attention.DecodePlan | None = None  # built by the first layer on the CPU kernel path
+    cpu_plan: cpu_attention.StepPlan | None = None  # built by the first layer on the CPU kernel path
 
 
 class KVCache:
@@ -164,21 +164,24 @@ def steerserve_attention(
 
 
 def _kernel_attention(lib, query, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):
-    """CPU: the C++ kernel writes k/v and attends all decode rows in one call; prefill chunks use SDPA."""
+    """CPU: the C++ kernels write k/v, attend all decode rows in one call and all prefill chunks in
+    another (SDPA does the chunks where the prefill kernel is not built)."""
     plan = meta.cpu_plan
     if plan is None:
-        plan = meta.cpu_plan = cpu_attention.DecodePlan(
-            meta.spans, meta.slot_mapping, query.shape[2], k_cache.shape[1]
+        prefill = lib.has_prefill and cpu_attention.PREFILL
+        plan = meta.cpu_plan = cpu_attention.StepPlan(
+            meta.spans, meta.slot_mapping, query.shape[2], k_cache.shape[1], prefill
         )
     cpu_attention.write_kv(lib, key, value, k_cache, v_cache, plan.slots)
     n_tokens, n_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
     out = torch.empty(n_tokens, n_heads, head_dim, dtype=query.dtype)  # [T, H, hd]
-    if plan.n:
-        cpu_attention.decode_attention(
-            lib, plan, query, k_cache, v_cache, out, scaling, sliding_window, softcap
-        )
+    args = (query, k_cache, v_cache, out, scaling, sliding_window, softcap)
+    if plan.decode.n:
+        cpu_attention.decode_attention(lib, plan.decode, *args)
+    if plan.prefill is not None:
+        cpu_attention.prefill_attention(lib, plan.prefill, *args)
     gqa = n_heads != key.shape[1]
-    for span in plan.prefill:
+    for span in plan.sdpa_spans:
         q = query[:, :, span.q_start : span.q_start + span.q_len].to(k_cache.dtype)  # [1, H, q, hd]
         res = _span_attention(q, k_cache, v_cache, span, scaling, sliding_window, softcap, gqa)
         out[span.q_start : span.q_start + span.q_len] = res[0].transpose(0, 1)

@@ -1,16 +1,18 @@
-"""The CPU decode-attention kernel (csrc/cpu_attention.cpp): build, load, and call it with ctypes.
+"""The CPU attention kernels (csrc/): build, load, and call them with ctypes.
 
-One call attends every decode row of a step (all requests, all heads) for one layer, reading each
-request's keys in place from the `[n_kv_heads, rows, head_dim]` cache (a start row when its blocks are
-contiguous, a row index when fragmented); a second call writes the step's new keys and values into
-the cache. fp32 and bf16 queries and caches; GQA, sliding window and soft-capping.
+Per layer and step: one call writes the step's new keys and values into the cache; one attends every
+decode row (all requests, all heads); one attends every prefill chunk (causal within the chunk, over
+its cached past). Keys are read in place from the `[n_kv_heads, rows, head_dim]` cache (a start row
+when a request's blocks are contiguous, a row index when fragmented). fp32 and bf16 queries and caches;
+GQA, sliding window and soft-capping. Prefill needs AVX-512 (else SDPA does the chunks).
 
 The library is plain C ABI (no torch headers), compiled on first use with the system C++ compiler
 (`-O3 -march=native -fopenmp`, about 1-2 s) into a per-machine cache directory, keyed by a hash of the
 source, the flags, the compiler and the CPU, so a machine compiles it once:
 `$STEERSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/steerserve/kernels`, else `~/.cache/steerserve/kernels`.
 When the build or load fails (no compiler, odd CPU), `load()` returns None once with a warning and
-attention stays on PyTorch SDPA. `STEERSERVE_CPU_ATTENTION=0` turns the kernel off.
+attention stays on PyTorch SDPA. `STEERSERVE_CPU_ATTENTION=0` turns the kernels off,
+`STEERSERVE_CPU_PREFILL=0` only the prefill one.
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
-ABI_VERSION = 1
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
+HEADERS = (CSRC / "cpu_attention.h",)
+ABI_VERSION = 2
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
 _COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 
+PREFILL = os.environ.get("STEERSERVE_CPU_PREFILL", "1") != "0"  # prefill chunks on the kernel too
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None once tried
 
 
-class DecodeArgs(ctypes.Structure):
-    """Mirror of `DecodeArgs` in the C++ source (element strides)."""
+class AttnArgs(ctypes.Structure):
+    """Mirror of `AttnArgs` in csrc/cpu_attention.h (element strides)."""
 
     _fields_ = [
         ("q", ctypes.c_void_p),
@@ -55,6 +60,7 @@ class DecodeArgs(ctypes.Structure):
         ("out_row", ctypes.c_int64),
         ("out_head", ctypes.c_int64),
         ("q_rows", ctypes.c_void_p),
+        ("q_lens", ctypes.c_void_p),
         ("ctx_lens", ctypes.c_void_p),
         ("starts", ctypes.c_void_p),
         ("gather", ctypes.c_void_p),
@@ -120,7 +126,7 @@ def _compiler() -> str | None:
 
 
 def _build(cxx: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"\0".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -141,7 +147,10 @@ def _build(cxx: str) -> Path:
         os.close(fd)
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [cxx, *flags, *_COMMON_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [cxx, *flags, *_COMMON_FLAGS, *map(str, SOURCES), "-o", tmp],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if proc.returncode == 0:
             os.chmod(tmp, 0o755)
@@ -157,8 +166,10 @@ def _open(path: Path):
     lib = ctypes.CDLL(str(path))
     if lib.ss_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path}: ABI version {lib.ss_abi_version()} != {ABI_VERSION}")
-    lib.ss_decode_attention.argtypes = [ctypes.POINTER(DecodeArgs)]
+    lib.ss_decode_attention.argtypes = [ctypes.POINTER(AttnArgs)]
+    lib.ss_prefill_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_write_kv.argtypes = [ctypes.POINTER(WriteArgs)]
+    lib.has_prefill = bool(lib.ss_has_avx512())
     return lib
 
 
@@ -203,45 +214,62 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class DecodePlan:
-    """The step's decode rows as the kernel's arrays; built once per forward, reused by every layer.
+class SpanArrays:
+    """Spans as the kernel's arrays and argument block (pointers into tensors this object keeps)."""
 
-    NOTE: the kernel trusts these indices, so they are bounds-checked here, once per step.
+    def __init__(self, spans):
+        self.spans = spans
+        self.n = len(spans)
+        gathered, offsets, total = [], [], 0
+        for s in spans:
+            if s.gather_index is None:
+                offsets.append(-1)
+            else:
+                offsets.append(total)
+                gathered.append(s.gather_index.to(torch.int64))
+                total += s.gather_index.numel()
+        cols = [[getattr(s, f) for s in spans] for f in ("q_start", "q_len", "ctx_len", "cache_start")]
+        self.meta = torch.tensor([*cols, offsets], dtype=torch.int64).reshape(5, -1)  # [5, n]
+        self.rows = torch.cat(gathered) if gathered else None
+        self.args = AttnArgs()
+        base, step = self.meta.data_ptr(), self.meta.stride(0) * 8
+        a = self.args
+        a.q_rows, a.q_lens, a.ctx_lens = base, base + step, base + 2 * step
+        a.starts, a.gather = base + 3 * step, base + 4 * step
+        a.rows = _ptr(self.rows)
+        a.n_req = self.n
+
+
+def _check_span(s, n_tokens: int, cache_rows: int) -> None:
+    ok = s.q_start >= 0 and s.q_len >= 1 and s.q_start + s.q_len <= n_tokens and s.ctx_len >= s.q_len
+    if s.gather_index is None:
+        ok = ok and s.cache_start >= 0 and s.cache_start + s.ctx_len <= cache_rows
+    else:
+        idx = s.gather_index
+        ok = ok and idx.numel() >= s.ctx_len and int(idx.min()) >= 0 and int(idx.max()) < cache_rows
+    if not ok:
+        raise ValueError(f"span outside the batch or the cache ({n_tokens} tokens, {cache_rows} rows): {s}")
+
+
+class StepPlan:
+    """One step's spans for the kernels, built by the first layer and reused by the others: decode rows,
+    prefill chunks for the prefill kernel, and (without it) the chunks left to SDPA.
+
+    NOTE: the kernels trust these indices, so they are bounds-checked here, once per step.
     """
 
-    def __init__(self, spans, slot_mapping: torch.Tensor, n_tokens: int, cache_rows: int):
+    def __init__(self, spans, slot_mapping: torch.Tensor, n_tokens: int, cache_rows: int, prefill: bool):
         self.slots = slot_mapping.to(torch.int64).contiguous()  # [T]
         if self.slots.numel() != n_tokens or (
             n_tokens and not (int(self.slots.min()) >= 0 and int(self.slots.max()) < cache_rows)
         ):
             raise ValueError(f"slot mapping out of range for {n_tokens} tokens and {cache_rows} cache rows")
-        decode = [s for s in spans if s.q_len == 1]
-        self.prefill = [s for s in spans if s.q_len != 1]
-        self.n = len(decode)
-        gathered, offsets, total = [], [], 0
-        for s in decode:
-            if not (0 <= s.q_start < n_tokens and s.ctx_len >= 1):
-                raise ValueError(f"bad decode span {s}")
-            if s.gather_index is None:
-                if not (s.cache_start >= 0 and s.cache_start + s.ctx_len <= cache_rows):
-                    raise ValueError(f"decode span outside the cache: {s}")
-                offsets.append(-1)
-            else:
-                idx = s.gather_index.to(torch.int64)
-                if idx.numel() < s.ctx_len or not (int(idx.min()) >= 0 and int(idx.max()) < cache_rows):
-                    raise ValueError(f"gather index outside the cache: {s}")
-                offsets.append(total)
-                gathered.append(idx)
-                total += idx.numel()
-        cols = [[s.q_start for s in decode], [s.ctx_len for s in decode], [s.cache_start for s in decode]]
-        self.meta = torch.tensor([*cols, offsets], dtype=torch.int64).reshape(4, -1)  # [4, n]
-        self.rows = torch.cat(gathered) if gathered else None
-        self.args = DecodeArgs()
-        base, step = self.meta.data_ptr(), self.meta.stride(0) * 8
-        self.args.q_rows, self.args.ctx_lens = base, base + step
-        self.args.starts, self.args.gather = base + 2 * step, base + 3 * step
-        self.args.rows = _ptr(self.rows)
-        self.args.n_req = self.n
+        for s in spans:
+            _check_span(s, n_tokens, cache_rows)
+        chunks = [s for s in spans if s.q_len != 1]
+        self.decode = SpanArrays([s for s in spans if s.q_len == 1])
+        self.prefill = SpanArrays(chunks) if prefill and chunks else None
+        self.sdpa_spans = [] if prefill else chunks
 
 
 def write_kv(lib, key, value, k_cache, v_cache, slots) -> None:
@@ -259,9 +287,7 @@ def write_kv(lib, key, value, k_cache, v_cache, slots) -> None:
         raise RuntimeError("ss_write_kv: unsupported dtypes")
 
 
-def decode_attention(lib, plan: DecodePlan, query, k_cache, v_cache, out, scale, window, softcap) -> None:
-    """out[q_row] = attention of each decode row over its cached keys; query [1, H, T, hd], out [T, H, hd]."""
-    a = plan.args
+def _fill(a: AttnArgs, query, k_cache, v_cache, out, scale, window, softcap) -> None:
     q = query[0]  # [H, T, hd]
     a.q, a.q_row, a.q_head = q.data_ptr(), q.stride(1), q.stride(0)
     a.k_cache, a.v_cache, a.cache_head = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0)
@@ -271,5 +297,17 @@ def decode_attention(lib, plan: DecodePlan, query, k_cache, v_cache, out, scale,
     a.scale, a.softcap = scale, softcap or 0.0
     a.q_dtype, a.kv_dtype = DTYPE_CODES[query.dtype], DTYPE_CODES[k_cache.dtype]
     a.n_threads = torch.get_num_threads()
-    if lib.ss_decode_attention(ctypes.byref(a)) != 0:
+
+
+def decode_attention(lib, spans: SpanArrays, query, k_cache, v_cache, out, scale, window, softcap) -> None:
+    """out[q_row] = attention of each decode row over its cached keys; query [1, H, T, hd], out [T, H, hd]."""
+    _fill(spans.args, query, k_cache, v_cache, out, scale, window, softcap)
+    if lib.ss_decode_attention(ctypes.byref(spans.args)) != 0:
         raise RuntimeError("ss_decode_attention: unsupported dtypes")
+
+
+def prefill_attention(lib, spans: SpanArrays, query, k_cache, v_cache, out, scale, window, softcap) -> None:
+    """out[rows of each chunk] = causal attention of the chunk over its cached past and itself."""
+    _fill(spans.args, query, k_cache, v_cache, out, scale, window, softcap)
+    if lib.ss_prefill_attention(ctypes.byref(spans.args)) != 0:
+        raise RuntimeError("ss_prefill_attention: unsupported dtypes or no AVX-512")

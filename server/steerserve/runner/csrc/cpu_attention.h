@@ -1,0 +1,108 @@
+// Shared by cpu_attention.cpp (decode, KV writes) and cpu_prefill.cpp: dtype conversions, AVX-512
+// loads/stores and exp, and the argument block both kernels take from cpu_attention.py.
+//
+// No torch headers: the library is plain C ABI over raw pointers, so it compiles in about a second.
+// OpenMP comes from the libgomp.so.1 that torch has already loaded (same soname), so the kernel
+// shares torch's thread pool; the caller passes torch.get_num_threads().
+//
+// Layouts (element strides, last dimension contiguous):
+//   query  [T, H, hd]      row stride q_row, head stride q_head
+//   cache  [H_kv, rows, hd] per layer, head stride cache_head, row stride hd
+//   out    [T, H, hd]      row stride out_row, head stride out_head
+// dtypes: 0 = float32, 1 = bfloat16. Math is fp32 throughout; bf16 outputs round to nearest even,
+// like torch's .to(torch.bfloat16).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SS_AVX512 1
+#endif
+
+namespace {
+
+using bf16 = uint16_t;
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(bf16 x) {
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void from_f32(float x, float* dst) { *dst = x; }
+inline void from_f32(float x, bf16* dst) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isnan(x)) {
+    *dst = 0x7fc0;
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  *dst = bf16(u >> 16);
+}
+
+#ifdef SS_AVX512
+// NOTE: masked loads/stores cover head_dim % 16 != 0; m is the lane mask of the chunk.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(bf16* p, __m512 x, __mmask16 m) {
+  __m512i u = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+inline __mmask16 lane_mask(int64_t left) { return left >= 16 ? 0xffff : __mmask16((1u << left) - 1); }
+
+// exp(x) for x <= 0 (softmax after subtracting the max): Cephes polynomial, ~1 ulp.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+struct AttnArgs {
+  const void* q;
+  int64_t q_row, q_head;
+  const void* k_cache;
+  const void* v_cache;
+  int64_t cache_head;
+  void* out;
+  int64_t out_row, out_head;
+  const int64_t* q_rows;    // [n_req] first row of each request's queries in the packed batch
+  const int64_t* q_lens;    // [n_req] query rows (prefill only; decode rows are 1 each)
+  const int64_t* ctx_lens;  // [n_req] keys attended to
+  const int64_t* starts;    // [n_req] first cache row (contiguous requests), else -1
+  const int64_t* gather;    // [n_req] offset into rows (fragmented requests), else -1
+  const int64_t* rows;      // concatenated cache rows of the fragmented requests
+  int64_t n_req, n_heads, n_kv_heads, head_dim;
+  int64_t window;  // sliding window (keys), 0 = none
+  float scale;
+  float softcap;  // 0 = none
+  int32_t q_dtype, kv_dtype, n_threads;
+};
+
+
+}  // namespace
