@@ -3,6 +3,8 @@ encode of hidden states captured here with a forward hook; top_logits against th
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -318,3 +320,19 @@ def test_inspect_several_saes_in_one_call(steerable):
     assert all(t["features_by_sae"]["sae0"] == t["features"] for t in tokens)
     missing = httpx.post(steerable.url + "/v1/inspect", json={"text": TEXT, "sae": "sae0", "saes": ["nope"]})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "saes[0]"
+
+
+def test_contrast_streams_progress_then_the_vector(steerable):
+    events = []
+    body = {"id": "caa-stream", "layer": 0, "pairs": PAIRS, "stream": True}
+    with httpx.stream("POST", steerable.url + "/v1/vectors/contrast", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    progress = [json.loads(e) for e in events[:-2]]
+    assert [p["done"] for p in progress] == list(range(1, 2 * len(PAIRS) + 1))
+    final = json.loads(events[-2])
+    assert final["id"] == "caa-stream" and final["source"] == "contrast"
+    plain = httpx.get(steerable.url + "/v1/vectors/caa-last").json()  # same pairs, same method
+    assert final["sites"][0]["norm"] == pytest.approx(plain["sites"][0]["norm"], rel=1e-5)

@@ -107,6 +107,7 @@ class ContrastVectorRequest(_Body):
     pairs: list[ContrastPair] = Field(min_length=1)
     token: Literal["last", "mean"] = "last"
     method: Literal["mean_diff", "pca"] = "mean_diff"
+    stream: bool = False  # progress events (SSE) while the prompts run
 
 
 class FeatureContrastRequest(_Body):

@@ -13,6 +13,7 @@ differences, signed so that positives project higher (`pca`, as repeng does). St
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,12 @@ from starlette.concurrency import run_in_threadpool
 
 from steerserve.api.auth import require_admin_key, require_api_key
 from steerserve.api.convert import bad
+from steerserve.api.errors import APIError, error_body
 from steerserve.api.features_json import FeatureLabels
 from steerserve.api.plan import feature_capture
 from steerserve.api.protocol import ContrastVectorRequest, FeatureContrastRequest
 from steerserve.api.routes_registry import _run
-from steerserve.api.serving import collect, new_id, until_disconnect
+from steerserve.api.serving import EventStream, collect, new_id, sse, stream_choices, until_disconnect
 from steerserve.engine.tokenizer import encode_prompt
 from steerserve.engine.types import (
     GenerationRequest,
@@ -83,20 +85,52 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
         GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, HiddenCapture(site))
         for i, ids in enumerate(prompts)
     ]
-    results = await until_disconnect(request, collect(state.engine, reqs))
-    reduced = []
-    for r in results:
-        states = sorted((f for f in r.features if isinstance(f, TokenHidden)), key=lambda f: f.position)
-        matrix = torch.tensor([f.vector for f in states], dtype=torch.float32)  # [tokens, d]
-        reduced.append(matrix[-1] if body.token == "last" else matrix.mean(0))
-    stacked = torch.stack(reduced)  # [2n, d]
-    direction = contrast_direction(stacked[0::2], stacked[1::2], body.method)
     meta = {"pairs": len(body.pairs), "token": body.token, "method": body.method}
-    vec = SteeringVector.of({site: direction})
-    rec = await _run(
-        state.registry.add_vector, vec, vector_id=body.id, fit=info, source="contrast", meta=meta
-    )
-    return JSONResponse(rec.to_json(), status_code=201)
+
+    async def store(features: list[list]) -> dict:
+        reduced = [_reduce(f, body.token) for f in features]
+        stacked = torch.stack(reduced)  # [2n, d]: positive, negative, positive, ...
+        direction = contrast_direction(stacked[0::2], stacked[1::2], body.method)
+        add = state.registry.add_vector
+        rec = await _run(
+            add,
+            SteeringVector.of({site: direction}),
+            vector_id=body.id,
+            fit=info,
+            source="contrast",
+            meta=meta,
+        )
+        return rec.to_json()
+
+    if body.stream:  # progress events while the prompts run, then the stored vector
+
+        async def events():
+            features: list[list] = [[] for _ in reqs]
+            done = 0
+            try:
+                async with aclosing(stream_choices(state.engine, reqs)) as outputs:
+                    async for index, out in outputs:
+                        if out.error:
+                            raise APIError(500, f"contrast prompt failed: {out.error}", code="engine_error")
+                        features[index].extend(out.features)
+                        if out.finish_reason is not None:
+                            done += 1
+                            yield sse({"object": "progress", "done": done, "total": len(reqs)})
+                yield sse(await store(features))
+            except APIError as exc:
+                yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+            yield sse("[DONE]")
+
+        return EventStream(events())
+    results = await until_disconnect(request, collect(state.engine, reqs))
+    return JSONResponse(await store([r.features for r in results]), status_code=201)
+
+
+def _reduce(features: list, token: str) -> torch.Tensor:
+    """One prompt's captured states -> [d]: the last token's, or the mean over its tokens."""
+    states = sorted((f for f in features if isinstance(f, TokenHidden)), key=lambda f: f.position)
+    matrix = torch.tensor([f.vector for f in states], dtype=torch.float32)  # [tokens, d]
+    return matrix[-1] if token == "last" else matrix.mean(0)
 
 
 _CAPTURE_K = 128  # NOTE: features outside a token's top 128 count as 0 (exact for SAEs with L0 <= 128)
