@@ -124,31 +124,6 @@ void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn 
 #endif
 }
 
-// Softmax of each head's scores in place (fp32), unnormalised; returns 1 / sum in inv[h].
-void softmax(float* s, int64_t G, int64_t n, float softcap, float* inv) {
-  for (int64_t h = 0; h < G; ++h) {
-    float* sh = s + h * n;
-    if (softcap > 0.0f)
-      for (int64_t j = 0; j < n; ++j) sh[j] = softcap * std::tanh(sh[j] / softcap);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sh[j]);
-    float sum = 0.0f;
-#ifdef SS_AVX512
-    __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx);
-    for (int64_t j = 0; j < n; j += 16) {
-      __mmask16 m = lane_mask(n - j);
-      __m512 e = exp16(_mm512_sub_ps(load16(sh + j, m), vm));
-      store16(sh + j, e, m);
-      vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(m, e));
-    }
-    sum = _mm512_reduce_add_ps(vs);
-#else
-    for (int64_t j = 0; j < n; ++j) sum += (sh[j] = std::exp(sh[j] - mx));
-#endif
-    inv[h] = 1.0f / sum;
-  }
-}
-
 // One (request, kv head) item: the group's query heads share every key and value row they read.
 template <typename QT, typename KT>
 void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
@@ -174,7 +149,7 @@ void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
 
   auto run = [&](auto row) {
     scores(qf, qb, G, hd, kb, row, n, a.scale, s);
-    softmax(s, G, n, a.softcap, inv);
+    for (int64_t h = 0; h < G; ++h) inv[h] = softmax_range(s + h * n, 0, n, a.softcap);
     weighted_values(s, G, hd, vb, row, n, acc);
   };
   if (a.gather[r] >= 0) {

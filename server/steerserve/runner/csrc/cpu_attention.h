@@ -83,6 +83,30 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+// Softmax of s[lo:hi] in place (fp32), after optional tanh soft-capping; unnormalised: returns 1 / sum.
+inline float softmax_range(float* s, int64_t lo, int64_t hi, float softcap) {
+  if (softcap > 0.0f)
+    for (int64_t j = lo; j < hi; ++j) s[j] = softcap * std::tanh(s[j] / softcap);
+#ifdef SS_AVX512
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = lo; j < hi; j += 16) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(vm, lane_mask(hi - j), s + j));
+  vm = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+  __m512 vs = _mm512_setzero_ps();
+  for (int64_t j = lo; j < hi; j += 16) {
+    const __mmask16 m = lane_mask(hi - j);
+    const __m512 e = exp16(_mm512_sub_ps(load16(s + j, m), vm));
+    store16(s + j, e, m);
+    vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(m, e));
+  }
+  return 1.0f / _mm512_reduce_add_ps(vs);
+#else
+  float mx = -INFINITY, sum = 0.0f;
+  for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, s[j]);
+  for (int64_t j = lo; j < hi; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  return 1.0f / sum;
+#endif
+}
+
 struct AttnArgs {
   const void* q;
   int64_t q_row, q_head;

@@ -3,20 +3,49 @@
 //
 // Work item: (request, kv head, chunk of 64 query rows). The item copies the keys its rows can see into
 // a transposed fp32 buffer Kt[hd][keys], so a score block is a plain outer-product accumulation (one
-// broadcast query value times 16 keys per FMA, no horizontal sums); then per tile of 4 query rows:
+// broadcast query value times 16 keys per FMA, no horizontal sums); then per tile of 8 query rows:
 // scores for the union of their key ranges, softmax over each row's own range (two-pass, fp32),
-// and P.V with the 4 rows sharing every value load.
+// and P.V with the 8 rows sharing every value load.
 #include "cpu_attention.h"
 
 namespace {
 
 #ifdef SS_AVX512
 constexpr int64_t kChunk = 64;  // query rows per work item
-constexpr int64_t kRows = 4;    // query rows per register tile
+constexpr int kRows = 8;        // query rows per register tile (8 x 32 accumulators)
 
 struct Scratch {
   std::vector<float> kt, s, qf;
 };
+
+// In-register transpose: r[i] lane j -> r[j] lane i.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    for (int k = 0; k < 2; ++k) {
+      const __m512d a = _mm512_castps_pd(t[i + k]), b = _mm512_castps_pd(t[i + 2 + k]);
+      r[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));  // lane L: column 4L + 2k
+      r[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));  // column 4L + 2k + 1
+    }
+  }
+  // now r[i] holds, per 128-bit lane L, 4 values of rows 4*(i/4)..+3; gather lanes across groups
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
 
 template <typename QT, typename KT>
 void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& sc) {
@@ -31,11 +60,19 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
   const int64_t first = a.starts[r];
   auto row = [&](int64_t j) { return (rows ? rows[j] : first + j) * hd; };  // j: key position
 
-  sc.kt.assign(size_t(hd * ld), 0.0f);  // [hd, ld]
+  // Kt [hd, ld] = keys transposed to fp32, 16 x 16 blocks (tail keys repeat the last key)
+  sc.kt.resize(size_t(hd * ld));
   float* kt = sc.kt.data();
-  for (int64_t j = 0; j < nk; ++j) {
-    const KT* k = kb + row(klo + j);
-    for (int64_t d = 0; d < hd; ++d) kt[d * ld + j] = to_f32(k[d]);
+  for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+    const KT* k[16];
+    for (int i = 0; i < 16; ++i) k[i] = kb + row(klo + std::min<int64_t>(j0 + i, nk - 1));
+    for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+      const __mmask16 m = lane_mask(hd - d0);
+      __m512 t[16];
+      for (int i = 0; i < 16; ++i) t[i] = load16(k[i] + d0, m);
+      transpose16(t);
+      for (int64_t i = 0; i < std::min<int64_t>(16, hd - d0); ++i) _mm512_storeu_ps(kt + (d0 + i) * ld + j0, t[i]);
+    }
   }
   sc.s.resize(size_t(kRows * ld));
   sc.qf.resize(size_t(kRows * hd));
@@ -44,26 +81,29 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
 
   for (int64_t h = g * G; h < (g + 1) * G; ++h) {
     for (int64_t t0 = i0; t0 < i1; t0 += kRows) {
-      const int64_t nr = std::min(kRows, i1 - t0);
+      const int64_t nr = std::min<int64_t>(kRows, i1 - t0);
       for (int64_t rr = 0; rr < kRows; ++rr) {  // rows past nr repeat the last one (not written out)
         const QT* qp = static_cast<const QT*>(a.q) + (a.q_rows[r] + t0 + std::min(rr, nr - 1)) * a.q_row +
                        h * a.q_head;
         for (int64_t d = 0; d < hd; ++d) qf[rr * hd + d] = to_f32(qp[d]);
       }
       const int64_t jbeg = lo_of(t0) - klo, jend = past + t0 + nr - klo;  // union of the rows' keys
-      // scores, 32 keys x 4 rows per block
+      // scores, 32 keys x 8 rows per block
       for (int64_t j0 = jbeg / 32 * 32; j0 < jend; j0 += 32) {
         __m512 acc[kRows][2];
-        for (int64_t rr = 0; rr < kRows; ++rr) acc[rr][0] = acc[rr][1] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int rr = 0; rr < kRows; ++rr) acc[rr][0] = acc[rr][1] = _mm512_setzero_ps();
         for (int64_t d = 0; d < hd; ++d) {
           const __m512 k0 = _mm512_loadu_ps(kt + d * ld + j0), k1 = _mm512_loadu_ps(kt + d * ld + j0 + 16);
-          for (int64_t rr = 0; rr < kRows; ++rr) {
+#pragma GCC unroll 8
+          for (int rr = 0; rr < kRows; ++rr) {
             const __m512 q = _mm512_set1_ps(qf[rr * hd + d]);
             acc[rr][0] = _mm512_fmadd_ps(q, k0, acc[rr][0]);
             acc[rr][1] = _mm512_fmadd_ps(q, k1, acc[rr][1]);
           }
         }
-        for (int64_t rr = 0; rr < kRows; ++rr) {
+#pragma GCC unroll 8
+        for (int rr = 0; rr < kRows; ++rr) {
           _mm512_storeu_ps(s + rr * ld + j0, _mm512_mul_ps(acc[rr][0], vscale));
           _mm512_storeu_ps(s + rr * ld + j0 + 16, _mm512_mul_ps(acc[rr][1], vscale));
         }
@@ -76,42 +116,34 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
           continue;
         }
         const int64_t lo = lo_of(t0 + rr) - klo, hi = past + t0 + rr + 1 - klo;
-        if (a.softcap > 0.0f)
-          for (int64_t j = lo; j < hi; ++j) sr[j] = a.softcap * std::tanh(sr[j] / a.softcap);
-        float mx = -INFINITY;
-        for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, sr[j]);
-        __m512 vs = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx);
-        for (int64_t j = lo; j < hi; j += 16) {
-          const __mmask16 m = lane_mask(hi - j);
-          const __m512 e = exp16(_mm512_sub_ps(load16(sr + j, m), vm));
-          store16(sr + j, e, m);
-          vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(m, e));
-        }
-        inv[rr] = 1.0f / _mm512_reduce_add_ps(vs);
+        inv[rr] = softmax_range(sr, lo, hi, a.softcap);
         std::fill(sr + jbeg, sr + lo, 0.0f);
         std::fill(sr + hi, sr + jend, 0.0f);
       }
-      // out = P.V, 64 columns x 4 rows of accumulators at a time
-      for (int64_t d0 = 0; d0 < hd; d0 += 64) {
-        __mmask16 m[4];
-        __m512 o[kRows][4];
-        for (int c = 0; c < 4; ++c) {
-          m[c] = d0 + 16 * c < hd ? lane_mask(hd - d0 - 16 * c) : 0;
-          for (int64_t rr = 0; rr < kRows; ++rr) o[rr][c] = _mm512_setzero_ps();
-        }
+      // out = P.V, 32 columns x 8 rows of accumulators at a time
+      for (int64_t d0 = 0; d0 < hd; d0 += 32) {
+        const __mmask16 m0 = lane_mask(hd - d0), m1 = d0 + 16 < hd ? lane_mask(hd - d0 - 16) : 0;
+        __m512 o[kRows][2];
+#pragma GCC unroll 8
+        for (int rr = 0; rr < kRows; ++rr) o[rr][0] = o[rr][1] = _mm512_setzero_ps();
         for (int64_t j = jbeg; j < jend; ++j) {
           const KT* v = vb + row(klo + j) + d0;
-          __m512 vv[4];
-          for (int c = 0; c < 4; ++c) vv[c] = load16(v + 16 * c, m[c]);
-          for (int64_t rr = 0; rr < kRows; ++rr) {
+          const __m512 v0 = load16(v, m0), v1 = load16(v + 16, m1);
+#pragma GCC unroll 8
+          for (int rr = 0; rr < kRows; ++rr) {
             const __m512 p = _mm512_set1_ps(s[rr * ld + j]);
-            for (int c = 0; c < 4; ++c) o[rr][c] = _mm512_fmadd_ps(p, vv[c], o[rr][c]);
+            o[rr][0] = _mm512_fmadd_ps(p, v0, o[rr][0]);
+            o[rr][1] = _mm512_fmadd_ps(p, v1, o[rr][1]);
           }
         }
-        for (int64_t rr = 0; rr < nr; ++rr) {
+        // NOTE: a constant trip count, so o[][] stays in registers (a runtime index would pin it to memory)
+#pragma GCC unroll 8
+        for (int rr = 0; rr < kRows; ++rr) {
+          if (rr >= nr) continue;
           QT* op = static_cast<QT*>(a.out) + (a.q_rows[r] + t0 + rr) * a.out_row + h * a.out_head + d0;
           const __m512 vi = _mm512_set1_ps(inv[rr]);
-          for (int c = 0; c < 4; ++c) store16(op + 16 * c, _mm512_mul_ps(o[rr][c], vi), m[c]);
+          store16(op, _mm512_mul_ps(o[rr][0], vi), m0);
+          store16(op + 16, _mm512_mul_ps(o[rr][1], vi), m1);
         }
       }
     }
