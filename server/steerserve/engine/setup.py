@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from steerserve.config import Config
 from steerserve.engine.engine import EngineCore
 from steerserve.engine.kv_cache import BlockAllocator
@@ -35,6 +37,10 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
     """The engine; `registry` (opened from config.registry when None) backs its steering."""
     registry = registry or Registry.from_config(config.registry)
     model, tokenizer, device, dtype = load_model(config.model)
+    if device.type == "cuda":
+        # NOTE: cuDNN SDPA builds a plan per new shape (~3 ms of CPU each); every request's context length
+        # is new each step, so it would dominate the step. Flash / memory-efficient kernels have no plans.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     max_len = min(config.scheduler.max_model_len or model_max_len(model), model_max_len(model))
     kv_dtype = kv_cache_dtype(config.cache, device, dtype)
     num_blocks, max_len, layout = plan_kv_cache(
