@@ -41,26 +41,29 @@ void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb
           _mm_prefetch(reinterpret_cast<const char*>(kb + row(i)) + b, _MM_HINT_T0);
     for (int64_t h = 0; h < G; ++h) {
       __m512 acc[16];
-      for (int i = 0; i < 16; ++i) {  // NOTE: row by row, so memory is read in order
-        __m512 x = _mm512_setzero_ps();
+      // NOTE: 4 keys at a time (4 independent chains, one query load), rows in memory order
+      for (int i0 = 0; i0 < 16; i0 += 4) {
+        __m512 x[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
 #ifdef __AVX512BF16__
         if constexpr (std::is_same_v<KT, bf16>) {
           if (qb) {  // bf16 x bf16 pairs: products are exact in fp32, no conversions
             for (int64_t d = 0; d < hd; d += 32) {
               const __mmask32 m = hd - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (hd - d)) - 1);
-              x = _mm512_dpbf16_ps(x, __m512bh(_mm512_maskz_loadu_epi16(m, qb + h * hd + d)),
-                                   __m512bh(_mm512_maskz_loadu_epi16(m, k[i] + d)));
+              const __m512bh q = __m512bh(_mm512_maskz_loadu_epi16(m, qb + h * hd + d));
+              for (int ii = 0; ii < 4; ++ii)
+                x[ii] = _mm512_dpbf16_ps(x[ii], q, __m512bh(_mm512_maskz_loadu_epi16(m, k[i0 + ii] + d)));
             }
-            acc[i] = x;
+            for (int ii = 0; ii < 4; ++ii) acc[i0 + ii] = x[ii];
             continue;
           }
         }
 #endif
         for (int64_t d = 0; d < hd; d += 16) {
           const __mmask16 m = lane_mask(hd - d);
-          x = _mm512_fmadd_ps(load16(qf + h * hd + d, m), load16(k[i] + d, m), x);
+          const __m512 q = load16(qf + h * hd + d, m);
+          for (int ii = 0; ii < 4; ++ii) x[ii] = _mm512_fmadd_ps(q, load16(k[i0 + ii] + d, m), x[ii]);
         }
-        acc[i] = x;
+        for (int ii = 0; ii < 4; ++ii) acc[i0 + ii] = x[ii];
       }
       store16(s + h * n + j0, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)), lane_mask(nb));
     }
@@ -77,42 +80,66 @@ void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb
 #endif
 }
 
+#ifdef SS_AVX512
+// acc[h, d0:d0+64] += sum_i p[h, i] * v_i[d0:d0+64] for NH heads at once: each value chunk is loaded
+// and converted once for all of them. NOTE: with 1-2 heads, two accumulator sets (even and odd keys)
+// keep enough FMA chains in flight.
+template <int NH, typename KT, typename RowFn>
+inline void pv_tile(const float* p, int64_t n, int64_t j0, int64_t nb, int64_t hd, int64_t d0, const KT* vb,
+                    RowFn row, float* acc) {
+  constexpr int S = NH <= 2 ? 2 : 1;
+  __mmask16 m[4];
+  __m512 o[S][NH][4];
+  for (int c = 0; c < 4; ++c) m[c] = d0 + 16 * c < hd ? lane_mask(hd - d0 - 16 * c) : 0;
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 4; ++c) {
+      o[0][h][c] = load16(acc + h * hd + d0 + 16 * c, m[c]);
+      if constexpr (S == 2) o[1][h][c] = _mm512_setzero_ps();
+    }
+  int64_t i = 0;
+  for (; i + S <= nb; i += S) {
+    for (int t = 0; t < S; ++t) {
+      const KT* v = vb + row(j0 + i + t) + d0;
+      __m512 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = load16(v + 16 * c, m[c]);
+      for (int h = 0; h < NH; ++h) {
+        const __m512 ph = _mm512_set1_ps(p[h * n + j0 + i + t]);
+        for (int c = 0; c < 4; ++c) o[t][h][c] = _mm512_fmadd_ps(ph, vv[c], o[t][h][c]);
+      }
+    }
+  }
+  for (; i < nb; ++i) {
+    const KT* v = vb + row(j0 + i) + d0;
+    for (int c = 0; c < 4; ++c) {
+      const __m512 vc = load16(v + 16 * c, m[c]);
+      for (int h = 0; h < NH; ++h) o[0][h][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * n + j0 + i]), vc, o[0][h][c]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 4; ++c) {
+      __m512 x = o[0][h][c];
+      if constexpr (S == 2) x = _mm512_add_ps(x, o[1][h][c]);
+      store16(acc + h * hd + d0 + 16 * c, x, m[c]);
+    }
+}
+#endif
+
 // acc[h * hd + d] += sum_j p[h * n + j] * v_j[d]
 template <typename KT, typename RowFn>
 void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn row, int64_t n,
                      float* acc) {
 #ifdef SS_AVX512
-  // NOTE: blocks of 64 keys (in L1 across heads) x 64-wide column tiles held in registers, with two
-  // accumulator sets (even and odd keys) so the FMA chains overlap.
+  // NOTE: blocks of 64 keys (in L1 across head groups) x 64-wide column tiles held in registers.
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t nb = std::min<int64_t>(64, n - j0);
-    for (int64_t h = 0; h < G; ++h) {
-      const float* ph = p + h * n + j0;
-      for (int64_t d0 = 0; d0 < hd; d0 += 64) {
-        __mmask16 m[4];
-        __m512 a0[4], a1[4];
-        for (int c = 0; c < 4; ++c) {
-          m[c] = d0 + 16 * c < hd ? lane_mask(hd - d0 - 16 * c) : 0;
-          a0[c] = load16(acc + h * hd + d0 + 16 * c, m[c]);
-          a1[c] = _mm512_setzero_ps();
-        }
-        int64_t i = 0;
-        for (; i + 1 < nb; i += 2) {
-          const KT* v0 = vb + row(j0 + i) + d0;
-          const KT* v1 = vb + row(j0 + i + 1) + d0;
-          const __m512 p0 = _mm512_set1_ps(ph[i]), p1 = _mm512_set1_ps(ph[i + 1]);
-          for (int c = 0; c < 4; ++c) {
-            a0[c] = _mm512_fmadd_ps(p0, load16(v0 + 16 * c, m[c]), a0[c]);
-            a1[c] = _mm512_fmadd_ps(p1, load16(v1 + 16 * c, m[c]), a1[c]);
-          }
-        }
-        if (i < nb) {
-          const KT* v0 = vb + row(j0 + i) + d0;
-          const __m512 p0 = _mm512_set1_ps(ph[i]);
-          for (int c = 0; c < 4; ++c) a0[c] = _mm512_fmadd_ps(p0, load16(v0 + 16 * c, m[c]), a0[c]);
-        }
-        for (int c = 0; c < 4; ++c) store16(acc + h * hd + d0 + 16 * c, _mm512_add_ps(a0[c], a1[c]), m[c]);
+    for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+      int64_t h = 0;
+      for (; h + 4 <= G; h += 4) pv_tile<4>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
+      if (G - h >= 2) {
+        pv_tile<2>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
+        h += 2;
       }
+      if (h < G) pv_tile<1>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
     }
   }
 #else
