@@ -5,8 +5,11 @@ we write the new keys and values into our paged KV cache and attend each request
 cached keys. The batch is packed: `[1, T]` tokens of many requests, described by `AttentionMetadata`,
 which reaches us as the forward kwarg `steer_attn`.
 
-NOTE: a request whose blocks are contiguous (the usual case, see engine/kv_cache.py) is attended to as a
-view of the cache; only fragmented requests pay a gather.
+On CPU (fp32/bf16), the C++ kernels of cpu_attention.py do the KV write and the attention of all
+requests in one call per layer each for decode rows and prefill chunks, reading keys in place (a
+start row, or a row index for fragmented requests). Elsewhere (CUDA, other dtypes, no compiler):
+PyTorch SDPA per request. NOTE: there, a request whose blocks are contiguous (the usual case, see
+engine/kv_cache.py) is attended to as a view of the cache; only fragmented requests pay a gather.
 """
 
 from __future__ import annotations
