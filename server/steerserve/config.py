@@ -39,8 +39,9 @@ class CacheConfig:
     kv_cache_fraction: float = 0.3
     """Share of free memory given to the KV cache when no explicit budget is set."""
     kv_cache_dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16 | float64. auto: the model's dtype on CUDA, float32 on CPU
-    (PyTorch's CPU attention kernels run 2-3x slower on bf16 than on fp32 at decode)."""
+    """auto | float32 | bfloat16 | float16 | float64. auto: the model's dtype on CUDA; on CPU the model's
+    dtype when steerserve's CPU attention kernel runs it (fp32, bf16), else float32 (PyTorch's CPU SDPA
+    runs 2-3x slower on bf16 than on fp32 at decode)."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from steerserve.config import CacheConfig, SchedulerConfig
 from steerserve.engine.scheduler import SchedulerOutput
 from steerserve.engine.types import TokenFeatures, TokenLogprob
 from steerserve.runner.attention import KVCache
+from steerserve.runner.cpu_attention import preferred_kv_dtype
 from steerserve.runner.input_batch import (
     CachedRequest,
     build_forward_inputs,
@@ -54,8 +55,12 @@ def _available_memory(device: torch.device) -> int:
 
 
 def kv_cache_dtype(cache_cfg: CacheConfig, device, model_dtype) -> torch.dtype:
+    """`auto`: the model's dtype on CUDA; on CPU the model's when our CPU attention kernel runs it
+    (bf16 halves the bytes decode reads), else fp32 (PyTorch's CPU SDPA is slow in bf16)."""
     if cache_cfg.kv_cache_dtype == "auto":
-        return model_dtype if device.type == "cuda" or model_dtype == torch.float64 else torch.float32
+        if device.type == "cuda" or model_dtype == torch.float64:
+            return model_dtype
+        return preferred_kv_dtype(model_dtype)
     return resolve_dtype(cache_cfg.kv_cache_dtype, device)
 
 
