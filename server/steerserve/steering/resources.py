@@ -9,8 +9,10 @@ computed once per (SAE, feature) and cached in the registry's blob store.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,6 +20,7 @@ from steerserve.registry import DeviceSAECache, Registry, SAEWeights
 from steerserve.sites import Site
 from steerserve.steering.spec import SAERef
 
+logger = logging.getLogger(__name__)
 _EFFECTS_IN_MEMORY = 4096  # feature logit effects kept on the device (V floats each)
 
 
@@ -43,6 +46,7 @@ class SteeringResources:
         self._effects: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (uid, index) -> [V]
         # NOTE: the engine thread and API threads (top_logits) share these caches
         self._lock = threading.RLock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerserve-effects")
 
     def sae(self, ref: SAERef) -> SAEWeights:
         record = self.registry.get_sae(ref.id)
@@ -74,11 +78,18 @@ class SteeringResources:
             effect = cached["effect"].to(self.device, torch.float32)
         else:
             effect = self.readout(self.sae(ref).W_dec[index][None])[0]  # [V]
-            self.registry.put_cached(key, {"effect": effect.cpu().contiguous()}, owner=f"sae:{ref.id}")
+            # NOTE: the durable write (fsync'd blob + row) happens off the engine thread: decode must not wait
+            self._writer.submit(self._store_effect, key, effect.cpu().contiguous(), ref.id)
         self._effects[(ref.uid, index)] = effect
         if len(self._effects) > _EFFECTS_IN_MEMORY:
             self._effects.popitem(last=False)
         return effect
+
+    def _store_effect(self, key: str, effect: torch.Tensor, sae_id: str) -> None:
+        try:
+            self.registry.put_cached(key, {"effect": effect}, owner=f"sae:{sae_id}")
+        except Exception:  # a cache write that fails costs a recompute later, nothing else
+            logger.warning("could not cache logit effect %s", key, exc_info=True)
 
     def readout(self, directions: torch.Tensor) -> torch.Tensor:
         """[n, d] directions -> [n, V] logits through the final norm and the unembedding (no biases)."""
