@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
+
+from tests.engine.test_parity import reference_greedy
 
 PROMPT = "The weather in California is"
 
 
 @pytest.fixture(scope="module")
 def reference(server):
-    model = AutoModelForCausalLM.from_pretrained(server.model_dir, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(server.model_dir)
-
-    def greedy_ids(prompt_ids: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt_ids])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=model.config.pad_token_id,
-        )
-        return out[0, len(prompt_ids) :].tolist()
-
-    return tok, greedy_ids
+    return tok, lambda prompt_ids, n: reference_greedy(server.model_dir, prompt_ids, n)
 
 
 def test_greedy_completion_equals_generate(client, reference):

@@ -55,16 +55,16 @@ class CallPlan:
 
 
 def feature_capture(
-    registry, info, want, positions: str, param: str = "return_features.sae"
+    registry, info, sae_id: str, top_k: int, positions: str, param: str = "return_features.sae"
 ) -> FeatureCapture:
-    """A validated FeatureCapture for `want` (.sae, .top_k); 404 for an unknown SAE."""
+    """A validated FeatureCapture of SAE `sae_id`; 404 for an unknown SAE."""
     try:
-        record = registry.get_sae(want.sae)
+        record = registry.get_sae(sae_id)
     except NotFound:
-        raise APIError(404, f"{param}: SAE {want.sae!r} does not exist", param, "sae_not_found") from None
+        raise APIError(404, f"{param}: SAE {sae_id!r} does not exist", param, "sae_not_found") from None
     if record.d_in != info.d_model or record.site.layer >= info.n_layers:
-        raise bad(f"{param}: SAE {want.sae!r} does not fit the served model", param)
-    return FeatureCapture(record.id, record.uid, want.top_k, positions)
+        raise bad(f"{param}: SAE {sae_id!r} does not fit the served model", param)
+    return FeatureCapture(record.id, record.uid, top_k, positions)
 
 
 def resolve_variant(body: SamplingFields, model_name: str) -> str | None:
@@ -93,7 +93,12 @@ async def plan_call(
     capture = None
     if body.return_features is not None:
         capture = await run_in_threadpool(
-            feature_capture, state.registry, info, body.return_features, "generated"
+            feature_capture,
+            state.registry,
+            info,
+            body.return_features.sae,
+            body.return_features.top_k,
+            "generated",
         )
     twins = body.return_unsteered and spec is not None
     seed = body.seed

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
 
 import torch
 from fastapi import APIRouter, Depends, Request
@@ -41,12 +40,6 @@ from steerserve.registry import SteeringVector
 from steerserve.sites import Site, SiteError, parse_site
 
 router = APIRouter()
-
-
-@dataclass(frozen=True)
-class _Want:
-    sae: str
-    top_k: int
 
 
 def _site(body: ContrastVectorRequest, n_layers: int) -> Site:
@@ -149,7 +142,7 @@ async def contrast_features(body: FeatureContrastRequest, request: Request):
             if not t:
                 raise bad(f"{name}[{i}] must not be empty", f"{name}[{i}]")
     capture = await run_in_threadpool(
-        feature_capture, state.registry, info, _Want(body.sae, _CAPTURE_K), "all", "sae"
+        feature_capture, state.registry, info, body.sae, _CAPTURE_K, "all", "sae"
     )
     record = await _run(state.registry.get_sae, body.sae)
     prompts = [encode_prompt(state.tokenizer, t) for t in texts]

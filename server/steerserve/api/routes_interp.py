@@ -4,7 +4,6 @@ generated in the same call) and the direct logit effect of a feature (`top_logit
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from fastapi import APIRouter, Depends, Request
@@ -40,12 +39,6 @@ def _prompt(body: InspectRequest, state) -> list[int]:
     return chat_prompt(ChatCompletionRequest(messages=body.messages), state.tokenizer)
 
 
-@dataclass(frozen=True)
-class _Want:
-    sae: str
-    top_k: int
-
-
 @router.post("/v1/inspect")
 async def inspect(body: InspectRequest, request: Request):
     """Per-token features of `sae` (and of each of `saes`): one capturing request per SAE, one batch."""
@@ -59,9 +52,7 @@ async def inspect(body: InspectRequest, request: Request):
     for k, sae_id in enumerate(sae_ids):
         param = "sae" if k == 0 else f"saes[{(body.saes or []).index(sae_id)}]"
         captures.append(
-            await run_in_threadpool(
-                feature_capture, state.registry, info, _Want(sae_id, body.top_k), "all", param
-            )
+            await run_in_threadpool(feature_capture, state.registry, info, sae_id, body.top_k, "all", param)
         )
     spec, max_tokens = None, 1
     if body.generate is not None:
