@@ -6,6 +6,7 @@ Public ops (this module owns their signatures, argument checks and backend dispa
   sae_edit         clamp/scale/ablate SAE features          (in place on h [T, d])
   apply_logit_bias sparse + dense bias, penalties, temperature (in place on logits [R, V])
   sae_encode_topk  top-k SAE activations per token          (new [T, k] tensors)
+  sae_feature_acts activations of each token's slot features (new [T, F] tensor; gates)
 
 Index conventions shared by the residual-stream ops:
   slot_of_token [T] int32/int64: per token its row in the per-slot banks; -1 = not steered (untouched).
@@ -27,7 +28,15 @@ import torch
 from steerkernels import _checks as C
 from steerkernels import reference
 
-__all__ = ["apply_logit_bias", "project_clamp", "reference", "sae_edit", "sae_encode_topk", "steer_add"]
+__all__ = [
+    "apply_logit_bias",
+    "project_clamp",
+    "reference",
+    "sae_edit",
+    "sae_encode_topk",
+    "sae_feature_acts",
+    "steer_add",
+]
 
 # NOTE: the largest k of the Triton top-k (its merge keeps next_pow2(k) candidates in registers).
 TRITON_MAX_TOPK = 256
@@ -37,7 +46,7 @@ def _impl(name: str, backend: str | None, device: torch.device):
     """The backend module that implements op `name` for this call."""
     if C.resolve_backend(backend, device) == "torch":
         return reference
-    if name in ("steer_add", "project_clamp", "sae_edit"):
+    if name in ("steer_add", "project_clamp", "sae_edit", "sae_feature_acts"):
         from steerkernels import triton_residual as mod
     elif name == "apply_logit_bias":
         from steerkernels import triton_logits as mod
@@ -249,6 +258,46 @@ def apply_logit_bias(
         logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, dense_scale,
         penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
     )  # fmt: skip
+
+
+def sae_feature_acts(
+    h: torch.Tensor,
+    slot_of_token: torch.Tensor,
+    feat_idx: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None,
+    apply_b_dec_to_input: bool,
+    *,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Activations of the SAE features each token's slot names: what gates compare with thresholds.
+
+    h [T, d] float (read only); slot_of_token [T] int, -1 = none; feat_idx [S, F] int ids in [0, d_sae),
+    -1 = padding; the SAE as in `sae_edit`. Returns acts [T, F] fp32 with
+      acts[t, j] = relu/jumprelu((h[t] - b_dec * apply_b_dec_to_input) . W_enc[:, f] + b_enc[f]),
+    f = feat_idx[slot_of_token[t], j]; NaN where the token has no slot or the id is padding (so every
+    comparison with NaN is false: no slot, no gate).
+    """
+    h = _hidden("h", h)
+    T, d = h.shape
+    C.tensor("feat_idx", feat_idx, (None, None), C.INT_DTYPES, h.device, "S, F")
+    S = feat_idx.shape[0]
+    C.tensor("W_enc", W_enc, (d, None), C.FLOAT_DTYPES, h.device, "d, d_sae")
+    d_sae = W_enc.shape[1]
+    C.tensor("b_enc", b_enc, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
+    C.tensor("b_dec", b_dec, (d,), C.FLOAT_DTYPES, h.device, "d")
+    if threshold is not None:
+        C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
+    C.token_args(h, slot_of_token, None, None, S, validate)
+    if validate:
+        C.ids_in("feat_idx", feat_idx, -1, d_sae, f"-1 = padding, d_sae={d_sae} features")
+    impl = _impl("sae_feature_acts", backend, h.device)
+    return impl.sae_feature_acts(
+        h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, bool(apply_b_dec_to_input)
+    )
 
 
 def sae_encode_topk(

@@ -110,15 +110,47 @@ def sae_edit(
     for i in range(0, rows.numel(), chunk):
         sl = slice(i, i + chunk)
         fc = f[sl]  # [c, F]
-        w_enc = W_enc_rows[fc].float()  # [c, F, d]
-        pre = torch.bmm(w_enc, xin[sl, :, None]).squeeze(2) + b_enc.float()[fc]  # [c, F]
-        a = activation(pre, None if thr is None else thr[sl])
+        a = _feature_acts(xin[sl], fc, W_enc_rows, b_enc, None if thr is None else thr[sl])  # [c, F]
         new = torch.where(scale[sl], a * val[sl], val[sl])
         coef = torch.where(ok[sl], new - a, torch.zeros_like(a))  # [c, F]
         w_dec = W_dec[fc].float()  # [c, F, d]
         out[sl] = x[sl] + torch.bmm(coef[:, None, :], w_dec).squeeze(1)
     h.index_copy_(0, rows, out.to(h.dtype))
     return h
+
+
+def _feature_acts(xin, f, W_enc_rows, b_enc, thr):
+    """Activations [c, F] of features f [c, F] on encoder inputs xin [c, d]; W_enc_rows [d_sae, d]."""
+    w_enc = W_enc_rows[f].float()  # [c, F, d]
+    pre = torch.bmm(w_enc, xin[:, :, None]).squeeze(2) + b_enc.float()[f]  # [c, F]
+    return activation(pre, thr)
+
+
+def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input):
+    """[T, F] fp32 activations of each token's slot features, NaN where none; see the public op."""
+    T = h.shape[0]
+    S, Fmax = feat_idx.shape
+    d_sae = W_enc.shape[1]
+    out = torch.full((T, Fmax), float("nan"), dtype=torch.float32, device=h.device)
+    slot = slot_of_token.long()
+    feat = feat_idx.long()
+    valid = (feat >= 0) & (feat < d_sae)  # [S, F]
+    ok = (slot >= 0) & (slot < S)
+    rows = (ok & valid.any(1)[slot.clamp(0, max(S - 1, 0))]).nonzero().squeeze(1) if S else slot[:0]
+    if rows.numel() == 0:
+        return out
+    s = slot[rows]  # [n]
+    f = feat.clamp(0, d_sae - 1)[s]  # [n, F]
+    x = h.index_select(0, rows).float()
+    xin = x - b_dec.float() if apply_b_dec_to_input else x
+    thr = threshold.float()[f] if threshold is not None else None
+    chunk = max(1, _GATHER_BUDGET // max(1, Fmax * x.shape[1]))
+    W_enc_rows = W_enc.t()
+    for i in range(0, rows.numel(), chunk):
+        sl = slice(i, i + chunk)
+        a = _feature_acts(xin[sl], f[sl], W_enc_rows, b_enc, None if thr is None else thr[sl])
+        out[rows[sl]] = torch.where(valid[s[sl]], a, float("nan"))
+    return out
 
 
 def apply_logit_bias(

@@ -1,4 +1,5 @@
-"""Triton kernels of the residual-stream ops: `steer_add`, `project_clamp`, `sae_edit`.
+"""Triton kernels of the residual-stream ops: `steer_add`, `project_clamp`, `sae_edit`, and the gates'
+`sae_feature_acts` (reads h, writes a new [T, F] tensor).
 
 Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block). A
 token whose slot is -1 / out of range or whose position class the slot does not steer loads nothing and
@@ -12,9 +13,11 @@ as cheap on GPU, and the CPU interpreter (triton 3.9) splats scalar comparison r
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from steerkernels import _util
 from steerkernels._util import next_pow2
 
 
@@ -112,6 +115,36 @@ def _sae_edit_kernel(
     tl.store(row + offs, (x + delta).to(h_ptr.dtype.element_ty), mask=offs < tl.where(n_valid > 0, d, 0))
 
 
+@triton.jit
+def _sae_feature_acts_kernel(
+    h_ptr, stride_h, slot_ptr, T, out_ptr, stride_o, feat_ptr, stride_fs, S, F,
+    wenc_ptr, stride_ed, stride_ef, benc_ptr, bdec_ptr, thr_ptr, d_sae, d,
+    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int32)
+    ok = (slot >= 0) & (slot < S)
+    slot = tl.where(ok, slot, 0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    md = offs < tl.where(ok, d, 0)
+    x = tl.load(h_ptr + t.to(tl.int64) * stride_h + offs, mask=md, other=0.0).to(tl.float32)
+    if APPLY_B_DEC:
+        x = x - tl.load(bdec_ptr + offs, mask=md, other=0.0).to(tl.float32)
+    offs64 = offs.to(tl.int64)
+    for j in range(0, F):
+        f = tl.load(feat_ptr + slot * stride_fs + j, mask=ok, other=-1).to(tl.int64)
+        fv = ok & (f >= 0) & (f < d_sae)
+        f = tl.where(fv, f, 0)
+        mf = offs < tl.where(fv, d, 0)
+        w = tl.load(wenc_ptr + offs64 * stride_ed + f * stride_ef, mask=mf, other=0.0).to(tl.float32)
+        pre = tl.sum(x * w, axis=0) + tl.load(benc_ptr + f, mask=fv, other=0.0).to(tl.float32)
+        thr = 0.0
+        if HAS_THR:
+            thr = tl.load(thr_ptr + f, mask=fv, other=0.0).to(tl.float32)
+        a = tl.where(pre > thr, pre, 0.0)
+        tl.store(out_ptr + t.to(tl.int64) * stride_o + j, tl.where(fv, a, float("nan")))
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -180,3 +213,24 @@ def sae_edit(
         BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
+
+
+def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input):
+    T, d = h.shape
+    S, F = feat_idx.shape
+    out = _util.empty((T, F), torch.float32, h.device)
+    if T == 0 or F == 0:
+        return out
+    if S == 0 or d == 0:
+        return out.fill_(float("nan"))
+    slot, feat_idx = slot_of_token.contiguous(), feat_idx.contiguous()
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
+    has_thr = threshold is not None
+    threshold = threshold.contiguous() if has_thr else b_enc  # a stand-in pointer, never read
+    block = next_pow2(d)
+    _sae_feature_acts_kernel[(T,)](
+        h, h.stride(0), slot, T, out, out.stride(0), feat_idx, feat_idx.stride(0), S, F,
+        W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, b_dec, threshold, W_enc.shape[1], d,
+        HAS_THR=has_thr, APPLY_B_DEC=bool(apply_b_dec_to_input), BLOCK_D=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return out

@@ -82,6 +82,8 @@ class SteeringConfig:
     """Projection / clamp directions per row, site and position class."""
     max_feature_edits: int = 16
     """Clamped / scaled / ablated features per row, site, SAE and position class."""
+    max_gates: int = 8
+    """Distinct `when` gates plus `stop_when` conditions per request."""
     max_logit_bias_features: int = 32
     """Entries of `feature_logit_bias` per request."""
     max_abs_value: float = 1e6

@@ -253,3 +253,64 @@ def test_kernel_masks_bad_ids(op, device, gen):
     out = getattr(sk, op)(h.clone().to(device), **to(args, device), backend="triton", validate=False).cpu()
     assert torch.equal(out[[1, 4]], h[[1, 4]])
     assert_close(out, ref, torch.float32)
+
+
+# -- sae_feature_acts (gates) ---------------------------------------------------------------------
+
+
+def naive_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input):
+    T, Fn = h.shape[0], feat_idx.shape[1]
+    out = torch.full((T, Fn), float("nan"), dtype=torch.float64)
+    for t in range(T):
+        s = int(slot_of_token[t])
+        if not 0 <= s < feat_idx.shape[0]:
+            continue
+        x = h[t].double() - (b_dec.double() if apply_b_dec_to_input else 0)
+        for j in range(Fn):
+            f = int(feat_idx[s, j])
+            if f < 0:
+                continue
+            pre = float(x @ W_enc[:, f].double() + b_enc[f].double())
+            thr = float(threshold[f]) if threshold is not None else 0.0
+            out[t, j] = pre if pre > thr else 0.0
+    return out
+
+
+def acts_args(gen, T, d, S, threshold=True, apply_b_dec=True):
+    args = sae_args(gen, T, d, S, threshold=threshold, apply_b_dec=apply_b_dec)
+    for key in ("W_dec", "mode", "value", "slot_positions", "pos_class"):
+        del args[key]
+    return args
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_sae_feature_acts_reference_matches_naive(threshold, apply_b_dec, gen):
+    fired = idle = False
+    for T, d, S in SHAPES:
+        args = acts_args(gen, T, d, S, threshold, apply_b_dec)
+        h = rand(gen, T, d) * 2
+        ref = sk.sae_feature_acts(h, **args, backend="torch")
+        naive = naive_feature_acts(h, **args)
+        assert torch.equal(ref.isnan(), naive.isnan())
+        torch.testing.assert_close(ref.double(), naive, rtol=2e-5, atol=2e-5, equal_nan=True)
+        fired, idle = fired or bool((naive.nan_to_num() > 0).any()), idle or bool(naive.isnan().any())
+    assert fired and idle, "the cases need fired and idle cells"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sae_feature_acts_triton_matches_reference(dtype, device, gen, monkeypatch):
+    import steerkernels._util as sk_util
+
+    # NOTE: NaN is this op's "no gate" value, so poison the output with a finite sentinel instead
+    monkeypatch.setattr(
+        sk_util, "empty", lambda shape, dt, dev: torch.full(shape, 7777.0, dtype=dt, device=dev)
+    )
+    for T, d, S in SHAPES:
+        args = acts_args(gen, T, d, S)
+        h = rand(gen, T, d, dtype=dtype) * 2
+        ref = sk.sae_feature_acts(h, **args, backend="torch")
+        out = sk.sae_feature_acts(h.to(device), **to(args, device), backend="triton").cpu()
+        assert not (out == 7777.0).any(), "unwritten cells"
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert_close(out.nan_to_num(), ref.nan_to_num(), torch.float32 if dtype == torch.float32 else dtype)

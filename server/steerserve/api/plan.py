@@ -14,7 +14,7 @@ from steerserve.api.convert import bad, check_model, child_seed, sampling_params
 from steerserve.api.errors import APIError
 from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.protocol import SamplingFields
-from steerserve.engine.types import FeatureCapture, GenerationRequest
+from steerserve.engine.types import FeatureCapture, FeatureStop, GenerationRequest
 from steerserve.registry import NotFound
 from steerserve.steering.compile import compile_steering
 from steerserve.steering.spec import SteeringSpec
@@ -26,6 +26,7 @@ class CallPlan:
     num_steered: int  # choices [0, num_steered) carry the steering; the rest are unsteered twins
     steering: SteeringSpec | None
     labels: FeatureLabels | None = None  # set when the call asked for return_features
+    tokenizer: object = None
 
     def features(self, index: int, feats, output_ids) -> dict:
         """{"features": [...]} for choice `index` when the call captures features, else {}."""
@@ -44,11 +45,18 @@ class CallPlan:
     def is_twin(self, index: int) -> bool:
         return self.steering is not None and index >= self.num_steered
 
-    def choice_extra(self, index: int) -> dict:
-        """Extra keys of choice `index`: `steered` whenever the call carries steering."""
-        if self.steering is None:
+    def choice_extra(self, index: int, feature_stop: FeatureStop | None = None) -> dict:
+        """Extra keys of choice `index`: `steered` whenever the call carries steering, and the
+        `stop_when` condition that ended it."""
+        out = {} if self.steering is None else {"steered": not self.is_twin(index)}
+        return out | self.stop_extra(feature_stop)
+
+    def stop_extra(self, feature_stop: FeatureStop | None) -> dict:
+        """`{"feature_stop": {feature, activation, position, token_id, token}}`, or {}."""
+        if feature_stop is None:
             return {}
-        return {"steered": not self.is_twin(index)}
+        token = self.tokenizer.decode([feature_stop.token_id]) if self.tokenizer is not None else None
+        return {"feature_stop": feature_stop.to_json() | {"token": token}}
 
     def response_extra(self) -> dict:
         return {} if self.steering is None else {"steering": self.steering.summary()}
@@ -85,10 +93,10 @@ async def plan_call(
     variant = resolve_variant(body, info.name)
     check_model(body.model if variant is None or body.model == info.name else info.name, info)
     spec = None
-    if body.steering or body.feature_logit_bias or variant:
+    if body.steering or body.feature_logit_bias or body.stop_when or variant:
         spec = await run_in_threadpool(
             compile_steering, state.registry, info, state.config.steering, body.steering,
-            body.feature_logit_bias, variant,
+            body.feature_logit_bias, variant, body.stop_when,
         )  # fmt: skip
     capture = None
     if body.return_features is not None:
@@ -122,4 +130,4 @@ async def plan_call(
             if twins:
                 unsteered.append(GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now, capture))
     labels = FeatureLabels(state.registry, capture.sae_id) if capture is not None else None
-    return CallPlan(steered + unsteered, len(steered), spec, labels)
+    return CallPlan(steered + unsteered, len(steered), spec, labels, state.tokenizer)

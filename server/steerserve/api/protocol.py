@@ -47,6 +47,7 @@ class SamplingFields(_Body):
     variant: str | None = None
     steering: list[dict[str, Any]] | None = None
     feature_logit_bias: list[dict[str, Any]] | None = None
+    stop_when: list[dict[str, Any]] | None = None
     return_unsteered: bool = False
     return_features: ReturnFeatures | None = None
 

@@ -66,7 +66,7 @@ async def generate(body: GenerateRequest, request: Request):
                 tail = {
                     "index": index,
                     "finish_reason": finish_reason_text(out.finish_reason),
-                    **plan.choice_extra(index),
+                    **plan.choice_extra(index, out.feature_stop),
                 }
                 if not out.token_ids and out.text:
                     tail["text"] = out.text
@@ -83,6 +83,7 @@ async def generate(body: GenerateRequest, request: Request):
         "finish_reason": first.finish_reason,
         "usage": usage(n_prompt, sum(r.num_output_tokens for r in results)),
         **plan.features(0, first.features, first.token_ids),
+        **plan.stop_extra(first.feature_stop),
     }
     if body.logprobs is not None:
         response["logprobs"] = _logprobs_json(first.logprobs)
@@ -100,7 +101,7 @@ async def generate(body: GenerateRequest, request: Request):
                 "text": r.text,
                 "token_ids": r.token_ids,
                 "finish_reason": r.finish_reason,
-                **plan.choice_extra(r.index),
+                **plan.choice_extra(r.index, r.feature_stop),
             }
             for r in results
         ]

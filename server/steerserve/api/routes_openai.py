@@ -86,7 +86,7 @@ async def completions(body: CompletionRequest, request: Request):
                 "text": out.text,
                 "logprobs": lp,
                 "finish_reason": finish_reason_text(out.finish_reason),
-                **plan.choice_extra(index),
+                **plan.choice_extra(index, out.feature_stop),
                 **plan.features(index, out.features, outputs[index]),
             }
             return [head | {"choices": [choice]}]
@@ -107,7 +107,7 @@ async def completions(body: CompletionRequest, request: Request):
             "text": r.text,
             "logprobs": completion_logprobs(tok, r.logprobs) if body.logprobs is not None else None,
             "finish_reason": r.finish_reason,
-            **plan.choice_extra(r.index),
+            **plan.choice_extra(r.index, r.feature_stop),
             **plan.features(r.index, r.features, r.token_ids),
         }
         for r in results
@@ -167,7 +167,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "delta": delta,
                 "logprobs": lp,
                 "finish_reason": finish_reason_text(out.finish_reason),
-                **plan.choice_extra(index),
+                **plan.choice_extra(index, out.feature_stop),
                 **plan.features(index, out.features, outputs[index]),
             }
             return [*events, head | {"choices": [choice]}]
@@ -184,7 +184,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "message": {"role": "assistant", "content": r.text},
             "logprobs": chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
             "finish_reason": r.finish_reason,
-            **plan.choice_extra(r.index),
+            **plan.choice_extra(r.index, r.feature_stop),
             **plan.features(r.index, r.features, r.token_ids),
         }
         for r in results

@@ -35,6 +35,7 @@ class ChoiceResult:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     features: list = field(default_factory=list)  # TokenFeatures captured for this choice
+    feature_stop: object = None  # FeatureStop when a stop_when condition ended the choice
 
 
 def finish_reason_text(reason: FinishReason | None) -> str | None:
@@ -103,6 +104,7 @@ async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> lis
             r.num_output_tokens = out.num_output_tokens
             if out.finish_reason is not None:
                 r.finish_reason = finish_reason_text(out.finish_reason)
+                r.feature_stop = out.feature_stop
     return results
 
 

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from steerserve.engine.request import RequestState
 from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.tokenizer import Detokenizer
-from steerserve.engine.types import FinishReason, GenerationRequest, TokenFeatures, TokenLogprob
+from steerserve.engine.types import (
+    FeatureStop,
+    FinishReason,
+    GenerationRequest,
+    TokenFeatures,
+    TokenLogprob,
+)
 from steerserve.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,7 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     features: tuple[TokenFeatures, ...] = ()  # captured since the previous output (FeatureCapture)
+    feature_stop: FeatureStop | None = None  # the stop_when condition that ended the request
 
 
 class EngineDeadError(RuntimeError):
@@ -84,6 +91,10 @@ class EngineCore:
             state = self.scheduler.finish(rid, FinishReason.ERROR)
             if state is not None:
                 outputs.append(self._finish_output(state, "", (), (), error=message))
+        for rid, stop in result.stopped.items():
+            state = self.scheduler.finish(rid, FinishReason.FEATURE_STOP)
+            if state is not None:
+                outputs.append(self._finish_output(state, None, (), (), feature_stop=stop))
         for state in advanced:
             rid = state.request_id
             try:
@@ -121,7 +132,9 @@ class EngineCore:
             rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, n_out, None, features
         )
 
-    def _finish_output(self, state: RequestState, text, token_ids, lps, error=None) -> RequestOutput:
+    def _finish_output(
+        self, state: RequestState, text, token_ids, lps, error=None, feature_stop=None
+    ) -> RequestOutput:
         rid = state.request_id
         detok = self.detok.pop(rid, None)
         if text is None:
@@ -143,6 +156,7 @@ class EngineCore:
             len(state.output_token_ids),
             error,
             features,
+            feature_stop,
         )
 
     def fail_all(self, message: str) -> list[RequestOutput]:

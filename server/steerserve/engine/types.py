@@ -96,6 +96,32 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     ABORT = "abort"
     ERROR = "error"
+    FEATURE_STOP = "feature_stop"  # a `stop_when` condition held on a generated token
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureStop:
+    """Why a request ended with `feature_stop`: the condition, and the token it held on."""
+
+    sae_id: str
+    index: int
+    activation: float
+    position: int  # the token's position in prompt + output; it is the last token of the output
+    token_id: int
+    above: float | None = None
+    below: float | None = None
+
+    def to_json(self) -> dict:
+        out = {
+            "feature": {"sae": self.sae_id, "index": self.index},
+            "activation": self.activation,
+            "position": self.position,
+            "token_id": self.token_id,
+        }
+        for key in ("above", "below"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

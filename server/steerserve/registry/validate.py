@@ -78,6 +78,20 @@ def _intervention(item: object, p: str) -> None:
     for key in _NUMERIC:
         if key in item:
             _number(item[key], f"{p}.{key}")
+    if item.get("when") is not None:
+        _gate(item["when"], f"{p}.when")
+
+
+def _gate(item: object, p: str) -> None:
+    """The shape of a `when` gate or a `stop_when` entry; bounds and fit are checked at compile time."""
+    if not isinstance(item, dict) or "feature" not in item:
+        raise InvalidInput(f'{p} must be {{"feature": {{...}}, "above": number}} (or "below")', param=p)
+    _feature_ref(item["feature"], f"{p}.feature")
+    if item.get("above") is None and item.get("below") is None:
+        raise InvalidInput(f'{p} needs "above" or "below"', param=p)
+    for key in ("above", "below"):
+        if item.get(key) is not None:
+            _number(item[key], f"{p}.{key}")
 
 
 def check_variant(body: object) -> tuple[str, dict]:
@@ -88,13 +102,16 @@ def check_variant(body: object) -> tuple[str, dict]:
     spec = {k: v for k, v in body.items() if k != "id"}
     steering = spec.setdefault("steering", [])
     bias = spec.setdefault("feature_logit_bias", [])
-    for name, items in (("steering", steering), ("feature_logit_bias", bias)):
+    stops = spec.get("stop_when", [])
+    for name, items in (("steering", steering), ("feature_logit_bias", bias), ("stop_when", stops)):
         if not isinstance(items, list) or len(items) > _MAX_ITEMS:
             raise InvalidInput(f"{name} must be a list of at most {_MAX_ITEMS} entries", param=name)
-    if not steering and not bias:
+    if not steering and not bias and not stops:
         raise InvalidInput(
-            "a variant needs at least one steering entry or feature_logit_bias entry", "steering"
+            "a variant needs at least one steering, feature_logit_bias or stop_when entry", "steering"
         )
+    for i, item in enumerate(stops):
+        _gate(item, f"stop_when[{i}]")
     for i, item in enumerate(steering):
         _intervention(item, f"steering[{i}]")
     for i, item in enumerate(bias):

@@ -31,6 +31,7 @@ class CachedRequest:
     output_counts: Counter = field(default_factory=Counter)
     steering: object | None = None  # SteeringSpec
     row: int = -1  # steering row on the device; -1 = unsteered
+    gate_state: torch.Tensor | None = None  # [G] bool: gates that fired in earlier steps (latches)
 
 
 def new_cached_request(item: ScheduledRequest, device: torch.device, rng: random.Random) -> CachedRequest:

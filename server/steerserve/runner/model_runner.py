@@ -18,7 +18,7 @@ import torch
 
 from steerserve.config import CacheConfig, SchedulerConfig
 from steerserve.engine.scheduler import SchedulerOutput
-from steerserve.engine.types import TokenFeatures, TokenLogprob
+from steerserve.engine.types import FeatureStop, TokenFeatures, TokenLogprob
 from steerserve.runner.attention import KVCache
 from steerserve.runner.cpu_attention import preferred_kv_dtype
 from steerserve.runner.input_batch import (
@@ -41,6 +41,7 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why it cannot run
     features: dict[str, list[TokenFeatures]] = field(default_factory=dict)  # captured, per request
+    stopped: dict[str, FeatureStop] = field(default_factory=dict)  # stop_when held; not in `sampled`
 
 
 def _available_memory(device: torch.device) -> int:
@@ -159,8 +160,15 @@ class ModelRunner:
 
         rows = [self.requests[item.request_id].row for item in scheduled]
         inputs = build_forward_inputs(scheduled, rows, self.block_size, self.device)
+        gated = self.steering is not None and self.steering.gated and inputs.token_row is not None
         if self.steering is not None:
-            self.steering.begin_step(inputs.token_row, inputs.pos_class)
+            if gated:
+                self.steering.begin_step(
+                    inputs.token_row, inputs.pos_class, [len(item.token_ids) for item in scheduled],
+                    self._gate_states(scheduled),
+                )  # fmt: skip
+            else:
+                self.steering.begin_step(inputs.token_row, inputs.pos_class)
             self._plan_captures(scheduled)
             self.site_hooks.sync(self.steering.sites() | self.capturer.sites())
         try:
@@ -174,7 +182,11 @@ class ModelRunner:
             )
         finally:
             if self.steering is not None:
-                self.steering.end_step()
+                sample_rows = [self.requests[rid].row for rid in inputs.sample_ids]
+                states = self.steering.end_step(inputs.logits_rows, sample_rows)
+                if states is not None:
+                    for i, item in enumerate(scheduled):
+                        self.requests[item.request_id].gate_state = states[i]
         features = self.capturer.results() if self.capturer is not None else {}
         if not inputs.sample_ids:
             return RunnerOutput({}, failed=failed, features=features)
@@ -183,7 +195,39 @@ class ModelRunner:
         dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
         batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
         result = self.sampler(logits, batch)
-        return self._to_host(reqs, result, failed, features)
+        output = self._to_host(reqs, result, failed, features)
+        if gated:
+            self._apply_stops(output, scheduled)
+        return output
+
+    def _gate_states(self, scheduled) -> torch.Tensor:
+        """[N, G] bool: each scheduled request's gates that fired in earlier steps; a request computed
+        from its first token again (new, or recomputed after preemption) starts with none."""
+        none = torch.zeros(self.steering.cfg.max_gates, dtype=torch.bool, device=self.device)
+        states = []
+        for item in scheduled:
+            state = self.requests[item.request_id].gate_state
+            states.append(state if state is not None and item.start > 0 else none)
+        return torch.stack(states)
+
+    def _apply_stops(self, output: RunnerOutput, scheduled) -> None:
+        """Requests whose stop condition held on their newest token end there: the token sampled from
+        it is dropped, and `output.stopped` says which condition held."""
+        hits = self.steering.stop_hits()
+        if not any(hits):
+            return
+        items = {item.request_id: item for item in scheduled if item.sample}
+        for rid, hit in zip(items, hits, strict=True):
+            if hit is None:
+                continue
+            item = items[rid]
+            g = hit.gate
+            output.sampled.pop(rid, None)
+            output.logprobs.pop(rid, None)
+            output.stopped[rid] = FeatureStop(
+                g.sae.id, g.index, hit.activation, item.start + len(item.token_ids) - 1,
+                item.token_ids[-1], g.above, g.below,
+            )  # fmt: skip
 
     def _to_host(self, reqs: list[CachedRequest], result, failed: dict[str, str], features) -> RunnerOutput:
         tokens = result.token_ids.tolist()  # the one host-device sync of the step

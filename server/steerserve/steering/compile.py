@@ -9,13 +9,14 @@ offending field: `steering[2].feature.index`. Blocking (registry reads): call it
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from steerserve.api.errors import APIError
 from steerserve.config import SteeringConfig
 from steerserve.engine.types import ModelInfo
 from steerserve.registry import NotFound, Registry
 from steerserve.sites import Site
-from steerserve.steering.spec import POSITIONS, Intervention, LogitBiasTerm, SAERef, SteeringSpec
+from steerserve.steering.spec import POSITIONS, Gate, Intervention, LogitBiasTerm, SAERef, SteeringSpec
 
 
 def _bad(param: str, message: str) -> APIError:
@@ -89,8 +90,37 @@ class _Compiler:
             raise _bad(param, 'needs exactly one of "feature" or "vector"')
         mode = item.get("mode")
         if has_feature:
-            return [self.feature_intervention(item, mode, param)]
-        return self.vector_interventions(item, mode, param)
+            out = [self.feature_intervention(item, mode, param)]
+        else:
+            out = self.vector_interventions(item, mode, param)
+        if item.get("when") is None:
+            return out
+        gate = self.gate(item["when"], f"{param}.when", allow_latch=True)
+        for iv in out:
+            if gate.site > iv.site:
+                raise _bad(
+                    f"{param}.when.feature",
+                    f"the gate is read at {gate.site.hook_name}, after the intervention's site "
+                    f"{iv.site.hook_name}; a gate must be read at or before the site it controls",
+                )
+        return [replace(iv, gate=gate) for iv in out]
+
+    def gate(self, item: object, param: str, allow_latch: bool) -> Gate:
+        """`{"feature": FeatureRef, "above": x, "below": y, "latch": bool}`: at least one bound."""
+        if not isinstance(item, dict):
+            raise _bad(param, 'must be {"feature": {...}, "above": float} (or "below")')
+        record, index = self.sae(item.get("feature"), f"{param}.feature")
+        bounds = {k: self.number(item, k, param) for k in ("above", "below") if item.get(k) is not None}
+        if not bounds:
+            raise _bad(param, 'needs "above" or "below" (or both)')
+        if bounds.keys() == {"above", "below"} and bounds["above"] >= bounds["below"]:
+            raise _bad(f"{param}.below", f"below {bounds['below']:g} must exceed above {bounds['above']:g}")
+        latch = item.get("latch", False)
+        if not isinstance(latch, bool):
+            raise _bad(f"{param}.latch", f"must be true or false, got {latch!r}")
+        if latch and not allow_latch:
+            raise _bad(f"{param}.latch", "is not allowed here: a stop condition ends the generation")
+        return Gate(SAERef(record.id, record.uid), index, record.site, latch=latch, **bounds)
 
     def feature_intervention(self, item: dict, mode: object, param: str) -> Intervention:
         record, index = self.sae(item["feature"], f"{param}.feature")
@@ -184,16 +214,25 @@ class _Compiler:
             SAERef(record.id, record.uid), index, self.number(item, "strength", param), param
         )
 
-    def items(self, steering: list, biases: list, prefix: str = "") -> tuple[list, list]:
+    def items(self, body: dict, prefix: str = "") -> tuple[list, list, list]:
+        """(interventions, logit bias terms, stop conditions) of a request or variant body."""
+        for key in ("steering", "feature_logit_bias", "stop_when"):
+            if body.get(key) is not None and not isinstance(body[key], list):
+                raise _bad(f"{prefix}{key}", "must be a list")
         interventions = [
             iv
-            for i, item in enumerate(steering or [])
+            for i, item in enumerate(body.get("steering") or [])
             for iv in self.intervention(item, f"{prefix}steering[{i}]")
         ]
         terms = [
-            self.logit_bias(item, f"{prefix}feature_logit_bias[{i}]") for i, item in enumerate(biases or [])
+            self.logit_bias(item, f"{prefix}feature_logit_bias[{i}]")
+            for i, item in enumerate(body.get("feature_logit_bias") or [])
         ]
-        return interventions, terms
+        stops = [
+            self.gate(item, f"{prefix}stop_when[{i}]", allow_latch=False)
+            for i, item in enumerate(body.get("stop_when") or [])
+        ]
+        return interventions, terms, stops
 
 
 def compile_steering(
@@ -203,10 +242,11 @@ def compile_steering(
     steering: list | None,
     feature_logit_bias: list | None,
     variant: str | None,
+    stop_when: list | None = None,
 ) -> SteeringSpec | None:
     """The request's SteeringSpec (the variant's items first, then the request's); None when empty."""
     c = _Compiler(registry, info, limits)
-    interventions, terms = [], []
+    interventions, terms, stops = [], [], []
     if variant is not None:
         try:
             spec = registry.get_variant(variant).spec
@@ -214,12 +254,9 @@ def compile_steering(
             raise APIError(
                 404, f"variant {variant!r} does not exist", "variant", "variant_not_found"
             ) from None
-        interventions, terms = c.items(
-            spec.get("steering"), spec.get("feature_logit_bias"), f"variant:{variant}."
-        )
-    more, more_terms = c.items(steering, feature_logit_bias)
-    interventions += more
-    terms += more_terms
+        interventions, terms, stops = c.items(spec, f"variant:{variant}.")
+    more = c.items({"steering": steering, "feature_logit_bias": feature_logit_bias, "stop_when": stop_when})
+    interventions, terms, stops = interventions + more[0], terms + more[1], stops + more[2]
     if len(interventions) > limits.max_interventions:
         raise _bad(
             "steering",
@@ -227,6 +264,12 @@ def compile_steering(
         )
     if len(terms) > limits.max_logit_bias_features:
         raise _bad("feature_logit_bias", f"{len(terms)} features; at most {limits.max_logit_bias_features}")
-    if not interventions and not terms:
+    if not interventions and not terms and not stops:
         return None
-    return SteeringSpec.build(interventions, terms, variant)
+    spec = SteeringSpec.build(interventions, terms, variant, stops)
+    if len(spec.gates()) > limits.max_gates:
+        raise _bad(
+            "stop_when" if len(stops) > limits.max_gates else "steering",
+            f"{len(spec.gates())} distinct gates and stop conditions; at most {limits.max_gates}",
+        )
+    return spec

@@ -4,6 +4,10 @@ A row holds one SteeringSpec: written once when its first request is admitted, s
 request with the same fingerprint, cleared when the last one finishes. Per step the runner tells
 `begin_step()` each token's row and position class; the runner's site hooks (runner/site_hooks.py) then
 call `apply()` at the sites any live row uses. No live row at a site = no hook there = no cost.
+
+Banks are keyed by (site, gate number): k = -1 holds the ungated interventions, k >= 0 those gated by
+the row's gate k (steering/gates.py). At a site, in order: the gates read there, the ungated bank, then
+the gated banks in gate order.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from steerserve.config import SteeringConfig
 from steerserve.sites import Site
 from steerserve.steering.banks import SiteBank
+from steerserve.steering.gates import GateTable, StopHit
 from steerserve.steering.resources import SteeringResources
 from steerserve.steering.spec import Intervention, SteeringSpec
 
@@ -47,10 +52,12 @@ class SteeringRows:
         self.vocab_size = vocab_size
         self._rows: dict[str, _Row] = {}
         self._free = list(range(cfg.max_steering_rows - 1, -1, -1))
-        self.banks: dict[Site, SiteBank] = {}
+        self.banks: dict[Site, dict[int, SiteBank]] = {}  # site -> gate number (-1 = none) -> bank
+        self.gates = GateTable(cfg.max_steering_rows, cfg.max_gates, self.device)
         self._logit_bank: torch.Tensor | None = None  # [R, V], allocated on first use
         self._token_row: torch.Tensor | None = None  # [T] this step
         self._token_slot: torch.Tensor | None = None  # [T]
+        self._gated = False  # this step evaluates gates
 
     @property
     def num_rows_in_use(self) -> int:
@@ -83,19 +90,22 @@ class SteeringRows:
         self._clear(row.index, spec)
         self._free.append(row.index)
 
-    def _bank(self, site: Site) -> SiteBank:
-        bank = self.banks.get(site)
+    def _bank(self, site: Site, k: int) -> SiteBank:
+        by_gate = self.banks.setdefault(site, {})
+        bank = by_gate.get(k)
         if bank is None:
-            bank = self.banks[site] = SiteBank(
-                self.cfg.max_steering_rows, self.d_model, self.cfg, self.device
-            )
+            bank = by_gate[k] = SiteBank(self.cfg.max_steering_rows, self.d_model, self.cfg, self.device)
+            self.banks[site] = dict(sorted(by_gate.items()))  # ungated first, then gate order
         return bank
 
     def _write(self, row: int, spec: SteeringSpec) -> None:
         res = self.resources
-        saes = {iv.sae.uid: res.sae(iv.sae) for iv in spec.interventions if iv.sae is not None}  # once each
+        refs = [iv.sae for iv in spec.interventions if iv.sae is not None] + [g.sae for g in spec.gates()]
+        saes = {ref.uid: res.sae(ref) for ref in refs}  # once each
+        self.gates.write(row, spec, saes)
         for iv in spec.interventions:
-            bank = self._bank(iv.site)
+            k = -1 if iv.gate is None else self.gates.gate_number(row, iv.gate)
+            bank = self._bank(iv.site, k)
             if iv.kind == "feature_add":
                 w_dec = saes[iv.sae.uid].W_dec[iv.index]  # [d]
                 bank.add_vector(row, iv.positions, _feature_add_coeff(iv, w_dec) * w_dec.float())
@@ -119,35 +129,67 @@ class SteeringRows:
             self._logit_bank[row] = total
 
     def _clear(self, row: int, spec: SteeringSpec) -> None:
+        self.gates.clear_row(row)
         for site in spec.sites():
-            if site in self.banks:
-                self.banks[site].clear_row(row)
-                if self.banks[site].idle:
-                    del self.banks[site]
+            by_gate = self.banks.get(site, {})
+            for k, bank in list(by_gate.items()):
+                bank.clear_row(row)  # NOTE: a row owns its slots in every bank: clearing them is safe
+                if bank.idle:
+                    del by_gate[k]
+            if not by_gate:
+                self.banks.pop(site, None)
         if self._logit_bank is not None:
             self._logit_bank[row].zero_()
 
     # -- inside the forward pass ----------------------------------------------------------------
     def sites(self) -> set[Site]:
-        return set(self.banks)
+        return set(self.banks) | self.gates.sites()
 
     def apply(self, site: Site, h: torch.Tensor) -> None:
         """Edit `h` [T, d] at `site` in place for this step's steered tokens."""
-        bank = self.banks.get(site)
-        if bank is not None and self._token_row is not None:
-            bank.apply(h, self._token_row, self._token_slot)
+        if self._token_row is None:
+            return
+        if self._gated:
+            self.gates.evaluate(site, h)  # before any intervention at this site
+        for k, bank in self.banks.get(site, {}).items():
+            slots = self._token_slot if k < 0 else self.gates.token_slots(k, self._token_slot)
+            bank.apply(h, self._token_row, slots)
 
     # -- per step -------------------------------------------------------------------------------
-    def begin_step(self, token_row: torch.Tensor | None, pos_class: torch.Tensor) -> None:
-        """token_row [T] int64 (-1 = unsteered), pos_class [T] int8 for the coming forward pass."""
-        if token_row is None or not self.banks:
+    @property
+    def gated(self) -> bool:
+        """Some live row has gates or stop conditions: the runner then passes their per-request state."""
+        return self.gates.active
+
+    def begin_step(
+        self,
+        token_row: torch.Tensor | None,
+        pos_class: torch.Tensor,
+        counts: list[int] | None = None,
+        gate_state: torch.Tensor | None = None,
+    ) -> None:
+        """token_row [T] int64 (-1 = unsteered), pos_class [T] int8 for the coming forward pass; with
+        gates, `counts` (tokens per scheduled request) and `gate_state` [N, G] (see GateTable)."""
+        self._gated = False
+        if token_row is None or not (self.banks or self.gates.active):
             self._token_row = self._token_slot = None
             return
         self._token_row = token_row
         self._token_slot = torch.where(token_row >= 0, 2 * token_row + pos_class.long(), -1)
+        if self.gates.active and gate_state is not None:
+            self.gates.begin_step(token_row, pos_class, counts, gate_state)
+            self._gated = True
 
-    def end_step(self) -> None:
+    def end_step(self, sample_tokens=None, sample_rows=()) -> torch.Tensor | None:
+        """Forget the step; with gates, the requests' new gate state [N, G] (stop hits: `stop_hits()`)."""
         self._token_row = self._token_slot = None
+        if not self._gated:
+            return None
+        self._gated = False
+        return self.gates.end_step(sample_tokens, list(sample_rows))
+
+    def stop_hits(self) -> list[StopHit | None]:
+        return self.gates.stop_hits()
 
     def logit_bias(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(dense_bank [R, V], dense_idx [n, 1], dense_scale [n, 1]) for sampled rows; None when unused."""
