@@ -65,10 +65,10 @@ class SteeringWorld:
             SteeringVector.of({Site(0, "resid_post"): self.vectors["v0"]}), vector_id="v0", model=info.name
         )
 
-    def spec(self, steering=None, feature_logit_bias=None, variant=None):
+    def spec(self, steering=None, feature_logit_bias=None, variant=None, stop_when=None):
         b = self.built
         return compile_steering(
-            b.registry, b.info, b.core.runner.steering.cfg, steering, feature_logit_bias, variant
+            b.registry, b.info, b.core.runner.steering.cfg, steering, feature_logit_bias, variant, stop_when
         )
 
     def sae_dict(self, sae_id: str) -> dict:

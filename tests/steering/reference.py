@@ -171,7 +171,11 @@ def site_activations(model_dir, tokens, site, sae, index):
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
     seen = {}
-    handle = _register(layers, *site, lambda h: seen.setdefault("a", activation(h, sae, index)))
+
+    def read(h):
+        seen["a"] = activation(h, sae, index)
+
+    handle = _register(layers, *site, read)
     try:
         with torch.inference_mode():
             model(torch.tensor([tokens]))
