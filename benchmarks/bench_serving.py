@@ -206,10 +206,12 @@ def print_table(rows: list[tuple[str, dict]], baseline: str | None) -> None:
 def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]:
     """The workload through a steerserve server: unsteered, and with --steered, steered in the same run."""
     rows = []
-    steer = None
-    if args.steered:
+    steer = gated = None
+    if args.steered or args.gated:
         add_saes(args.data_dir, 768, args.d_sae, MODEL_NAME)
+        args.steered = True  # NOTE: --gated compares against the ungated steered run
         steer = lambda i: steering_for(i, args.d_sae, args.seed)  # noqa: E731
+        gated = lambda i: steering_for(i, args.d_sae, args.seed, gated=True)  # noqa: E731
     server = start_server(model_dir, args.threads, ["--dtype", args.dtype], args.data_dir)
     try:
         for poisson in (False, True) if not args.skip_poisson else (False,):
@@ -225,6 +227,14 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
                 print(f"steerserve {kind}, every request steered ...", flush=True)
                 rows.append(
                     (f"  steered {kind}", asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, steer)))
+                )
+            if args.gated:
+                print(f"steerserve {kind}, every request steered with one gate ...", flush=True)
+                rows.append(
+                    (
+                        f"  steered+gate {kind}",
+                        asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, gated)),
+                    )
                 )
     finally:
         server.stop()
@@ -245,6 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", default=None, help="an existing save_pretrained dir of the model")
     ap.add_argument("--dtype", default="bfloat16", help="steerserve's --dtype (bfloat16: AVX512-BF16 GEMMs)")
     ap.add_argument("--steered", action="store_true", help="also run every request steered (same server)")
+    ap.add_argument("--gated", action="store_true", help="also steered with one `when` gate per request")
     ap.add_argument("--d-sae", type=int, default=24576, help="features per SAE for --steered")
     ap.add_argument("--hf-hooks-requests", type=int, default=4, help="steered requests through HF + hooks")
     ap.add_argument("--data-dir", default=None, help="registry directory (default: a temp dir)")
@@ -293,7 +304,7 @@ def main(argv=None) -> int:
     print_table(rows, baseline)
     for (name, r), (prev_name, prev) in zip(rows[1:], rows[:-1], strict=True):
         if name.strip().startswith("steered"):
-            print(f"{name.strip()} / {prev_name}: {r['tok_s'] / prev['tok_s']:.3f}x throughput")
+            print(f"{name.strip()} / {prev_name.strip()}: {r['tok_s'] / prev['tok_s']:.3f}x throughput")
     return 0
 
 

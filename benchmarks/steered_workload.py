@@ -2,7 +2,8 @@
 researchers steer today (HF generate() one request at a time with forward hooks) as a baseline.
 
 Per request (different per request, fixed seed): 4 `add` features and 1 `clamp`, spread over two sites
-(layers 4 and 8, resid_post, one 24576-feature SAE each), and 2 feature logit biases.
+(layers 4 and 8, resid_post, one 24576-feature SAE each), and 2 feature logit biases; with `gated`, the
+clamp acts only on tokens where a layer-4 feature fires (`when`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def add_saes(data_dir: str, d_model: int, d_sae: int, model_name: str) -> dict[s
     return saes
 
 
-def steering_for(i: int, d_sae: int, seed: int = 0) -> dict:
+def steering_for(i: int, d_sae: int, seed: int = 0, gated: bool = False) -> dict:
+    """Request i's steering; `gated`: the same, with the clamp gated by a layer-4 feature (one gate)."""
     rng = random.Random(seed * 1000 + i)
 
     def feature(sae_id: str) -> dict:
@@ -53,6 +55,8 @@ def steering_for(i: int, d_sae: int, seed: int = 0) -> dict:
     ]
     steering.append({"feature": feature(SAE_IDS[1]), "mode": "clamp", "value": rng.uniform(0, 5)})
     biases = [{"feature": feature(SAE_IDS[k]), "strength": rng.uniform(-3, 3)} for k in range(2)]
+    if gated:  # NOTE: drawn after the rest, so the ungated workload keeps its numbers
+        steering[-1]["when"] = {"feature": feature(SAE_IDS[0]), "above": rng.uniform(0.0, 0.5)}
     return {"steering": steering, "feature_logit_bias": biases}
 
 
