@@ -195,3 +195,20 @@ def test_steered_generation_through_the_client(client, sae_dir):
     with pytest.raises(NotFoundError) as info:
         client.generate("x", max_tokens=1, steering=[Steering.feature("no-such-sae", 0).add(1.0)])
     assert info.value.param.startswith("steering[0]")
+
+
+def test_stop_when_and_gates_through_the_client(client, sae_dir):
+    client.upload_sae(sae_dir, id="c-stop")
+    always = Steering.feature("c-stop", 2).above(-1.0)  # an activation is >= 0: holds on every token
+    out = client.generate("The weather is", max_tokens=6, stop_when=[always], **GREEDY)
+    assert out["finish_reason"] == "feature_stop" and len(out["token_ids"]) == 1
+    assert out["feature_stop"]["feature"] == {"sae": "c-stop", "index": 2}
+    assert out["feature_stop"]["token_id"] == out["token_ids"][0]
+    never = Steering.feature("c-stop", 2).below(-1.0)
+    push = Steering.feature("c-stop", 3).add(50.0, scale="unit")
+    gated_off = client.generate("The weather is", max_tokens=4, steering=[push.when(never)], **GREEDY)
+    plain = client.generate("The weather is", max_tokens=4, **GREEDY)
+    assert gated_off["token_ids"] == plain["token_ids"]  # a gate that never opens steers nothing
+    client.create_variant("c-stopper", steering=[push.when(always)], stop_when=[always])
+    by_variant = client.completions("The weather is", variant="c-stopper", max_tokens=6, **GREEDY)
+    assert by_variant["choices"][0]["finish_reason"] == "feature_stop"

@@ -96,3 +96,34 @@ def test_request_body_drops_unset_fields_and_keeps_extra():
         "prompt": "x", "max_tokens": 4, "min_p": 0.1, "logit_bias": {"5": -100},
         "steering": [{"vector": "v", "mode": "project_out", "positions": "all"}],
     }  # fmt: skip
+
+
+def test_conditions_render_when_and_stop_when():
+    f, gate = Steering.feature("res-l0", 12), Steering.feature("res-l0", 7)
+    gated = Steering.vector("honesty").add(2).when(gate.above(1.5))
+    assert gated.to_json() == {
+        "vector": "honesty", "mode": "add", "strength": 2.0, "positions": "all",
+        "when": {"feature": {"sae": "res-l0", "index": 7}, "above": 1.5},
+    }  # fmt: skip
+    latched = f.clamp(3).when(gate.between(0.5, 2).latched()).at("generated")
+    assert latched.to_json()["when"] == {
+        "feature": {"sae": "res-l0", "index": 7}, "above": 0.5, "below": 2.0, "latch": True,
+    }  # fmt: skip
+    assert latched.to_json()["positions"] == "generated"
+    body = Steering.body(steering=[gated], stop_when=[f.below(-1), {"feature": FEATURE, "above": 9}])
+    assert body["stop_when"] == [{"feature": FEATURE, "below": -1.0}, {"feature": FEATURE, "above": 9}]
+    assert body_of({"stop_when": [f.above(4)]}, {})["stop_when"] == [{"feature": FEATURE, "above": 4.0}]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda f: f.above(math.nan),
+        lambda f: f.between(2, 1),
+        lambda f: f.below(math.inf),
+        lambda f: f.add(1).when({"feature": FEATURE, "above": 1}),  # a dict is not a Condition
+    ],
+)
+def test_invalid_conditions_raise(build):
+    with pytest.raises((ValueError, TypeError)):
+        build(Steering.feature("res-l0", 12))

@@ -28,11 +28,19 @@ from steerserve_client.errors import (
     SteerServeError,
 )
 from steerserve_client.payloads import float32_base64, safetensors_bytes
-from steerserve_client.steering import FeatureLogitBias, FeatureRef, Intervention, Steering, VectorRef
+from steerserve_client.steering import (
+    Condition,
+    FeatureLogitBias,
+    FeatureRef,
+    Intervention,
+    Steering,
+    VectorRef,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Condition",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",

@@ -17,7 +17,7 @@ from steerserve_client import payloads
 from steerserve_client._http import Call
 from steerserve_client.steering import to_json_list
 
-_STEERING_FIELDS = ("steering", "feature_logit_bias")
+_STEERING_FIELDS = ("steering", "feature_logit_bias", "stop_when")
 
 
 def _path(*parts: str | int) -> str:
@@ -99,7 +99,8 @@ class Routes:
                  min_p: float | None = None, n: int | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, logprobs: int | None = None,
                  steering: Iterable[Any] | None = None, feature_logit_bias: Iterable[Any] | None = None,
-                 variant: str | None = None, return_unsteered: bool | None = None, **extra: Any):  # fmt: skip
+                 variant: str | None = None, return_unsteered: bool | None = None, stop_when: Iterable[Any] | None = None,
+                 **extra: Any):  # fmt: skip
         """`POST /generate` -> `GenerateResponse` (text, token_ids, finish_reason, usage)."""
         fields = dict(locals())
         del fields["self"], fields["extra"]
@@ -116,7 +117,8 @@ class Routes:
                     seed: int | None = None, stop: str | Sequence[str] | None = None,
                     logprobs: int | None = None, steering: Iterable[Any] | None = None,
                     feature_logit_bias: Iterable[Any] | None = None, variant: str | None = None,
-                    return_unsteered: bool | None = None, **extra: Any):  # fmt: skip
+                    return_unsteered: bool | None = None, stop_when: Iterable[Any] | None = None,
+                 **extra: Any):  # fmt: skip
         """`POST /v1/completions` -> the OpenAI completion object (a dict)."""
         fields = dict(locals())
         del fields["self"], fields["extra"]
@@ -133,7 +135,8 @@ class Routes:
              top_k: int | None = None, n: int | None = None, seed: int | None = None,
              stop: str | Sequence[str] | None = None, steering: Iterable[Any] | None = None,
              feature_logit_bias: Iterable[Any] | None = None, variant: str | None = None,
-             return_unsteered: bool | None = None, **extra: Any):  # fmt: skip
+             return_unsteered: bool | None = None, stop_when: Iterable[Any] | None = None,
+                 **extra: Any):  # fmt: skip
         """`POST /v1/chat/completions` -> the OpenAI chat completion object (a dict).
         `messages` may be a plain string: one user message."""
         fields = dict(locals())
@@ -225,9 +228,11 @@ class Routes:
     # ---- variants ---------------------------------------------------------------------------------
 
     def create_variant(self, id: str, *, steering: Iterable[Any] | None = None,
-                       feature_logit_bias: Iterable[Any] | None = None, **extra: Any):  # fmt: skip
+                       feature_logit_bias: Iterable[Any] | None = None,
+                       stop_when: Iterable[Any] | None = None, **extra: Any):  # fmt: skip
         """`POST /v1/variants` -> `VariantInfo`; then `model="<model>:<id>"` or `variant=id` uses it."""
-        body = body_of({"id": id, "steering": steering, "feature_logit_bias": feature_logit_bias}, extra)
+        fields = {"id": id, "steering": steering, "feature_logit_bias": feature_logit_bias}
+        body = body_of(fields | {"stop_when": stop_when}, extra)
         return self._send(Call("POST", "/v1/variants", json=body, admin=True))
 
     def list_variants(self):

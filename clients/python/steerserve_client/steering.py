@@ -9,6 +9,11 @@
     Steering.vector("honesty").project_out()              remove h's component along v
     Steering.vector("honesty").clamp(-1, 1)               clip h's projection on the unit vector
 
+    Steering.vector("honesty").add(2).when(Steering.feature("res-l0", 7).above(1.5))
+                                                          only on tokens where feature 7 fires above 1.5
+    Steering.feature("res-l0", 7).above(1.5).latched()    ... from the first such token on
+    Steering.body(stop_when=[Steering.feature("res-l0", 9).above(4)])   end with "feature_stop"
+
 Every intervention takes `positions=` ("all" | "prompt" | "generated"; `.at(...)` returns a copy
 with other positions). Builders check what they can locally (finite numbers, known modes) and raise
 ValueError; the server checks the rest (ids exist, index < d_sae) and answers 400/404.
@@ -41,6 +46,37 @@ def _positions(value: str) -> str:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A condition on one feature's activation at a token: an intervention's `when`, or a `stop_when`
+    entry. Holds when `above < activation < below` (a missing bound is open)."""
+
+    feature: FeatureRef
+    above: float | None = None
+    below: float | None = None
+    latch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.above is None and self.below is None:
+            raise ValueError("a condition needs above= or below=")
+        for name in ("above", "below"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _finite(getattr(self, name), name))
+        if self.above is not None and self.below is not None and self.above >= self.below:
+            raise ValueError(f"below ({self.below}) must exceed above ({self.above})")
+
+    def latched(self) -> Condition:
+        """As a `when`: stays true from the first token where it holds to the end of the generation."""
+        return replace(self, latch=True)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"feature": self.feature.to_json()}
+        for name in ("above", "below"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out | ({"latch": True} if self.latch else {})
+
+
+@dataclass(frozen=True)
 class Intervention:
     """One entry of `steering`: a target (`{"feature": ...}` or `{"vector": id}`), a mode, its fields."""
 
@@ -48,13 +84,21 @@ class Intervention:
     mode: str
     params: dict[str, Any] = field(default_factory=dict)
     positions: str = "all"
+    gate: Condition | None = None
 
     def at(self, positions: Positions) -> Intervention:
         """The same intervention applied at other positions."""
         return replace(self, positions=_positions(positions))
 
+    def when(self, condition: Condition) -> Intervention:
+        """The same intervention, acting only on tokens where `condition` holds."""
+        if not isinstance(condition, Condition):
+            raise TypeError(f"when() takes a Condition (feature.above(x)), got {type(condition).__name__}")
+        return replace(self, gate=condition)
+
     def to_json(self) -> dict[str, Any]:
-        return {**self.target, "mode": self.mode, **self.params, "positions": self.positions}
+        out = {**self.target, "mode": self.mode, **self.params, "positions": self.positions}
+        return out | ({"when": self.gate.to_json()} if self.gate is not None else {})
 
 
 @dataclass(frozen=True)
@@ -111,6 +155,18 @@ class FeatureRef:
         """A `feature_logit_bias` entry: bias the output by what this feature promotes."""
         return FeatureLogitBias(self.sae, self.index, _finite(strength, "strength"))
 
+    def above(self, value: float) -> Condition:
+        """A condition: this feature's activation is above `value`."""
+        return Condition(self, above=value)
+
+    def below(self, value: float) -> Condition:
+        """A condition: this feature's activation is below `value`."""
+        return Condition(self, below=value)
+
+    def between(self, lo: float, hi: float) -> Condition:
+        """A condition: lo < activation < hi."""
+        return Condition(self, above=lo, below=hi)
+
     def to_json(self) -> dict[str, Any]:
         return {"sae": self.sae, "index": self.index}
 
@@ -161,6 +217,7 @@ class Steering:
         feature_logit_bias: Iterable[FeatureLogitBias | Mapping[str, Any]] | None = None,
         variant: str | None = None,
         return_unsteered: bool | None = None,
+        stop_when: Iterable[Condition | Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The extension fields as one dict: `openai_client.chat.completions.create(..., extra_body=...)`."""
         out: dict[str, Any] = {}
@@ -168,6 +225,8 @@ class Steering:
             out["steering"] = to_json_list(steering)
         if feature_logit_bias is not None:
             out["feature_logit_bias"] = to_json_list(feature_logit_bias)
+        if stop_when is not None:
+            out["stop_when"] = to_json_list(stop_when)
         if variant is not None:
             out["variant"] = variant
         if return_unsteered is not None:

@@ -25,6 +25,7 @@ class GenerateResponse(TypedDict, total=False):
     choices: list[dict[str, Any]]
     unsteered: dict[str, Any]
     steering: dict[str, Any]
+    feature_stop: dict[str, Any]  # with finish_reason "feature_stop": the stop_when condition that held
 
 
 class GenerateEvent(TypedDict, total=False):
