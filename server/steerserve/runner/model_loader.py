@@ -11,6 +11,7 @@ import logging
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from steerserve.config import ModelConfig
 from steerserve.engine.types import ModelInfo
@@ -160,6 +161,8 @@ def load_model(cfg: ModelConfig):
     model.set_attn_implementation(ATTENTION_NAME)
     model.to(device)
     model.requires_grad_(False)
+    if dtype in (torch.bfloat16, torch.float16):
+        fuse_gelu_tanh(model)
     if device.type == "cpu":
         from steerserve.runner import cpu_attention, cpu_weights
 
@@ -167,6 +170,24 @@ def load_model(cfg: ModelConfig):
         if dtype == torch.bfloat16:
             cpu_weights.pack_linear_weights(model)  # bit-identical outputs, no per-call weight reorder
     return model, tokenizer, device, dtype
+
+
+def fuse_gelu_tanh(model) -> int:
+    """Swap transformers' `NewGELUActivation` (GPT-2's `gelu_new`: six elementwise ops, each rounding to
+    the model's dtype) for the fused `F.gelu(approximate="tanh")`, the same formula in one kernel. Returns
+    the number of modules swapped.
+
+    NOTE: 16-bit models only. There the fused op is closer to the fp32 math (it rounds once) and 3-10x
+    faster (on CPU the unfused GELU took ~30% of a bf16 GPT-2 forward); fp32 models keep the modules
+    transformers built, so they stay bit-identical to `generate()`.
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -1,0 +1,36 @@
+"""16-bit GPT-2 models get the fused tanh GELU (same formula, one kernel); fp32 models keep transformers'
+own modules so they stay bit-identical to generate()."""
+
+from __future__ import annotations
+
+import torch
+from transformers.activations import GELUTanh, NewGELUActivation
+
+from steerserve.config import ModelConfig
+from steerserve.runner.model_loader import build_random_model, fuse_gelu_tanh, load_model
+
+
+def _kinds(model) -> set[type]:
+    return {type(m) for m in model.modules()} & {GELUTanh, NewGELUActivation}
+
+
+def test_loader_fuses_only_16_bit_models():
+    bf16, *_ = load_model(ModelConfig(model="random:gpt2", dtype="bfloat16", device="cpu"))
+    fp32, *_ = load_model(ModelConfig(model="random:gpt2", dtype="float32", device="cpu"))
+    assert _kinds(bf16) == {GELUTanh}
+    assert _kinds(fp32) == {NewGELUActivation}
+
+
+@torch.inference_mode()
+def test_fused_gelu_is_as_close_to_fp32_as_the_unfused_one():
+    ids = torch.randint(0, 250, (1, 37), generator=torch.Generator().manual_seed(3))
+    ref = build_random_model("gpt2", 0, torch.float32)[0](ids).logits
+    model = build_random_model("gpt2", 0, torch.bfloat16)[0]
+    unfused = model(ids).logits.float()
+    assert fuse_gelu_tanh(model) == model.config.n_layer
+    fused = model(ids).logits.float()
+    assert not torch.equal(fused, unfused)  # the swap really happened
+    err_fused, err_unfused = (fused - ref).abs().max(), (unfused - ref).abs().max()
+    assert err_fused <= 1.25 * err_unfused, (err_fused, err_unfused)
+    x = torch.randn(5, 33, dtype=torch.float32)
+    torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=1e-6, atol=1e-6)
