@@ -1,7 +1,7 @@
 """A real server for the playground tests, and a headless Chromium driven by Playwright.
 
 The browser is Debian's `chromium` (`.ci/run` installs it); Playwright only drives it, it never
-downloads one. Without either, the browser tests skip and say which is missing.
+downloads one. Without either, the browser tests skip and say which is missing (under CI they fail).
 """
 
 from __future__ import annotations
@@ -105,13 +105,15 @@ def playground_server(scenario, tmp_path_factory):
 @pytest.fixture(scope="session")
 def chromium():
     """A headless Chromium (the system one) under Playwright; skips when either is missing."""
+    # NOTE: CI (CI=true) installs both, so there a missing one fails instead of silently skipping.
+    missing = pytest.fail if os.environ.get("CI") else pytest.skip
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
-        pytest.skip("no system chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+        missing("no system chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright package is missing (pip install -e '.[dev]')")
+        missing("the playwright package is missing (pip install -e '.[dev]')")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
         yield browser

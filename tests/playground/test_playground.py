@@ -225,3 +225,55 @@ def test_page_served_without_key_and_self_contained(playground_server):
     assert not any(re.search(r"(https?:)?//[\w.-]+\.\w+/", t) for t in texts), "the page loads nothing remote"
     # the page is open, the API behind it is not
     assert httpx.get(playground_server.url + "/v1/models").status_code == 401
+
+
+def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_server, scenario):
+    server = playground_server
+    open_page(page, server, scenario)
+    modes = {
+        1: ("add", 2.5),
+        2: ("clamp", 6.0),
+        3: ("scale", 1.5),
+        5: ("ablate", None),
+        6: ("logit bias", -3.0),
+    }
+    for index, (mode, value) in modes.items():
+        page.get_by_label("feature", exact=True).fill(str(index))
+        page.get_by_label("feature", exact=True).press("Enter")
+        name = f"sae0 #{index}"
+        page.get_by_label(f"mode of {name}").select_option(label=mode)
+        if value is not None:
+            box = page.get_by_label(re.compile(f"of {name} \\(number\\)$"))
+            box.fill(str(value))
+            box.press("Tab")
+    prompt = page.get_by_role("textbox", name=re.compile("^Prompt"))
+    prompt.fill(scenario.prompt)
+    with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
+        prompt.press("Enter")
+    page.locator("#tokens .token").first.wait_for()
+    page.locator("#generate:enabled").wait_for()
+    assert page.locator("#error").is_hidden()
+    body = sent.value.post_data_json
+    ref = lambda i: {"sae": "sae0", "index": i}  # noqa: E731
+    assert body["steering"] == [
+        {"feature": ref(1), "mode": "add", "strength": 2.5},
+        {"feature": ref(2), "mode": "clamp", "value": 6.0},
+        {"feature": ref(3), "mode": "scale", "factor": 1.5},
+        {"feature": ref(5), "mode": "ablate"},
+    ]
+    assert body["feature_logit_bias"] == [{"feature": ref(6), "strength": -3.0}]
+    assert body["stream"] is True and body["return_unsteered"] is True
+    assert sent.value.headers["authorization"] == f"Bearer {API_KEY}"
+
+    # arrow keys walk the tokens; a token's feature can become the colouring
+    tokens = page.locator("#tokens")
+    tokens.focus()
+    tokens.press("ArrowRight")
+    tokens.press("ArrowRight")
+    assert page.locator("#token-detail p").inner_text().startswith("Token 1 ")
+    assert tokens.get_attribute("aria-activedescendant") == "token-1"
+    first = page.locator("#token-detail li").first
+    index = int(re.search(r"#(\d+)", first.inner_text()).group(1))
+    first.get_by_role("button", name=re.compile("^Colour by")).click()
+    assert page.get_by_label("Colour by feature").input_value() == f"sae0|{index}"
+    page.locator("#activation-note", has_text=f"sae0 #{index},").wait_for()

@@ -97,6 +97,8 @@ function numberField(id, name) {
 }
 
 async function generate() {
+  const button = $("generate");
+  if (button.disabled) return; // one generation at a time (Enter while one streams does nothing)
   const prompt = ui.prompt.value;
   if (!prompt.trim()) throw new Error("write a prompt first");
   const body = {
@@ -110,7 +112,6 @@ async function generate() {
   const chat = isChat();
   if (chat) body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
-  const button = $("generate");
   button.disabled = true;
   try {
     const path = chat ? "/v1/chat/completions" : "/v1/completions";

@@ -48,16 +48,18 @@ export class SteeringPanel {
   }
 
   async fetchLabels() {
+    let changed = false;
     for (const item of this.items) {
       if (item.kind !== "feature" || item.label) continue;
       try {
         const info = await getJSON(featurePath(item.sae, item.index));
+        changed ||= Boolean(info.label);
         item.label = info.label;
       } catch (_) {
         // no label: the row keeps "sae #index"
       }
     }
-    this.render();
+    if (changed) this.render(); // only then: a re-render would drop the focus of a control in use
   }
 
   // {steering, feature_logit_bias} of the current set (only the non-empty ones).
