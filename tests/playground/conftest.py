@@ -121,13 +121,14 @@ def chromium():
 
 
 @pytest.fixture()
-def page(chromium, playground_server):
+def page(chromium, playground_server, screenshots, request):
     context = chromium.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
-    page.set_default_timeout(20_000)
+    page.set_default_timeout(45_000)  # generous: CI and dev boxes may be busy
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     yield page
+    screenshots(page, f"last-{request.node.name}")  # how the page looked when the test ended
     context.close()
     assert not errors, f"uncaught JavaScript errors on the page: {errors}"
 

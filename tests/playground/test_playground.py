@@ -20,6 +20,15 @@ def open_page(page, server, scenario):
     page.locator("#model-name", has_text=scenario.model_name).wait_for()
 
 
+def generate(page, prompt_box) -> None:
+    """Enter in the prompt box; wait until the streams and the activation view are done, error-free."""
+    prompt_box.press("Enter")  # the handler disables the button before its first await
+    page.locator("#generate:enabled").wait_for(timeout=120_000)
+    error = page.locator("#error")
+    assert error.is_hidden(), f"the page shows an error: {error.inner_text()}"
+    assert page.locator("#tokens .token").count() > 0
+
+
 def api(server, method: str, path: str, **kwargs) -> dict:
     r = httpx.request(method, server.url + path, headers=server.headers, timeout=60, **kwargs)
     assert r.status_code < 300, r.text
@@ -43,9 +52,7 @@ def test_steer_compare_inspect_and_save(page, playground_server, scenario, scree
     page.get_by_label("max_tokens").fill(str(MAX_TOKENS))
     page.get_by_label("seed").fill(str(SEED))
     page.get_by_role("textbox", name=re.compile("^Prompt")).fill(scenario.prompt)
-    page.get_by_role("textbox", name=re.compile("^Prompt")).press("Enter")
-    page.wait_for_selector("#tokens .token")
-    page.locator("#generate:enabled").wait_for()
+    generate(page, page.get_by_role("textbox", name=re.compile("^Prompt")))
     steered = page.locator("#out-steered").inner_text()
     unsteered = page.locator("#out-unsteered").inner_text()
     screenshots(page, "1-generated")
@@ -189,10 +196,7 @@ def test_key_errors_keyboard_variant_and_chat(page, playground_server, scenario,
     screenshots(page, "7-error")
 
     page.get_by_label("max_tokens").fill(str(MAX_TOKENS))
-    page.get_by_role("textbox", name=re.compile("^Prompt")).press("Enter")
-    page.locator("#tokens .token").first.wait_for()
-    page.locator("#generate:enabled").wait_for()
-    assert error.is_hidden()
+    generate(page, page.get_by_role("textbox", name=re.compile("^Prompt")))
     steering = [*variant["steering"], {"vector": "vec0", "mode": "add", "strength": 4}]
     body = {
         "messages": messages,
@@ -249,10 +253,7 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
     prompt = page.get_by_role("textbox", name=re.compile("^Prompt"))
     prompt.fill(scenario.prompt)
     with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
-        prompt.press("Enter")
-    page.locator("#tokens .token").first.wait_for()
-    page.locator("#generate:enabled").wait_for()
-    assert page.locator("#error").is_hidden()
+        generate(page, prompt)
     body = sent.value.post_data_json
     ref = lambda i: {"sae": "sae0", "index": i}  # noqa: E731
     assert body["steering"] == [
