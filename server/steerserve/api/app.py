@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from steerserve.api import routes_contrast, routes_generate, routes_interp, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
 from steerserve.api.errors import error_body, install_error_handlers
+from steerserve.api.routes_playground import install_playground
 from steerserve.config import Config
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
@@ -97,4 +98,5 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     app.include_router(routes_registry.router)
     app.include_router(routes_interp.router)
     app.include_router(routes_contrast.router)
+    install_playground(app)
     return app
