@@ -12,11 +12,10 @@ from steerserve.config import (
     Config,
     LimitsConfig,
     ModelConfig,
-    RegistryConfig,
     SchedulerConfig,
     ServerConfig,
 )
-from steerserve.registry.cli import add_registry_commands
+from steerserve.registry.cli import add_registry_arguments, add_registry_commands, registry_config_from_args
 
 
 def _keys(values: list[str] | None, env: str) -> tuple[str, ...]:
@@ -51,14 +50,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--api-key", action="append", help="accepted bearer key (repeatable; env STEERSERVE_API_KEY)"
     )
     p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
-    p.add_argument("--data-dir", default=None, help="registry data directory (env STEERSERVE_DATA_DIR)")
-    p.add_argument("--registry-url", default=None, help="postgresql://... (env STEERSERVE_REGISTRY_URL)")
+    add_registry_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--log-level", default="info")
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
-    registry = RegistryConfig() if a.data_dir is None else RegistryConfig(data_dir=a.data_dir)
     return Config(
         model=ModelConfig(
             model=a.model,
@@ -81,10 +78,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
             admin_keys=_keys(a.admin_key, "STEERSERVE_ADMIN_KEY"),
             log_level=a.log_level,
         ),
-        registry=RegistryConfig(
-            data_dir=registry.data_dir,
-            registry_url=a.registry_url or os.environ.get("STEERSERVE_REGISTRY_URL"),
-        ),
+        registry=registry_config_from_args(a),
     )
 
 

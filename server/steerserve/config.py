@@ -107,10 +107,17 @@ class ServerConfig:
 class RegistryConfig:
     data_dir: str = field(default_factory=lambda: os.environ.get("STEERSERVE_DATA_DIR", "./data"))
     """Directory for the SQLite registry and content-addressed blobs."""
-    registry_url: str | None = None
+    registry_url: str | None = field(default_factory=lambda: os.environ.get("STEERSERVE_REGISTRY_URL"))
     """`postgresql://...` for a shared registry; None: SQLite in `data_dir`."""
     max_upload_mb: int = 2048
     """Largest accepted upload (SAE weights, vectors)."""
+    blob_url: str | None = field(default_factory=lambda: os.environ.get("STEERSERVE_BLOB_URL"))
+    """`s3://BUCKET/PREFIX`: blobs in an S3-compatible bucket (region and credentials from the standard
+    AWS variables); None: files under `data_dir/blobs`."""
+    blob_endpoint_url: str | None = None
+    """S3 endpoint (`http://minio:9000`); None: boto3's own (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)."""
+    blob_cache_mb: int = 16384
+    """Local disk cache of S3 blobs under `data_dir/blob-cache` (least recently used files go first)."""
 
 
 @dataclass(frozen=True)

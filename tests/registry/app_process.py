@@ -5,6 +5,7 @@ loopback port, in a thread (`ThreadServer`) or as its own process (`python app_p
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import threading
@@ -31,22 +32,20 @@ def free_port() -> int:
 
 def make_app(
     data_dir: Path,
-    registry_url: str | None = None,
+    registry_config: RegistryConfig | None = None,
     max_upload_mb: int = 1,
     api_keys: tuple[str, ...] = (),
     admin_keys: tuple[str, ...] = (),
 ) -> FastAPI:
+    """`registry_config` None: SQLite and blobs in `data_dir`."""
+    cfg = registry_config or RegistryConfig(data_dir=str(data_dir), registry_url=None, blob_url=None)
+    cfg = dataclasses.replace(cfg, max_upload_mb=max_upload_mb)
     app = FastAPI()
     app.include_router(router)
     install_error_handlers(app)
-    app.state.registry = Registry(data_dir, registry_url)
+    app.state.registry = Registry.from_config(cfg)
     app.state.model_info = MODEL
-    app.state.config = Config(
-        registry=RegistryConfig(
-            data_dir=str(data_dir), registry_url=registry_url, max_upload_mb=max_upload_mb
-        ),
-        server=ServerConfig(api_keys=api_keys, admin_keys=admin_keys),
-    )
+    app.state.config = Config(registry=cfg, server=ServerConfig(api_keys=api_keys, admin_keys=admin_keys))
     return app
 
 

@@ -1,5 +1,7 @@
 """Registry fixtures: a real PostgreSQL server started from the machine's binaries (session scope,
-one fresh database per test), and `registry_url` parametrized over SQLite and PostgreSQL.
+one fresh database per test), a real S3-compatible HTTP server (moto's, in a thread, on loopback;
+one fresh bucket per test), and `registry_config` parametrized over three backends: SQLite, PostgreSQL,
+and SQLite with its blobs in S3.
 
 initdb/pg_ctl refuse to run as root, so under root they run as the `postgres` user in a temp
 folder it owns. Only when the binaries are missing are the PostgreSQL cases skipped, with a reason
@@ -9,6 +11,7 @@ that `-ra` prints in the summary.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from steerserve.config import RegistryConfig
 from steerserve.registry import Registry
 
 
@@ -85,21 +89,39 @@ def pg_server():
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def registry_url(request):
-    """None (SQLite in the data dir) or the URL of a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield None
-        return
-    import psycopg
+@pytest.fixture(scope="session")
+def s3_server():
+    """`http://127.0.0.1:PORT` of moto's S3-compatible server (real HTTP, state in memory)."""
+    from moto.server import ThreadedMotoServer
 
-    base = request.getfixturevalue("pg_server")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{base}/{name}"
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """Credentials and region in the standard AWS variables (moto takes any), nothing else from the host."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+
+
+@pytest.fixture
+def s3_bucket(s3_server, s3_env) -> str:
+    """A fresh, empty bucket on the moto server."""
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture
@@ -107,8 +129,39 @@ def data_dir(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("s3", marks=pytest.mark.s3),
+    ]
+)
+def registry_config(request, data_dir) -> RegistryConfig:
+    """SQLite in the data dir; a fresh PostgreSQL database; or SQLite with blobs in a fresh S3 bucket."""
+    if request.param == "sqlite":
+        yield RegistryConfig(data_dir=str(data_dir), registry_url=None, blob_url=None)
+    elif request.param == "s3":
+        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_server")
+        yield RegistryConfig(
+            data_dir=str(data_dir),
+            registry_url=None,
+            blob_url=f"s3://{bucket}/blobs",
+            blob_endpoint_url=endpoint,
+        )
+    else:
+        import psycopg
+
+        base = request.getfixturevalue("pg_server")
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        yield RegistryConfig(data_dir=str(data_dir), registry_url=f"{base}/{name}", blob_url=None)
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
-def registry(data_dir, registry_url):
-    reg = Registry(data_dir, registry_url)
+def registry(registry_config):
+    reg = Registry.from_config(registry_config)
     yield reg
     reg.close()

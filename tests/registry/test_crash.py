@@ -3,6 +3,7 @@ or partial blob; the next start removes their temp files and orphan blobs and ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import socket
@@ -15,8 +16,9 @@ import httpx
 import pytest
 from safetensors.torch import save
 
+from steerserve.config import RegistryConfig
 from steerserve.registry import FeatureInfo, Registry, SAEWeights
-from steerserve.registry.blobs import TempFile, clean_stray_temp
+from steerserve.registry.blobs import TempFile, clean_stray_temp, open_blob_store
 from steerserve.sites import Site
 from tests.registry.app_process import free_port
 from tests.registry.helpers import rand_state, saelens_cfg
@@ -40,14 +42,14 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _assert_recovered(data_dir: Path, url: str | None) -> None:
+def _assert_recovered(cfg: RegistryConfig) -> None:
     """Reopen like a fresh start: only the kept SAE, its blob complete, no temp files, no orphans."""
-    reg = Registry(data_dir, url)
+    reg = Registry.from_config(cfg)
     try:
         assert [r.id for r in reg.list_saes()] == ["kept"] and reg.dangling() == []
         assert reg.get_feature("kept", 3).label == "kept feature"
         assert reg.load_sae("kept")[1].d_sae == 64
-        assert len(list(reg.blobs.root.glob("??/*.safetensors"))) == 1
+        assert len(reg.blobs.list()) == 1
         assert list(reg.blobs.temp_dir.iterdir()) == []
         assert not reg.uploads_dir.exists() or list(reg.uploads_dir.iterdir()) == []
     finally:
@@ -55,28 +57,24 @@ def _assert_recovered(data_dir: Path, url: str | None) -> None:
 
 
 @pytest.mark.parametrize("mode", ["sealed", "published"])
-def test_writer_killed_while_storing_a_blob(tmp_path, data_dir, registry_url, mode):
-    reg = Registry(data_dir, registry_url)
+def test_writer_killed_while_storing_a_blob(tmp_path, registry_config, mode):
+    reg = Registry.from_config(registry_config)
     reg.add_sae(SAEWeights(**rand_state("relu"), architecture="relu", site=Site(0)), sae_id="kept")
     reg.put_features("kept", [FeatureInfo(3, "kept feature")])
     reg.close()
     marker = tmp_path / "paused"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tests.registry.crash_child",
-        str(data_dir),
-        registry_url or "-",
-        mode,
-        str(marker),
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    config = json.dumps(dataclasses.asdict(registry_config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.registry.crash_child", config, mode, str(marker)], cwd=REPO
+    )
     _wait(marker.exists, proc, f"the child to pause ({mode})")
-    temps = list((data_dir / "blobs" / "tmp").iterdir())
-    blobs = list((data_dir / "blobs").glob("??/*.safetensors"))
-    assert (len(temps), len(blobs)) == ((1, 1) if mode == "sealed" else (0, 2))  # mid-write, as intended
+    store = open_blob_store(registry_config)  # a look at the store, without the registry's recovery
+    temps, blobs = list(store.temp_dir.iterdir()), store.list()
+    # mid-write, as intended: S3 uploads while sealing, the local store renames while publishing
+    uploaded = mode == "published" or registry_config.blob_url is not None
+    assert (len(temps), len(blobs)) == (int(mode == "sealed"), 2 if uploaded else 1)
     _kill(proc)
-    _assert_recovered(data_dir, registry_url)
+    _assert_recovered(registry_config)
 
 
 def _multipart(boundary: str, parts: dict[str, tuple[str, bytes]], fields: dict[str, str]) -> bytes:
@@ -126,7 +124,7 @@ def test_server_killed_during_a_slow_upload(data_dir):
         if proc.poll() is None:
             _kill(proc)
     assert len(list((data_dir / "uploads").iterdir())) == 2  # the dead server's cfg and partial weights
-    _assert_recovered(data_dir, None)
+    _assert_recovered(RegistryConfig(data_dir=str(data_dir), registry_url=None, blob_url=None))
 
 
 def test_cleanup_spares_temp_files_a_live_writer_holds(tmp_path):

@@ -1,4 +1,5 @@
-"""The Registry facade, run against SQLite and a real PostgreSQL server (the `registry` fixture)."""
+"""The Registry facade, run against SQLite, a real PostgreSQL server and a real S3-compatible server
+(the `registry` fixture)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def sae(seed: int = 0, arch: str = "jumprelu", site: Site = Site(2)) -> SAEWeigh
     return SAEWeights(**rand_state(arch, seed=seed), architecture=arch, site=site, apply_b_dec_to_input=True)
 
 
-def blob_files(registry: Registry) -> list:
-    return sorted(registry.blobs.root.glob("??/*.safetensors"))
+def blob_files(registry: Registry) -> list[str]:
+    return sorted(registry.blobs.list())
 
 
 def test_sae_lifecycle(registry):
@@ -145,13 +146,13 @@ def test_cache_entries_are_replaced_and_dropped_with_their_owner(registry):
     assert registry.get_cached("logits:s") is None and blob_files(registry) == []
 
 
-def test_reopen_keeps_everything_and_schema_is_versioned(data_dir, registry_url, registry):
+def test_reopen_keeps_everything_and_schema_is_versioned(registry_config, registry):
     registry.add_sae(sae(), sae_id="s")
     registry.put_features("s", [FeatureInfo(1, "cold")])
     registry.add_vector(SteeringVector.of({Site(1): torch.ones(D_IN)}), vector_id="v")
     registry.add_variant("x", {"steering": [{"vector": "v", "mode": "project_out"}]})
     registry.close()
-    again = Registry(data_dir, registry_url)
+    again = Registry.from_config(registry_config)
     try:
         assert again.schema_version == max(v for v, _ in MIGRATIONS)
         assert [r.id for r in again.list_saes()] == ["s"] and again.get_feature("s", 1).label == "cold"

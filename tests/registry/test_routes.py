@@ -23,8 +23,8 @@ GOOD = save(rand_state("jumprelu"))
 
 
 @pytest.fixture
-def server(data_dir, registry_url):
-    with ThreadServer(make_app(data_dir, registry_url)) as s:
+def server(data_dir, registry_config):
+    with ThreadServer(make_app(data_dir, registry_config)) as s:
         yield s
 
 
@@ -67,7 +67,7 @@ def error(resp: httpx.Response, status: int, param: str | None = None, match: st
 def nothing_stored(server) -> None:
     reg = server.app.state.registry
     assert reg.list_saes() == [] and reg.list_vectors() == [] and reg.list_variants() == []
-    assert list(reg.blobs.root.glob("??/*")) == [] and list(reg.blobs.temp_dir.iterdir()) == []
+    assert reg.blobs.list() == [] and list(reg.blobs.temp_dir.iterdir()) == []
     assert not reg.uploads_dir.exists() or list(reg.uploads_dir.iterdir()) == []
 
 

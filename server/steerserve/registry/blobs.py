@@ -1,12 +1,15 @@
-"""Content-addressed blob store: safetensors files named by their sha256.
+"""Content-addressed blob stores: safetensors files named by their sha256.
 
-A blob is written to a temp file (`TempFile`: `<random>.part`, flocked by its writer), hashed and
+Two stores with one interface (`BlobStore`): `LocalBlobStore`, files under the data directory (or a
+volume shared by replicas), and `S3BlobStore` (`blobs_s3.py`), objects in an S3-compatible bucket
+with a local read cache. `open_blob_store` picks one from the registry config.
+
+A local blob is written to a temp file (`TempFile`: `<random>.part`, flocked by its writer), hashed and
 fsynced (`seal`), and only then renamed to `blobs/<sha[:2]>/<sha>.safetensors` (`publish`) and its
 directory fsynced; the registry commits the row that names it afterwards, holding its write lock from the rename to the
 commit, so a crash never leaves a row pointing at a missing or partial file. Temp files whose writer
 is gone (nobody holds their lock) are removed at the next start.
 
-`S3BlobStore` is an interface stub only: it raises on construction (see its docstring).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import secrets
 import time
 from pathlib import Path
+from typing import Protocol
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _UNLOCKABLE_TEMP_AGE_S = 24 * 3600
@@ -88,18 +92,85 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class BlobStoreError(RuntimeError):
+    """The blob store cannot be used as configured or reached; the message says what to change."""
+
+
+class CorruptBlob(RuntimeError):
+    """A stored blob's content does not hash to the sha256 in its name."""
+
+
+def foreign_store(location: str, owner: str, registry_id: str) -> BlobStoreError:
+    """One blob store per registry: another's orphan sweep would delete blobs this registry names."""
+    return BlobStoreError(
+        f"the blobs in {location} belong to registry {owner}, not to this one ({registry_id}); give this "
+        "registry a blob location of its own, or open the registry that owns them (--registry-url / --data-dir)"
+    )
+
+
+def check_sha(sha: str) -> str:
+    if not _SHA.match(sha):
+        raise ValueError(f"not a sha256 hex digest: {sha!r}")
+    return sha
+
+
+class BlobStore(Protocol):
+    """What the registry needs of a blob store. Writing follows `registry.py`'s order: `new_temp`,
+    write, `seal` (no lock held), then `publish` under the registry's write lock before the commit.
+    `delete` and orphan removal also run under the write lock, so a published blob stays until commit."""
+
+    temp_dir: Path
+
+    @property
+    def location(self) -> str:
+        """Where the blobs live, for messages (no credentials)."""
+
+    def claim(self, registry_id: str) -> None:
+        """Mark the store as this registry's; BlobStoreError when another registry's blobs are there."""
+
+    def new_temp(self) -> TempFile: ...
+    def seal(self, temp: Path) -> tuple[str, int]: ...
+    def publish(self, temp: Path, sha: str) -> None: ...
+    def local_path(self, sha: str) -> Path:
+        """A local file holding the blob's bytes (to read, never to write); FileNotFoundError if absent."""
+
+    def exists(self, sha: str) -> bool: ...
+    def delete(self, sha: str) -> None: ...
+    def list(self) -> list[str]: ...
+    def clean_stray_temp(self) -> list[str]: ...
+
+
 class LocalBlobStore:
-    """Blobs as files under `<root>/blobs` (a local disk or a volume shared by replicas)."""
+    """Blobs as files `<root>/<sha[:2]>/<sha>.safetensors` (a local disk or a volume shared by replicas)."""
 
     def __init__(self, root: Path):
-        self.root = Path(root) / "blobs"
+        self.root = Path(root)
         self.temp_dir = self.root / "tmp"
         self.temp_dir.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def path(self, sha: str) -> Path:
-        if not _SHA.match(sha):
-            raise ValueError(f"not a sha256 hex digest: {sha!r}")
-        return self.root / sha[:2] / f"{sha}.safetensors"
+        return self.root / sha[:2] / f"{check_sha(sha)}.safetensors"
+
+    def local_path(self, sha: str) -> Path:
+        path = self.path(sha)
+        if not path.is_file():
+            raise FileNotFoundError(f"blob {sha} is not in {self.root}")
+        return path
+
+    def claim(self, registry_id: str) -> None:
+        marker = self.root / "REGISTRY_ID"
+        if marker.is_file():
+            owner = marker.read_text().strip()
+            if owner != registry_id:
+                raise foreign_store(self.location, owner, registry_id)
+            return
+        with self.new_temp() as temp:
+            temp.path.write_text(registry_id)
+            os.replace(temp.path, marker)
 
     def new_temp(self) -> TempFile:
         return TempFile(self.temp_dir)
@@ -133,17 +204,21 @@ class LocalBlobStore:
     def list(self) -> list[str]:
         return [p.stem for p in self.root.glob("??/*.safetensors") if _SHA.match(p.stem)]
 
-    def clean_stray_temp(self) -> list[Path]:
-        return clean_stray_temp(self.temp_dir)
+    def clean_stray_temp(self) -> list[str]:
+        return [str(p) for p in clean_stray_temp(self.temp_dir)]
 
 
-class S3BlobStore:
-    """NOT IMPLEMENTED: placeholder for an S3-compatible bucket behind the LocalBlobStore interface.
-
-    Multi-replica deployments share blobs through a shared volume (the data directory) for now.
-    """
-
-    def __init__(self, url: str):
-        raise NotImplementedError(
-            f"S3-compatible blob storage ({url}) is not implemented; use a data directory on a shared volume"
+def open_blob_store(cfg) -> BlobStore:
+    """The blob store a `steerserve.config.RegistryConfig` names: `blob_url` s3://... or files in data_dir."""
+    data_dir = Path(cfg.data_dir)
+    if not cfg.blob_url:
+        return LocalBlobStore(data_dir / "blobs")
+    if not cfg.blob_url.startswith("s3://"):
+        raise ValueError(
+            f"blob_url must be s3://BUCKET[/PREFIX] (or unset for files in data_dir), got {cfg.blob_url!r}"
         )
+    from steerserve.registry.blobs_s3 import S3BlobStore  # NOTE: lazily: boto3 is the optional `s3` extra
+
+    return S3BlobStore(
+        cfg.blob_url, data_dir / "blob-cache", cfg.blob_endpoint_url, cache_bytes=cfg.blob_cache_mb << 20
+    )

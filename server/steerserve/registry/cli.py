@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from steerserve.config import RegistryConfig
 from steerserve.registry import formats
+from steerserve.registry.blobs import BlobStoreError
 from steerserve.registry.errors import InvalidInput, RegistryError
 from steerserve.registry.formats.common import site_of
 from steerserve.registry.formats.neuronpedia import parse_features
@@ -30,9 +32,37 @@ from steerserve.registry.registry import Registry
 _KINDS = ("auto", "sae", "vector", "features")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the registry lives: the flags `serve` and every `registry` command share."""
     p.add_argument("--data-dir", default=None, help="registry data directory (env STEERSERVE_DATA_DIR)")
-    p.add_argument("--registry-url", default=None, help="postgresql://... for a shared registry")
+    p.add_argument(
+        "--registry-url",
+        default=None,
+        help="postgresql://... for a shared registry (env STEERSERVE_REGISTRY_URL)",
+    )
+    p.add_argument(
+        "--blob-url",
+        default=None,
+        help="s3://BUCKET/PREFIX to keep blobs in an S3-compatible bucket (env STEERSERVE_BLOB_URL); "
+        "credentials and region from the standard AWS variables",
+    )
+    p.add_argument(
+        "--blob-endpoint-url", default=None, help="S3 endpoint, e.g. http://minio:9000 (default: boto3's own)"
+    )
+    p.add_argument("--blob-cache-mb", type=int, default=None, help="local disk cache of S3 blobs")
+
+
+def registry_config_from_args(args: argparse.Namespace) -> RegistryConfig:
+    """Flags over environment over defaults."""
+    base = RegistryConfig()
+    flags = {
+        "data_dir": args.data_dir,
+        "registry_url": args.registry_url,
+        "blob_url": args.blob_url,
+        "blob_endpoint_url": args.blob_endpoint_url,
+        "blob_cache_mb": args.blob_cache_mb,
+    }
+    return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
 def add_registry_commands(subparsers) -> argparse.ArgumentParser:
@@ -54,13 +84,13 @@ def add_registry_commands(subparsers) -> argparse.ArgumentParser:
     imp.add_argument("--site", default=None, help="hook name (blocks.L.hook_resid_post) or layer number")
     imp.add_argument("--model", default=None, help="model the item is for (default: the file's own claim)")
     imp.add_argument("--sae", default=None, help="SAE id the feature annotations belong to")
-    _common(imp)
+    add_registry_arguments(imp)
     imp.set_defaults(func=_reporting(cmd_import))
 
     ls = sub.add_parser("list", help="list stored items")
     ls.add_argument("--kind", choices=("all", "saes", "vectors", "variants"), default="all")
     ls.add_argument("--json", action="store_true", help="print JSON lines")
-    _common(ls)
+    add_registry_arguments(ls)
     ls.set_defaults(func=_reporting(cmd_list))
 
     st = sub.add_parser("stats", help="compute each feature's max activation and density over a text file")
@@ -70,13 +100,13 @@ def add_registry_commands(subparsers) -> argparse.ArgumentParser:
     st.add_argument("--dtype", default="auto")
     st.add_argument("--device", default="auto")
     st.add_argument("--batch", type=int, default=32, help="documents per engine batch")
-    _common(st)
+    add_registry_arguments(st)
     st.set_defaults(func=_reporting(cmd_stats))
 
     rm = sub.add_parser("rm", help="delete a stored item")
     rm.add_argument("kind", choices=("sae", "vector", "variant"))
     rm.add_argument("id")
-    _common(rm)
+    add_registry_arguments(rm)
     rm.set_defaults(func=_reporting(cmd_rm))
     return reg
 
@@ -88,13 +118,15 @@ def _reporting(command):
         except RegistryError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 2
+        except BlobStoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     return run
 
 
 def _open(args: argparse.Namespace) -> Registry:
-    base = RegistryConfig()
-    return Registry(args.data_dir or base.data_dir, args.registry_url or base.registry_url)
+    return Registry.from_config(registry_config_from_args(args))
 
 
 def fetch_from_hub(repo_id: str, path: str, revision: str | None = None) -> Path:
@@ -219,12 +251,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ]
     if not texts:
         raise InvalidInput(f"{args.texts} holds no text", param="texts")
-    base = RegistryConfig()
-    registry_cfg = RegistryConfig(
-        data_dir=args.data_dir or base.data_dir, registry_url=args.registry_url or base.registry_url
-    )
     config = Config(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device), registry=registry_cfg
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
+        registry=registry_config_from_args(args),
     )
     built = build_engine(config)
     try:

@@ -5,6 +5,8 @@ a missing or partial file:
 1. write the blob to a temp file, hash it, fsync it (no lock held);
 2. take the write lock; insert the rows (an id conflict stops here); rename the temp file to its
    content address and fsync the directory; commit.
+(`blobs_s3.S3BlobStore` uploads in step 1 and checks the object is still there in step 2.) If step 2
+fails, the blob is removed again unless a row already names it.
 Deleting commits the row removal first, then removes blobs no row references any more, under the
 write lock again. `recover()` (run at open) removes temp files of dead writers and unreferenced blobs.
 All methods block (disk, database): call them from a thread pool in async code.
@@ -12,6 +14,7 @@ All methods block (disk, database): call them from a thread pool in async code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -22,7 +25,7 @@ import torch
 
 from steerserve.engine.types import ModelInfo
 from steerserve.registry import store
-from steerserve.registry.blobs import LocalBlobStore, clean_stray_temp
+from steerserve.registry.blobs import BlobStore, LocalBlobStore, clean_stray_temp, open_blob_store
 from steerserve.registry.db import Database, Tx
 from steerserve.registry.errors import InvalidInput, NotFound
 from steerserve.registry.formats.common import LoadedSAE
@@ -41,20 +44,28 @@ DeleteListener = Callable[[str, str], None]  # (kind "sae" | "vector", id)
 
 
 class Registry:
-    def __init__(self, data_dir: str | Path, url: str | None = None):
+    def __init__(self, data_dir: str | Path, url: str | None = None, blobs: BlobStore | None = None):
+        """Metadata at `url` (None: SQLite in `data_dir`); blobs in `blobs` (None: files in `data_dir`)."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.uploads_dir = self.data_dir / "uploads"  # staging for streamed HTTP uploads
+        self.blobs = blobs if blobs is not None else LocalBlobStore(self.data_dir / "blobs")
         self.db = Database(url, self.data_dir)
-        self.blobs = LocalBlobStore(self.data_dir)
         self._listeners: list[DeleteListener] = []
-        self.schema_version = self.db.migrate(MIGRATIONS)
-        self.recover()
+        try:
+            self.schema_version = self.db.migrate(MIGRATIONS)
+            with self.db.write() as tx:
+                self.registry_id = store.registry_id(tx)
+            self.blobs.claim(self.registry_id)  # before recover(): it deletes blobs no row of ours names
+            self.recover()
+        except BaseException:
+            self.db.close()
+            raise
 
     @classmethod
     def from_config(cls, cfg) -> Registry:
-        """From a `steerserve.config.RegistryConfig` (data_dir, registry_url)."""
-        return cls(cfg.data_dir, cfg.registry_url)
+        """From a `steerserve.config.RegistryConfig` (data_dir, registry_url, blob_url, ...)."""
+        return cls(cfg.data_dir, cfg.registry_url, open_blob_store(cfg))
 
     def close(self) -> None:
         self.db.close()
@@ -80,7 +91,8 @@ class Registry:
         with self.db.read() as tx:
             rows = [(f"sae:{r.id}", r.blob_sha256) for r in store.list_saes(tx)]
             rows += [(f"vector:{r.id}", r.blob_sha256) for r in store.list_vectors(tx)]
-        return [name for name, sha in rows if not self.blobs.exists(sha)]
+        stored = set(self.blobs.list())
+        return [name for name, sha in rows if sha not in stored]
 
     # ---- blob plumbing ------------------------------------------------------------------------
 
@@ -92,9 +104,14 @@ class Registry:
         with self.blobs.new_temp() as temp:
             write_safetensors(tensors, temp.path, metadata)
             sha, size = self.blobs.seal(temp.path)
-            with self.db.write() as tx:
-                insert(tx, sha, size)
-                self.blobs.publish(temp.path, sha)
+            try:
+                with self.db.write() as tx:
+                    insert(tx, sha, size)
+                    self.blobs.publish(temp.path, sha)
+            except BaseException:
+                with contextlib.suppress(Exception):  # best effort: recover() removes what is left
+                    self._collect([sha])
+                raise
         return sha
 
     def _collect(self, shas: list[str]) -> None:
@@ -107,9 +124,10 @@ class Registry:
                     self.blobs.delete(sha)
 
     def _read_blob(self, sha: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        path = self.blobs.path(sha)
-        if not path.is_file():
-            raise RuntimeError(f"the blob {sha} of {what} is missing from {self.blobs.root}")
+        try:
+            path = self.blobs.local_path(sha)
+        except FileNotFoundError:
+            raise RuntimeError(f"the blob {sha} of {what} is missing from {self.blobs.location}") from None
         return read_safetensors(path, what)
 
     def add_delete_listener(self, listener: DeleteListener) -> None:
@@ -330,6 +348,6 @@ class Registry:
         if sha is None:
             return None
         try:
-            return read_safetensors(self.blobs.path(sha), f"cache {key}")[0]
+            return read_safetensors(self.blobs.local_path(sha), f"cache {key}")[0]
         except FileNotFoundError:  # replaced or dropped meanwhile
             return None

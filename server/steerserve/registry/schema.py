@@ -102,4 +102,6 @@ _POSTGRES_SEARCH = [
 MIGRATIONS: list[tuple[int, dict[str, list[str]]]] = [
     (1, {"all": _CORE}),
     (2, {"sqlite": _SQLITE_SEARCH, "postgresql": _POSTGRES_SEARCH}),
+    # registry_id: which registry a blob store belongs to (`Registry._claim_blobs`)
+    (3, {"all": ["CREATE TABLE registry_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]}),
 ]

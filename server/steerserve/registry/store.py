@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 from steerserve.registry.db import Tx
 from steerserve.registry.errors import Conflict
@@ -255,3 +256,13 @@ def referenced_shas(tx: Tx) -> set[str]:
         "SELECT blob_sha256 FROM saes UNION SELECT blob_sha256 FROM vectors UNION SELECT blob_sha256 FROM blob_cache"
     )
     return {r["blob_sha256"] for r in rows}
+
+
+def registry_id(tx: Tx) -> str:
+    """This registry's id, made on first use (call in a write transaction)."""
+    row = tx.one("SELECT value FROM registry_info WHERE key = 'registry_id'")
+    if row:
+        return row["value"]
+    new = uuid.uuid4().hex
+    tx.execute("INSERT INTO registry_info (key, value) VALUES ('registry_id', ?)", (new,))
+    return new
