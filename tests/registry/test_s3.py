@@ -1,0 +1,245 @@
+"""The S3 blob store against a real S3-compatible HTTP server (moto's, on loopback): what the shared
+registry suite cannot see. Objects are inspected with boto3 directly, not through the store under test.
+(The whole registry suite also runs on S3: the `s3` case of the `registry_config` fixture.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import boto3
+import httpx
+import pytest
+from safetensors.torch import save
+
+from steerserve.cli import main as steerserve_main
+from steerserve.config import RegistryConfig
+from steerserve.registry import Registry, SAEWeights
+from steerserve.registry.blobs import BlobStoreError, CorruptBlob
+from steerserve.registry.blobs_s3 import S3BlobStore
+from steerserve.registry.errors import Conflict
+from steerserve.sites import Site
+from tests.registry.conftest import _free_port
+from tests.registry.helpers import rand_state, saelens_cfg
+from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.s3
+PREFIX = "team/blobs"
+
+
+def sae(seed: int = 0, d_in: int = 16, d_sae: int = 64) -> SAEWeights:
+    state = rand_state("relu", d_in=d_in, d_sae=d_sae, seed=seed)
+    return SAEWeights(**state, architecture="relu", site=Site(1))
+
+
+@pytest.fixture
+def s3(s3_server):
+    return boto3.client("s3", endpoint_url=s3_server)
+
+
+@pytest.fixture
+def cfg(tmp_path, s3_server, s3_bucket) -> RegistryConfig:
+    return RegistryConfig(
+        data_dir=str(tmp_path / "data"),
+        registry_url=None,
+        blob_url=f"s3://{s3_bucket}/{PREFIX}",
+        blob_endpoint_url=s3_server,
+    )
+
+
+def keys(s3, bucket: str) -> list[str]:
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+def blob_keys(s3, bucket: str) -> list[str]:
+    return [k for k in keys(s3, bucket) if k.endswith(".safetensors")]
+
+
+def test_objects_are_content_addressed_shared_and_deleted(cfg, s3, s3_bucket):
+    reg = Registry.from_config(cfg)
+    try:
+        a = reg.add_sae(sae(), sae_id="a")
+        b = reg.add_sae(sae(), sae_id="b")  # same content: one object
+        key = f"{PREFIX}/{a.blob_sha256}.safetensors"
+        assert a.blob_sha256 == b.blob_sha256 and blob_keys(s3, s3_bucket) == [key]
+        obj = s3.get_object(Bucket=s3_bucket, Key=key)
+        body = obj["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == a.blob_sha256 and len(body) == a.size_bytes
+        assert obj["Metadata"]["sha256"] == a.blob_sha256
+        cached = reg.blobs.cache.path(a.blob_sha256)
+        assert cached.read_bytes() == body  # the writer's copy went into the read cache
+        reg.delete_sae("a")
+        assert blob_keys(s3, s3_bucket) == [key]  # b still names it
+        reg.delete_sae("b")
+        assert blob_keys(s3, s3_bucket) == [] and not cached.exists()
+    finally:
+        reg.close()
+
+
+def test_publish_uploads_again_what_vanished_after_sealing_and_a_failed_insert_leaves_no_object(
+    cfg, s3, s3_bucket
+):
+    reg = Registry.from_config(cfg)
+    try:
+        store = reg.blobs
+        with store.new_temp() as temp:
+            temp.path.write_bytes(b"sealed, then swept by another replica's recovery")
+            sha, size = store.seal(temp.path)
+            s3.delete_object(Bucket=s3_bucket, Key=f"{PREFIX}/{sha}.safetensors")
+            store.publish(temp.path, sha)  # under the write lock in the registry: checks, uploads again
+        assert s3.head_object(Bucket=s3_bucket, Key=f"{PREFIX}/{sha}.safetensors")["ContentLength"] == size
+        store.delete(sha)
+        reg.add_sae(sae(), sae_id="taken")
+        with pytest.raises(Conflict):
+            reg.add_sae(sae(seed=1), sae_id="taken")  # uploaded while sealing, then the insert failed
+        assert blob_keys(s3, s3_bucket) == [f"{PREFIX}/{reg.get_sae('taken').blob_sha256}.safetensors"]
+    finally:
+        reg.close()
+
+
+def test_large_blob_goes_up_in_parts_and_comes_back_verified(cfg, s3, s3_bucket, tmp_path):
+    store = S3BlobStore(cfg.blob_url, tmp_path / "cache", cfg.blob_endpoint_url, part_bytes=5 << 20)
+    reg = Registry(cfg.data_dir, None, store)
+    try:
+        big = sae(d_in=256, d_sae=6144)  # W_enc + W_dec: 12.6 MB, three 5 MiB parts
+        rec = reg.add_sae(big, sae_id="big")
+        head = s3.head_object(Bucket=s3_bucket, Key=f"{PREFIX}/{rec.blob_sha256}.safetensors")
+        assert head["ETag"].strip('"').endswith("-3") and head["ContentLength"] == rec.size_bytes
+        store.cache.path(rec.blob_sha256).unlink()  # a cold cache: the read downloads
+        _, got = reg.load_sae("big")
+        assert got.W_dec.equal(big.W_dec) and got.W_enc.equal(big.W_enc)
+        assert store.cache.path(rec.blob_sha256).stat().st_size == rec.size_bytes
+    finally:
+        reg.close()
+
+
+def test_interrupted_put_leaves_no_visible_object_and_is_aborted_at_start(cfg, s3, s3_bucket):
+    """What a writer killed in the middle of a multipart upload leaves: parts, no object, no row."""
+    reg = Registry.from_config(cfg)
+    reg.add_sae(sae(), sae_id="kept")
+    reg.close()
+    sha = "ab" * 32
+    key = f"{PREFIX}/{sha}.safetensors"
+    upload = s3.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+    s3.upload_part(Bucket=s3_bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"\0" * (5 << 20))
+    store = S3BlobStore(
+        cfg.blob_url, cfg.data_dir + "/blob-cache", cfg.blob_endpoint_url, stale_upload_age_s=0
+    )
+    assert not store.exists(sha) and sha not in store.list() and key not in keys(s3, s3_bucket)
+    reg = Registry(cfg.data_dir, None, store)  # a restart: recovery aborts the abandoned upload
+    try:
+        assert [r.id for r in reg.list_saes()] == ["kept"] and reg.dangling() == []
+        assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    finally:
+        reg.close()
+
+
+def test_corrupted_object_is_refused_on_read_and_never_cached(cfg, s3, s3_bucket):
+    reg = Registry.from_config(cfg)
+    try:
+        rec = reg.add_sae(sae(), sae_id="s")
+        key = f"{PREFIX}/{rec.blob_sha256}.safetensors"
+        good = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        rotten = bytearray(good)
+        rotten[-5] ^= 0x40  # one flipped bit in the tensor data; size and metadata unchanged
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(rotten), Metadata={"sha256": rec.blob_sha256})
+        cached = reg.blobs.cache.path(rec.blob_sha256)
+        cached.unlink()
+        with pytest.raises(CorruptBlob, match="corrupt.*restore the object"):
+            reg.load_sae("s")
+        assert not cached.exists() and list(reg.blobs.temp_dir.iterdir()) == []
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=good, Metadata={"sha256": rec.blob_sha256})
+        assert reg.load_sae("s")[1].W_dec.equal(sae().W_dec)
+    finally:
+        reg.close()
+
+
+def test_a_blob_prefix_belongs_to_one_registry(cfg, s3, s3_bucket, tmp_path):
+    """Another registry (its own SQLite) on the same prefix would sweep these blobs as orphans: refused."""
+    first = Registry.from_config(cfg)
+    first.add_sae(sae(), sae_id="s")
+    first.close()
+    other = RegistryConfig(**{**cfg.__dict__, "data_dir": str(tmp_path / "other")})
+    with pytest.raises(BlobStoreError, match="belong to registry"):
+        Registry.from_config(other)
+    assert len(blob_keys(s3, s3_bucket)) == 1
+    elsewhere = Registry.from_config(
+        RegistryConfig(**{**other.__dict__, "blob_url": cfg.blob_url + "-other"})
+    )
+    elsewhere.close()
+    again = Registry.from_config(cfg)
+    try:
+        assert again.load_sae("s")[1].d_sae == 64
+    finally:
+        again.close()
+
+
+def test_errors_say_what_to_do(cfg, s3_server, monkeypatch, capsys):
+    missing = RegistryConfig(**{**cfg.__dict__, "blob_url": "s3://no-such-bucket/x"})
+    with pytest.raises(BlobStoreError, match=r"'no-such-bucket' does not exist; create it"):
+        Registry.from_config(missing)
+    dead = RegistryConfig(**{**cfg.__dict__, "blob_endpoint_url": f"http://127.0.0.1:{_free_port()}"})
+    with pytest.raises(BlobStoreError, match="unreachable.*--blob-endpoint-url"):
+        Registry.from_config(dead)
+    httpx.post(f"{s3_server}/moto-api/reset-auth", content=b"0").raise_for_status()  # moto checks keys now
+    try:
+        with pytest.raises(BlobStoreError, match="refused the credentials") as refused:
+            Registry.from_config(cfg)
+    finally:
+        httpx.post(f"{s3_server}/moto-api/reset-auth", content=b"inf").raise_for_status()
+    assert "test-secret-key" not in str(refused.value)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(BlobStoreError, match="no usable AWS credentials; set AWS_ACCESS_KEY_ID"):
+        Registry.from_config(cfg)
+    # the operator's command line says the same, exit status 2
+    argv = ["registry", "list", "--data-dir", cfg.data_dir, "--blob-url", "s3://no-such-bucket/x",
+            "--blob-endpoint-url", s3_server]  # fmt: skip
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
+    assert steerserve_main(argv) == 2
+    assert "does not exist; create it" in capsys.readouterr().err
+
+
+def test_server_restart_with_blob_url_keeps_the_data(cfg, tmp_path):
+    """`steerserve serve --blob-url`: what one run stored, the next run (same SQLite, empty cache) serves."""
+    args = ["--model", "random:gpt2", "--kv-cache-memory-gb", "0.02", "--max-num-seqs", "4", "--threads", "1",
+            "--data-dir", cfg.data_dir, "--blob-url", cfg.blob_url, "--blob-endpoint-url", cfg.blob_endpoint_url]  # fmt: skip
+    state = rand_state("standard", d_in=64, d_sae=32, seed=5)
+    state["W_dec"] = state["W_dec"] * 20  # strong enough to change a tiny random model's greedy text
+    files = {
+        "cfg": (
+            "cfg.json",
+            json.dumps(saelens_cfg("standard", 6, "blocks.0.hook_resid_post", d_in=64, d_sae=32)),
+        ),
+        "weights": ("sae_weights.safetensors", save(state)),
+    }
+    steered = {"prompt": "The weather is", "max_tokens": 8, "temperature": 0,
+               "steering": [{"feature": {"sae": "kept", "index": 3}, "mode": "add", "strength": 4.0}]}  # fmt: skip
+
+    def run(log: str, upload: bool) -> tuple[dict, str]:
+        proc = ServerProcess(args, str(tmp_path / log)).wait_healthy()
+        try:
+            if upload:
+                resp = httpx.post(proc.url + "/v1/saes", files=files, data={"id": "kept"}, timeout=60)
+                assert resp.status_code == 201, resp.text
+            sae_json = httpx.get(proc.url + "/v1/saes/kept", timeout=30).json()
+            texts = []
+            for body in (steered, {**steered, "steering": []}):
+                resp = httpx.post(proc.url + "/v1/completions", json=body, timeout=60)
+                assert resp.status_code == 200, resp.text
+                texts.append(resp.json()["choices"][0]["text"])
+            assert texts[0] != texts[1]  # the SAE's weights really act
+            return sae_json, texts[0]
+        finally:
+            proc.stop()
+
+    first, text = run("first.log", upload=True)
+    shutil.rmtree(tmp_path / "data" / "blob-cache")  # only the bucket still holds the weights
+    again, text_again = run("second.log", upload=False)
+    assert again == first and text_again == text
+    assert (tmp_path / "data" / "blob-cache").is_dir() and any(
+        (tmp_path / "data" / "blob-cache").glob("??/*")
+    )
