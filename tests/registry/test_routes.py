@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import socket
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from steerserve.config import RegistryConfig
 from tests.registry.app_process import ThreadServer, make_app
 from tests.registry.helpers import D_IN, rand_state, saelens_cfg, write_gguf
 
@@ -261,3 +263,25 @@ def test_uploads_wait_for_the_model(data_dir):
         assert resp.headers["retry-after"] == "5"
         error(c.post("/v1/vectors", json={"id": "v", "layer": 1, "vector": [1.0] * D_IN}), 503)
         assert c.get("/v1/saes").json()["data"] == []
+
+
+def test_a_2gb_upload_is_refused_at_the_default_limit_without_being_read(data_dir):
+    """The default max_upload_mb (2048) and a client announcing 2 GiB + 32 MiB: 413 after a few MB sent,
+    nothing spooled. (The streamed, undeclared case is in test_streamed_upload_over_the_limit...)"""
+    limit_mb = RegistryConfig().max_upload_mb
+    with ThreadServer(make_app(data_dir, max_upload_mb=limit_mb)) as s:
+        declared = (limit_mb << 20) + (32 << 20)
+        head = (f"POST /v1/saes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {declared}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+            sock.sendall(head + b"--xyz\r\n" + b"\0" * (4 << 20))
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        status, _, body = reply.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 413"), reply[:300]
+        assert b"upload limit of 2147483648 bytes" in body
+        nothing_stored(s)

@@ -1,17 +1,15 @@
 """The S3 blob store against a real S3-compatible HTTP server (moto's, on loopback): what the shared
 registry suite cannot see. Objects are inspected with boto3 directly, not through the store under test.
-(The whole registry suite also runs on S3: the `s3` case of the `registry_config` fixture.)"""
+(The whole registry suite also runs on S3: the `s3` case of the `registry_config` fixture; a server
+restart with --blob-url is in test_restart.py.)"""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 
 import boto3
 import httpx
 import pytest
-from safetensors.torch import save
 
 from steerserve.cli import main as steerserve_main
 from steerserve.config import RegistryConfig
@@ -21,8 +19,7 @@ from steerserve.registry.blobs_s3 import S3BlobStore
 from steerserve.registry.errors import Conflict
 from steerserve.sites import Site
 from tests.registry.conftest import _free_port
-from tests.registry.helpers import rand_state, saelens_cfg
-from tests.server_process import ServerProcess
+from tests.registry.helpers import rand_state
 
 pytestmark = pytest.mark.s3
 PREFIX = "team/blobs"
@@ -201,45 +198,3 @@ def test_errors_say_what_to_do(cfg, s3_server, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
     assert steerserve_main(argv) == 2
     assert "does not exist; create it" in capsys.readouterr().err
-
-
-def test_server_restart_with_blob_url_keeps_the_data(cfg, tmp_path):
-    """`steerserve serve --blob-url`: what one run stored, the next run (same SQLite, empty cache) serves."""
-    args = ["--model", "random:gpt2", "--kv-cache-memory-gb", "0.02", "--max-num-seqs", "4", "--threads", "1",
-            "--data-dir", cfg.data_dir, "--blob-url", cfg.blob_url, "--blob-endpoint-url", cfg.blob_endpoint_url]  # fmt: skip
-    state = rand_state("standard", d_in=64, d_sae=32, seed=5)
-    state["W_dec"] = state["W_dec"] * 20  # strong enough to change a tiny random model's greedy text
-    files = {
-        "cfg": (
-            "cfg.json",
-            json.dumps(saelens_cfg("standard", 6, "blocks.0.hook_resid_post", d_in=64, d_sae=32)),
-        ),
-        "weights": ("sae_weights.safetensors", save(state)),
-    }
-    steered = {"prompt": "The weather is", "max_tokens": 8, "temperature": 0,
-               "steering": [{"feature": {"sae": "kept", "index": 3}, "mode": "add", "strength": 4.0}]}  # fmt: skip
-
-    def run(log: str, upload: bool) -> tuple[dict, str]:
-        proc = ServerProcess(args, str(tmp_path / log)).wait_healthy()
-        try:
-            if upload:
-                resp = httpx.post(proc.url + "/v1/saes", files=files, data={"id": "kept"}, timeout=60)
-                assert resp.status_code == 201, resp.text
-            sae_json = httpx.get(proc.url + "/v1/saes/kept", timeout=30).json()
-            texts = []
-            for body in (steered, {**steered, "steering": []}):
-                resp = httpx.post(proc.url + "/v1/completions", json=body, timeout=60)
-                assert resp.status_code == 200, resp.text
-                texts.append(resp.json()["choices"][0]["text"])
-            assert texts[0] != texts[1]  # the SAE's weights really act
-            return sae_json, texts[0]
-        finally:
-            proc.stop()
-
-    first, text = run("first.log", upload=True)
-    shutil.rmtree(tmp_path / "data" / "blob-cache")  # only the bucket still holds the weights
-    again, text_again = run("second.log", upload=False)
-    assert again == first and text_again == text
-    assert (tmp_path / "data" / "blob-cache").is_dir() and any(
-        (tmp_path / "data" / "blob-cache").glob("??/*")
-    )
