@@ -6,6 +6,7 @@ restart with --blob-url is in test_restart.py.)"""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import boto3
 import httpx
@@ -19,7 +20,7 @@ from steerserve.registry.blobs_s3 import S3BlobStore
 from steerserve.registry.errors import Conflict
 from steerserve.sites import Site
 from tests.registry.conftest import _free_port
-from tests.registry.helpers import rand_state
+from tests.registry.helpers import rand_state, saelens_cfg, write_saelens
 
 pytestmark = pytest.mark.s3
 PREFIX = "team/blobs"
@@ -198,3 +199,23 @@ def test_errors_say_what_to_do(cfg, s3_server, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
     assert steerserve_main(argv) == 2
     assert "does not exist; create it" in capsys.readouterr().err
+
+
+def test_operator_commands_with_blob_url(cfg, s3, s3_bucket, tmp_path, capsys):
+    """`steerserve registry import|list|rm --blob-url ...`: the same code path, blobs in the bucket."""
+    write_saelens(tmp_path / "lens", saelens_cfg("standard", 6), rand_state("standard"))
+    where = [
+        "--data-dir",
+        cfg.data_dir,
+        "--blob-url",
+        cfg.blob_url,
+        "--blob-endpoint-url",
+        cfg.blob_endpoint_url,
+    ]
+    assert steerserve_main(["registry", "import", str(tmp_path / "lens"), "--id", "lens", *where]) == 0
+    sha = json.loads(capsys.readouterr().out)["sha256"]
+    assert blob_keys(s3, s3_bucket) == [f"{PREFIX}/{sha}.safetensors"]
+    assert steerserve_main(["registry", "list", "--json", *where]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["lens"]
+    assert steerserve_main(["registry", "rm", "sae", "lens", *where]) == 0
+    assert blob_keys(s3, s3_bucket) == []

@@ -1,7 +1,7 @@
 """Feature registry: SAEs, their features, steering vectors and variants, stored once, addressed by id.
 
 `Registry` is the facade (metadata in SQLite or PostgreSQL, weights as content-addressed safetensors
-blobs); `formats` turns SAELens / Gemma Scope / sparsify / control-vector files into `SAEWeights`
+blobs on disk or in an S3-compatible bucket: `blobs`, `blobs_s3`); `formats` turns SAELens / Gemma Scope / sparsify / control-vector files into `SAEWeights`
 and `SteeringVector`; `DeviceSAECache` keeps loaded SAEs on a device; `cli` adds
 `steerserve registry import|list|rm`.
 """
