@@ -1,7 +1,9 @@
-"""Restarting `steerserve serve` keeps everything in the registry: two real server processes, one after
-the other, on the same data directory (SQLite), with blobs on local disk or in S3 (`--blob-url`, moto's
-S3-compatible server; the second run starts with an empty local blob cache, so the weights come back
-from the bucket)."""
+"""Restarting `steerserve serve` keeps everything in the registry: a real server process stores an SAE,
+its features, a vector and a variant; a second process on the same data directory (SQLite) serves them
+all and steers the same. Done for blobs on local disk and in S3 (`--blob-url`, moto's S3-compatible
+server), where the second run starts with an empty local blob cache, so the weights come back from
+the bucket.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import json
 import shutil
 
 import httpx
-import pytest
 from safetensors.torch import save
 
 from tests.registry.helpers import rand_state, saelens_cfg
@@ -49,27 +50,38 @@ def _snapshot(url: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("blobs", ["local", pytest.param("s3", marks=pytest.mark.s3)])
-def test_restart_keeps_everything(request, tmp_path, blobs):
-    data = tmp_path / "data"
-    args = ["--model", "random:gpt2", "--kv-cache-memory-gb", "0.02", "--max-num-seqs", "4", "--threads", "1",
-            "--data-dir", str(data)]  # fmt: skip
-    if blobs == "s3":
-        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_server")
-        args += ["--blob-url", f"s3://{bucket}/steerserve", "--blob-endpoint-url", endpoint]
-    snapshots = []
+def test_restart_keeps_everything(tmp_path, s3_server, s3_bucket):
+    """Two deployments side by side (their starts overlap: server start-up dominates this test)."""
+    base = ["--model", "random:gpt2", "--kv-cache-memory-gb", "0.02", "--max-num-seqs", "4", "--threads", "1"]
+    s3_flags = ["--blob-url", f"s3://{s3_bucket}/steerserve", "--blob-endpoint-url", s3_server]
+    deployments = {"local": [], "s3": s3_flags}
+    snapshots: dict[str, list[dict]] = {name: [] for name in deployments}
     for run in ("first", "second"):
-        proc = ServerProcess(args, str(tmp_path / f"{run}.log")).wait_healthy()
+        procs = {
+            name: ServerProcess(
+                [*base, *flags, "--data-dir", str(tmp_path / name)], str(tmp_path / f"{name}-{run}.log")
+            )
+            for name, flags in deployments.items()
+        }
         try:
-            if run == "first":
-                _store_everything(proc.url)
-            snapshots.append(_snapshot(proc.url))
+            for name, proc in procs.items():
+                proc.wait_healthy()
+                if run == "first":
+                    _store_everything(proc.url)
+                snapshots[name].append(_snapshot(proc.url))
         finally:
-            proc.stop()
-        if blobs == "s3" and run == "first":
-            assert any((data / "blob-cache").glob("??/*.safetensors")) and not (data / "blobs").exists()
-            shutil.rmtree(data / "blob-cache")  # only the bucket still holds the weights
-    first, second = snapshots
-    assert [s["id"] for s in first["/v1/saes"]["data"]] == ["kept"] and first["steered"] != first["plain"]
-    assert first["/v1/saes/kept/features/3"]["label"] == "kept label"
-    assert second == first
+            for proc in procs.values():
+                proc.stop()
+        if run == "first":
+            cache = tmp_path / "s3" / "blob-cache"
+            assert any(cache.glob("??/*.safetensors")) and not (tmp_path / "s3" / "blobs").exists()
+            shutil.rmtree(cache)  # only the bucket still holds the weights
+    for name, (first, second) in snapshots.items():
+        assert [s["id"] for s in first["/v1/saes"]["data"]] == ["kept"] and first["steered"] != first[
+            "plain"
+        ], name
+        assert first["/v1/saes/kept/features/3"]["label"] == "kept label", name
+        assert second == first, name
+    local, s3 = snapshots["local"][0], snapshots["s3"][0]  # same uploads, same answers, whichever store
+    assert local["/v1/saes"]["data"][0]["sha256"] == s3["/v1/saes"]["data"][0]["sha256"]
+    assert (local["steered"], local["plain"]) == (s3["steered"], s3["plain"])
