@@ -73,6 +73,23 @@ def test_import_list_rm_local(tmp_path, data_dir, capsys):
     assert code == 2 and "id must be" in err
 
 
+def test_registry_location_from_the_environment_flags_win(tmp_path, data_dir, capsys, monkeypatch):
+    """STEERSERVE_REGISTRY_URL reaches the operator commands as it reaches `serve`; a flag overrides it.
+    The data dir's blobs then belong to the registry at that URL: another registry is refused them."""
+    write_saelens(tmp_path / "lens", saelens_cfg("standard", 6), rand_state("standard"))
+    shared = tmp_path / "shared" / "registry.db"
+    shared.parent.mkdir()
+    monkeypatch.setenv("STEERSERVE_REGISTRY_URL", f"sqlite:///{shared}")
+    assert cli(capsys, data_dir, "import", str(tmp_path / "lens"), "--id", "lens")[0] == 0
+    assert cli(capsys, data_dir, "list")[1].split()[:2] == ["sae", "lens"] and shared.is_file()
+    own = f"sqlite:///{data_dir / 'registry.db'}"
+    code, _, err = cli(capsys, data_dir, "list", "--registry-url", own)  # the flag wins over the variable
+    assert code == 2 and "belong to registry" in err and "--registry-url" in err
+    monkeypatch.delenv("STEERSERVE_REGISTRY_URL")
+    code, _, err = cli(capsys, data_dir, "list")
+    assert code == 2 and "belong to registry" in err
+
+
 def _hub_cache(root: Path, repo_id: str, files: dict[str, bytes]) -> None:
     """A repository in the hub cache layout: refs/main -> commit, snapshots/<commit>/<files>."""
     commit = "0123456789abcdef0123456789abcdef01234567"
