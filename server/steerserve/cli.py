@@ -8,6 +8,7 @@ import os
 import sys
 
 from steerserve.config import (
+    AdmissionConfig,
     CacheConfig,
     Config,
     LimitsConfig,
@@ -51,8 +52,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
     add_registry_arguments(p)
+    add_admission_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--log-level", default="info")
+
+
+def add_admission_arguments(p: argparse.ArgumentParser) -> None:
+    d = AdmissionConfig()
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests waiting for a slot before new calls get 429")  # fmt: skip
+    p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                   help="prompt tokens waiting for a slot before new calls get 429")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a generation request is aborted (504); default: none")  # fmt: skip
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
+                   help="on SIGTERM, seconds to let requests in flight finish before exiting")  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest JSON request body")
+
+
+def admission_from_args(a: argparse.Namespace) -> AdmissionConfig:
+    return AdmissionConfig(
+        max_queued_requests=a.max_queued_requests,
+        max_queued_tokens=a.max_queued_tokens,
+        request_timeout_s=a.request_timeout,
+        drain_timeout_s=a.drain_timeout,
+        max_body_mb=a.max_body_mb,
+    )
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
@@ -71,6 +96,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
             a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.long_prefill_token_threshold
         ),
         limits=LimitsConfig(),
+        admission=admission_from_args(a),
         server=ServerConfig(
             host=a.host,
             port=a.port,
@@ -87,11 +113,22 @@ def serve(config: Config, threads: int | None = None) -> None:
     import uvicorn
 
     from steerserve.api.app import create_app
+    from steerserve.api.lifecycle import GracefulServer
 
     if threads:
         torch.set_num_threads(threads)
     app = create_app(config)
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level)
+    adm = config.admission
+    server_config = uvicorn.Config(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.server.log_level,
+        # h11 refuses larger header blocks itself (a plain 400); below that our 431 names the bound
+        h11_max_incomplete_event_size=int(adm.max_header_kb * 1024) + (64 << 10),
+        timeout_graceful_shutdown=10,  # after the drain: responses still being written
+    )
+    GracefulServer(server_config, app, adm.drain_timeout_s).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,33 @@ class LimitsConfig:
     """Most prompts in one completions call (prompt as a list)."""
     max_contrast_pairs: int = 512
     """Most prompt pairs in one /v1/vectors/contrast call."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens; None: whatever leaves room in the context (max_model_len - 1)."""
+    max_output_tokens: int | None = None
+    """Largest `max_tokens` accepted; None: whatever fits the context after the prompt."""
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """What the server takes in before it says no: queue bounds (429), body and header sizes (413 / 431),
+    deadlines, and how long a SIGTERM waits for requests in flight."""
+
+    max_queued_requests: int = 512
+    """Engine requests (prompts x n) admitted but not yet producing tokens; past it a call gets 429 with
+    Retry-After. A call always gets in when nothing is queued, whatever its size."""
+    max_queued_tokens: int = 1 << 20
+    """Prompt tokens of those queued requests; past it, 429 likewise."""
+    retry_after_s: int = 1
+    """The Retry-After a 429 or 503 suggests, in seconds."""
+    request_timeout_s: float | None = None
+    """Deadline of every generation request, from arrival; None: none. A request's own `timeout`
+    field may ask for less. Past it the request is aborted (KV blocks and slot freed) and fails with 504."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: stop admitting, let requests in flight finish for up to this long, then exit 0."""
+    max_body_mb: float = 16.0
+    """Largest JSON request body (413 past it); registry uploads have `max_upload_mb` instead."""
+    max_header_kb: float = 32.0
+    """Largest total size of a request's headers (431 past it)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)

@@ -1,13 +1,32 @@
-"""Prometheus collectors, named like vLLM's with the `steerserve:` prefix (API.md).
+"""Prometheus collectors, named like vLLM's with the `steerserve:` prefix (API.md), plus the steering
+ones no other server has (interventions by mode, steering specs in flight, requests waiting for a
+steering row, SAEs on the device, registry cache hits).
 
 Each server owns its own CollectorRegistry, so several servers can live in one process (tests).
+Values kept by other parts (the SAE cache, the effect cache) are read through `sources` at scrape time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+REJECT_REASONS = ("queue_full", "draining", "engine_dead")
+INTERVENTION_MODES = (
+    "feature_add", "feature_clamp", "feature_scale", "feature_ablate", "vector_add", "vector_project",
+    "feature_logit_bias",
+)  # fmt: skip
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
+
+
+@dataclass(frozen=True)
+class MetricSources:
+    """Readers of values other parts own, polled at each scrape (none may block for long)."""
+
+    saes_on_device: Callable[[], int]
+    cache_counts: Callable[[], dict[str, tuple[int, int]]]  # cache name -> (hits, misses)
 
 
 class EngineMetrics:
@@ -39,6 +58,50 @@ class EngineMetrics:
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first schedule (time spent waiting for a slot)."
+        )
+        self._rejected = Counter(
+            "steerserve:request_rejected",
+            "Calls refused before reaching the engine, by reason (queue_full, draining, engine_dead).",
+            ["model_name", "reason"],
+            registry=r,
+        )
+        self._interventions = Counter(
+            "steerserve:steering_interventions",
+            "Interventions (and feature logit biases) of finished steered requests, by mode.",
+            ["model_name", "mode"],
+            registry=r,
+        )
+        self.steering_specs_in_flight = gauge(
+            "steering_specs_in_flight", "Distinct steering specs held on the device (one steering row each)."
+        )
+        self.num_requests_waiting_for_row = gauge(
+            "num_requests_waiting_for_steering_row",
+            "Waiting requests whose steering needs a row none is free for.",
+        )
+        self.saes_on_device = gauge("saes_on_device", "SAEs resident in the device SAE cache.")
+        self._cache_hits = Counter(
+            "steerserve:registry_cache_hits",
+            "Lookups served from a cache (sae_device: SAE weights; logit_effect: feature logit effects).",
+            ["model_name", "cache"],
+            registry=r,
+        )
+        self._cache_misses = Counter(
+            "steerserve:registry_cache_misses",
+            "Lookups that had to load or compute (same caches as registry_cache_hits).",
+            ["model_name", "cache"],
+            registry=r,
+        )
+        self._cache_seen: dict[str, tuple[int, int]] = {}
+        for reason in REJECT_REASONS:  # every labelled series exists from the start, at 0
+            self._rejected.labels(model_name, reason)
+        for mode in INTERVENTION_MODES:
+            self._interventions.labels(model_name, mode)
+        for cache in ("sae_device", "logit_effect"):
+            self._cache_hits.labels(model_name, cache)
+            self._cache_misses.labels(model_name, cache)
+        self.sources: MetricSources | None = None
         self._success = Counter(
             "steerserve:request_success",
             "Finished requests by reason.",
@@ -52,17 +115,41 @@ class EngineMetrics:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.steering_specs_in_flight.set(stats.num_steering_rows)
+        self.num_requests_waiting_for_row.set(stats.num_waiting_for_row)
         if stats.num_preemptions > self._preemptions_seen:
             self.num_preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
 
-    def observe_finish(self, state, reason, e2e_seconds: float) -> None:
+    def observe_finish(self, state, reason, e2e_seconds: float, queue_seconds: float | None = None) -> None:
         self.prompt_tokens.inc(state.num_prompt_tokens)
         self.generation_tokens.inc(len(state.output_token_ids))
         self.e2e_request_latency.observe(e2e_seconds)
+        if queue_seconds is not None:
+            self.request_queue_time.observe(queue_seconds)
         self._success.labels(self._model, reason.value if reason else "unknown").inc()
-        if state.request.steering is not None:
+        spec = state.request.steering
+        if spec is not None:
             self.steered_requests.inc()
+            if state.first_scheduled_time is not None:  # it ran, so its steering was applied
+                for iv in spec.interventions:
+                    self._interventions.labels(self._model, iv.kind).inc()
+                if spec.logit_biases:
+                    self._interventions.labels(self._model, "feature_logit_bias").inc(len(spec.logit_biases))
+
+    def observe_rejected(self, reason: str) -> None:
+        self._rejected.labels(self._model, reason).inc()
+
+    def _poll_sources(self) -> None:
+        if self.sources is None:
+            return
+        self.saes_on_device.set(self.sources.saes_on_device())
+        for cache, (hits, misses) in self.sources.cache_counts().items():
+            seen_hits, seen_misses = self._cache_seen.get(cache, (0, 0))
+            self._cache_hits.labels(self._model, cache).inc(max(0, hits - seen_hits))
+            self._cache_misses.labels(self._model, cache).inc(max(0, misses - seen_misses))
+            self._cache_seen[cache] = (hits, misses)
 
     def render(self) -> bytes:
+        self._poll_sources()
         return generate_latest(self.registry)

@@ -11,9 +11,11 @@ from starlette.concurrency import run_in_threadpool
 
 from steerserve.api import routes_contrast, routes_generate, routes_interp, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
-from steerserve.api.errors import error_body, install_error_handlers
+from steerserve.api.errors import document_errors, error_body, install_error_handlers
+from steerserve.api.limits import RequestLimits
 from steerserve.api.routes_playground import install_playground
 from steerserve.config import Config
+from steerserve.engine.admission import Admission
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
 from steerserve.steering.promotion import PromotionIndex
@@ -31,6 +33,9 @@ async def health(request: Request):
         return JSONResponse(
             error_body(503, f"the engine is dead: {engine.dead}", code="engine_dead"), status_code=503
         )
+    if engine.draining:
+        body = error_body(503, "the server is shutting down", code="shutting_down")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     return {"status": "ok"}
 
 
@@ -76,7 +81,10 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
         app.state.registry = b.registry
         app.state.steering_resources = b.steering.resources
         app.state.promotion = PromotionIndex(b.steering.resources)
-        engine = AsyncEngine(b.core)
+        adm = config.admission
+        engine = AsyncEngine(
+            b.core, Admission(adm.max_queued_requests, adm.max_queued_tokens, adm.retry_after_s)
+        )
         app.state.model_info = b.info
         app.state.tokenizer = b.tokenizer
         app.state.metrics = b.metrics
@@ -92,6 +100,13 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     app.state.config = config
     app.state.engine = None
     install_error_handlers(app)
+    document_errors(app)
+    adm = config.admission
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=int(adm.max_body_mb * (1 << 20)),
+        max_header_bytes=int(adm.max_header_kb * 1024),
+    )
     app.include_router(service)
     app.include_router(routes_openai.router)
     app.include_router(routes_generate.router)

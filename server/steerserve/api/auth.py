@@ -5,6 +5,7 @@ Keys are compared in constant time and never logged. /health and /metrics stay o
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -20,12 +21,18 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
 def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
     if token is None:
         return False
+    # NOTE: digests first, so the comparison's time does not even depend on the key's length
+    given = _digest(token)
     found = False
     for key in keys:  # no early exit: time does not depend on which key matched
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        found |= hmac.compare_digest(given, _digest(key))
     return found
 
 

@@ -85,6 +85,12 @@ def sampling_params(
     limits: LimitsConfig,
     seed: int | None,
 ) -> SamplingParams:
+    if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
+        raise bad(
+            f"prompt is {prompt_len} tokens; at most {limits.max_prompt_tokens} (max_prompt_tokens)",
+            "prompt",
+            "context_length_exceeded",
+        )
     room = info.max_model_len - prompt_len
     if room <= 0:
         raise bad(
@@ -93,7 +99,12 @@ def sampling_params(
             "context_length_exceeded",
         )
     if max_tokens is None:
-        max_tokens = room
+        max_tokens = min(room, limits.max_output_tokens or room)
+    elif limits.max_output_tokens is not None and max_tokens > limits.max_output_tokens:
+        raise bad(
+            f"max_tokens={max_tokens} is above the limit of {limits.max_output_tokens} (max_output_tokens)",
+            "max_tokens",
+        )
     elif max_tokens > room:
         raise bad(
             f"max_tokens={max_tokens} with a {prompt_len}-token prompt exceeds the context of "
@@ -143,6 +154,16 @@ def sampling_params(
         logprobs=logprobs,
         min_tokens=body.min_tokens,
     )
+
+
+def check_steering_counts(body, limits) -> None:
+    """Cheap caps on the raw lists before compiling them touches the registry once per item."""
+    for param, items, bound in (
+        ("steering", body.steering, limits.max_interventions),
+        ("feature_logit_bias", body.feature_logit_bias, limits.max_logit_bias_features),
+    ):
+        if items is not None and len(items) > bound:
+            raise bad(f"{param} has {len(items)} entries; at most {bound}", param)
 
 
 def child_seed(seed: int | None, index: int) -> int | None:

@@ -23,8 +23,10 @@ _TYPE_BY_STATUS = {
     409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    431: "request_too_large",
     500: "internal_server_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
@@ -74,6 +76,70 @@ def _loc_to_param(loc: tuple) -> str | None:
     return out
 
 
+_DOCUMENTED = {
+    "400": "Invalid request (the error names the parameter and the bound)",
+    "401": "Missing or invalid API key",
+    "403": "The route needs the admin key",
+    "404": "Unknown model, SAE, vector, variant or feature",
+    "409": "Id already taken",
+    "413": "Body or upload too large",
+    "429": "The waiting queue is full; retry after Retry-After seconds",
+    "431": "Request headers too large",
+    "503": "Loading, shutting down, or the engine is dead; retry after Retry-After seconds",
+    "504": "The request passed its deadline",
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+
+
+def _body_schema(schema: dict, op: dict) -> dict:
+    body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    name = body.get("$ref", "").rsplit("/", 1)[-1]
+    return schema["components"]["schemas"].get(name, {}) if name else body
+
+
+def document_errors(app: FastAPI) -> None:
+    """The OpenAPI schema says what the server really answers: every error status in the OpenAI shape
+    (FastAPI's 422 never happens: it is remapped to 400), SSE for the routes that stream."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                for status, description in _DOCUMENTED.items():
+                    ref = {"$ref": "#/components/schemas/Error"}
+                    content = {"application/json": {"schema": ref}}
+                    responses[status] = {"description": description, "content": content}
+                if "stream" in _body_schema(schema, op).get("properties", {}):
+                    for ok in ("200", "201"):
+                        if ok in responses:
+                            responses[ok].setdefault("content", {})["text/event-stream"] = {"schema": {}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -90,9 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        body = error_body(
+            exc.status_code, str(exc.detail), getattr(exc, "param", None), getattr(exc, "code", None)
         )
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from steerserve.api.convert import bad, check_model, child_seed, sampling_params
+from steerserve.api.convert import bad, check_model, check_steering_counts, child_seed, sampling_params
 from steerserve.api.errors import APIError
 from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.protocol import SamplingFields
@@ -85,6 +85,12 @@ def resolve_variant(body: SamplingFields, model_name: str) -> str | None:
     return body.variant or from_model
 
 
+def call_deadline(timeout: float | None, server_timeout: float | None, now: float) -> float | None:
+    """time.monotonic() deadline of a call: its own `timeout`, never later than --request-timeout."""
+    limits = [t for t in (timeout, server_timeout) if t is not None]
+    return now + min(limits) if limits else None
+
+
 async def plan_call(
     request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens, logprobs, call_id: str
 ) -> CallPlan:
@@ -92,6 +98,7 @@ async def plan_call(
     info = state.model_info
     variant = resolve_variant(body, info.name)
     check_model(body.model if variant is None or body.model == info.name else info.name, info)
+    check_steering_counts(body, state.config.steering)
     spec = None
     if body.steering or body.feature_logit_bias or body.stop_when or variant:
         spec = await run_in_threadpool(
@@ -113,6 +120,7 @@ async def plan_call(
     if twins and seed is None:  # the twin must draw the same random numbers as the steered choice
         seed = random.getrandbits(63)
     now = time.monotonic()
+    deadline = call_deadline(body.timeout, state.config.admission.request_timeout_s, now)
     steered, unsteered = [], []
     for p, ids in enumerate(prompts):
         for i in range(body.n):
@@ -126,8 +134,12 @@ async def plan_call(
                 limits=state.config.limits,
                 seed=child_seed(seed, index) if body.n > 1 else seed,
             )
-            steered.append(GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, spec, now, capture))
+            steered.append(
+                GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, spec, now, capture, deadline)
+            )
             if twins:
-                unsteered.append(GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now, capture))
+                unsteered.append(
+                    GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now, capture, deadline)
+                )
     labels = FeatureLabels(state.registry, capture.sae_id) if capture is not None else None
     return CallPlan(steered + unsteered, len(steered), spec, labels, state.tokenizer)

@@ -50,6 +50,8 @@ class SamplingFields(_Body):
     stop_when: list[dict[str, Any]] | None = None
     return_unsteered: bool = False
     return_features: ReturnFeatures | None = None
+    # seconds from arrival after which the request is aborted (504); capped by --request-timeout
+    timeout: float | None = Field(None, gt=0.0, le=86400.0)
 
 
 class CompletionRequest(SamplingFields):

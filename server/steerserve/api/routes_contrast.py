@@ -27,7 +27,7 @@ from steerserve.api.features_json import FeatureLabels
 from steerserve.api.plan import feature_capture
 from steerserve.api.protocol import ContrastVectorRequest, FeatureContrastRequest
 from steerserve.api.routes_registry import _run
-from steerserve.api.serving import EventStream, collect, new_id, sse, stream_choices, until_disconnect
+from steerserve.api.serving import EventStream, admit, collect, new_id, sse, stream_choices, until_disconnect
 from steerserve.engine.tokenizer import encode_prompt
 from steerserve.engine.types import (
     GenerationRequest,
@@ -96,12 +96,13 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
         return rec.to_json()
 
     if body.stream:  # progress events while the prompts run, then the stored vector
+        admitted = admit(state.engine, reqs)  # a full queue is a 429, not an error event
 
         async def events():
             features: list[list] = [[] for _ in reqs]
             done = 0
             try:
-                async with aclosing(stream_choices(state.engine, reqs)) as outputs:
+                async with aclosing(stream_choices(state.engine, reqs, admitted)) as outputs:
                     async for index, out in outputs:
                         if out.error:
                             raise APIError(500, f"contrast prompt failed: {out.error}", code="engine_error")

@@ -9,11 +9,10 @@ from steerserve.api.convert import bad, check_token_ids, completion_prompts
 from steerserve.api.plan import plan_call
 from steerserve.api.protocol import CompletionRequest, GenerateRequest
 from steerserve.api.serving import (
-    EventStream,
     collect,
+    event_stream,
     finish_reason_text,
     new_id,
-    sse_events,
     until_disconnect,
     usage,
 )
@@ -73,7 +72,7 @@ async def generate(body: GenerateRequest, request: Request):
                 events.append(tail | {"usage": usage(n_prompt, out.num_output_tokens)})
             return events
 
-        return EventStream(sse_events(state.engine, reqs, render))
+        return event_stream(state.engine, reqs, render)
 
     results = await until_disconnect(request, collect(state.engine, reqs))
     first = results[0]

@@ -12,11 +12,10 @@ from steerserve.api.plan import plan_call
 from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from steerserve.api.serving import (
     ChoiceResult,
-    EventStream,
     collect,
+    event_stream,
     finish_reason_text,
     new_id,
-    sse_events,
     until_disconnect,
     usage,
 )
@@ -98,7 +97,7 @@ async def completions(body: CompletionRequest, request: Request):
                 else []
             )
 
-        return EventStream(sse_events(state.engine, reqs, render, final))
+        return event_stream(state.engine, reqs, render, final)
 
     results = await until_disconnect(request, collect(state.engine, reqs))
     choices = [
@@ -175,7 +174,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         def final(n_out):
             return [head | {"choices": [], "usage": usage(len(prompt), n_out)}] if include_usage else []
 
-        return EventStream(sse_events(state.engine, reqs, render, final))
+        return event_stream(state.engine, reqs, render, final)
 
     results = await until_disconnect(request, collect(state.engine, reqs))
     choices = [

@@ -17,7 +17,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from steerserve.api.errors import APIError, error_body
-from steerserve.engine.engine import AsyncEngine, EngineDeadError, RequestOutput
+from steerserve.engine.admission import QueueFullError
+from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
 from steerserve.engine.types import FinishReason, GenerationRequest, TokenLogprob
 
 
@@ -50,43 +51,56 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def engine_error(out: RequestOutput) -> APIError:
+def output_error(out: RequestOutput) -> APIError:
+    """The HTTP error of an output that failed: past its deadline 504, drained at shutdown 503, else 500."""
+    if out.finish_reason == FinishReason.TIMEOUT:
+        return APIError(504, out.error or "the request passed its deadline", param="timeout", code="timeout")
+    if out.finish_reason == FinishReason.ABORT:
+        return APIError(503, f"the request was aborted: {out.error}", code="shutting_down")
     return APIError(500, f"generation failed: {out.error}", code="engine_error")
 
 
+def admit(engine: AsyncEngine, requests: list[GenerationRequest]) -> asyncio.Queue:
+    """Hand a call's requests to the engine now (all or none) -> the one queue of all their outputs.
+
+    Refusals are HTTP errors: 429 when the waiting queue is full, 503 while shutting down or once the
+    engine died, each with Retry-After.
+    """
+    retry = {"Retry-After": str(engine.admission.retry_after_s)}
+    metrics = engine.core.metrics
+    try:
+        return engine.submit(requests)
+    except QueueFullError as exc:
+        if metrics is not None:
+            metrics.observe_rejected("queue_full")
+        raise APIError(429, str(exc), param=exc.param, code="queue_full", headers=retry) from None
+    except DrainingError as exc:
+        if metrics is not None:
+            metrics.observe_rejected("draining")
+        raise APIError(503, str(exc), code="shutting_down", headers=retry) from None
+    except EngineDeadError as exc:
+        if metrics is not None:
+            metrics.observe_rejected("engine_dead")
+        raise APIError(503, f"the engine is not running: {exc}", code="engine_dead", headers=retry) from None
+
+
 async def stream_choices(
-    engine: AsyncEngine, requests: list[GenerationRequest]
+    engine: AsyncEngine, requests: list[GenerationRequest], outputs: asyncio.Queue | None = None
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) as they come, across all choices of one call."""
-    if engine.dead is not None:
-        raise APIError(503, f"the engine is not running: {engine.dead}", code="engine_dead")
-    merged: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(index: int, req: GenerationRequest) -> None:
-        try:
-            async for out in engine.generate(req):
-                await merged.put((index, out))
-        except EngineDeadError as exc:
-            await merged.put(
-                (index, RequestOutput(req.request_id, "", (), (), FinishReason.ERROR, 0, 0, str(exc)))
-            )
-        finally:
-            await merged.put(done)
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    remaining = len(tasks)
+    """(choice index, output) as they come, across all choices of one call (admitted here unless
+    `outputs` is the queue an earlier `admit()` returned). Leaving early aborts what still runs."""
+    if outputs is None:
+        outputs = admit(engine, requests)
+    index = {r.request_id: i for i, r in enumerate(requests)}
+    remaining = len(requests)
     try:
         while remaining:
-            item = await merged.get()
-            if item is done:
+            out: RequestOutput = await outputs.get()
+            if out.finish_reason is not None:
                 remaining -= 1
-                continue
-            yield item
+            yield index[out.request_id], out
     finally:
-        for t in tasks:
-            t.cancel()  # each pump's generator aborts its request in the engine
-        await asyncio.gather(*tasks, return_exceptions=True)
+        engine.release(index)  # each request still in the engine is aborted: slot and KV blocks freed
 
 
 async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> list[ChoiceResult]:
@@ -94,7 +108,7 @@ async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> lis
     async with aclosing(stream_choices(engine, requests)) as outputs:
         async for index, out in outputs:
             if out.error:
-                raise engine_error(out)
+                raise output_error(out)
             r = results[index]
             r.text += out.text
             r.token_ids.extend(out.token_ids)
@@ -164,25 +178,35 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+def event_stream(
+    engine: AsyncEngine,
+    requests: list[GenerationRequest],
+    render: Callable[[int, RequestOutput], list[dict]],
+    final: Callable[[int], list[dict]] | None = None,
+) -> EventStream:
+    """The SSE response of a streamed call. Admission happens now, so a full queue is a 429 rather than
+    a 200 whose stream holds an error."""
+    return EventStream(sse_events(engine, requests, admit(engine, requests), render, final))
+
+
 async def sse_events(
     engine: AsyncEngine,
     requests: list[GenerationRequest],
+    admitted: asyncio.Queue,
     render: Callable[[int, RequestOutput], list[dict]],
     final: Callable[[int], list[dict]] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed call: rendered events per output, `final(n_output_tokens)`, [DONE]."""
     n_out = 0
-    try:
-        async with aclosing(stream_choices(engine, requests)) as outputs:
-            async for index, out in outputs:
-                if out.error:
-                    yield sse(error_body(500, f"generation failed: {out.error}", code="engine_error"))
-                    break
-                n_out += len(out.token_ids)
-                for event in render(index, out):
-                    yield sse(event)
-    except APIError as exc:
-        yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    async with aclosing(stream_choices(engine, requests, admitted)) as outputs:
+        async for index, out in outputs:
+            if out.error:
+                exc = output_error(out)
+                yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+                break
+            n_out += len(out.token_ids)
+            for event in render(index, out):
+                yield sse(event)
     if final is not None:
         for event in final(n_out):
             yield sse(event)

@@ -19,6 +19,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from steerserve.engine import faults
+from steerserve.engine.admission import Admission
 from steerserve.engine.request import RequestState
 from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.tokenizer import Detokenizer
@@ -52,6 +54,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class DrainingError(RuntimeError):
+    """The server is shutting down and takes no new requests."""
+
+
 class EngineCore:
     """Synchronous engine: owns the scheduler, runner and detokenizers. Single-threaded."""
 
@@ -64,6 +70,7 @@ class EngineCore:
         self._arrival: dict[str, float] = {}
         self._last_token_time: dict[str, float] = {}
         self._features: dict[str, list[TokenFeatures]] = {}  # captured, not yet handed out
+        self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() deadline
 
     def add(self, request: GenerationRequest) -> None:
         self.scheduler.add(request)
@@ -71,6 +78,8 @@ class EngineCore:
             self.tokenizer, request.prompt_token_ids, request.sampling.stop
         )
         self._arrival[request.request_id] = time.monotonic()
+        if request.deadline is not None:
+            self._deadlines[request.request_id] = request.deadline
 
     def abort(self, request_id: str) -> RequestOutput | None:
         state = self.scheduler.finish(request_id, FinishReason.ABORT)
@@ -79,14 +88,31 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def expire(self, now: float) -> list[RequestOutput]:
+        """Finish every request past its deadline (its blocks and slot free before the next schedule)."""
+        outputs = []
+        for rid, deadline in list(self._deadlines.items()):
+            if now < deadline:
+                continue
+            state = self.scheduler.finish(rid, FinishReason.TIMEOUT)
+            self._deadlines.pop(rid, None)
+            if state is not None:
+                waited = now - self._arrival.get(rid, now)
+                message = (
+                    f"the request passed its deadline after {waited:.1f} s (timeout / --request-timeout)"
+                )
+                outputs.append(self._finish_output(state, "", (), (), error=message))
+        return outputs
+
     def step(self) -> list[RequestOutput]:
+        outputs = self.expire(time.monotonic()) if self._deadlines else []
         sched = self.scheduler.schedule()
+        faults.check("forward", (item.sampling.seed for item in sched.scheduled))
         result = self.runner.execute(sched)
         advanced = self.scheduler.update(sched, result.sampled)
         for rid, feats in result.features.items():
             self._features.setdefault(rid, []).extend(feats)
         now = time.monotonic()
-        outputs = []
         for rid, message in result.failed.items():
             state = self.scheduler.finish(rid, FinishReason.ERROR)
             if state is not None:
@@ -112,6 +138,7 @@ class EngineCore:
 
     def _emit(self, state: RequestState, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         rid = state.request_id
+        faults.check("emit", (state.request.sampling.seed,))
         token = state.output_token_ids[-1]
         detok = self.detok[rid]
         if detok.add(token) and state.finish_reason is None:
@@ -141,10 +168,14 @@ class EngineCore:
             detok.flush()
             text = detok.take(True)
         self._last_token_time.pop(rid, None)
+        self._deadlines.pop(rid, None)
         arrival = self._arrival.pop(rid, None)
-        reason = FinishReason.ERROR if error else state.finish_reason
+        reason = state.finish_reason
+        if error and reason in (None, FinishReason.STOP, FinishReason.LENGTH):
+            reason = FinishReason.ERROR  # failed after the scheduler had finished it normally
         if self.metrics is not None and arrival is not None:
-            self.metrics.observe_finish(state, reason, time.monotonic() - arrival)
+            queued = None if state.first_scheduled_time is None else state.first_scheduled_time - arrival
+            self.metrics.observe_finish(state, reason, time.monotonic() - arrival, queued)
         features = tuple(self._features.pop(rid, ()))
         return RequestOutput(
             rid,
@@ -159,25 +190,28 @@ class EngineCore:
             feature_stop,
         )
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
+    def fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> list[RequestOutput]:
         outputs = []
         for rid in list(self.scheduler.requests):
-            state = self.scheduler.finish(rid, FinishReason.ERROR)
+            state = self.scheduler.finish(rid, reason)
             outputs.append(self._finish_output(state, "", (), (), error=message))
         return outputs
 
 
 class AsyncEngine:
-    """Runs EngineCore in a thread; `generate()` yields a request's outputs as they come."""
+    """Runs EngineCore in a thread. The event loop side hands a call's requests over with `submit()`
+    (admission: all or none) and reads their outputs from the call's queue; `generate()` does both."""
 
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: EngineCore, admission: Admission | None = None):
         self.core = core
+        self.admission = admission or Admission(1 << 62, 1 << 62)
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # unfinished request -> its call's output queue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.dead: str | None = None
+        self.draining = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -194,27 +228,67 @@ class AsyncEngine:
     def num_running(self) -> int:
         return len(self.core.scheduler.running)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    @property
+    def num_in_flight(self) -> int:
+        """Requests handed to the engine and not finished yet."""
+        return len(self._streams)
+
+    # -- event loop side ------------------------------------------------------------------------
+    def submit(self, requests: list[GenerationRequest]) -> asyncio.Queue:
+        """Hand all of a call's requests to the engine, or none: raises EngineDeadError, DrainingError
+        or QueueFullError. Returns the queue their outputs arrive on; `release()` them when done reading."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = stream
-        self._inbox.put(("add", request))
-        finished = False
+        if self.draining:
+            raise DrainingError("the server is shutting down and takes no new requests")
+        self.admission.admit(requests)
+        outputs: asyncio.Queue = asyncio.Queue()
+        for request in requests:
+            self._streams[request.request_id] = outputs
+            self._inbox.put(("add", request))
+        return outputs
+
+    def release(self, request_ids) -> None:
+        """The caller stopped reading: abort those of its requests still in the engine."""
+        for rid in request_ids:
+            if self._streams.pop(rid, None) is not None:
+                self.admission.started(rid)
+                self._inbox.put(("abort", rid))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        stream = self.submit([request])
         try:
             while True:
                 out: RequestOutput = await stream.get()
-                finished = out.finish_reason is not None
                 yield out
-                if finished:
+                if out.finish_reason is not None:
                     return
         finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:  # the consumer went away (client disconnect, cancellation)
-                self._inbox.put(("abort", request.request_id))
+            self.release([request.request_id])  # a no-op once finished
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def begin_drain(self) -> None:
+        """Stop admitting (SIGTERM): requests in flight go on."""
+        self.draining = True
+
+    def abort_all(self, message: str) -> None:
+        """Finish every request in the engine with `message` (the drain timeout ran out)."""
+        self._inbox.put(("abort_all", message))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self.admission.started(out.request_id)
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+                if out.finish_reason is not None:
+                    del self._streams[out.request_id]
+
+    def _fail_streams(self) -> None:
+        """After the engine died: answer every request still waiting for it (nothing may hang)."""
+        self._deliver([_error_output(rid, self.dead or "the engine stopped") for rid in list(self._streams)])
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -231,7 +305,11 @@ class AsyncEngine:
                     self.dead = f"engine step failed: {type(exc).__name__}: {exc}"
                     outputs.extend(self.core.fail_all(self.dead))
                     self._deliver_threadsafe(outputs)
-                    self._fail_inbox()
+                    if self._loop is not None and not self._loop.is_closed():
+                        # NOTE: submit() checks `dead` on the loop thread, so this sweep, queued after
+                        # `dead` was set, answers every request handed over before it saw it
+                        self._loop.call_soon_threadsafe(self._fail_streams)
+                    self.core.publish_stats()
                     return
             else:
                 self.core.publish_stats()  # aborts and arrivals change the gauges without a step
@@ -255,31 +333,16 @@ class AsyncEngine:
                 out = self.core.abort(payload)
                 if out is not None:
                     outputs.append(out)
+            elif kind == "abort_all":
+                outputs.extend(self.core.fail_all(payload, FinishReason.ABORT))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return outputs
 
-    def _fail_inbox(self) -> None:
-        outputs = []
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add":
-                outputs.append(_error_output(payload.request_id, self.dead))
-        self._deliver_threadsafe(outputs)
-
     def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, outputs)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out)
 
 
 def _error_output(request_id: str, message: str) -> RequestOutput:

@@ -12,7 +12,7 @@ from steerserve.engine.engine import EngineCore
 from steerserve.engine.kv_cache import BlockAllocator
 from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.types import ModelInfo
-from steerserve.metrics import EngineMetrics
+from steerserve.metrics import EngineMetrics, MetricSources
 from steerserve.registry import Registry
 from steerserve.runner.model_loader import load_model, model_info, model_max_len
 from steerserve.runner.model_runner import ModelRunner, kv_cache_dtype, plan_kv_cache
@@ -55,6 +55,13 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
     )
     resources = SteeringResources(registry, model, device, config.steering.sae_cache_mb << 20)
     steering = SteeringRows(config.steering, model, resources, info.vocab_size)
+    metrics.sources = MetricSources(
+        saes_on_device=lambda: len(resources.saes.cached_ids()),
+        cache_counts=lambda: {
+            "sae_device": (resources.saes.hits, resources.saes.misses),
+            "logit_effect": (resources.effect_hits, resources.effect_misses),
+        },
+    )
     runner = ModelRunner(
         model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed, steering
     )

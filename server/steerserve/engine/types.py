@@ -89,6 +89,7 @@ class GenerationRequest:
     steering: object | None = None  # a SteeringSpec; None = unsteered
     arrival_time: float = 0.0
     capture: FeatureCapture | HiddenCapture | None = None
+    deadline: float | None = None  # time.monotonic() past which the engine aborts it; None: none
 
 
 class FinishReason(enum.StrEnum):
@@ -97,6 +98,7 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"
     ERROR = "error"
     FEATURE_STOP = "feature_stop"  # a `stop_when` condition held on a generated token
+    TIMEOUT = "timeout"  # passed its deadline
 
 
 @dataclass(frozen=True, slots=True)

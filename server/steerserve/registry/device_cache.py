@@ -41,6 +41,8 @@ class DeviceSAECache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._generation: dict[str, int] = {}  # per id, bumped on every delete
         self._lock = threading.Lock()
+        self.hits = 0  # get() served from the device (for metrics)
+        self.misses = 0  # get() that loaded from the registry
         registry.add_delete_listener(self._on_delete)
 
     @property
@@ -60,8 +62,10 @@ class DeviceSAECache:
             entry = self._entries.get(sae_id)
             if entry is not None and entry.uid == rec.uid:
                 self._entries.move_to_end(sae_id)
+                self.hits += 1
                 return entry.weights
             generation = self._generation.get(sae_id, 0)
+            self.misses += 1
         rec, cpu_weights = self.registry.load_sae(sae_id)
         weights = cpu_weights.to(self.device, self.dtype)
         nbytes = weights.nbytes

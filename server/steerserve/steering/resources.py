@@ -47,6 +47,8 @@ class SteeringResources:
         # NOTE: the engine thread and API threads (top_logits) share these caches
         self._lock = threading.RLock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerserve-effects")
+        self.effect_hits = 0  # logit effects found in memory or the registry's cache (for metrics)
+        self.effect_misses = 0  # logit effects computed
 
     def sae(self, ref: SAERef) -> SAEWeights:
         record = self.registry.get_sae(ref.id)
@@ -71,12 +73,15 @@ class SteeringResources:
         effect = self._effects.get((ref.uid, index))
         if effect is not None:
             self._effects.move_to_end((ref.uid, index))
+            self.effect_hits += 1
             return effect
         key = f"logit_effect:{ref.uid}:{index}"
         cached = self.registry.get_cached(key)
         if cached is not None:
+            self.effect_hits += 1
             effect = cached["effect"].to(self.device, torch.float32)
         else:
+            self.effect_misses += 1
             effect = self.readout(self.sae(ref).W_dec[index][None])[0]  # [V]
             # NOTE: the durable write (fsync'd blob + row) happens off the engine thread: decode must not wait
             self._writer.submit(self._store_effect, key, effect.cpu().contiguous(), ref.id)
