@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")  # engine.types.FinishReason values
+CACHES = ("sae_device", "logit_effect")
 REJECT_REASONS = ("queue_full", "draining", "engine_dead")
 INTERVENTION_MODES = (
     "feature_add", "feature_clamp", "feature_scale", "feature_ablate", "vector_add", "vector_project",
@@ -93,15 +95,6 @@ class EngineMetrics:
             ["model_name", "cache"],
             registry=r,
         )
-        self._cache_seen: dict[str, tuple[int, int]] = {}
-        for reason in REJECT_REASONS:  # every labelled series exists from the start, at 0
-            self._rejected.labels(model_name, reason)
-        for mode in INTERVENTION_MODES:
-            self._interventions.labels(model_name, mode)
-        for cache in ("sae_device", "logit_effect"):
-            self._cache_hits.labels(model_name, cache)
-            self._cache_misses.labels(model_name, cache)
-        self.sources: MetricSources | None = None
         self._success = Counter(
             "steerserve:request_success",
             "Finished requests by reason.",
@@ -110,6 +103,18 @@ class EngineMetrics:
         )
         self._model = model_name
         self._preemptions_seen = 0
+        self._cache_seen: dict[str, tuple[int, int]] = {}
+        self.sources: MetricSources | None = None
+        # every labelled series exists from the start, at 0
+        for labelled, values in (
+            (self._success, FINISH_REASONS),
+            (self._rejected, REJECT_REASONS),
+            (self._interventions, INTERVENTION_MODES),
+            (self._cache_hits, CACHES),
+            (self._cache_misses, CACHES),
+        ):
+            for value in values:
+                labelled.labels(model_name, value)
 
     def observe_step(self, stats) -> None:
         self.num_requests_running.set(stats.num_running)

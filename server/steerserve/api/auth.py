@@ -36,6 +36,10 @@ def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
     return found
 
 
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 def _server_config(request: Request):
     return request.app.state.config.server
 
@@ -47,9 +51,7 @@ async def require_api_key(request: Request) -> None:
     if not cfg.api_keys:
         return
     if not _matches(_bearer(request), keys):
-        raise APIError(
-            401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-        )
+        raise _unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
 
 
 async def require_admin_key(request: Request) -> None:
@@ -60,8 +62,8 @@ async def require_admin_key(request: Request) -> None:
         return
     token = _bearer(request)
     if token is None:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if not _matches(token, keys):
         if cfg.admin_keys and _matches(token, cfg.api_keys):
             raise APIError(403, "this route writes to the registry and needs the admin key", code="forbidden")
-        raise APIError(401, "invalid API key", code="invalid_api_key")
+        raise _unauthorized("invalid API key")
