@@ -64,7 +64,7 @@ def add_admission_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
                    help="prompt tokens waiting for a slot before new calls get 429")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds after which a generation request is aborted (504); default: none")  # fmt: skip
+                   help="seconds after which a generation request is aborted (408); default: none")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
                    help="on SIGTERM, seconds to let requests in flight finish before exiting")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest JSON request body")

@@ -90,7 +90,7 @@ class AdmissionConfig:
     """The Retry-After a 429 or 503 suggests, in seconds."""
     request_timeout_s: float | None = None
     """Deadline of every generation request, from arrival; None: none. A request's own `timeout`
-    field may ask for less. Past it the request is aborted (KV blocks and slot freed) and fails with 504."""
+    field may ask for less. Past it the request is aborted (KV blocks and slot freed) and fails with 408."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: stop admitting, let requests in flight finish for up to this long, then exit 0."""
     max_body_mb: float = 16.0

@@ -20,13 +20,13 @@ _TYPE_BY_STATUS = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "timeout_error",
     409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",
     431: "request_too_large",
     500: "internal_server_error",
     503: "service_unavailable",
-    504: "timeout_error",
 }
 
 
@@ -86,7 +86,7 @@ _DOCUMENTED = {
     "429": "The waiting queue is full; retry after Retry-After seconds",
     "431": "Request headers too large",
     "503": "Loading, shutting down, or the engine is dead; retry after Retry-After seconds",
-    "504": "The request passed its deadline",
+    "408": "The request passed its deadline (`timeout` or --request-timeout)",
 }
 _ERROR_SCHEMA = {
     "type": "object",
@@ -122,6 +122,8 @@ def document_errors(app: FastAPI) -> None:
             return app.openapi_schema
         schema = build()
         schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        text = {"text/plain": {"schema": {"type": "string"}}}
+        schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = text
         for path in schema.get("paths", {}).values():
             for op in path.values():
                 responses = op.setdefault("responses", {})

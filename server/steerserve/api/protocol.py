@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    # NOTE: unknown fields are ignored like OpenAI does; NaN/inf are refused everywhere.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # NOTE: unknown fields are ignored like OpenAI does; NaN/inf are refused everywhere; types are strict
+    # (JSON false is not token 0, "16" is not 16), as the OpenAPI schema says.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Body):
@@ -50,7 +51,7 @@ class SamplingFields(_Body):
     stop_when: list[dict[str, Any]] | None = None
     return_unsteered: bool = False
     return_features: ReturnFeatures | None = None
-    # seconds from arrival after which the request is aborted (504); capped by --request-timeout
+    # seconds from arrival after which the request is aborted (408); capped by --request-timeout
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
 
 
@@ -91,7 +92,7 @@ class InspectGenerate(_Body):
 
 class InspectRequest(_Body):
     text: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     sae: str
     saes: list[str] | None = None  # more SAEs to read on the same text, in the same batch
     top_k: int = Field(5, ge=1, le=64)

@@ -52,9 +52,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def output_error(out: RequestOutput) -> APIError:
-    """The HTTP error of an output that failed: past its deadline 504, drained at shutdown 503, else 500."""
+    """The HTTP error of an output that failed: past its deadline 408, drained at shutdown 503, else 500."""
     if out.finish_reason == FinishReason.TIMEOUT:
-        return APIError(504, out.error or "the request passed its deadline", param="timeout", code="timeout")
+        return APIError(408, out.error or "the request passed its deadline", param="timeout", code="timeout")
     if out.finish_reason == FinishReason.ABORT:
         return APIError(503, f"the request was aborted: {out.error}", code="shutting_down")
     return APIError(500, f"generation failed: {out.error}", code="engine_error")
