@@ -7,6 +7,7 @@ that names the offending parameter.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,8 +67,13 @@ def error_response(exc: APIError) -> JSONResponse:
     )
 
 
+# pydantic names the member of a union it tried (`prompt.str`, `stop.list[str]`): not a parameter
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|.*\[.*\]|function-.*)$")
+
+
 def _loc_to_param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if not _UNION_TAG.match(p)]
     if not parts:
         return None
     out = parts[0]

@@ -184,8 +184,12 @@ async def put_features(request: Request, sae_id: str) -> dict:
         body = await receive_body(request.stream(), _length(request), _limit(request))
     except RegistryError as exc:
         raise _to_api(exc) from None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"the body is not valid UTF-8: {exc}", param="body") from None
     registry = _registry(request)
-    count = await _run(lambda: registry.put_features(sae_id, parse_features(body)))
+    count = await _run(lambda: registry.put_features(sae_id, parse_features(text)))
     return {"sae": sae_id, "object": "features", "updated": count}
 
 
