@@ -24,7 +24,7 @@ from steerserve.api.auth import require_admin_key, require_api_key
 from steerserve.api.convert import bad
 from steerserve.api.errors import APIError, error_body
 from steerserve.api.features_json import FeatureLabels
-from steerserve.api.plan import feature_capture
+from steerserve.api.plan import call_deadline, feature_capture
 from steerserve.api.protocol import ContrastVectorRequest, FeatureContrastRequest
 from steerserve.api.routes_registry import _run
 from steerserve.api.serving import EventStream, admit, collect, new_id, sse, stream_choices, until_disconnect
@@ -74,8 +74,9 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
         if len(ids) >= info.max_model_len:
             raise bad(f"pairs[{i // 2}]: {len(ids)} tokens; the context holds {info.max_model_len}", "pairs")
     call_id, now, sp = new_id("contrast"), time.monotonic(), SamplingParams(max_tokens=1, temperature=0.0)
+    deadline = call_deadline(None, state.config.admission.request_timeout_s, now)
     reqs = [
-        GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, HiddenCapture(site))
+        GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, HiddenCapture(site), deadline)
         for i, ids in enumerate(prompts)
     ]
     meta = {"pairs": len(body.pairs), "token": body.token, "method": body.method}
@@ -151,8 +152,9 @@ async def contrast_features(body: FeatureContrastRequest, request: Request):
         if len(ids) >= info.max_model_len:
             raise bad(f"text {i} is {len(ids)} tokens; the context holds {info.max_model_len}", "positive")
     call_id, now, sp = new_id("fcontrast"), time.monotonic(), SamplingParams(max_tokens=1, temperature=0.0)
+    deadline = call_deadline(None, state.config.admission.request_timeout_s, now)
     reqs = [
-        GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, capture)
+        GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, capture, deadline)
         for i, ids in enumerate(prompts)
     ]
     results = await until_disconnect(request, collect(state.engine, reqs))

@@ -13,7 +13,7 @@ from steerserve.api.auth import require_api_key
 from steerserve.api.convert import bad
 from steerserve.api.errors import APIError
 from steerserve.api.features_json import FeatureLabels, token_features_json
-from steerserve.api.plan import feature_capture
+from steerserve.api.plan import call_deadline, feature_capture
 from steerserve.api.protocol import ChatCompletionRequest, InspectRequest
 from steerserve.api.serving import collect, new_id, until_disconnect
 from steerserve.engine.tokenizer import encode_prompt
@@ -71,8 +71,10 @@ async def inspect(body: InspectRequest, request: Request):
         raise bad(f"text is {len(prompt)} tokens; with generation it must fit {info.max_model_len}", "text")
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     call_id, now = new_id("inspect"), time.monotonic()
+    deadline = call_deadline(None, state.config.admission.request_timeout_s, now)
     reqs = [
-        GenerationRequest(f"{call_id}-{k}", tuple(prompt), sp, spec, now, c) for k, c in enumerate(captures)
+        GenerationRequest(f"{call_id}-{k}", tuple(prompt), sp, spec, now, c, deadline)
+        for k, c in enumerate(captures)
     ]
     results = await until_disconnect(request, collect(state.engine, reqs))
     ids = prompt + results[0].token_ids  # greedy and identically steered: every request wrote the same
