@@ -91,8 +91,9 @@ class AdmissionConfig:
     request_timeout_s: float | None = None
     """Deadline of every generation request, from arrival; None: none. A request's own `timeout`
     field may ask for less. Past it the request is aborted (KV blocks and slot freed) and fails with 408."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM: stop admitting, let requests in flight finish for up to this long, then exit 0."""
+    drain_timeout_s: float = 20.0
+    """On SIGTERM: stop admitting, let requests in flight finish for up to this long, then exit 0.
+    Below Kubernetes' default 30 s grace period, so the drain ends before the SIGKILL."""
     max_body_mb: float = 16.0
     """Largest JSON request body (413 past it); registry uploads have `max_upload_mb` instead."""
     max_header_kb: float = 32.0
