@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")  # engine.types.FinishReason values
+# the values of engine.types.FinishReason
+FINISH_REASONS = ("stop", "length", "abort", "error", "timeout", "feature_stop")
 CACHES = ("sae_device", "logit_effect")
 REJECT_REASONS = ("queue_full", "draining", "engine_dead")
 INTERVENTION_MODES = (
