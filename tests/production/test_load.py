@@ -23,6 +23,16 @@ def body(i: int, stream: bool) -> dict:
             "stream": stream}  # fmt: skip
 
 
+def in_thread(fn, *args):
+    """asyncio.run(fn(*args)) on a thread of its own: the main thread may already run a loop (Playwright)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(asyncio.run(fn(*args))))
+    worker.start()
+    worker.join()
+    assert out, "the async part failed (see the thread's traceback above)"
+    return out[0]
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
@@ -65,7 +75,7 @@ def test_200_streaming_clients_against_a_bounded_queue(keyed_server):
         r = httpx.post(server.url + "/v1/completions", json=body(i, False), headers=HEADERS, timeout=60)
         alone[i] = r.json()["choices"][0]["text"]
     for _ in range(3):  # warm the allocator's arenas before taking the idle level
-        asyncio.run(_batch(server.url))
+        in_thread(_batch, server.url)
     idle = rss_mb(server.proc.pid)
     rejected = server.metric("steerserve:request_rejected_total", reason="queue_full")
 
@@ -81,7 +91,7 @@ def test_200_streaming_clients_against_a_bounded_queue(keyed_server):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        results = asyncio.run(storm(server.url))
+        results = in_thread(storm, server.url)
     finally:
         stop.set()
         watcher.join()

@@ -116,7 +116,7 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
                 yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
             yield sse("[DONE]")
 
-        return EventStream(events())
+        return EventStream(events(), lambda: state.engine.release([r.request_id for r in reqs]))
     results = await until_disconnect(request, collect(state.engine, reqs))
     return JSONResponse(await store([r.features for r in results]), status_code=201)
 

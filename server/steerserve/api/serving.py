@@ -130,8 +130,9 @@ class EventStream(StreamingResponse):
     is what aborts the engine requests behind the stream within a step.
     """
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None):
         super().__init__(events, media_type="text/event-stream")
+        self.on_close = on_close  # runs even when the body never started (nothing else would abort then)
 
     async def __call__(self, scope, receive, send) -> None:
         stream = asyncio.ensure_future(super().__call__(scope, receive, send))
@@ -154,6 +155,8 @@ class EventStream(StreamingResponse):
         finally:
             watcher.cancel()
             await self.body_iterator.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 async def until_disconnect(request: Request, coro):
@@ -186,7 +189,9 @@ def event_stream(
 ) -> EventStream:
     """The SSE response of a streamed call. Admission happens now, so a full queue is a 429 rather than
     a 200 whose stream holds an error."""
-    return EventStream(sse_events(engine, requests, admit(engine, requests), render, final))
+    admitted = admit(engine, requests)
+    ids = [r.request_id for r in requests]
+    return EventStream(sse_events(engine, requests, admitted, render, final), lambda: engine.release(ids))
 
 
 async def sse_events(
