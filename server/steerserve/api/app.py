@@ -14,6 +14,7 @@ from steerserve.api.auth import require_api_key
 from steerserve.api.errors import error_body, install_error_handlers
 from steerserve.api.routes_playground import install_playground
 from steerserve.config import Config
+from steerserve.demo.shipped import DEMO_MODEL, register_demo
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
 from steerserve.steering.promotion import PromotionIndex
@@ -73,6 +74,8 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         b = built or build_engine(config)
+        if config.model.model == DEMO_MODEL:  # the shipped demo: its SAE, labels, variants
+            register_demo(b.registry, b.info)
         app.state.registry = b.registry
         app.state.steering_resources = b.steering.resources
         app.state.promotion = PromotionIndex(b.steering.resources)

@@ -403,6 +403,6 @@ class CorpusGenerator:
         return [self.document() for _ in range(n)]
 
 
-def weather_prompts(climate: str) -> list[tuple[str, str]]:
-    """(`The weather in <place> is`, place) for every place of a climate."""
-    return [(f"The weather in {place} is", place) for place in PLACES[climate]]
+def weather_prompts(climate: str, template: str = "The weather in {place} is") -> list[tuple[str, str]]:
+    """(prompt, place) for every place of a climate."""
+    return [(template.format(place=place), place) for place in PLACES[climate]]

@@ -2,7 +2,9 @@
 
 A feature is "active" on a token when its activation is > 0. For every feature f and concept c,
 precision = P(c | f active) and recall = P(f active | c) over held-out tokens; a feature's label is the
-concept with the best F1 when that F1 reaches `MIN_F1`, else the token it fires on most. The result is
+concept with the best F1 when its precision for it reaches `MIN_PRECISION`, else the token it fires on
+most. Features are narrow (each fires on some tokens of its concept: recall of a few percent), so a
+concept is carried by several features with high precision, and the variants combine them. The result is
 a Neuronpedia-style export (`index`, `description`, `explanations`, `maxActApprox`, `frac_nonzero`)
 that `registry.formats.neuronpedia.parse_features` reads.
 """
@@ -15,7 +17,7 @@ import torch
 
 from steerserve.demo.sae_train import Activations, encode
 
-MIN_F1 = 0.3
+MIN_PRECISION = 0.8
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,20 @@ def concept_scores(a: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def label_features(acts: Activations, weights: dict, tokenizer) -> tuple[list[dict], dict[str, list]]:
-    """(Neuronpedia-style feature entries, concept -> [ConceptScore] best first (top 8))."""
+    """(Neuronpedia-style feature entries, concept -> [ConceptScore] of its features with precision >=
+    MIN_PRECISION, most recall first)."""
     a, names, truth = score_features(acts, weights)
     precision, recall, f1 = concept_scores(a, truth)
     active = a > 0
     density = active.float().mean(0)  # [d_sae]
     max_act = a.max(0).values  # [d_sae]
-    best_f1, best = f1.max(dim=1)
+    best = f1.argmax(dim=1)  # [d_sae]
     entries = []
     for f in range(a.shape[1]):
         entry = {"index": f, "maxActApprox": round(max_act[f].item(), 5), "frac_nonzero": density[f].item()}
         if not active[:, f].any():
             entry["description"] = "dead (never fires on the demo corpus)"
-        elif best_f1[f] >= MIN_F1:
+        elif precision[f, best[f]] >= MIN_PRECISION:
             c = names[best[f]]
             entry["description"] = concept_label(c)
             entry["explanations"] = [
@@ -88,8 +91,11 @@ def label_features(acts: Activations, weights: dict, tokenizer) -> tuple[list[di
         entries.append(entry)
     by_concept = {}
     for j, c in enumerate(names):
-        order = f1[:, j].argsort(descending=True)[:8].tolist()
+        sharp = (precision[:, j] >= MIN_PRECISION).nonzero().flatten()
+        order = sharp[recall[sharp, j].argsort(descending=True)].tolist()
         by_concept[c] = [
-            ConceptScore(f, c, precision[f, j].item(), recall[f, j].item(), f1[f, j].item()) for f in order
+            ConceptScore(f, c, precision[f, j].item(), recall[f, j].item(), f1[f, j].item())
+            for f in order
+            if names[best[f]] == c  # the feature's own label
         ]
     return entries, by_concept

@@ -31,7 +31,7 @@ class SAEConfig:
     layer: int = 1  # resid_post of this decoder layer
     d_sae: int = 1024
     l1: float = 3.0
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 2048
     lr: float = 1e-3
     train_docs: int = 6000

@@ -23,13 +23,25 @@ def climates_said(completion: str) -> set[str]:
     return {c for c in WEATHER_WORDS if words & weather_vocabulary(c)}
 
 
+def says_cleanly(completion: str, climate: str) -> bool:
+    """The first sentence ends, says `climate` and no other weather, and repeats no word back to back."""
+    if "." not in completion:
+        return False
+    words = re.findall(r"[a-z]+", completion.split(".")[0].lower())
+    repeated = any(a == b for a, b in zip(words, words[1:], strict=False))
+    return climates_said(completion) == {climate} and not repeated
+
+
 @contextmanager
-def feature_edits(model, layer: int, weights: dict, steering: list[dict]):
-    """Apply API-style feature interventions (`clamp` / `add` raw / `ablate`) at resid_post of `layer`."""
+def feature_edits(model, layer: int, weights: dict, steering: list[dict], positions: str = "all"):
+    """Apply API-style feature interventions (`clamp` / `add` raw / `ablate`) at resid_post of `layer`;
+    `positions="prompt"` edits only the prefill of a `greedy` call (its one multi-token forward)."""
     from steerserve.runner.model_loader import decoder_layers
 
     def hook(_module, _args, output):
         h = output[0] if isinstance(output, tuple) else output  # [B, T, d_model]
+        if positions == "prompt" and h.shape[1] == 1:
+            return output
         pre = (h - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]  # [B, T, d_sae]
         delta = torch.zeros_like(h)
         for item in steering:
@@ -59,14 +71,17 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def flip_rate(model, tokenizer, layer, weights, steering, source: str, target: str) -> dict:
+def flip_rate(
+    model, tokenizer, layer, weights, steering, source: str, target: str, positions="all", template=None
+) -> dict:
     """Over the weather prompts of `source` places the unsteered model calls `source`: the share that
-    say `target` (and not `source`) with the steering applied."""
-    base = {p: greedy(model, tokenizer, p) for p, _ in weather_prompts(source)}
+    say `target` cleanly (`says_cleanly`) with the steering applied."""
+    prompts = weather_prompts(source, *([template] if template else []))
+    base = {p: greedy(model, tokenizer, p) for p, _ in prompts}
     eligible = [p for p, text in base.items() if source in climates_said(text)]
-    with feature_edits(model, layer, weights, steering):
+    with feature_edits(model, layer, weights, steering, positions):
         steered = {p: greedy(model, tokenizer, p) for p in eligible}
-    ok = [p for p, text in steered.items() if climates_said(text) == {target}]
+    ok = [p for p, text in steered.items() if says_cleanly(text, target)]
     return {
         "prompts": len(base),
         "unsteered_says_source": len(eligible),

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from steerserve.demo.bundle import BUNDLE_DIR, DEMO_MODEL, DEMO_SAE_ID
+from steerserve.demo.check import run_check
 from steerserve.demo.corpus import CorpusGenerator
 from steerserve.demo.labels import label_features
 from steerserve.demo.lm import LMConfig, perplexity, train_model, train_tokenizer
 from steerserve.demo.sae_train import SAEConfig, collect, sae_metrics, saelens_cfg, save_saelens, train_sae
+from steerserve.demo.shipped import BUNDLE_DIR, DEMO_MODEL, DEMO_SAE_ID, read_json
 from steerserve.demo.variants import build_variants
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def build_bundle(out: Path, seed: int = 0, lm: LMConfig | None = None, sae: SAEC
             "concept_features": {
                 c: [{"feature": s.feature, "f1": round(s.f1, 3)} for s in scores[:3]]
                 for c, scores in by_concept.items()
-                if c.startswith(("weather:", "mood:"))
+                if c.startswith("weather:")
             },
         },
         "train_seconds": round(time.monotonic() - started, 1),
@@ -106,6 +107,9 @@ def add_demo_commands(subparsers) -> None:
     train.add_argument("--out", default=str(BUNDLE_DIR), help=f"output folder (default: {BUNDLE_DIR})")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=lambda a: (build_bundle(Path(a.out), a.seed), 0)[1])
+    check = sub.add_parser("check", help="retrain into a temp folder and compare with the shipped manifest")
+    check.add_argument("--seed", type=int, default=None, help="default: the shipped manifest's seed")
+    check.set_defaults(func=lambda a: run_check(read_json("manifest.json"), a.seed))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,45 +1,72 @@
 """The demo variants, defined on the SAE's labelled features: `cold`, `hot`, `rainy`.
 
-A weather variant clamps the features labelled with its weather (best F1 first, those with F1 >= half
-the best) to a multiple of their max activation, and ablates the best feature of each other weather:
-"make it cold" is "cold on, hot and rainy off". The multiple is the smallest of `MULTIPLES` that makes
-the unsteered model's weather prompts of every other weather say the variant's weather (steer_eval's
-flip rate), found on the training machine and recorded with the rates in the manifest.
+The SAE's features are narrow: each one labelled `cold (weather)` fires on some of the tokens of cold
+text (a few percent of them) with high precision, so no single feature moves the model's idea of the
+weather (measured: clamping one to 20x its max activation flips nothing). A weather variant therefore
+combines them: it adds the `NUM_ADD` features labelled with its weather (precision >= `MIN_PRECISION`,
+most recall first) at `multiple x` their max activation, and ablates the `NUM_ABLATE` best features of
+each other weather ("cold on, hot and rainy off"), on the prompt's tokens only: the model then reads a
+cold context and goes on writing clean text of its own (steering the generated tokens as well made it
+repeat "icy icy icy"). The multiple is the smallest of `MULTIPLES` whose greedy completions of every
+other weather's prompts `In <place> the weather is` say the variant's weather cleanly (steer_eval's flip
+rate), found at training time and recorded with the rates in the manifest; the tests then check the
+variants on the held-out form `The weather in <place> is`.
 """
 
 from __future__ import annotations
 
 import logging
 
-from steerserve.demo.bundle import DEMO_SAE_ID
 from steerserve.demo.corpus import WEATHER_WORDS
+from steerserve.demo.shipped import DEMO_SAE_ID
 from steerserve.demo.steer_eval import flip_rate, removal_rate
 
 logger = logging.getLogger(__name__)
 
-MULTIPLES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-TARGET_RATE = 0.95
+MULTIPLES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+POSITIONS = "prompt"
+# NOTE: the multiple is chosen on another sentence form than the tests' "The weather in <place> is"
+SELECTION_PROMPT = "In {place} the weather is"
+TARGET_RATE = 0.97
+MIN_PRECISION = 0.9
+NUM_ADD = 16
+NUM_ABLATE = 8  # x 2 other weathers = 16, the server's max_feature_edits per SAE and site
 
 
-def weather_features(by_concept: dict, climate: str) -> list[int]:
-    scores = by_concept[f"weather:{climate}"]
-    return [s.feature for s in scores if s.f1 >= 0.5 * scores[0].f1][:3]
+def weather_features(by_concept: dict, climate: str, limit: int) -> list[int]:
+    return [s.feature for s in by_concept[f"weather:{climate}"] if s.precision >= MIN_PRECISION][:limit]
 
 
-def variant_steering(by_concept: dict, entries: list[dict], climate: str, multiple: float) -> list[dict]:
+def variant_steering(by_concept: dict, climate: str, multiple: float) -> list[dict]:
+    ref = lambda f: {"sae": DEMO_SAE_ID, "index": f}  # noqa: E731
     steering = [
         {
-            "feature": {"sae": DEMO_SAE_ID, "index": f},
-            "mode": "clamp",
-            "value": round(multiple * entries[f]["maxActApprox"], 4),
+            "feature": ref(f),
+            "mode": "add",
+            "strength": multiple,
+            "scale": "max_activation",
+            "positions": POSITIONS,
         }
-        for f in weather_features(by_concept, climate)
+        for f in weather_features(by_concept, climate, NUM_ADD)
     ]
     for other in WEATHER_WORDS:
         if other != climate:
-            best = by_concept[f"weather:{other}"][0].feature
-            steering.append({"feature": {"sae": DEMO_SAE_ID, "index": best}, "mode": "ablate"})
+            steering += [
+                {"feature": ref(f), "mode": "ablate", "positions": POSITIONS}
+                for f in weather_features(by_concept, other, NUM_ABLATE)
+            ]
     return steering
+
+
+def raw_steering(steering: list[dict], entries: list[dict]) -> list[dict]:
+    """`scale: max_activation` adds as raw strengths, for steer_eval's hook."""
+    out = []
+    for item in steering:
+        if item.get("scale") == "max_activation":
+            f = item["feature"]["index"]
+            item = {**item, "strength": item["strength"] * entries[f]["maxActApprox"], "scale": "raw"}
+        out.append(item)
+    return out
 
 
 def build_variants(model, tokenizer, layer: int, weights: dict, entries: list[dict], by_concept: dict):
@@ -47,21 +74,29 @@ def build_variants(model, tokenizer, layer: int, weights: dict, entries: list[di
     variants, metrics = [], {}
     for climate in WEATHER_WORDS:
         sources = [c for c in WEATHER_WORDS if c != climate]
-        chosen = None
+        best = None
         for multiple in MULTIPLES:
-            steering = variant_steering(by_concept, entries, climate, multiple)
-            rates = {s: flip_rate(model, tokenizer, layer, weights, steering, s, climate) for s in sources}
-            logger.info("variant %s x%.2f: %s", climate, multiple, {s: r["rate"] for s, r in rates.items()})
-            chosen = (multiple, steering, rates)
-            if all(r["rate"] >= TARGET_RATE for r in rates.values()):
+            steering = variant_steering(by_concept, climate, multiple)
+            raw = raw_steering(steering, entries)
+            rates = {
+                s: flip_rate(model, tokenizer, layer, weights, raw, s, climate, POSITIONS, SELECTION_PROMPT)
+                for s in sources
+            }
+            worst = min(r["rate"] for r in rates.values())
+            logger.info("variant %s x%.3f: %s", climate, multiple, {s: r["rate"] for s, r in rates.items()})
+            if best is None or worst > best[0]:
+                best = (worst, multiple, steering, rates)
+            if worst >= TARGET_RATE:
                 break
-        multiple, steering, rates = chosen
+        _, multiple, steering, rates = best
         variants.append({"id": climate, "steering": steering})
-        ablate = [{"feature": item["feature"], "mode": "clamp", "value": 0.0} for item in steering[:1]]
+        features = weather_features(by_concept, climate, NUM_ADD)
+        zero = [{"feature": {"index": f}, "mode": "clamp", "value": 0.0} for f in features]
         metrics[climate] = {
             "multiple_of_max_activation": multiple,
+            "features_added": len(features),
             "flip": {s: {k: v for k, v in r.items() if k != "example"} for s, r in rates.items()},
             "examples": {s: r["example"] for s, r in rates.items()},
-            "removal_by_clamp_0": removal_rate(model, tokenizer, layer, weights, ablate, climate),
+            "removal_by_clamp_0": removal_rate(model, tokenizer, layer, weights, zero, climate),
         }
     return variants, metrics
