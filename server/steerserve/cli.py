@@ -16,6 +16,7 @@ from steerserve.config import (
     SchedulerConfig,
     ServerConfig,
 )
+from steerserve.demo.train import add_demo_commands
 from steerserve.registry.cli import add_registry_arguments, add_registry_commands, registry_config_from_args
 
 
@@ -28,7 +29,7 @@ def _keys(values: list[str] | None, env: str) -> tuple[str, ...]:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m, c, s = ModelConfig(), CacheConfig(), SchedulerConfig()
-    p.add_argument("--model", default=m.model, help="path or HF id of a decoder-only model, or random:<arch>")
+    p.add_argument("--model", default=m.model, help="path or HF id, demo (the shipped demo) or random:<arch>")
     p.add_argument("--tokenizer", default=None, help="tokenizer path or id (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="name clients use in `model`")
     p.add_argument("--dtype", default=m.dtype, help="auto | float32 | bfloat16 | float16")
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="start the HTTP server"))
     add_registry_commands(sub)
+    add_demo_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, getattr(args, "log_level", "info").upper(), logging.INFO),

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = "random:gpt2"
-    """Path or Hugging Face id of a decoder-only model, or `random:<arch>` for a tiny random-weight
-    model built from a config in code (arch: gpt2, llama, qwen2, qwen3, gemma2, gpt2-small)."""
+    model: str = "demo"
+    """Path or Hugging Face id of a decoder-only model; `demo` for the small GPT-2 shipped in the
+    package (trained on the demo corpus; its SAE, feature labels and variants are registered on
+    start); or `random:<arch>` for a tiny random-weight model built from a config in code (arch:
+    gpt2, llama, qwen2, qwen3, gemma2, gpt2-small)."""
     tokenizer: str | None = None
     """Tokenizer path or id; defaults to the model's."""
     dtype: str = "auto"

@@ -15,6 +15,7 @@ from steerserve.api.errors import document_errors, error_body, install_error_han
 from steerserve.api.limits import RequestLimits
 from steerserve.api.routes_playground import install_playground
 from steerserve.config import Config
+from steerserve.demo.shipped import DEMO_MODEL, register_demo
 from steerserve.engine.admission import Admission
 from steerserve.engine.engine import AsyncEngine
 from steerserve.engine.setup import BuiltEngine, build_engine
@@ -78,6 +79,8 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         b = built or build_engine(config)
+        if config.model.model == DEMO_MODEL:  # the shipped demo: its SAE, labels, variants
+            register_demo(b.registry, b.info)
         app.state.registry = b.registry
         app.state.steering_resources = b.steering.resources
         app.state.promotion = PromotionIndex(b.steering.resources)

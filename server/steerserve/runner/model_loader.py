@@ -1,5 +1,6 @@
 """Loading the served model and tokenizer: a local path or hub id, or a random-weight model built in code.
 
+`demo` is the small GPT-2 trained on the demo corpus and shipped in the package (steerserve.demo).
 `random:<arch>` builds a tiny model from a transformers config with seeded random weights and a byte-level
 tokenizer, so tests and benchmarks need no download. `save_random_model()` writes one with
 `save_pretrained`, so the ordinary loading path can be exercised on it.
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.activations import GELUTanh, NewGELUActivation
 
 from steerserve.config import ModelConfig
+from steerserve.demo import shipped as demo_shipped
 from steerserve.engine.types import ModelInfo
 from steerserve.runner.attention import ATTENTION_NAME, register_attention
 
@@ -147,16 +149,15 @@ def load_model(cfg: ModelConfig):
     if cfg.model.startswith("random:"):
         model, tokenizer = build_random_model(cfg.model.split(":", 1)[1], cfg.seed, dtype)
     else:
-        hf_cfg = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        path = str(demo_shipped.model_path()) if cfg.model == demo_shipped.DEMO_MODEL else cfg.model
+        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         if hf_cfg.is_encoder_decoder:
-            raise ValueError(
-                f"{cfg.model} is an encoder-decoder model: steerserve serves decoder-only models"
-            )
+            raise ValueError(f"{path} is an encoder-decoder model: steerserve serves decoder-only models")
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
         ).eval()
         tokenizer = AutoTokenizer.from_pretrained(
-            cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
+            cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code
         )
     model.set_attn_implementation(ATTENTION_NAME)
     model.to(device)

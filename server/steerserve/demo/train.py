@@ -1,0 +1,126 @@
+"""`steerserve demo train --out DIR` (or `python -m steerserve.demo.train`): build the demo bundle.
+
+Steps, all seeded from `--seed` on one CPU thread (the same seed gives the same files on one machine):
+1. tokenizer (corpus seed + 1), then the GPT-2 (corpus seed + 2)            -> model/
+2. activations of the SAE's site on fresh documents (seed + 3 train, seed + 4 held out), the SAE -> sae/
+3. feature labels from the held-out tokens' ground-truth concepts          -> features.json
+4. variants: for each weather, its best features clamped high and the other weathers' best ablated,
+   at the smallest strength that flips the weather prompts                   -> variants.json
+5. held-out metrics (perplexity on seed + 5, FVE, L0, flip rates) and sha256 of every file -> manifest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from steerserve.demo.check import run_check
+from steerserve.demo.corpus import CorpusGenerator
+from steerserve.demo.labels import label_features
+from steerserve.demo.lm import LMConfig, perplexity, train_model, train_tokenizer
+from steerserve.demo.sae_train import SAEConfig, collect, sae_metrics, saelens_cfg, save_saelens, train_sae
+from steerserve.demo.shipped import BUNDLE_DIR, DEMO_MODEL, DEMO_SAE_ID, read_json
+from steerserve.demo.variants import build_variants
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DOCS = 20_000
+EVAL_DOCS = 1000
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_bundle(out: Path, seed: int = 0, lm: LMConfig | None = None, sae: SAEConfig | None = None) -> dict:
+    """Train everything and write the bundle into `out`; returns the manifest."""
+    lm, sae = lm or LMConfig(), sae or SAEConfig()
+    torch.set_num_threads(1)  # NOTE: reproducible sums, and fastest on a shared 2-core machine
+    torch.set_flush_denormal(True)  # denormal gradients late in training slow CPU math 3x
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(CorpusGenerator(seed + 1).documents(TOKENIZER_DOCS), lm.vocab_size)
+    model, train_loss = train_model(lm, tokenizer, seed + 2)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    lm_seconds = time.monotonic() - started
+    ppl = perplexity(model, tokenizer, CorpusGenerator(seed + 5).documents(EVAL_DOCS))
+    logger.info("language model: %.0f s, held-out perplexity %.3f", lm_seconds, ppl)
+
+    train_acts = collect(model, tokenizer, CorpusGenerator(seed + 3).documents(sae.train_docs), sae.layer)
+    eval_acts = collect(model, tokenizer, CorpusGenerator(seed + 4).documents(sae.eval_docs), sae.layer)
+    weights = train_sae(train_acts.acts, sae, seed + 3)
+    cfg = saelens_cfg(lm.d_model, sae.d_sae, sae.layer, DEMO_MODEL, lm.context)
+    save_saelens(weights, cfg, out / "sae")
+    recon = sae_metrics(weights, eval_acts.acts)
+    logger.info("SAE: held-out %s", recon)
+
+    entries, by_concept = label_features(eval_acts, weights, tokenizer)
+    (out / "features.json").write_text(json.dumps({"features": entries}, indent=1) + "\n")
+    variants, steering_metrics = build_variants(model, tokenizer, sae.layer, weights, entries, by_concept)
+    (out / "variants.json").write_text(json.dumps(variants, indent=2) + "\n")
+
+    manifest = {
+        "made_by": "steerserve demo train",
+        "seed": seed,
+        "torch": torch.__version__,
+        "threads": 1,
+        "sae_id": DEMO_SAE_ID,
+        "language_model": {**asdict(lm), "vocab_size_actual": len(tokenizer)},
+        "sae": asdict(sae),
+        "metrics": {
+            "lm_train_loss": round(train_loss, 4),
+            "lm_heldout_perplexity": round(ppl, 4),
+            "sae_heldout": recon,
+            "steering": steering_metrics,
+            "concept_features": {
+                c: [{"feature": s.feature, "f1": round(s.f1, 3)} for s in scores[:3]]
+                for c, scores in by_concept.items()
+                if c.startswith("weather:")
+            },
+        },
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest["files"] = {str(p.relative_to(out)): sha256(p) for p in files}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("demo bundle written to %s in %.0f s", out, manifest["train_seconds"])
+    return manifest
+
+
+def add_demo_commands(subparsers) -> None:
+    demo = subparsers.add_parser("demo", help="the shipped demo model, SAE and variants")
+    sub = demo.add_subparsers(dest="demo_command", required=True)
+    train = sub.add_parser("train", help="retrain the demo bundle (about 10-15 minutes on 2 CPU cores)")
+    train.add_argument("--out", default=str(BUNDLE_DIR), help=f"output folder (default: {BUNDLE_DIR})")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=lambda a: (build_bundle(Path(a.out), a.seed), 0)[1])
+    check = sub.add_parser("check", help="retrain into a temp folder and compare with the shipped manifest")
+    check.add_argument("--seed", type=int, default=None, help="default: the shipped manifest's seed")
+    check.set_defaults(func=lambda a: run_check(read_json("manifest.json"), a.seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m steerserve.demo.train", description=__doc__)
+    parser.add_argument("--out", default=str(BUNDLE_DIR))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build_bundle(Path(args.out), args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
