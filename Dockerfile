@@ -26,8 +26,8 @@ COPY server ./server
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 # NOTE: the CPU attention kernel's C++ source (runner/csrc) is compiled on first use: it is copied
 # next to the installed package where the wheel's package data leaves it out.
-RUN extras=postgres; \
-    if [ "${TORCH_VARIANT}" != "cpu" ]; then extras=postgres,triton; fi; \
+RUN extras=postgres,s3; \
+    if [ "${TORCH_VARIANT}" != "cpu" ]; then extras=postgres,s3,triton; fi; \
     pip install --no-cache-dir "/src[${extras}]"; \
     runner="$(python -c 'import os, steerserve.runner as r; print(os.path.dirname(r.__file__))')"; \
     if [ ! -d "${runner}/csrc" ]; then cp -r /src/server/steerserve/runner/csrc "${runner}/csrc"; fi; \

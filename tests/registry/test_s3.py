@@ -219,3 +219,24 @@ def test_operator_commands_with_blob_url(cfg, s3, s3_bucket, tmp_path, capsys):
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["lens"]
     assert steerserve_main(["registry", "rm", "sae", "lens", *where]) == 0
     assert blob_keys(s3, s3_bucket) == []
+
+
+def test_a_vanished_bucket_is_a_503_in_the_openai_shape_and_stores_nothing(tmp_path, s3_server, s3_bucket):
+    """The S3 store failing under a running server is an outage (503 + Retry-After), not a bug (500)."""
+    from tests.registry.app_process import ThreadServer, make_app
+    from tests.registry.test_routes import upload
+
+    cfg = RegistryConfig(
+        data_dir=str(tmp_path), blob_url=f"s3://{s3_bucket}/blobs", blob_endpoint_url=s3_server
+    )
+    with ThreadServer(make_app(tmp_path, cfg)) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        s3 = boto3.client("s3", endpoint_url=s3_server)
+        for obj in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", []):
+            s3.delete_object(Bucket=s3_bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=s3_bucket)
+        r = upload(c, sae_id="after-outage")
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5"
+        err = r.json()["error"]
+        assert err["code"] == "blob_store_unavailable" and "does not exist" in err["message"]
+        assert c.get("/v1/saes/after-outage").status_code == 404

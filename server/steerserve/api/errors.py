@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steerserve.registry.blobs import BlobStoreError
+
 logger = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -168,6 +170,15 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, str(exc.detail), getattr(exc, "param", None), getattr(exc, "code", None)
         )
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(BlobStoreError)
+    async def _blob_store(_: Request, exc: BlobStoreError) -> JSONResponse:
+        # NOTE: the blob store (S3) is down or misconfigured: the service is unavailable, not buggy
+        logger.warning("blob store unavailable: %s", exc)
+        body = error_body(
+            503, f"the registry's blob store is unavailable: {exc}", None, "blob_store_unavailable"
+        )
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
