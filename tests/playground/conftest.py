@@ -2,6 +2,8 @@
 
 The browser is Debian's `chromium` (`.ci/run` installs it); Playwright only drives it, it never
 downloads one. Without either, the browser tests skip and say which is missing (under CI they fail).
+The server is `steerserve serve` with no --model (the shipped demo), unless PLAYGROUND_SCENARIO says
+otherwise (see SCENARIOS).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
+from steerserve.demo.shipped import BUNDLE_DIR, DEMO_MODEL, DEMO_SAE_ID
+from steerserve.demo.steer_eval import climates_said, says_cleanly
 from tests.e2e.conftest import D_MODEL, D_SAE, sae_state
 from tests.registry.helpers import saelens_cfg
 from tests.server_process import ServerProcess
@@ -27,15 +31,21 @@ API_KEY = "playground-test-key"
 @dataclass(frozen=True)
 class Scenario:
     """What the browser tests need from a served model: how to start it, what to store in its
-    registry, and which feature to find and steer with."""
+    registry, and which feature, vector and variant to find and steer with."""
 
     server_args: list[str]
     register: Callable[[str, dict], None]  # (server url, auth headers) -> SAEs, labels, vectors, variants
     model_name: str
+    sae: str  # the SAE the page reads activations with (the first one registered)
+    vector: str  # a stored steering vector
+    variant: str  # a stored variant
     query: str  # typed into the feature search
     feature: str  # the name the page gives the hit to add: "label (sae #index)"
     strength: float  # an add strength that visibly changes the completion
     prompt: str
+    # (steered, unsteered) -> whether the steered text says what the feature means and its twin does not;
+    # None where the model is random and its text means nothing
+    steered_reads_as_meant: Callable[[str, str], bool] | None = None
 
 
 def register_random_sae(url: str, headers: dict) -> None:
@@ -75,17 +85,60 @@ RANDOM_GPT2 = Scenario(
     server_args=["--model", "random:gpt2"],
     register=register_random_sae,
     model_name="random:gpt2",
+    sae="sae0",
+    vector="vec0",
+    variant="chilly",
     query="cold",
     feature="cold (sae0 #4)",
     strength=8.0,
     prompt="The weather today is",
 )
-SCENARIO = RANDOM_GPT2  # the one line to change to run the tests against the demo model
+
+DEMO_COLD_FEATURE = 230  # one of the "cold (weather)" features the demo's `cold` variant adds
+DEMO_VECTOR = f"cold-{DEMO_COLD_FEATURE}"
+
+
+def register_demo_vector(url: str, headers: dict) -> None:
+    """The demo server stores its SAE, labels and variants itself on start; it has no vector. Store one:
+    the decoder direction of a cold feature as a plain vector at the SAE's site, so adding it does what
+    adding the feature does (read from the shipped safetensors file, which holds only tensors)."""
+    r = httpx.get(f"{url}/v1/saes/{DEMO_SAE_ID}", headers=headers)
+    assert r.status_code == 200, r.text
+    w_dec = load_file(str(BUNDLE_DIR / "sae" / "sae_weights.safetensors"))["W_dec"]  # [d_sae, d_in]
+    body = {"id": DEMO_VECTOR, "site": r.json()["site"], "vector": w_dec[DEMO_COLD_FEATURE].tolist()}
+    r = httpx.post(url + "/v1/vectors", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+
+
+def _turns_cold(steered: str, unsteered: str) -> bool:
+    return says_cleanly(steered, "cold") and "cold" not in climates_said(unsteered)
+
+
+DEMO = Scenario(
+    server_args=[],  # no --model: `steerserve serve` serves the shipped demo
+    register=register_demo_vector,
+    model_name=DEMO_MODEL,
+    sae=DEMO_SAE_ID,
+    vector=DEMO_VECTOR,
+    variant="cold",
+    query="cold",
+    feature=f"cold (weather) ({DEMO_SAE_ID} #{DEMO_COLD_FEATURE})",
+    strength=4.0,
+    prompt="It was a",  # unsteered: " warm day. ..."; with the feature added: " icy day. ..."
+    steered_reads_as_meant=_turns_cold,
+)
+
+# NOTE: the demo by default, as the issue asks; PLAYGROUND_SCENARIO=random runs the same tests on a
+# random-weight GPT-2 (faster to start, but its text means nothing).
+SCENARIOS = {"demo": DEMO, "random": RANDOM_GPT2}
 
 
 @pytest.fixture(scope="session")
 def scenario() -> Scenario:
-    return SCENARIO
+    name = os.environ.get("PLAYGROUND_SCENARIO", "demo")
+    if name not in SCENARIOS:
+        pytest.fail(f"PLAYGROUND_SCENARIO={name!r}: use one of {sorted(SCENARIOS)}")
+    return SCENARIOS[name]
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,8 @@ def test_steer_compare_inspect_and_save(page, playground_server, scenario, scree
     screenshots(page, "1-generated")
     assert steered and unsteered
     assert steered != unsteered, "the steered completion should differ from its unsteered twin"
+    if scenario.steered_reads_as_meant is not None:
+        assert scenario.steered_reads_as_meant(steered, unsteered), (steered, unsteered)
 
     # what the page showed is what the API returns for the same call, twin included
     sae, index = _feature_ref(scenario.feature)
@@ -112,7 +114,7 @@ def test_steer_compare_inspect_and_save(page, playground_server, scenario, scree
     expect_text = f"Token {hottest} "
     assert detail.inner_text().startswith(expect_text)
     top = inspected["tokens"][hottest]["features"][0]
-    assert f"#{top['index']}: {top['activation']:.3f}" in detail.inner_text()
+    assert f"{feature_name(sae, top['index'], top['label'])}: {top['activation']:.3f}" in detail.inner_text()
     screenshots(page, "3-hover")
 
     # feature card: label, max activation, promoted and suppressed tokens as the API gives them
@@ -139,8 +141,13 @@ def test_steer_compare_inspect_and_save(page, playground_server, scenario, scree
     screenshots(page, "5-saved")
 
 
+def feature_name(sae: str, index: int, label: str | None) -> str:
+    """The name the page shows for a feature (dom.js featureName): "label (sae #index)" or "sae #index"."""
+    return f"{label} ({sae} #{index})" if label else f"{sae} #{index}"
+
+
 def _feature_ref(name: str) -> tuple[str, int]:
-    """ "cold (sae0 #4)" -> ("sae0", 4)."""
+    """ "cold (weather) (demo-sae #230)" -> ("demo-sae", 230)."""
     m = re.search(r"\((\S+) #(\d+)\)$", name)
     assert m, name
     return m.group(1), int(m.group(2))
@@ -165,13 +172,14 @@ def test_key_errors_keyboard_variant_and_chat(page, playground_server, scenario,
     assert unnamed == []
 
     # keyboard only: load the stored variant, add the stored vector
-    variant = api(server, "GET", "/v1/variants/chilly")
-    page.get_by_label("Variant", exact=True).select_option("chilly")
+    variant = api(server, "GET", f"/v1/variants/{scenario.variant}")
+    page.get_by_label("Variant", exact=True).select_option(scenario.variant)
     page.get_by_label("Variant", exact=True).focus()
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Load"
     page.keyboard.press("Enter")
     page.locator("#steering-list li").first.wait_for()
+    page.get_by_label("Vector", exact=True).select_option(scenario.vector)
     page.get_by_label("Vector", exact=True).focus()
     page.keyboard.press("Tab")
     page.keyboard.press("Enter")
@@ -197,7 +205,7 @@ def test_key_errors_keyboard_variant_and_chat(page, playground_server, scenario,
 
     page.get_by_label("max_tokens").fill(str(MAX_TOKENS))
     generate(page, page.get_by_role("textbox", name=re.compile("^Prompt")))
-    steering = [*variant["steering"], {"vector": "vec0", "mode": "add", "strength": 4}]
+    steering = [*variant["steering"], {"vector": scenario.vector, "mode": "add", "strength": 4}]
     body = {
         "messages": messages,
         "max_tokens": MAX_TOKENS,
@@ -244,10 +252,12 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
     for index, (mode, value) in modes.items():
         page.get_by_label("feature", exact=True).fill(str(index))
         page.get_by_label("feature", exact=True).press("Enter")
-        name = f"sae0 #{index}"
-        page.get_by_label(f"mode of {name}").select_option(label=mode)
+        # the row is named "label (sae #index)" once the page has fetched the label, "sae #index" if none
+        label = api(server, "GET", f"/v1/saes/{scenario.sae}/features/{index}")["label"]
+        name = feature_name(scenario.sae, index, label)
+        page.get_by_label(f"mode of {name}", exact=True).select_option(label=mode)
         if value is not None:
-            box = page.get_by_label(re.compile(f"of {name} \\(number\\)$"))
+            box = page.get_by_label(re.compile(f"of {re.escape(name)} \\(number\\)$"))
             box.fill(str(value))
             box.press("Tab")
     prompt = page.get_by_role("textbox", name=re.compile("^Prompt"))
@@ -255,7 +265,7 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
     with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
         generate(page, prompt)
     body = sent.value.post_data_json
-    ref = lambda i: {"sae": "sae0", "index": i}  # noqa: E731
+    ref = lambda i: {"sae": scenario.sae, "index": i}  # noqa: E731
     assert body["steering"] == [
         {"feature": ref(1), "mode": "add", "strength": 2.5},
         {"feature": ref(2), "mode": "clamp", "value": 6.0},
@@ -276,5 +286,5 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
     first = page.locator("#token-detail li").first
     index = int(re.search(r"#(\d+)", first.inner_text()).group(1))
     first.get_by_role("button", name=re.compile("^Colour by")).click()
-    assert page.get_by_label("Colour by feature").input_value() == f"sae0|{index}"
-    page.locator("#activation-note", has_text=f"sae0 #{index},").wait_for()
+    assert page.get_by_label("Colour by feature").input_value() == f"{scenario.sae}|{index}"
+    page.locator("#activation-note", has_text=f"{scenario.sae} #{index},").wait_for()
