@@ -213,29 +213,24 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
         steer = lambda i: steering_for(i, args.d_sae, args.seed)  # noqa: E731
         gated = lambda i: steering_for(i, args.d_sae, args.seed, gated=True)  # noqa: E731
     server = start_server(model_dir, args.threads, ["--dtype", args.dtype], args.data_dir)
+    runs = [(f"steerserve {{}} {args.dtype}", None)]
+    if steer is not None:
+        runs.append(("  steered {}", steer))
+    if args.gated:
+        runs.append(("  steered+gate {}", gated))
     try:
+        print("warm-up (8 requests, every kind) ...", flush=True)
+        warm = make_workload(8, args.seed + 1, args.rate, vocab=50257)
+        for _, how in runs:
+            asyncio.run(run_http(server.url, MODEL_NAME, warm, False, how))
         for poisson in (False, True) if not args.skip_poisson else (False,):
             kind = f"Poisson {args.rate}/s" if poisson else "burst"
-            print(f"steerserve {kind} ...", flush=True)
-            rows.append(
-                (
-                    f"steerserve {kind} {args.dtype}",
-                    asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson)),
-                )
-            )
-            if steer is not None:
-                print(f"steerserve {kind}, every request steered ...", flush=True)
-                rows.append(
-                    (f"  steered {kind}", asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, steer)))
-                )
-            if args.gated:
-                print(f"steerserve {kind}, every request steered with one gate ...", flush=True)
-                rows.append(
-                    (
-                        f"  steered+gate {kind}",
-                        asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, gated)),
-                    )
-                )
+            for rep in range(args.repeat):
+                # NOTE: the order alternates between repeats, so a drift of the machine hits every kind
+                for name, how in runs if rep % 2 == 0 else runs[::-1]:
+                    print(f"{name.format(kind).strip()} (repeat {rep + 1}) ...", flush=True)
+                    result = asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, how))
+                    rows.append((name.format(kind) + (f" #{rep + 1}" if args.repeat > 1 else ""), result))
     finally:
         server.stop()
     return rows
@@ -256,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="steerserve's --dtype (bfloat16: AVX512-BF16 GEMMs)")
     ap.add_argument("--steered", action="store_true", help="also run every request steered (same server)")
     ap.add_argument("--gated", action="store_true", help="also steered with one `when` gate per request")
+    ap.add_argument("--repeat", type=int, default=1, help="run each steerserve kind this many times")
     ap.add_argument("--d-sae", type=int, default=24576, help="features per SAE for --steered")
     ap.add_argument("--hf-hooks-requests", type=int, default=4, help="steered requests through HF + hooks")
     ap.add_argument("--data-dir", default=None, help="registry directory (default: a temp dir)")
@@ -302,10 +298,24 @@ def main(argv=None) -> int:
         baseline = "HF generate static x16"
         rows.append((baseline, run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
     print_table(rows, baseline)
-    for (name, r), (prev_name, prev) in zip(rows[1:], rows[:-1], strict=True):
-        if name.strip().startswith("steered"):
-            print(f"{name.strip()} / {prev_name.strip()}: {r['tok_s'] / prev['tok_s']:.3f}x throughput")
+    print_kind_means(rows)
     return 0
+
+
+def print_kind_means(rows) -> None:
+    """Mean tok/s per steerserve kind over its repeats, and each kind's ratio to the unsteered mean."""
+    means: dict[str, list[float]] = {}
+    for name, r in rows:
+        means.setdefault(name.strip().split(" #")[0], []).append(r["tok_s"])
+    for mode in ("burst", "Poisson"):
+        base = next((v for k, v in means.items() if k.startswith("steerserve") and mode in k), None)
+        if not base:
+            continue
+        base_mean = sum(base) / len(base)
+        for kind, values in means.items():
+            if mode in kind and not kind.startswith("steerserve"):
+                mean = sum(values) / len(values)
+                print(f"{kind}: {mean:.1f} tok/s (mean of {len(values)}), {mean / base_mean:.3f}x unsteered")
 
 
 if __name__ == "__main__":
