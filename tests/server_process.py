@@ -37,8 +37,11 @@ class ServerProcess:
             *args,
         ]
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
+        # NOTE: the kernel tests set TRITON_INTERPRET=1 for the whole pytest process; a server must run as
+        # in production (torch references on CPU), not through the Triton interpreter, which is ~100x slower
+        inherited = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**inherited, **(env or {})}
         )
 
     def wait_healthy(self, timeout: float = 120.0) -> ServerProcess:
