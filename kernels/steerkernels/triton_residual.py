@@ -74,6 +74,25 @@ def _project_clamp_kernel(
 
 
 @triton.jit
+def _encode_feature(
+    xin, offs, offs64, ok, feat_at, wenc_ptr, stride_ed, stride_ef, benc_ptr, thr_ptr, d_sae, d,
+    HAS_THR: tl.constexpr,
+):  # fmt: skip
+    """(f, valid, d-mask, activation) of the feature id at `feat_at` on encoder input `xin` [d]:
+    relu, or jumprelu with HAS_THR; an invalid id (padding, out of range, no slot) reads nothing."""
+    f = tl.load(feat_at, mask=ok, other=-1).to(tl.int64)
+    fv = ok & (f >= 0) & (f < d_sae)
+    f = tl.where(fv, f, 0)
+    mf = offs < tl.where(fv, d, 0)
+    w = tl.load(wenc_ptr + offs64 * stride_ed + f * stride_ef, mask=mf, other=0.0).to(tl.float32)
+    pre = tl.sum(xin * w, axis=0) + tl.load(benc_ptr + f, mask=fv, other=0.0).to(tl.float32)
+    thr = 0.0
+    if HAS_THR:
+        thr = tl.load(thr_ptr + f, mask=fv, other=0.0).to(tl.float32)
+    return f, fv, mf, tl.where(pre > thr, pre, 0.0)
+
+
+@triton.jit
 def _sae_edit_kernel(
     h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
     feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
@@ -96,16 +115,10 @@ def _sae_edit_kernel(
     offs64 = offs.to(tl.int64)  # NOTE: d * d_sae may exceed 2**31 elements
     # NOTE: every feature is encoded from the unedited x; edits only accumulate into delta.
     for j in range(0, F):
-        f = tl.load(feat_ptr + slot * stride_fs + j, mask=ok, other=-1).to(tl.int64)
-        fv = ok & (f >= 0) & (f < d_sae)
-        f = tl.where(fv, f, 0)
-        mf = offs < tl.where(fv, d, 0)
-        w = tl.load(wenc_ptr + offs64 * stride_ed + f * stride_ef, mask=mf, other=0.0).to(tl.float32)
-        pre = tl.sum(xin * w, axis=0) + tl.load(benc_ptr + f, mask=fv, other=0.0).to(tl.float32)
-        thr = 0.0
-        if HAS_THR:
-            thr = tl.load(thr_ptr + f, mask=fv, other=0.0).to(tl.float32)
-        a = tl.where(pre > thr, pre, 0.0)
+        f, fv, mf, a = _encode_feature(
+            xin, offs, offs64, ok, feat_ptr + slot * stride_fs + j, wenc_ptr, stride_ed, stride_ef,
+            benc_ptr, thr_ptr, d_sae, d, HAS_THR,
+        )  # fmt: skip
         v = tl.load(val_ptr + slot * stride_vs + j, mask=fv, other=0.0)
         new = tl.where(tl.load(mode_ptr + slot * stride_ms + j, mask=fv, other=0) == 1, a * v, v)
         coef = tl.where(fv, new - a, 0.0)
@@ -132,16 +145,10 @@ def _sae_feature_acts_kernel(
         x = x - tl.load(bdec_ptr + offs, mask=md, other=0.0).to(tl.float32)
     offs64 = offs.to(tl.int64)
     for j in range(0, F):
-        f = tl.load(feat_ptr + slot * stride_fs + j, mask=ok, other=-1).to(tl.int64)
-        fv = ok & (f >= 0) & (f < d_sae)
-        f = tl.where(fv, f, 0)
-        mf = offs < tl.where(fv, d, 0)
-        w = tl.load(wenc_ptr + offs64 * stride_ed + f * stride_ef, mask=mf, other=0.0).to(tl.float32)
-        pre = tl.sum(x * w, axis=0) + tl.load(benc_ptr + f, mask=fv, other=0.0).to(tl.float32)
-        thr = 0.0
-        if HAS_THR:
-            thr = tl.load(thr_ptr + f, mask=fv, other=0.0).to(tl.float32)
-        a = tl.where(pre > thr, pre, 0.0)
+        _, fv, _, a = _encode_feature(
+            x, offs, offs64, ok, feat_ptr + slot * stride_fs + j, wenc_ptr, stride_ed, stride_ef,
+            benc_ptr, thr_ptr, d_sae, d, HAS_THR,
+        )  # fmt: skip
         tl.store(out_ptr + t.to(tl.int64) * stride_o + j, tl.where(fv, a, float("nan")))
 
 
