@@ -104,25 +104,36 @@ def sae_edit(
     thr = threshold.float()[f] if threshold is not None else None  # [n, F]
     scale = mode[s] == 1  # [n, F]
     val = value.float()[s]  # [n, F]
-    W_enc_rows = W_enc.t()  # [d_sae, d] view: row f is encoder column f
+    cols, col_of = _encoder_columns(W_enc, f)
     chunk = max(1, _GATHER_BUDGET // max(1, Fmax * x.shape[1]))
     out = torch.empty_like(x)
     for i in range(0, rows.numel(), chunk):
         sl = slice(i, i + chunk)
         fc = f[sl]  # [c, F]
-        a = _feature_acts(xin[sl], fc, W_enc_rows, b_enc, None if thr is None else thr[sl])  # [c, F]
+        a = _feature_acts(xin[sl], fc, cols, col_of[sl], b_enc, None if thr is None else thr[sl])  # [c, F]
         new = torch.where(scale[sl], a * val[sl], val[sl])
         coef = torch.where(ok[sl], new - a, torch.zeros_like(a))  # [c, F]
         w_dec = W_dec[fc].float()  # [c, F, d]
-        out[sl] = x[sl] + torch.bmm(coef[:, None, :], w_dec).squeeze(1)
+        out[sl] = x[sl] + (coef[:, :, None] * w_dec).sum(1)
     h.index_copy_(0, rows, out.to(h.dtype))
     return h
 
 
-def _feature_acts(xin, f, W_enc_rows, b_enc, thr):
-    """Activations [c, F] of features f [c, F] on encoder inputs xin [c, d]; W_enc_rows [d_sae, d]."""
-    w_enc = W_enc_rows[f].float()  # [c, F, d]
-    pre = torch.bmm(w_enc, xin[:, :, None]).squeeze(2) + b_enc.float()[f]  # [c, F]
+def _encoder_columns(W_enc, f):
+    """(cols [U, d] fp32: the distinct features' encoder columns, col_of [n, F]: f's row in cols).
+
+    NOTE: a column of W_enc [d, d_sae] is d strided reads; gathering each distinct feature once (a
+    prompt's tokens share their request's features) instead of once per token made a 64-row decode
+    step's edit 2x faster and a prefill's O(features) instead of O(tokens)."""
+    uniq, col_of = f.unique(return_inverse=True)
+    return W_enc.index_select(1, uniq).t().float().contiguous(), col_of
+
+
+def _feature_acts(xin, f, cols, col_of, b_enc, thr):
+    """Activations [c, F] of features f [c, F] on encoder inputs xin [c, d] (cols, col_of: see
+    `_encoder_columns`)."""
+    # NOTE: multiply-and-sum, not bmm: a bmm of c [F, d] x [d, 1] products is ~5x slower on CPU
+    pre = (cols[col_of] * xin[:, None, :]).sum(-1) + b_enc.float()[f]  # [c, F]
     return activation(pre, thr)
 
 
@@ -145,10 +156,10 @@ def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold,
     xin = x - b_dec.float() if apply_b_dec_to_input else x
     thr = threshold.float()[f] if threshold is not None else None
     chunk = max(1, _GATHER_BUDGET // max(1, Fmax * x.shape[1]))
-    W_enc_rows = W_enc.t()
+    cols, col_of = _encoder_columns(W_enc, f)
     for i in range(0, rows.numel(), chunk):
         sl = slice(i, i + chunk)
-        a = _feature_acts(xin[sl], f[sl], W_enc_rows, b_enc, None if thr is None else thr[sl])
+        a = _feature_acts(xin[sl], f[sl], cols, col_of[sl], b_enc, None if thr is None else thr[sl])
         out[rows[sl]] = torch.where(valid[s[sl]], a, float("nan"))
     return out
 
