@@ -11,6 +11,8 @@ NOTE: the original parameters stay (steering reads them, tied embeddings share t
 one more copy of the linear weights; it is skipped when that exceeds a quarter of available memory,
 and `STEERSERVE_PACK_WEIGHTS=0` turns it off. Only bf16: for fp32 MKL's sgemm and oneDNN's results
 are not bit-identical.
+
+`fuse_gelu_epilogue` then moves GPT-2's MLP GELU into its packed `c_fc` (oneDNN's GEMM post-op).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 import types
 
 import torch
+import torch.nn.functional as F
+from transformers.activations import GELUTanh
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +52,13 @@ def _linear_weight(module, conv1d) -> torch.Tensor | None:
 
 
 def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gelu = getattr(self, "_ss_gelu", False)
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != self._ss_in:
-        return type(self).forward(self, x)
+        y = type(self).forward(self, x)
+        return F.gelu(y, approximate="tanh") if gelu else y
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
-    y = torch.ops.mkldnn._linear_pointwise(flat, self._ss_packed, self.bias, "none", [], "")
+    post = ("gelu", "tanh") if gelu else ("none", "")
+    y = torch.ops.mkldnn._linear_pointwise(flat, self._ss_packed, self.bias, post[0], [], post[1])
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -100,3 +107,31 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
         packed += 1
     logger.info("packed %d/%d bf16 linear weights for oneDNN (%.0f MiB)", packed, len(layers), extra / 2**20)
     return packed
+
+
+@torch.no_grad()
+def fuse_gelu_epilogue(model: torch.nn.Module) -> int:
+    """In each MLP computing `act(c_fc(x))` with a packed `c_fc` and the fused tanh GELU as `act` (GPT-2
+    after `fuse_gelu_tanh`): compute the GELU in the GEMM's epilogue and make `act` the identity. Returns
+    the number of MLPs changed.
+
+    NOTE: one pass less over the [T, 4 d_model] activations (the GELU was ~7% of a bf16 GPT-2-small
+    step on CPU), and the GELU reads the fp32 accumulator instead of its bf16 rounding, so results move
+    by bf16 rounding; each MLP is checked against its unfused output on a probe and kept as it was if
+    they differ by more than that.
+    """
+    fused = 0
+    gen = torch.Generator().manual_seed(0)
+    for mlp in model.modules():
+        fc, act = getattr(mlp, "c_fc", None), getattr(mlp, "act", None)
+        if type(act) is not GELUTanh or not hasattr(fc, "_ss_packed"):
+            continue
+        probe = torch.randn(5, fc._ss_in, generator=gen).to(torch.bfloat16)
+        want = mlp(probe).float()
+        fc._ss_gelu, mlp.act = True, torch.nn.Identity()
+        if not torch.allclose(mlp(probe).float(), want, rtol=0.02, atol=0.02 * want.abs().max().item()):
+            fc._ss_gelu, mlp.act = False, act
+            logger.info("GELU epilogue not used for %s: its output differs", type(mlp).__name__)
+            continue
+        fused += 1
+    return fused

@@ -170,6 +170,7 @@ def load_model(cfg: ModelConfig):
         cpu_attention.load()  # NOTE: build the decode kernel now (once per machine), not on the first request
         if dtype == torch.bfloat16:
             cpu_weights.pack_linear_weights(model)  # bit-identical outputs, no per-call weight reorder
+            cpu_weights.fuse_gelu_epilogue(model)
     return model, tokenizer, device, dtype
 
 
