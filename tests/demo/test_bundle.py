@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from steerserve.demo.lm import perplexity
-from steerserve.demo.shipped import BUNDLE_DIR, read_json
+from steerserve.demo.shipped import BUNDLE_DIR, DEMO_SAES, read_json
 from steerserve.demo.train import sha256
 from steerserve.registry.formats import load_sae_path
 from steerserve.registry.formats.neuronpedia import parse_features
@@ -46,10 +47,11 @@ def test_greedy_text_is_corpus_like(demo_lm, heldout_docs, corpus_words):
         assert "." in text, (prompt, text)  # sentences end
 
 
+@pytest.mark.parametrize("folder", [folder for folder, _ in DEMO_SAES.values()])
 @torch.no_grad()
-def test_sae_reconstructs_heldout_activations(demo_lm, heldout_docs):
+def test_sae_reconstructs_heldout_activations(demo_lm, heldout_docs, folder):
     model, tokenizer = demo_lm
-    sae = load_sae_path(BUNDLE_DIR / "sae").weights  # the registry's SAELens loader
+    sae = load_sae_path(BUNDLE_DIR / folder).weights  # the registry's SAELens loader
     assert sae.architecture == "relu" and sae.site.hook == "resid_post"
     assert sae.d_in == model.config.hidden_size and sae.d_sae >= 4 * sae.d_in
     enc = tokenizer([d.text for d in heldout_docs], padding=True, return_tensors="pt")
@@ -64,12 +66,14 @@ def test_sae_reconstructs_heldout_activations(demo_lm, heldout_docs):
     assert L0_RANGE[0] <= l0 <= L0_RANGE[1], l0
 
 
-def test_labels_parse_and_name_the_weather_features(manifest):
-    infos = parse_features(read_json("features.json"))
-    d_sae = load_sae_path(BUNDLE_DIR / "sae").weights.d_sae
+@pytest.mark.parametrize("sae_id", list(DEMO_SAES))
+def test_labels_parse_and_name_the_weather_features(manifest, sae_id):
+    folder, labels = DEMO_SAES[sae_id]
+    infos = parse_features(read_json(labels))
+    d_sae = load_sae_path(BUNDLE_DIR / folder).weights.d_sae
     assert [i.index for i in infos] == list(range(d_sae))
     assert all(i.max_activation is not None and i.density is not None for i in infos)
-    for concept, best in manifest["metrics"]["concept_features"].items():
-        if concept.startswith("weather:"):
-            label = infos[best[0]["feature"]].label
-            assert label == f"{concept.split(':')[1]} (weather)", (concept, label)
+    for climate, removal in manifest["metrics"]["removal"][sae_id].items():
+        assert len(removal["features"]) == 16, climate
+        for f in removal["features"]:
+            assert infos[f].label == f"{climate} (weather)", (climate, f, infos[f].label)

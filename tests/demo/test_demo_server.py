@@ -1,9 +1,10 @@
 """The demo through the real server (started with no --model): the registered SAE, labels and variants,
-and steering that visibly works on every weather prompt "The weather in <place> is".
+steering that visibly works on every weather prompt "The weather in <place> is", and removal: clamping a
+weather's features of the last-layer SAE to 0 takes that weather out of the completions.
 
-Not tested, because it does not hold (see the manifest's `removal_by_clamp_0`): clamping the
-weather features to 0 does not remove the weather from a completion; the model reads it from the place
-name, which the SAE encodes in place-specific features."""
+Removal is tested on `demo-sae-late` only: on `demo-sae` (layer 1) the model reads the weather again
+from the place's tokens in the layers after it, and one feature alone is too narrow anywhere (the
+manifest's `removal` has both rates for both SAEs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from steerserve.demo.corpus import PLACES
-from steerserve.demo.shipped import DEMO_SAE_ID, read_json
+from steerserve.demo.shipped import DEMO_LATE_SAE_ID, DEMO_SAE_ID, read_json
 from steerserve.demo.steer_eval import climates_said, says_cleanly
 from tests.demo.conftest import complete
 
@@ -38,7 +39,7 @@ def test_default_model_is_the_demo_with_its_variants(demo_server):
     assert ids[0] == "demo" and {"demo:cold", "demo:hot", "demo:rainy"} <= set(ids)
     sae = httpx.get(f"{demo_server.url}/v1/saes/{DEMO_SAE_ID}").json()
     assert sae["d_in"] == 128 and sae["model"] == "demo"
-    hits = httpx.get(demo_server.url + "/v1/features/search", params={"q": "cold"}).json()["data"]
+    hits = httpx.get(demo_server.url + "/v1/features/search", params={"q": "cold", "sae": DEMO_SAE_ID}).json()["data"]
     assert hits and hits[0]["label"] == "cold (weather)"
     cold = next(v for v in read_json("variants.json") if v["id"] == "cold")
     for item in cold["steering"]:  # adds the cold features, ablates hot and rainy ones
@@ -73,3 +74,31 @@ def test_cold_through_the_model_name_equals_the_variant_field(demo_server):
     a = complete(demo_server, prompt="The weather in California is", model="demo:cold")[0]["text"]
     b = complete(demo_server, prompt="The weather in California is", variant="cold")[0]["text"]
     assert a == b and "cold" in climates_said(a)
+
+
+def clamp_to_0(manifest: dict, climate: str) -> list[dict]:
+    features = manifest["metrics"]["removal"][DEMO_LATE_SAE_ID][climate]["features"]
+    return [
+        {"feature": {"sae": DEMO_LATE_SAE_ID, "index": f}, "mode": "clamp", "value": 0.0} for f in features
+    ]
+
+
+@pytest.mark.parametrize("climate", ["cold", "hot", "rainy"])
+def test_clamping_a_weathers_features_to_0_removes_it(demo_server, manifest, corpus_words, climate):
+    steering = clamp_to_0(manifest, climate)
+    for item in steering:
+        index = item["feature"]["index"]
+        feature = httpx.get(f"{demo_server.url}/v1/saes/{DEMO_LATE_SAE_ID}/features/{index}").json()
+        assert feature["label"] == f"{climate} (weather)", feature
+    pairs = side_by_side(demo_server, climate, steering=steering)
+    eligible = [s for u, s in pairs if climate in climates_said(u)]
+    assert len(eligible) >= 0.9 * len(pairs) >= 36
+    removed = [s for s in eligible if climate not in climates_said(s)]
+    assert len(removed) >= MIN_RATE * len(eligible), [s for s in eligible if s not in removed][:5]
+    for text in eligible:
+        assert set(re.findall(r"[a-z]+", text.lower())) <= corpus_words, text
+    # specific: clamping another weather's features leaves this one
+    other = next(c for c in ("cold", "hot", "rainy") if c != climate)
+    pairs = side_by_side(demo_server, climate, steering=clamp_to_0(manifest, other))
+    kept = [s for u, s in pairs if climate in climates_said(u) and climate in climates_said(s)]
+    assert len(kept) >= MIN_RATE * len(eligible), [s for _, s in pairs][:5]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steerserve.demo.shipped import DEMO_SAE_ID, read_json, register_demo
+from steerserve.demo.shipped import DEMO_LATE_SAE_ID, DEMO_SAE_ID, read_json, register_demo
 from steerserve.registry import Registry
 from steerserve.runner.model_loader import model_info
 
@@ -17,11 +17,12 @@ def test_register_twice_stores_once_and_restores_what_was_deleted(demo_lm, tmp_p
         labelled = registry.count_features(DEMO_SAE_ID)
         variants = {v.id for v in registry.list_variants()}
         assert labelled == sae.d_sae and variants == {v["id"] for v in read_json("variants.json")}
+        assert registry.count_features(DEMO_LATE_SAE_ID) == registry.get_sae(DEMO_LATE_SAE_ID).d_sae
 
         registry.delete_variant("cold")
         register_demo(registry, info)
         assert registry.get_sae(DEMO_SAE_ID).uid == sae.uid  # not stored again
-        assert len(registry.list_saes()) == 1 and registry.count_features(DEMO_SAE_ID) == labelled
+        assert len(registry.list_saes()) == 2 and registry.count_features(DEMO_SAE_ID) == labelled
         assert {v.id for v in registry.list_variants()} == variants
     finally:
         registry.close()

@@ -15,6 +15,8 @@ TOLERANCES = {
     ("lm_heldout_perplexity",): (0.03, 0.0),
     ("sae_heldout", "fve"): (0.0, 0.01),
     ("sae_heldout", "l0"): (0.15, 0.0),
+    ("sae_late_heldout", "fve"): (0.0, 0.01),
+    ("sae_late_heldout", "l0"): (0.15, 0.0),
 }
 FLIP_TOLERANCE = 0.05
 
@@ -37,6 +39,10 @@ def compare(shipped: dict, retrained: dict) -> tuple[list[tuple[str, float, floa
             y = b["steering"][variant]["flip"][source]["rate"]
             name = f"steering.{variant}.flip.{source}"
             rows.append((name, flip["rate"], y, y >= flip["rate"] - FLIP_TOLERANCE))
+    for sae_id, by_climate in a.get("removal", {}).items():
+        for climate, entry in by_climate.items():
+            x, y = entry["all_features"]["rate"], b["removal"][sae_id][climate]["all_features"]["rate"]
+            rows.append((f"removal.{sae_id}.{climate}", x, y, y >= x - FLIP_TOLERANCE))
     same = sum(shipped["files"].get(name) == digest for name, digest in retrained["files"].items())
     return rows, same
 

@@ -90,13 +90,26 @@ def build_variants(model, tokenizer, layer: int, weights: dict, entries: list[di
                 break
         _, multiple, steering, rates = best
         variants.append({"id": climate, "steering": steering})
-        features = weather_features(by_concept, climate, NUM_ADD)
-        zero = [{"feature": {"index": f}, "mode": "clamp", "value": 0.0} for f in features]
         metrics[climate] = {
             "multiple_of_max_activation": multiple,
-            "features_added": len(features),
+            "features_added": len(weather_features(by_concept, climate, NUM_ADD)),
             "flip": {s: {k: v for k, v in r.items() if k != "example"} for s, r in rates.items()},
             "examples": {s: r["example"] for s, r in rates.items()},
-            "removal_by_clamp_0": removal_rate(model, tokenizer, layer, weights, zero, climate),
         }
     return variants, metrics
+
+
+def removal_metrics(model, tokenizer, layer: int, weights: dict, by_concept: dict) -> dict:
+    """Per weather: the share of its prompts whose completion loses it when its best feature, or its
+    NUM_ADD best features (`features`), are clamped to 0 at every position."""
+    out = {}
+    for climate in WEATHER_WORDS:
+        features = weather_features(by_concept, climate, NUM_ADD)
+        zero = lambda fs: [{"feature": {"index": f}, "mode": "clamp", "value": 0.0} for f in fs]  # noqa: E731
+        out[climate] = {
+            "features": features,
+            "one_feature": removal_rate(model, tokenizer, layer, weights, zero(features[:1]), climate),
+            "all_features": removal_rate(model, tokenizer, layer, weights, zero(features), climate),
+        }
+        logger.info("removal of %s at layer %d: %s", climate, layer, out[climate])
+    return out
