@@ -39,7 +39,9 @@ def test_default_model_is_the_demo_with_its_variants(demo_server):
     assert ids[0] == "demo" and {"demo:cold", "demo:hot", "demo:rainy"} <= set(ids)
     sae = httpx.get(f"{demo_server.url}/v1/saes/{DEMO_SAE_ID}").json()
     assert sae["d_in"] == 128 and sae["model"] == "demo"
-    hits = httpx.get(demo_server.url + "/v1/features/search", params={"q": "cold", "sae": DEMO_SAE_ID}).json()["data"]
+    hits = httpx.get(
+        demo_server.url + "/v1/features/search", params={"q": "cold", "sae": DEMO_SAE_ID}
+    ).json()["data"]
     assert hits and hits[0]["label"] == "cold (weather)"
     cold = next(v for v in read_json("variants.json") if v["id"] == "cold")
     for item in cold["steering"]:  # adds the cold features, ablates hot and rainy ones
