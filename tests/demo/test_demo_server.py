@@ -1,10 +1,10 @@
 """The demo through the real server (started with no --model): the registered SAE, labels and variants,
 steering that visibly works on every weather prompt "The weather in <place> is", and removal: clamping a
-weather's features of the last-layer SAE to 0 takes that weather out of the completions.
+weather's 4 best features of the last-layer SAE to 0 takes that weather out of the completions.
 
 Removal is tested on `demo-sae-late` only: on `demo-sae` (layer 1) the model reads the weather again
 from the place's tokens in the layers after it, and one feature alone is too narrow anywhere (the
-manifest's `removal` has both rates for both SAEs)."""
+manifest's `removal` has the rates of 1, 4 and 16 features for both SAEs)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def test_cold_through_the_model_name_equals_the_variant_field(demo_server):
 
 
 def clamp_to_0(manifest: dict, climate: str) -> list[dict]:
-    features = manifest["metrics"]["removal"][DEMO_LATE_SAE_ID][climate]["features"]
+    """The 4 best features of `climate` on the late SAE, clamped to 0 at every position."""
+    features = manifest["metrics"]["removal"][DEMO_LATE_SAE_ID][climate]["features"][:4]
     return [
         {"feature": {"sae": DEMO_LATE_SAE_ID, "index": f}, "mode": "clamp", "value": 0.0} for f in features
     ]

@@ -41,8 +41,9 @@ def compare(shipped: dict, retrained: dict) -> tuple[list[tuple[str, float, floa
             rows.append((name, flip["rate"], y, y >= flip["rate"] - FLIP_TOLERANCE))
     for sae_id, by_climate in a.get("removal", {}).items():
         for climate, entry in by_climate.items():
-            x, y = entry["all_features"]["rate"], b["removal"][sae_id][climate]["all_features"]["rate"]
-            rows.append((f"removal.{sae_id}.{climate}", x, y, y >= x - FLIP_TOLERANCE))
+            for k, removal in entry["clamped_to_0"].items():
+                x, y = removal["rate"], b["removal"][sae_id][climate]["clamped_to_0"][k]["rate"]
+                rows.append((f"removal.{sae_id}.{climate}.{k}", x, y, y >= x - FLIP_TOLERANCE))
     same = sum(shipped["files"].get(name) == digest for name, digest in retrained["files"].items())
     return rows, same
 

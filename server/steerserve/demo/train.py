@@ -88,7 +88,8 @@ def build_bundle(out: Path, seed: int = 0, lm: LMConfig | None = None, sae: SAEC
     (out / "variants.json").write_text(json.dumps(variants, indent=2) + "\n")
     # NOTE: the model reads a place's weather again from the place's tokens in the layers after `sae`,
     # so only features of the last layer's SAE remove it (measured in the manifest's `removal`)
-    late = replace(sae, layer=lm.n_layer - 1)
+    # NOTE: 4x d_model: 512 features there remove a weather with 4 of them (1024 needed 16)
+    late = replace(sae, layer=lm.n_layer - 1, d_sae=4 * lm.d_model)
     late_weights, late_recon, _, late_concepts = build_site_sae(
         model, tokenizer, lm, late, seed, out, DEMO_LATE_SAE_ID
     )

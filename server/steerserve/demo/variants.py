@@ -31,6 +31,7 @@ TARGET_RATE = 0.97
 MIN_PRECISION = 0.9
 NUM_ADD = 16
 NUM_ABLATE = 8  # x 2 other weathers = 16, the server's max_feature_edits per SAE and site
+REMOVAL_COUNTS = (1, 4, 16)  # how many of a weather's best features `removal_metrics` clamps to 0
 
 
 def weather_features(by_concept: dict, climate: str, limit: int) -> list[int]:
@@ -100,16 +101,16 @@ def build_variants(model, tokenizer, layer: int, weights: dict, entries: list[di
 
 
 def removal_metrics(model, tokenizer, layer: int, weights: dict, by_concept: dict) -> dict:
-    """Per weather: the share of its prompts whose completion loses it when its best feature, or its
-    NUM_ADD best features (`features`), are clamped to 0 at every position."""
+    """Per weather: its NUM_ADD best features (`features`), and for k in REMOVAL_COUNTS the share of its
+    prompts whose completion loses it when the first k are clamped to 0 at every position."""
     out = {}
     for climate in WEATHER_WORDS:
         features = weather_features(by_concept, climate, NUM_ADD)
-        zero = lambda fs: [{"feature": {"index": f}, "mode": "clamp", "value": 0.0} for f in fs]  # noqa: E731
-        out[climate] = {
-            "features": features,
-            "one_feature": removal_rate(model, tokenizer, layer, weights, zero(features[:1]), climate),
-            "all_features": removal_rate(model, tokenizer, layer, weights, zero(features), climate),
-        }
-        logger.info("removal of %s at layer %d: %s", climate, layer, out[climate])
+        out[climate] = {"features": features, "clamped_to_0": {}}
+        for k in REMOVAL_COUNTS:
+            zero = [{"feature": {"index": f}, "mode": "clamp", "value": 0.0} for f in features[:k]]
+            out[climate]["clamped_to_0"][str(k)] = removal_rate(
+                model, tokenizer, layer, weights, zero, climate
+            )
+        logger.info("removal of %s at layer %d: %s", climate, layer, out[climate]["clamped_to_0"])
     return out
