@@ -3,14 +3,13 @@
 Each function has the signature of the public op in `steerkernels` (minus `backend`/`validate`) and
 assumes its arguments were checked there. All arithmetic is fp32 whatever the storage dtype; in-place
 ops store back in the target's dtype and leave rows without work bit-identical. Vectorized over tokens
-and rows (gathers, `index_put_`, `embedding_bag`); the only Python loops are over directions (K) and
-over token chunks that bound the memory of gathered weights.
+and rows (gathers, `index_put_`); the only Python loops are over directions (K), over token chunks
+that bound the memory of gathered weights, and over the dense logit biases of rows (in-place row adds).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # NOTE: gathered weight rows per chunk ([chunk, F, d] floats); bounds scratch memory to ~16 MiB.
 _GATHER_BUDGET = 1 << 22
@@ -190,13 +189,11 @@ def apply_logit_bias(
     if dense_idx.shape[1] and B:
         idx = dense_idx.long()
         ok = (idx >= 0) & (idx < B)  # [R, D]
-        rows = ok.any(1).nonzero().squeeze(1)  # rows with at least one dense bias
-        if rows.numel():
-            w = torch.where(ok, dense_scale.float(), torch.zeros_like(dense_scale, dtype=torch.float32))
-            dense = F.embedding_bag(
-                idx.clamp(0, B - 1)[rows], dense_bank, per_sample_weights=w[rows], mode="sum"
-            )  # [n, V]
-            logits.index_copy_(0, rows, logits.index_select(0, rows) + dense)
+        # NOTE: one in-place add per (row, bias): it moves 3 [V] vectors each, where gathering the rows'
+        # biases into an [n, V] block first moved ~3x more (64 rows of GPT-2's vocabulary: 0.9 vs 5 ms)
+        rows = ok.nonzero()[:, 0].tolist()  # row-major, as idx[ok]
+        for r, b, w in zip(rows, idx[ok].tolist(), dense_scale.float()[ok].tolist(), strict=True):
+            logits[r].add_(dense_bank[b], alpha=w)
     if penalty_ids.shape[1]:
         ids = penalty_ids.long()
         ok = (ids >= 0) & (ids < V)  # [R, P]
@@ -209,7 +206,8 @@ def apply_logit_bias(
         g = torch.where(count > 0, g - presence_penalty.float()[r_idx], g)
         g = g - frequency_penalty.float()[r_idx] * count
         logits[r_idx, tok] = g
-    logits.div_(temperature.float()[:, None])
+    if not bool((temperature == 1).all()):  # NOTE: greedy and T=1 rows need no pass over [R, V]
+        logits.div_(temperature.float()[:, None])
     return logits
 
 

@@ -73,18 +73,37 @@ def test_clamp_sets_the_activation_at_every_steered_position(world):
     torch.testing.assert_close(activation(h, sae, 5), torch.full((h.shape[0],), 7.0), rtol=1e-4, atol=1e-4)
 
 
-def test_logit_effect_is_the_readout_through_final_norm_and_unembedding(world):
-    model = world.built.model
-    w = world.saes["post0"].W_dec[11].to(model.device)
+def expected_effect(model, w: torch.Tensor) -> torch.Tensor:
+    """The direct logit effect of direction w from its definition: unembedding of the final norm of w."""
+    w = w.to(model.device)
     norm = model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
     if isinstance(norm, torch.nn.LayerNorm):
-        expected_hidden = norm.weight * (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + norm.eps)
+        hidden = norm.weight * (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + norm.eps)
     else:
-        expected_hidden = norm.weight * w / torch.sqrt(w.pow(2).mean() + norm.variance_epsilon)
-    expected = model.get_output_embeddings().weight @ expected_hidden
+        hidden = norm.weight * w / torch.sqrt(w.pow(2).mean() + norm.variance_epsilon)
+    return (model.get_output_embeddings().weight @ hidden).detach().cpu()
+
+
+def test_logit_effect_is_the_readout_through_final_norm_and_unembedding(world):
     spec = world.spec(feature_logit_bias=[{"feature": {"sae": "post0", "index": 11}, "strength": 1.0}])
     effect = world.built.core.runner.steering.resources.logit_effect(spec.logit_biases[0].sae, 11)
-    torch.testing.assert_close(effect.cpu(), expected.detach().cpu(), rtol=1e-4, atol=1e-4)
+    expected = expected_effect(world.built.model, world.saes["post0"].W_dec[11])
+    torch.testing.assert_close(effect.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_logit_effects_of_many_features_are_read_out_together(world):
+    resources = world.built.core.runner.steering.resources
+    ref = world.spec(feature_logit_bias=[{"feature": {"sae": "post0", "index": 3}, "strength": 1.0}])
+    sae = ref.logit_biases[0].sae
+    known = resources.logit_effect(sae, 3)  # already in memory below
+    indices = [3, 17, 29, 17, 41]  # one known, one twice
+    misses = resources.effect_misses
+    effects = resources.logit_effects([(sae, i) for i in indices])
+    assert resources.effect_misses - misses == 3  # 17, 29, 41: once each
+    assert effects[0] is known and effects[1] is effects[3]
+    for i, effect in zip(indices, effects, strict=True):
+        expected = expected_effect(world.built.model, world.saes["post0"].W_dec[i])
+        torch.testing.assert_close(effect.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_feature_logit_bias_promotes_and_bans_its_top_token(world):

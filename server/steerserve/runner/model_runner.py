@@ -147,13 +147,18 @@ class ModelRunner:
         for rid in sched.finished_ids:
             self._forget(rid)
         failed: dict[str, str] = {}
-        for item in sched.scheduled:
-            if item.request_id not in self.requests:
-                try:
-                    self.requests[item.request_id] = self._admit(item)
-                except Exception as exc:  # this request cannot run; the batch goes on without it
-                    logger.warning("request %s failed at admission: %s", item.request_id, exc)
-                    failed[item.request_id] = f"{type(exc).__name__}: {exc}"
+        new = [item for item in sched.scheduled if item.request_id not in self.requests]
+        if self.steering is not None:
+            try:
+                self.steering.prepare([item.steering for item in new if item.steering is not None])
+            except Exception:  # NOTE: only a speed-up: each request's own admission reports its error
+                logger.debug("batched logit effects failed", exc_info=True)
+        for item in new:
+            try:
+                self.requests[item.request_id] = self._admit(item)
+            except Exception as exc:  # this request cannot run; the batch goes on without it
+                logger.warning("request %s failed at admission: %s", item.request_id, exc)
+                failed[item.request_id] = f"{type(exc).__name__}: {exc}"
         scheduled = tuple(item for item in sched.scheduled if item.request_id not in failed)
         if not scheduled:
             return RunnerOutput({}, failed=failed)

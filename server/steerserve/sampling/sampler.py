@@ -81,11 +81,11 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()  # [R, V]
-        raw_logprobs = logits.log_softmax(-1) if batch.max_logprobs >= 0 else None
+        x = logits.float()  # [R, V]
+        raw_logprobs = x.log_softmax(-1) if batch.max_logprobs >= 0 else None
         if batch.needs_processing:
-            logits = steerkernels.apply_logit_bias(
-                logits.clone() if raw_logprobs is None else logits,
+            x = steerkernels.apply_logit_bias(
+                x.clone() if x.data_ptr() == logits.data_ptr() else x,  # NOTE: the caller's logits stay
                 batch.temperature,
                 batch.sparse_ids,
                 batch.sparse_bias,
@@ -99,10 +99,10 @@ class Sampler:
                 batch.frequency_penalty,
                 validate=False,  # convert.py bounds-checked every id; the kernel masks them again
             )
-        tokens = logits.argmax(-1)
+        tokens = x.argmax(-1)
         if batch.random_rows is not None:
             rows = batch.random_rows
-            sub = logits.index_select(0, rows)
+            sub = x.index_select(0, rows)
             sub = _filter_top_k_top_p(
                 sub,
                 None if batch.top_k is None else batch.top_k.index_select(0, rows),

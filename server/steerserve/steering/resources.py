@@ -66,26 +66,52 @@ class SteeringResources:
     @torch.inference_mode()
     def logit_effect(self, ref: SAERef, index: int) -> torch.Tensor:
         """[V] fp32: the logits feature `index` of SAE `ref` writes directly (memory, then blob cache)."""
-        with self._lock:
-            return self._logit_effect(ref, index)
+        return self.logit_effects([(ref, index)])[0]
 
-    def _logit_effect(self, ref: SAERef, index: int) -> torch.Tensor:
+    @torch.inference_mode()
+    def logit_effects(self, features: list[tuple[SAERef, int]]) -> list[torch.Tensor]:
+        """`logit_effect` of each feature; the ones found nowhere are computed in one readout.
+
+        NOTE: a readout streams the whole unembedding (V x d) however few rows it reads out: one row
+        cost ~8 ms on a GPT-2-small on this CPU, eight rows ~7 ms, so a burst of new specs is batched.
+        """
+        with self._lock:
+            found: dict[tuple[str, int], torch.Tensor] = {}
+            missing: dict[tuple[str, int], SAERef] = {}
+            for ref, index in features:
+                key = (ref.uid, index)
+                if key in found or key in missing:
+                    continue
+                effect = self._cached_effect(ref, index)
+                if effect is None:
+                    missing[key] = ref
+                else:
+                    found[key] = effect
+            if missing:
+                rows = torch.stack([self.sae(ref).W_dec[index] for (_, index), ref in missing.items()])
+                for ((uid, index), ref), effect in zip(missing.items(), self.readout(rows), strict=True):
+                    self.effect_misses += 1
+                    found[(uid, index)] = self._remember(uid, index, effect)
+                    # NOTE: the durable write (fsync'd blob + row) happens off the engine thread
+                    key = f"logit_effect:{uid}:{index}"
+                    self._writer.submit(self._store_effect, key, effect.cpu().contiguous(), ref.id)
+            return [found[(ref.uid, index)] for ref, index in features]
+
+    def _cached_effect(self, ref: SAERef, index: int) -> torch.Tensor | None:
+        """From memory, then the registry's cache; None when it must be computed."""
         effect = self._effects.get((ref.uid, index))
         if effect is not None:
             self._effects.move_to_end((ref.uid, index))
             self.effect_hits += 1
             return effect
-        key = f"logit_effect:{ref.uid}:{index}"
-        cached = self.registry.get_cached(key)
-        if cached is not None:
-            self.effect_hits += 1
-            effect = cached["effect"].to(self.device, torch.float32)
-        else:
-            self.effect_misses += 1
-            effect = self.readout(self.sae(ref).W_dec[index][None])[0]  # [V]
-            # NOTE: the durable write (fsync'd blob + row) happens off the engine thread: decode must not wait
-            self._writer.submit(self._store_effect, key, effect.cpu().contiguous(), ref.id)
-        self._effects[(ref.uid, index)] = effect
+        cached = self.registry.get_cached(f"logit_effect:{ref.uid}:{index}")
+        if cached is None:
+            return None
+        self.effect_hits += 1
+        return self._remember(ref.uid, index, cached["effect"].to(self.device, torch.float32))
+
+    def _remember(self, uid: str, index: int, effect: torch.Tensor) -> torch.Tensor:
+        self._effects[(uid, index)] = effect
         if len(self._effects) > _EFFECTS_IN_MEMORY:
             self._effects.popitem(last=False)
         return effect
@@ -102,5 +128,5 @@ class SteeringResources:
         dtype = head.weight.dtype
         x = directions.to(dtype)
         zero = torch.zeros_like(x[:1])
-        normed = norm(x) - norm(zero)
-        return (head(normed) - head(zero)).float()
+        out = head(torch.cat([norm(x) - norm(zero), zero]))  # NOTE: one pass over the unembedding
+        return (out[:-1] - out[-1:]).float()

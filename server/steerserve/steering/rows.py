@@ -64,6 +64,12 @@ class SteeringRows:
         return len(self._rows)
 
     # -- rows -----------------------------------------------------------------------------------
+    def prepare(self, specs: list[SteeringSpec]) -> None:
+        """Before a step admits `specs`: compute the logit effects their new rows need in one readout."""
+        new = [s for s in specs if s.fingerprint not in self._rows and s.logit_biases]
+        if new:
+            self.resources.logit_effects([(t.sae, t.index) for s in new for t in s.logit_biases])
+
     def acquire(self, spec: SteeringSpec) -> int:
         row = self._rows.get(spec.fingerprint)
         if row is not None:
@@ -124,8 +130,9 @@ class SteeringRows:
                     (self.cfg.max_steering_rows, self.vocab_size), device=self.device
                 )
             total = torch.zeros(self.vocab_size, device=self.device)
-            for term in spec.logit_biases:
-                total += term.strength * res.logit_effect(term.sae, term.index)
+            effects = res.logit_effects([(term.sae, term.index) for term in spec.logit_biases])
+            for term, effect in zip(spec.logit_biases, effects, strict=True):
+                total += term.strength * effect
             self._logit_bank[row] = total
 
     def _clear(self, row: int, spec: SteeringSpec) -> None:
