@@ -98,6 +98,16 @@ BAD_STEERING = [
         400,
         "steering[0].positions",
     ),
+    (
+        {"steering": [{"feature": {"sae": "sae0", "index": 1}, "mode": "ablate", "to": "mean"}]},
+        400,
+        "steering[0].to",
+    ),
+    (
+        {"steering": [{"feature": {"sae": "sae0", "index": 1}, "mode": "ablate", "to": "median"}]},
+        400,
+        "steering[0].to",
+    ),
     ({"steering": [{"vector": "vec0", "mode": "clamp", "min": 2, "max": 1}]}, 400, "steering[0].min"),
     ({"steering": [{"vector": "missing", "mode": "add", "strength": 1}]}, 404, "steering[0].vector"),
     (

@@ -98,8 +98,11 @@ def test_format_detection_by_name_and_bytes(tmp_path):
 
 
 def test_features_our_list_and_neuronpedia_exports():
-    ours = parse_features([{"index": 3, "label": "cold", "max_activation": 4.0, "density": 0.01}])
+    ours = parse_features(
+        [{"index": 3, "label": "cold", "max_activation": 4.0, "density": 0.01, "mean_activation": 0.03}]
+    )
     assert ours[0].index == 3 and ours[0].label == "cold" and ours[0].max_activation == 4.0
+    assert ours[0].mean_activation == 0.03 and parse_features([{"index": 3}])[0].mean_activation is None
     export = [  # /api/explanation/export: index as a string, one entry per explanation
         {"modelId": "gpt2-small", "layer": "6-res-jb", "index": "14", "description": " snow and ice",
          "explanationModelName": "gpt-4o-mini", "typeName": "oai_token-act-pair"},
@@ -116,7 +119,15 @@ def test_features_our_list_and_neuronpedia_exports():
 
 
 @pytest.mark.parametrize(
-    "bad", [[{"index": -1}], [{"index": "x1"}], [{"index": 1, "density": 3}], "{not json", 5]
+    "bad",
+    [
+        [{"index": -1}],
+        [{"index": "x1"}],
+        [{"index": 1, "density": 3}],
+        [{"index": 1, "mean_activation": "a"}],
+        "{not json",
+        5,
+    ],
 )
 def test_feature_refusals(bad):
     with pytest.raises(InvalidInput):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -160,6 +162,33 @@ def test_reopen_keeps_everything_and_schema_is_versioned(registry_config, regist
         assert [h.index for h in again.search_features("cold")] == [1] and again.dangling() == []
     finally:
         again.close()
+
+
+def test_a_version_3_registry_gains_mean_activations(registry_config):
+    """A registry written before migration 4 (no `features.mean_activation`) is upgraded on open and
+    keeps its rows."""
+    from steerserve.registry.db import Database
+
+    registry = Registry.from_config(registry_config)
+    registry.add_sae(sae(), sae_id="s")
+    registry.put_features("s", [FeatureInfo(5, "kept")])
+    registry.close()
+    db = Database(registry_config.registry_url, Path(registry_config.data_dir))
+    try:  # back to what version 3 wrote
+        with db.write() as tx:
+            tx.execute("ALTER TABLE features DROP COLUMN mean_activation")
+            tx.execute("DELETE FROM schema_version WHERE version = 4")
+    finally:
+        db.close()
+    registry = Registry.from_config(registry_config)
+    try:
+        assert registry.schema_version == 4 and registry.get_feature("s", 5).label == "kept"
+        assert registry.get_feature("s", 5).mean_activation is None
+        registry.put_features("s", [FeatureInfo(5, mean_activation=0.25)])
+        info = registry.get_feature("s", 5)
+        assert (info.label, info.mean_activation) == ("kept", 0.25)
+    finally:
+        registry.close()
 
 
 def test_device_cache_lru_and_delete(registry):

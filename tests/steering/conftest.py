@@ -55,7 +55,9 @@ class SteeringWorld:
         }
         for sae_id, w in self.saes.items():
             reg.add_sae(w, sae_id=sae_id, model=info.name, fit=info)
-        reg.put_features("post0", [FeatureInfo(index=3, max_activation=2.5)])
+        reg.put_features(
+            "post0", [FeatureInfo(index=3, max_activation=2.5), FeatureInfo(index=2, mean_activation=1.5)]
+        )
         g = torch.Generator().manual_seed(3)
         self.vectors = {"v1": torch.randn(d, generator=g), "v0": torch.randn(d, generator=g)}
         reg.add_vector(

@@ -62,6 +62,11 @@ def cases(world):
             {(0, "resid_post"): [{"kind": "ablate", "sae": post0, "index": 2}]},
         ),
         (
+            "feature ablate to mean",  # the registry's mean activation of feature 2 is 1.5
+            {"feature": {"sae": "post0", "index": 2}, "mode": "ablate", "to": "mean"},
+            {(0, "resid_post"): [{"kind": "clamp", "sae": post0, "index": 2, "value": 1.5}]},
+        ),
+        (
             "vector add",
             {"vector": "v1", "mode": "add", "strength": 3.0},
             {(1, "resid_post"): [{"kind": "add", "direction": 3.0 * v1}]},

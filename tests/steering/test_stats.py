@@ -1,4 +1,4 @@
-"""Feature statistics through the engine equal max/density computed here from hooked hidden states;
+"""Feature statistics through the engine equal max/density/mean computed here from hooked hidden states;
 the `steerserve registry stats` command stores them."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ TEXTS = [
 ]
 
 
-def reference_stats(model_dir: str, sae) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_stats(model_dir: str, sae) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     tok = byte_tokenizer()
     states = []
@@ -39,7 +39,7 @@ def reference_stats(model_dir: str, sae) -> tuple[torch.Tensor, torch.Tensor]:
     sd = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
           "threshold": sae.threshold, "apply_b_dec_to_input": sae.apply_b_dec_to_input}  # fmt: skip
     acts = torch.stack([activation(h, sd, f) for f in range(sae.W_enc.shape[1])], dim=1)  # [tokens, d_sae]
-    return acts.max(0).values.clamp_min(0), (acts > 0).float().mean(0)
+    return acts.max(0).values.clamp_min(0), (acts > 0).float().mean(0), acts.mean(0)
 
 
 def test_stats_match_the_reference(tiny_model_dir):
@@ -48,10 +48,11 @@ def test_stats_match_the_reference(tiny_model_dir):
     sae = random_sae(64, Site(0, "resid_post"), 21)
     built.registry.add_sae(sae, sae_id="s", model=built.info.name, fit=built.info)
     stats = feature_stats(built, "s", TEXTS, batch=2)
-    max_ref, density_ref = reference_stats(model_dir, sae)
+    max_ref, density_ref, mean_ref = reference_stats(model_dir, sae)
     assert stats.num_tokens == sum(len(t.encode()) for t in TEXTS) and stats.saturated == 0
     torch.testing.assert_close(stats.max_activation, max_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stats.density, density_ref)
+    torch.testing.assert_close(stats.mean_activation, mean_ref, rtol=1e-4, atol=1e-5)
     assert 0 < int((stats.density > 0).sum()) < 48  # some features fire, not all: a meaningful check
 
 
@@ -69,7 +70,11 @@ def test_stats_command_stores_annotations(tiny_model_dir, tmp_path):
     assert f"48 features over {sum(len(t.encode()) for t in TEXTS)} tokens" in done.stdout
     reg = Registry(str(data))
     try:
-        info = reg.get_feature("s2", 0)
-        assert info.max_activation is not None and info.density is not None
+        infos = [reg.get_feature("s2", f) for f in range(48)]
+        assert all(i.max_activation is not None and i.density is not None for i in infos)
+        # the mean counts zeros: it is at most max x density, and positive where the feature fired
+        for i in infos:
+            assert 0 <= i.mean_activation <= i.max_activation * i.density + 1e-6, i
+            assert (i.mean_activation > 0) == (i.density > 0), i
     finally:
         reg.close()

@@ -1,7 +1,7 @@
 """`steerserve registry import|list|rm`: the registry from the command line, through the same
 loaders (`formats`) and the same `Registry` methods as the HTTP routes.
 
-`stats SAE --texts FILE --model M` computes each feature's max activation and density through the
+`stats SAE --texts FILE --model M` computes each feature's max activation, density and mean through the
 engine (steering/stats.py) and stores them.
 
 `import` takes a local path, or `--hub REPO_ID --path PATH` fetched with huggingface_hub (its cache,
@@ -93,7 +93,9 @@ def add_registry_commands(subparsers) -> argparse.ArgumentParser:
     add_registry_arguments(ls)
     ls.set_defaults(func=_reporting(cmd_list))
 
-    st = sub.add_parser("stats", help="compute each feature's max activation and density over a text file")
+    st = sub.add_parser(
+        "stats", help="compute each feature's max activation, density and mean activation over a text file"
+    )
     st.add_argument("sae", help="SAE id")
     st.add_argument("--texts", required=True, help="text file, one document per line")
     st.add_argument("--model", required=True, help="the served model (path, HF id or random:<arch>)")

@@ -105,6 +105,7 @@ class FeatureInfo:
     explanation: str | None = None
     max_activation: float | None = None
     density: float | None = None
+    mean_activation: float | None = None  # over every token of a corpus, zeros included
 
     def to_json(self, sae_id: str) -> dict:
         return {
@@ -114,6 +115,7 @@ class FeatureInfo:
             "explanation": self.explanation,
             "max_activation": self.max_activation,
             "density": self.density,
+            "mean_activation": self.mean_activation,
         }
 
 

@@ -104,4 +104,6 @@ MIGRATIONS: list[tuple[int, dict[str, list[str]]]] = [
     (2, {"sqlite": _SQLITE_SEARCH, "postgresql": _POSTGRES_SEARCH}),
     # registry_id: which registry a blob store belongs to (`Registry._claim_blobs`)
     (3, {"all": ["CREATE TABLE registry_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]}),
+    # a feature's mean activation over a corpus (zeros counted), for `ablate` with "to": "mean"
+    (4, {"all": ["ALTER TABLE features ADD COLUMN mean_activation DOUBLE PRECISION"]}),
 ]

@@ -83,24 +83,32 @@ def delete_sae(tx: Tx, sae_id: str) -> SAERecord | None:
 def upsert_features(tx: Tx, sae_id: str, infos: list[FeatureInfo]) -> None:
     """Insert or merge: a None field keeps what is stored."""
     tx.executemany(
-        "INSERT INTO features (sae_id, idx, label, explanation, max_activation, density) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sae_id, idx) DO UPDATE SET "
+        "INSERT INTO features (sae_id, idx, label, explanation, max_activation, density, mean_activation) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sae_id, idx) DO UPDATE SET "
         "label = COALESCE(excluded.label, features.label), "
         "explanation = COALESCE(excluded.explanation, features.explanation), "
         "max_activation = COALESCE(excluded.max_activation, features.max_activation), "
-        "density = COALESCE(excluded.density, features.density)",
-        [(sae_id, f.index, f.label, f.explanation, f.max_activation, f.density) for f in infos],
+        "density = COALESCE(excluded.density, features.density), "
+        "mean_activation = COALESCE(excluded.mean_activation, features.mean_activation)",
+        [
+            (sae_id, f.index, f.label, f.explanation, f.max_activation, f.density, f.mean_activation)
+            for f in infos
+        ],
     )
 
 
 def get_feature(tx: Tx, sae_id: str, index: int) -> FeatureInfo | None:
     row = tx.one(
-        "SELECT idx, label, explanation, max_activation, density FROM features WHERE sae_id = ? AND idx = ?",
+        "SELECT idx, label, explanation, max_activation, density, mean_activation FROM features "
+        "WHERE sae_id = ? AND idx = ?",
         (sae_id, index),
     )
     if row is None:
         return None
-    return FeatureInfo(row["idx"], row["label"], row["explanation"], row["max_activation"], row["density"])
+    return FeatureInfo(
+        row["idx"], row["label"], row["explanation"], row["max_activation"], row["density"],
+        row["mean_activation"],
+    )  # fmt: skip
 
 
 def count_features(tx: Tx, sae_id: str) -> int:

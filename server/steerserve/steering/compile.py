@@ -157,9 +157,14 @@ class _Compiler:
         if mode == "ablate":
             to = item.get("to", "zero")
             if to == "mean":
-                raise _bad(
-                    f"{param}.to", f'SAE {record.id!r} has no recorded mean activations; use "to": "zero"'
-                )
+                mean = self.registry.get_feature(record.id, index).mean_activation
+                if mean is None:
+                    raise _bad(
+                        f"{param}.to",
+                        f"feature {index} of SAE {record.id!r} has no recorded mean activation: compute "
+                        f'them with `steerserve registry stats {record.id}`, or use "to": "zero"',
+                    )
+                return Intervention("feature_ablate", value=mean, **common)
             if to not in ("zero", 0, 0.0):
                 raise _bad(f"{param}.to", f'must be "zero" or "mean", got {to!r}')
             return Intervention("feature_ablate", value=0.0, **common)

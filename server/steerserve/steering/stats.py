@@ -1,7 +1,8 @@
-"""Feature statistics job: each feature's max activation and density over a text corpus, through the
-engine (batched prefills with a feature capture), stored as the SAE's feature annotations.
+"""Feature statistics job: each feature's max activation, density and mean activation (zeros
+included: the value `ablate` with "to": "mean" sets) over a text corpus, through the engine (batched
+prefills with a feature capture), stored as the SAE's feature annotations.
 
-Per token the capture keeps the top `k = min(d_sae, 256)` features, so both statistics are exact for
+Per token the capture keeps the top `k = min(d_sae, 256)` features, so the statistics are exact for
 tokens with at most k active features; tokens with more are counted and reported (`saturated`).
 """
 
@@ -26,6 +27,7 @@ MAX_K = 256
 class FeatureStats:
     max_activation: torch.Tensor  # [d_sae]
     density: torch.Tensor  # [d_sae] fraction of tokens where the feature is active
+    mean_activation: torch.Tensor  # [d_sae] mean over all tokens, zeros included
     num_tokens: int
     saturated: int  # tokens whose k-th captured feature was still active
 
@@ -39,6 +41,7 @@ def feature_stats(
     core, info = built.core, built.info
     max_act = torch.zeros(record.d_sae)
     active = torch.zeros(record.d_sae)
+    total = torch.zeros(record.d_sae, dtype=torch.float64)
     tokens = saturated = 0
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     last_log = time.monotonic()
@@ -60,16 +63,19 @@ def feature_stats(
                         idx, val = torch.tensor(f.indices), torch.tensor(f.values)
                         max_act[idx] = torch.maximum(max_act[idx], val)
                         active[idx] += 1
+                        total[idx] += val.double()
         if time.monotonic() - last_log > log_every or start + batch >= len(texts):
             done = min(start + batch, len(texts))
             logger.info("feature stats for %s: %d/%d texts, %d tokens", sae_id, done, len(texts), tokens)
             last_log = time.monotonic()
-    return FeatureStats(max_act, active / max(tokens, 1), tokens, saturated)
+    n = max(tokens, 1)
+    return FeatureStats(max_act, active / n, (total / n).float(), tokens, saturated)
 
 
 def store_feature_stats(built: BuiltEngine, sae_id: str, stats: FeatureStats) -> int:
+    columns = (stats.max_activation.tolist(), stats.density.tolist(), stats.mean_activation.tolist())
     infos = [
-        FeatureInfo(index=i, max_activation=float(m), density=float(d))
-        for i, (m, d) in enumerate(zip(stats.max_activation.tolist(), stats.density.tolist(), strict=True))
+        FeatureInfo(index=i, max_activation=m, density=d, mean_activation=mean)
+        for i, (m, d, mean) in enumerate(zip(*columns, strict=True))
     ]
     return built.registry.put_features(sae_id, infos)

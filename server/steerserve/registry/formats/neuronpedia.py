@@ -6,6 +6,7 @@ Accepted entries (the first spelling found wins):
     explanation:    explanation (a string) | explanations[0].description
     max_activation: max_activation | maxActApprox | maxActivation
     density:        density | frac_nonzero | fracNonzero
+    mean_activation: mean_activation | meanActivation   (over a corpus, zeros included)
 A document may be a list, `{"features"|"explanations"|"data": [...]}`, or one object per line.
 Several entries for one index (Neuronpedia keeps several explanations) merge: first value wins.
 """
@@ -99,6 +100,9 @@ def parse_features(data: object) -> list[FeatureInfo]:
                 _first(entry, "max_activation", "maxActApprox", "maxActivation"), f"{p}.max_activation"
             ),
             "density": _number(_first(entry, "density", "frac_nonzero", "fracNonzero"), f"{p}.density"),
+            "mean_activation": _number(
+                _first(entry, "mean_activation", "meanActivation"), f"{p}.mean_activation"
+            ),
         }
         if fields["density"] is not None and not 0.0 <= fields["density"] <= 1.0:
             raise InvalidInput(
