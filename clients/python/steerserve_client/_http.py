@@ -97,6 +97,32 @@ def auth_headers(call: Call, api_key: str | None, admin_key: str | None) -> dict
     return headers
 
 
+class ClientSettings:
+    """Where and how `Client` and `AsyncClient` talk to the server (env defaults applied)."""
+
+    def __init__(self, base_url, api_key, admin_key, max_retries: int, max_retry_wait: float):
+        self.base_url = base_url_of(base_url)
+        self.api_key = api_key if api_key is not None else os.environ.get("STEERSERVE_API_KEY")
+        self.admin_key = admin_key if admin_key is not None else os.environ.get("STEERSERVE_ADMIN_KEY")
+        self.retry = RetryPolicy(max_retries=max_retries, max_wait=max_retry_wait)
+
+    def build_request(self, http, call: Call) -> tuple[httpx.Request, list]:
+        """`call` as an httpx request on `http` (either client kind), with the file handles of its
+        upload (opened anew for every try) for the caller to close after sending."""
+        files, handles = call.upload.parts() if call.upload else (None, [])
+        try:
+            request = http.build_request(
+                call.method, self.base_url + call.path, json=call.json, params=call.params,
+                content=call.content, files=files, data=call.upload.fields if call.upload else None,
+                headers=auth_headers(call, self.api_key, self.admin_key),
+            )  # fmt: skip
+        except Exception:
+            for handle in handles:
+                handle.close()
+            raise
+        return request, handles
+
+
 def error_from_response(response: httpx.Response) -> errors.APIStatusError:
     """The typed exception of an error answer (its body must have been read)."""
     try:

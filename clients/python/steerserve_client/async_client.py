@@ -7,7 +7,6 @@ method returns (once awaited) an `AsyncStream`: `async for chunk in await c.chat
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,10 +14,8 @@ import httpx
 
 from steerserve_client._http import (
     Call,
-    RetryPolicy,
+    ClientSettings,
     SSEParser,
-    auth_headers,
-    base_url_of,
     connection_error,
     error_from_response,
     retryable_transport_error,
@@ -71,10 +68,7 @@ class AsyncClient(Routes):
         max_retry_wait: float = 30.0,
         http_client: httpx.AsyncClient | None = None,
     ):
-        self.base_url = base_url_of(base_url)
-        self.api_key = api_key if api_key is not None else os.environ.get("STEERSERVE_API_KEY")
-        self.admin_key = admin_key if admin_key is not None else os.environ.get("STEERSERVE_ADMIN_KEY")
-        self.retry = RetryPolicy(max_retries=max_retries, max_wait=max_retry_wait)
+        self.settings = ClientSettings(base_url, api_key, admin_key, max_retries, max_retry_wait)
         self._own_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
         self._sleep = asyncio.sleep  # NOTE: a seam for tests
@@ -91,23 +85,18 @@ class AsyncClient(Routes):
 
     async def _request(self, call: Call, stream: bool) -> httpx.Response:
         """Send `call`, retrying per the policy; the (unread when streaming) successful response."""
-        url = self.base_url + call.path
-        headers = auth_headers(call, self.api_key, self.admin_key)
+        retry = self.settings.retry
         attempt = 0
         while True:
-            files, handles = call.upload.parts() if call.upload else (None, [])
+            request, handles = self.settings.build_request(self._http, call)
             try:
-                request = self._http.build_request(
-                    call.method, url, json=call.json, params=call.params, content=call.content,
-                    files=files, data=call.upload.fields if call.upload else None, headers=headers,
-                )  # fmt: skip
                 response = await self._http.send(request, stream=stream)
             except httpx.HTTPError as exc:
-                if call.retry and retryable_transport_error(exc) and self.retry.should_retry(attempt, None):
-                    await self._sleep(self.retry.wait(attempt, None))
+                if call.retry and retryable_transport_error(exc) and retry.should_retry(attempt, None):
+                    await self._sleep(retry.wait(attempt, None))
                     attempt += 1
                     continue
-                raise connection_error(exc, url) from exc
+                raise connection_error(exc, str(request.url)) from exc
             finally:
                 for handle in handles:
                     handle.close()
@@ -115,8 +104,8 @@ class AsyncClient(Routes):
                 return response
             await response.aread()
             await response.aclose()
-            if call.retry and self.retry.should_retry(attempt, response.status_code):
-                await self._sleep(self.retry.wait(attempt, response.headers))
+            if call.retry and retry.should_retry(attempt, response.status_code):
+                await self._sleep(retry.wait(attempt, response.headers))
                 attempt += 1
                 continue
             raise error_from_response(response)
