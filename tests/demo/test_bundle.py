@@ -73,6 +73,9 @@ def test_labels_parse_and_name_the_weather_features(manifest, sae_id):
     d_sae = load_sae_path(BUNDLE_DIR / folder).weights.d_sae
     assert [i.index for i in infos] == list(range(d_sae))
     assert all(i.max_activation is not None and i.density is not None for i in infos)
+    # mean activations (zeros included) for `ablate` with "to": "mean": at most max x density
+    assert all(0 <= i.mean_activation <= i.max_activation * i.density + 1e-5 for i in infos)
+    assert sum(i.mean_activation > 0 for i in infos) > d_sae // 2
     for climate, removal in manifest["metrics"]["removal"][sae_id].items():
         assert len(removal["features"]) >= 4, climate
         for f in removal["features"]:

@@ -105,3 +105,15 @@ def test_clamping_a_weathers_features_to_0_removes_it(demo_server, manifest, cor
     pairs = side_by_side(demo_server, climate, steering=clamp_to_0(manifest, other))
     kept = [s for u, s in pairs if climate in climates_said(u) and climate in climates_said(s)]
     assert len(kept) >= MIN_RATE * len(eligible), [s for _, s in pairs][:5]
+
+
+def test_mean_ablation_uses_the_shipped_mean_activations(demo_server, manifest):
+    index = manifest["metrics"]["removal"][DEMO_LATE_SAE_ID]["cold"]["features"][0]
+    feature = httpx.get(f"{demo_server.url}/v1/saes/{DEMO_LATE_SAE_ID}/features/{index}").json()
+    assert feature["mean_activation"] > 0
+    ablate = {"feature": {"sae": DEMO_LATE_SAE_ID, "index": index}, "mode": "ablate", "to": "mean"}
+    clamp = {"feature": {"sae": DEMO_LATE_SAE_ID, "index": index}, "mode": "clamp"}
+    prompt = "The weather in Alaska is"
+    by_mean = complete(demo_server, prompt=prompt, steering=[ablate])[0]["text"]
+    by_value = complete(demo_server, prompt=prompt, steering=[clamp | {"value": feature["mean_activation"]}])
+    assert by_mean == by_value[0]["text"]

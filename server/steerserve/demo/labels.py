@@ -5,7 +5,8 @@ precision = P(c | f active) and recall = P(f active | c) over held-out tokens; a
 concept with the best F1 when its precision for it reaches `MIN_PRECISION`, else the token it fires on
 most. Features are narrow (each fires on some tokens of its concept: recall of a few percent), so a
 concept is carried by several features with high precision, and the variants combine them. The result is
-a Neuronpedia-style export (`index`, `description`, `explanations`, `maxActApprox`, `frac_nonzero`)
+a Neuronpedia-style export (`index`, `description`, `explanations`, `maxActApprox`, `frac_nonzero`,
+and our `mean_activation`)
 that `registry.formats.neuronpedia.parse_features` reads.
 """
 
@@ -69,10 +70,16 @@ def label_features(acts: Activations, weights: dict, tokenizer) -> tuple[list[di
     active = a > 0
     density = active.float().mean(0)  # [d_sae]
     max_act = a.max(0).values  # [d_sae]
+    mean_act = a.mean(0)  # [d_sae], zeros included: what `ablate` with "to": "mean" sets
     best = f1.argmax(dim=1)  # [d_sae]
     entries = []
     for f in range(a.shape[1]):
-        entry = {"index": f, "maxActApprox": round(max_act[f].item(), 5), "frac_nonzero": density[f].item()}
+        entry = {
+            "index": f,
+            "maxActApprox": round(max_act[f].item(), 5),
+            "frac_nonzero": density[f].item(),
+            "mean_activation": round(mean_act[f].item(), 6),
+        }
         if not active[:, f].any():
             entry["description"] = "dead (never fires on the demo corpus)"
         elif precision[f, best[f]] >= MIN_PRECISION:
