@@ -186,13 +186,19 @@ def test_key_errors_keyboard_variant_and_chat(page, playground_server, scenario,
     rows = page.locator("#steering-list li")
     rows.nth(len(variant["steering"])).wait_for()
     assert rows.count() == len(variant["steering"]) + 1
+    assert page.locator("#steering-list li code").count() == 0  # no raw JSON rows: all editable
 
     # chat mode; a bad max_tokens comes back as the server's own message
     page.get_by_label("chat").check()
     page.get_by_role("textbox", name=re.compile("^Prompt")).fill(scenario.prompt)
     page.get_by_label("max_tokens").fill("100000")
-    page.get_by_role("textbox", name=re.compile("^Prompt")).press("Enter")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.get_by_role("textbox", name=re.compile("^Prompt")).press("Enter")
     error.wait_for()
+    # the loaded variant's rows send back exactly the variant's interventions, then the vector's
+    steering = sent.value.post_data_json["steering"]
+    assert steering[: len(variant["steering"])] == variant["steering"]
+    assert steering[-1] == {"vector": scenario.vector, "mode": "add", "strength": 4}
     messages = [{"role": "user", "content": scenario.prompt}]
     bad = httpx.post(
         server.url + "/v1/chat/completions",
@@ -260,6 +266,10 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
             box = page.get_by_label(re.compile(f"of {re.escape(name)} \\(number\\)$"))
             box.fill(str(value))
             box.press("Tab")
+        if index == 1:  # the row's options: only where they differ from the API's defaults are they sent
+            page.get_by_label(f"scale of {name}", exact=True).select_option("unit")
+        if index == 2:
+            page.get_by_label(f"positions of {name}", exact=True).select_option("prompt")
     prompt = page.get_by_role("textbox", name=re.compile("^Prompt"))
     prompt.fill(scenario.prompt)
     with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
@@ -267,8 +277,8 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
     body = sent.value.post_data_json
     ref = lambda i: {"sae": scenario.sae, "index": i}  # noqa: E731
     assert body["steering"] == [
-        {"feature": ref(1), "mode": "add", "strength": 2.5},
-        {"feature": ref(2), "mode": "clamp", "value": 6.0},
+        {"feature": ref(1), "mode": "add", "strength": 2.5, "scale": "unit"},
+        {"feature": ref(2), "mode": "clamp", "value": 6.0, "positions": "prompt"},
         {"feature": ref(3), "mode": "scale", "factor": 1.5},
         {"feature": ref(5), "mode": "ablate"},
     ]

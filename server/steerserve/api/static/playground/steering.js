@@ -14,6 +14,9 @@ const FEATURE_MODES = {
 };
 const VECTOR_MODES = { add: [-20, 20, 4], project_out: null };
 const MODE_TEXT = { logit_bias: "logit bias", project_out: "project out" };
+const POSITIONS = ["all", "prompt", "generated"];
+const ADD_SCALES = ["raw", "unit", "max_activation"];
+const ABLATE_TO = ["zero", "mean"];
 
 export class SteeringPanel {
   constructor(listEl, emptyEl, { onChange, openCard }) {
@@ -26,12 +29,12 @@ export class SteeringPanel {
 
   addFeature(sae, index, label, mode = "add") {
     const [, , value] = FEATURE_MODES[mode] || [0, 0, 0];
-    this.items.push({ kind: "feature", sae, index, label, mode, value });
+    this.items.push({ kind: "feature", sae, index, label, mode, value, positions: "all", scale: "raw", to: "zero" });
     this.render();
   }
 
   addVector(id, mode = "add", value = VECTOR_MODES.add[2]) {
-    this.items.push({ kind: "vector", id, mode, value });
+    this.items.push({ kind: "vector", id, mode, value, positions: "all" });
     this.render();
   }
 
@@ -110,7 +113,21 @@ export class SteeringPanel {
     const controls = el("div", { className: "row" }, select);
     const range = modes[item.mode];
     if (range) controls.append(...this.valueInputs(item, range, name));
-    return el("li", { className: "steer-row" }, head, controls);
+    const options = el("div", { className: "row" });
+    if (item.mode !== "logit_bias") options.append(this.choice(item, "positions", POSITIONS, name));
+    if (item.kind === "feature" && item.mode === "add") options.append(this.choice(item, "scale", ADD_SCALES, name));
+    if (item.kind === "feature" && item.mode === "ablate") options.append(this.choice(item, "to", ABLATE_TO, name));
+    return el("li", { className: "steer-row" }, head, controls, options);
+  }
+
+  // A labelled select of one option of the row (positions, add scale, ablate target).
+  choice(item, key, values, name) {
+    const select = el(
+      "select",
+      { "aria-label": `${key} of ${name}`, onchange: () => (item[key] = select.value) },
+      ...values.map((v) => el("option", { value: v, selected: v === item[key] }, v.replace("_", " "))),
+    );
+    return el("label", { className: "muted" }, `${key} `, select);
   }
 
   valueInputs(item, [min, max], name) {
@@ -150,32 +167,48 @@ export function featurePath(sae, index) {
   return `/v1/saes/${encodeURIComponent(sae)}/features/${index}`;
 }
 
+// Options at their API defaults are left out, so a plain row sends the plain JSON.
+function withOptions(out, item) {
+  if (item.positions && item.positions !== "all") out.positions = item.positions;
+  return out;
+}
+
 function featureIntervention(item) {
   const out = { feature: ref(item), mode: item.mode };
   if (item.mode === "add") out.strength = item.value;
+  if (item.mode === "add" && item.scale && item.scale !== "raw") out.scale = item.scale;
   if (item.mode === "clamp") out.value = item.value;
   if (item.mode === "scale") out.factor = item.value;
-  return out;
+  if (item.mode === "ablate" && item.to === "mean") out.to = "mean";
+  return withOptions(out, item);
 }
 
 function vectorIntervention(item) {
   const out = { vector: item.id, mode: item.mode };
   if (item.mode === "add") out.strength = item.value;
-  return out;
+  return withOptions(out, item);
 }
 
 const VALUE_KEY = { add: "strength", clamp: "value", scale: "factor", ablate: null };
 
+// A stored intervention -> an editable row when the panel has controls for all of it, else a raw row.
 function rowOf(s) {
-  const extra = Object.keys(s).filter((k) => !["feature", "vector", "mode", VALUE_KEY[s.mode]].includes(k));
-  const plainPositions = extra.every((k) => k === "positions") && (s.positions || "all") === "all";
-  const addScaleRaw = s.mode !== "add" || !s.scale || s.scale === "raw";
-  if (s.feature && s.mode in VALUE_KEY && addScaleRaw && plainPositions && !("to" in s)) {
+  const known = ["feature", "vector", "mode", "positions", VALUE_KEY[s.mode]];
+  if (s.mode === "add") known.push("scale");
+  if (s.mode === "ablate") known.push("to");
+  const positions = s.positions || "all";
+  const fits =
+    Object.keys(s).every((k) => known.includes(k)) &&
+    POSITIONS.includes(positions) &&
+    ADD_SCALES.includes(s.scale || "raw") &&
+    ABLATE_TO.includes(s.to || "zero");
+  if (fits && s.feature && s.mode in VALUE_KEY) {
     const value = VALUE_KEY[s.mode] ? s[VALUE_KEY[s.mode]] : 0;
-    return { kind: "feature", sae: s.feature.sae, index: s.feature.index, label: null, mode: s.mode, value };
+    const { sae, index } = s.feature;
+    return { kind: "feature", sae, index, label: null, mode: s.mode, value, positions, scale: s.scale || "raw", to: s.to || "zero" };
   }
-  if (s.vector && (s.mode === "add" || s.mode === "project_out") && plainPositions) {
-    return { kind: "vector", id: s.vector, mode: s.mode, value: s.strength ?? 0 };
+  if (fits && s.vector && (s.mode === "add" || s.mode === "project_out")) {
+    return { kind: "vector", id: s.vector, mode: s.mode, value: s.strength ?? 0, positions };
   }
   return { kind: "raw", json: s };
 }
