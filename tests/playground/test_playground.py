@@ -298,3 +298,32 @@ def test_modes_map_to_the_api_and_tokens_navigate_by_keyboard(page, playground_s
     first.get_by_role("button", name=re.compile("^Colour by")).click()
     assert page.get_by_label("Colour by feature").input_value() == f"{scenario.sae}|{index}"
     page.locator("#activation-note", has_text=f"{scenario.sae} #{index},").wait_for()
+
+
+def test_stop_when_ends_the_steered_stream_as_the_api_does(page, playground_server, scenario):
+    server = playground_server
+    open_page(page, server, scenario)
+    page.get_by_label("Search features by label").fill(scenario.query)
+    page.get_by_label("Search features by label").press("Enter")
+    page.get_by_role("button", name=f"Add {scenario.feature}", exact=True).click()
+    # a ReLU feature is never below 0: "above -1" holds at the first generated token, whatever the text
+    page.get_by_label("stop when").select_option(label=scenario.feature)
+    page.get_by_label("is above").fill("-1")
+    page.get_by_label("temperature").fill("0")
+    prompt = page.get_by_role("textbox", name=re.compile("^Prompt"))
+    prompt.fill(scenario.prompt)
+    with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
+        generate(page, prompt)
+    body = sent.value.post_data_json
+    sae, index = _feature_ref(scenario.feature)
+    assert body["stop_when"] == [{"feature": {"sae": sae, "index": index}, "above": -1}]
+
+    choices = api(server, "POST", "/v1/completions", json={**body, "stream": False})["choices"]
+    steered = next(c for c in choices if c["steered"])
+    twin = next(c for c in choices if not c["steered"])  # the unsteered twin runs without stop_when
+    assert steered["finish_reason"] == "feature_stop" and twin["finish_reason"] != "feature_stop"
+    note = page.locator("#stop-steered")
+    assert note.is_visible() and f"position {steered['feature_stop']['position']}" in note.inner_text()
+    assert page.locator("#stop-unsteered").is_hidden()
+    assert page.locator("#out-steered").inner_text() == steered["text"]
+    assert page.locator("#out-unsteered").inner_text() == twin["text"]

@@ -14,6 +14,7 @@ const ui = {
   variantLoadForm: $("variant-load-form"), variantSelect: $("variant-select"),
   saveForm: $("variant-save-form"), variantId: $("variant-id"), saved: $("variant-saved"),
   model: $("model-select"), prompt: $("prompt"), colour: $("colour-feature"),
+  stopFeature: $("stop-feature"), stopAbove: $("stop-above"),
 };
 const pinned = []; // features chosen to colour by from a token's list, beside the steered ones
 let colourPick = null; // the colour-by option the user chose last
@@ -58,9 +59,22 @@ function refreshColourOptions() {
   for (const opt of ui.indexSae.options) {
     options.push(el("option", { value: `${opt.value}|` }, `strongest feature of ${opt.value}`));
   }
+  const stopPick = ui.stopFeature.value;
+  const named = options.filter((o) => !o.value.endsWith("|")).map((o) => o.cloneNode(true));
+  ui.stopFeature.replaceChildren(el("option", { value: "" }, "never"), ...named);
+  if ([...ui.stopFeature.options].some((o) => o.value === stopPick)) ui.stopFeature.value = stopPick;
   ui.colour.replaceChildren(...options);
   // the user's pick while it exists; else the first steered feature, else the first SAE's strongest
   if ([...ui.colour.options].some((o) => o.value === colourPick)) ui.colour.value = colourPick;
+}
+
+// {stop_when: [condition]} from the "stop when" row, or {} when it says never.
+function stopWhen() {
+  if (!ui.stopFeature.value) return {};
+  const [sae, index] = ui.stopFeature.value.split("|");
+  const above = numberField("stop-above", "the stop threshold");
+  if (above === undefined) throw new Error("give the stop threshold a number");
+  return { stop_when: [{ feature: { sae, index: Number(index) }, above }] };
 }
 
 function chosenFeature() {
@@ -108,6 +122,7 @@ async function generate() {
     seed: numberField("seed", "seed"),
     return_unsteered: true,
     ...panel.request(),
+    ...stopWhen(),
   };
   const chat = isChat();
   if (chat) body.messages = [{ role: "user", content: prompt }];
@@ -115,7 +130,8 @@ async function generate() {
   button.disabled = true;
   try {
     const path = chat ? "/v1/chat/completions" : "/v1/completions";
-    const out = await streamPair(path, body, $("out-steered"), $("out-unsteered"));
+    const stops = { steered: $("stop-steered"), unsteered: $("stop-unsteered") };
+    const out = await streamPair(path, body, $("out-steered"), $("out-unsteered"), stops);
     const text = out.steered ?? out.unsteered;
     const request = chat
       ? { messages: [...body.messages, { role: "assistant", content: text }] }

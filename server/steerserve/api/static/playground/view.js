@@ -5,9 +5,11 @@ import { el, featureName, tokenText } from "./dom.js";
 import { featurePath } from "./steering.js";
 
 // Stream one call with return_unsteered; the steered choice goes left, its unsteered twin right.
-// Returns {steered, unsteered} texts (steered is null when the call carried no steering).
-export async function streamPair(path, body, outSteered, outUnsteered) {
+// Returns {steered, unsteered} texts (steered is null when the call carried no steering). A choice that
+// `stop_when` ended gets a note under its text (`stopEls`: {steered, unsteered} elements).
+export async function streamPair(path, body, outSteered, outUnsteered, stopEls = {}) {
   const texts = {};
+  for (const note of Object.values(stopEls)) note.hidden = true;
   let steeredSeen = false;
   outSteered.textContent = "";
   outUnsteered.textContent = "";
@@ -23,6 +25,7 @@ export async function streamPair(path, body, outSteered, outUnsteered) {
         const key = steered ? "steered" : "unsteered";
         texts[key] = (texts[key] || "") + piece;
         (steered ? outSteered : outUnsteered).textContent = texts[key];
+        if (choice.feature_stop && stopEls[key]) showStop(stopEls[key], choice.feature_stop);
       }
     });
   } finally {
@@ -31,6 +34,14 @@ export async function streamPair(path, body, outSteered, outUnsteered) {
   }
   if (!steeredSeen) outSteered.textContent = "(nothing steers this call: see the unsteered completion)";
   return { steered: steeredSeen ? texts.steered || "" : null, unsteered: texts.unsteered || "" };
+}
+
+function showStop(note, stop) {
+  const bound = stop.above !== undefined ? `above ${stop.above}` : `below ${stop.below}`;
+  const f = stop.feature || {};
+  note.textContent = `stopped by stop_when: ${f.sae} #${f.index} was ${Number(stop.activation).toFixed(3)} ` +
+    `(${bound}) at token ${JSON.stringify(stop.token)}, position ${stop.position}`;
+  note.hidden = false;
 }
 
 // The tokens of an inspected text, coloured by one feature, with the hovered or selected token's
