@@ -16,6 +16,8 @@ from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, Vari
 from steerserve.sites import Site
 
 _EXACT_LABEL_BONUS = 1000.0
+# FeatureInfo's fields besides `index`, each a column of `features` of the same name
+_FEATURE_FIELDS = ("label", "explanation", "max_activation", "density", "mean_activation")
 _SAE_COLUMNS = (
     "id, uid, model, layer, hook, d_in, d_sae, architecture, has_threshold, k, apply_b_dec_to_input, "
     "dtype, blob_sha256, size_bytes, meta, created"
@@ -82,33 +84,23 @@ def delete_sae(tx: Tx, sae_id: str) -> SAERecord | None:
 
 def upsert_features(tx: Tx, sae_id: str, infos: list[FeatureInfo]) -> None:
     """Insert or merge: a None field keeps what is stored."""
+    merge = ", ".join(f"{c} = COALESCE(excluded.{c}, features.{c})" for c in _FEATURE_FIELDS)
     tx.executemany(
-        "INSERT INTO features (sae_id, idx, label, explanation, max_activation, density, mean_activation) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sae_id, idx) DO UPDATE SET "
-        "label = COALESCE(excluded.label, features.label), "
-        "explanation = COALESCE(excluded.explanation, features.explanation), "
-        "max_activation = COALESCE(excluded.max_activation, features.max_activation), "
-        "density = COALESCE(excluded.density, features.density), "
-        "mean_activation = COALESCE(excluded.mean_activation, features.mean_activation)",
-        [
-            (sae_id, f.index, f.label, f.explanation, f.max_activation, f.density, f.mean_activation)
-            for f in infos
-        ],
+        f"INSERT INTO features (sae_id, idx, {', '.join(_FEATURE_FIELDS)}) "
+        f"VALUES (?, ?, {', '.join('?' * len(_FEATURE_FIELDS))}) "
+        f"ON CONFLICT (sae_id, idx) DO UPDATE SET {merge}",
+        [(sae_id, f.index, *(getattr(f, c) for c in _FEATURE_FIELDS)) for f in infos],
     )
 
 
 def get_feature(tx: Tx, sae_id: str, index: int) -> FeatureInfo | None:
     row = tx.one(
-        "SELECT idx, label, explanation, max_activation, density, mean_activation FROM features "
-        "WHERE sae_id = ? AND idx = ?",
+        f"SELECT idx, {', '.join(_FEATURE_FIELDS)} FROM features WHERE sae_id = ? AND idx = ?",
         (sae_id, index),
     )
     if row is None:
         return None
-    return FeatureInfo(
-        row["idx"], row["label"], row["explanation"], row["max_activation"], row["density"],
-        row["mean_activation"],
-    )  # fmt: skip
+    return FeatureInfo(row["idx"], **{c: row[c] for c in _FEATURE_FIELDS})
 
 
 def count_features(tx: Tx, sae_id: str) -> int:

@@ -122,6 +122,16 @@ class _Compiler:
             raise _bad(f"{param}.latch", "is not allowed here: a stop condition ends the generation")
         return Gate(SAERef(record.id, record.uid), index, record.site, latch=latch, **bounds)
 
+    def recorded(self, record, index: int, stat: str, param: str, how: str = "") -> float:
+        """The feature's stored `stat` (max_activation, mean_activation); 400 on `param` when unknown."""
+        value = getattr(self.registry.get_feature(record.id, index), stat)
+        if value is None:
+            what = stat.replace("_", " ")
+            raise _bad(
+                param, f"feature {index} of SAE {record.id!r} has no recorded {what}" + (how and f": {how}")
+            )
+        return value
+
     def feature_intervention(self, item: dict, mode: object, param: str) -> Intervention:
         record, index = self.sae(item["feature"], f"{param}.feature")
         common = dict(
@@ -137,12 +147,7 @@ class _Compiler:
                 raise _bad(f"{param}.scale", f"must be raw, unit or max_activation, got {scale!r}")
             max_act = None
             if scale == "max_activation":
-                max_act = self.registry.get_feature(record.id, index).max_activation
-                if max_act is None:
-                    raise _bad(
-                        f"{param}.scale",
-                        f"feature {index} of SAE {record.id!r} has no recorded max activation",
-                    )
+                max_act = self.recorded(record, index, "max_activation", f"{param}.scale")
             return Intervention(
                 "feature_add",
                 value=self.number(item, "strength", param),
@@ -157,13 +162,8 @@ class _Compiler:
         if mode == "ablate":
             to = item.get("to", "zero")
             if to == "mean":
-                mean = self.registry.get_feature(record.id, index).mean_activation
-                if mean is None:
-                    raise _bad(
-                        f"{param}.to",
-                        f"feature {index} of SAE {record.id!r} has no recorded mean activation: compute "
-                        f'them with `steerserve registry stats {record.id}`, or use "to": "zero"',
-                    )
+                how = f'compute them with `steerserve registry stats {record.id}`, or use "to": "zero"'
+                mean = self.recorded(record, index, "mean_activation", f"{param}.to", how)
                 return Intervention("feature_ablate", value=mean, **common)
             if to not in ("zero", 0, 0.0):
                 raise _bad(f"{param}.to", f'must be "zero" or "mean", got {to!r}')
