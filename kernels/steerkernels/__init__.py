@@ -14,10 +14,11 @@ Index conventions shared by the residual-stream ops:
   pos_class [T] int8/int32: 0 = prompt token, 1 = generated token; required with slot_positions.
   A token is steered when its slot is valid and slot_positions[slot] is 0 or pos_class[t] + 1.
 
-Backends: `reference` (pure torch, the spec; runs on any device) and Triton (`triton_*` modules,
-imported lazily so this package imports without triton). Each op takes `backend=None|"auto"|"torch"|
-"triton"`; None reads env STEERKERNELS_BACKEND (default auto: Triton on CUDA tensors or under
-TRITON_INTERPRET=1, the reference otherwise). `validate=True` also range-checks index/value tensors
+Backends: `reference` (pure torch, the spec; runs on any device), Triton (`triton_*` modules,
+imported lazily so this package imports without triton) and `cpu` (C++ for CPU tensors, `cpu.py`:
+the residual ops and apply_logit_bias; the rest run the reference). Each op takes `backend=None|"auto"|
+"torch"|"triton"|"cpu"`; None reads env STEERKERNELS_BACKEND (default auto: Triton on CUDA tensors or
+under TRITON_INTERPRET=1, else `cpu` when its library builds here, else the reference). `validate=True` also range-checks index/value tensors
 (one device sync each); with False the kernels still mask bad ids, so nothing is written out of bounds.
 """
 
@@ -44,8 +45,13 @@ TRITON_MAX_TOPK = 256
 
 def _impl(name: str, backend: str | None, device: torch.device):
     """The backend module that implements op `name` for this call."""
-    if C.resolve_backend(backend, device) == "torch":
+    choice = C.resolve_backend(backend, device)
+    if choice == "torch":
         return reference
+    if choice == "cpu":
+        from steerkernels import cpu
+
+        return cpu if name in cpu.OPS else reference
     if name in ("steer_add", "project_clamp", "sae_edit", "sae_feature_acts"):
         from steerkernels import triton_residual as mod
     elif name == "apply_logit_bias":

@@ -1,4 +1,4 @@
-"""Argument checks shared by every op and both backends.
+"""Argument checks shared by every op and every backend.
 
 Shape, dtype and device checks are free (no device sync) and always run. Range checks on index and value
 tensors read the data (one device sync each on CUDA) and run only when the caller asks for validation;
@@ -17,14 +17,14 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 FP32 = (torch.float32,)
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """`torch` or `triton` for this call: the argument, else env STEERKERNELS_BACKEND, else `auto`.
+    """`torch`, `triton` or `cpu` for this call: the argument, else env STEERKERNELS_BACKEND, else `auto`.
 
-    `auto` is Triton on CUDA tensors (and on CPU tensors when TRITON_INTERPRET=1), the torch reference
-    otherwise.
+    `auto` is Triton on CUDA tensors (and on CPU tensors when TRITON_INTERPRET=1), the C++ CPU backend on
+    CPU tensors when its library builds here, the torch reference otherwise.
     """
     choice = backend if backend is not None else os.environ.get("STEERKERNELS_BACKEND", "auto") or "auto"
     if choice not in BACKENDS:
@@ -33,7 +33,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if choice == "auto":
         if device.type == "cuda" or interpret:
             return "triton" if triton_available() else "torch"
-        return "torch"
+        return "cpu" if device.type == "cpu" and cpu_available() else "torch"
     if choice == "triton":
         if not triton_available():
             raise ValueError("backend='triton' but the triton package is not installed")
@@ -41,7 +41,18 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise ValueError(
                 f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; got device {device}"
             )
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors; got device {device}")
+        if not cpu_available():
+            raise ValueError("backend='cpu' but its C++ library cannot be built here (see the log)")
     return choice
+
+
+def cpu_available() -> bool:
+    from steerkernels import cpu
+
+    return cpu.available()
 
 
 def triton_available() -> bool:

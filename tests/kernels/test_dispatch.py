@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import steerkernels as sk
-from steerkernels import _checks, reference
+from steerkernels import _cbuild, _checks, cpu, reference
 from tests.kernels.helpers import rand, token_plan
 
 
@@ -18,7 +18,7 @@ def test_resolve_backend(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("STEERKERNELS_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert _checks.resolve_backend(None, cpu) == "torch"
+    assert _checks.resolve_backend(None, cpu) == "cpu"  # this machine has a C++ compiler
     assert _checks.resolve_backend("auto", cuda) == "triton"
     assert _checks.resolve_backend("torch", cuda) == "torch"
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors or TRITON_INTERPRET=1"):
@@ -28,9 +28,26 @@ def test_resolve_backend(monkeypatch):
     monkeypatch.setenv("STEERKERNELS_BACKEND", "torch")
     assert _checks.resolve_backend(None, cpu) == "torch"
     assert _checks.resolve_backend("triton", cpu) == "triton"  # the argument wins over the env
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors; got device cuda"):
+        _checks.resolve_backend("cpu", cuda)
     monkeypatch.setenv("STEERKERNELS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'torch', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'torch', 'triton', 'cpu'\)"):
         _checks.resolve_backend(None, cpu)
+
+
+def test_cpu_backend_falls_back_when_it_cannot_build(monkeypatch, tmp_path):
+    """No compiler, a compiler that fails, or STEERKERNELS_CPU=0: auto is the reference, never an error."""
+    monkeypatch.setenv("STEERSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("STEERKERNELS_BACKEND", raising=False)
+    for compiler, env in ((lambda: None, "1"), (lambda: "/bin/false", "1"), (_cbuild.compiler, "0")):
+        monkeypatch.setattr(cpu, "_state", {})
+        monkeypatch.setattr(_cbuild, "compiler", compiler)
+        monkeypatch.setenv("STEERKERNELS_CPU", env)
+        assert not cpu.available()
+        assert _checks.resolve_backend(None, torch.device("cpu")) == "torch"
+        with pytest.raises(ValueError, match="backend='cpu' but its C.. library cannot be built here"):
+            _checks.resolve_backend("cpu", torch.device("cpu"))
 
 
 def test_env_switch_reaches_the_op(monkeypatch, gen):

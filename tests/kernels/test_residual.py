@@ -86,8 +86,10 @@ def to(args: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
-def check_in_place(op: str, h0: torch.Tensor, args: dict, device: str, dtype: torch.dtype) -> None:
-    """Run the reference and Triton and compare. Every other row without work is poisoned with NaN (a
+def check_in_place(
+    op: str, h0: torch.Tensor, args: dict, device: str, dtype: torch.dtype, backend: str = "triton"
+) -> None:
+    """Run the reference and `backend` and compare. Every other row without work is poisoned with NaN (a
     stray read shows in the rows with work), the rest keep random values (a stray write shows)."""
     work = work_rows(op, args)
     assert work.any(), "a case without work tests nothing"
@@ -95,7 +97,7 @@ def check_in_place(op: str, h0: torch.Tensor, args: dict, device: str, dtype: to
     idle = (~work).nonzero().squeeze(1)
     h0[idle[::2]] = float("nan")
     ref = getattr(sk, op)(h0.clone(), **args, backend="torch")
-    out = getattr(sk, op)(h0.clone().to(device), **to(args, device), backend="triton").cpu()
+    out = getattr(sk, op)(h0.clone().to(device), **to(args, device), backend=backend).cpu()
     assert same_bits(out[~work], h0[~work]), "rows without work must be bit-identical"
     assert not torch.equal(ref[work], h0[work]), "the op changed nothing: the case is too weak"
     assert_close(out[work], ref[work], dtype, f"{op} {dtype}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from steerkernels import _cbuild
 from steerserve.runner import cpu_attention
 from steerserve.runner.attention import AttentionMetadata, KVCache, RequestSpan, steerserve_attention
 
@@ -251,10 +252,10 @@ def test_build_failure_falls_back(monkeypatch, tmp_path):
     """No compiler, or a compiler that fails: load() is None (SDPA), never an exception."""
     monkeypatch.setenv("STEERSERVE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_attention, "_state", {})
-    monkeypatch.setattr(cpu_attention, "_compiler", lambda: None)
+    monkeypatch.setattr(_cbuild, "compiler", lambda: None)
     assert cpu_attention.load() is None
     monkeypatch.setattr(cpu_attention, "_state", {})
-    monkeypatch.setattr(cpu_attention, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(_cbuild, "compiler", lambda: "/bin/false")
     assert cpu_attention.load() is None
     monkeypatch.setattr(cpu_attention, "_state", {})
     monkeypatch.setenv("STEERSERVE_CPU_ATTENTION", "0")

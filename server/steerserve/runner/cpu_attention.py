@@ -7,9 +7,8 @@ when a request's blocks are contiguous, a row index when fragmented). fp32 and b
 GQA, sliding window and soft-capping. Prefill needs AVX-512 (else SDPA does the chunks).
 
 The library is plain C ABI (no torch headers), compiled on first use with the system C++ compiler
-(`-O3 -march=native -fopenmp`, about 1-2 s) into a per-machine cache directory, keyed by a hash of the
-source, the flags, the compiler and the CPU, so a machine compiles it once:
-`$STEERSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/steerserve/kernels`, else `~/.cache/steerserve/kernels`.
+(`-O3 -march=native -fopenmp`, about 1-2 s) into a per-machine cache (steerkernels/_cbuild.py), so a
+machine compiles it once.
 When the build or load fails (no compiler, odd CPU), `load()` returns None once with a warning and
 attention stays on PyTorch SDPA. `STEERSERVE_CPU_ATTENTION=0` turns the kernels off,
 `STEERSERVE_CPU_PREFILL=0` only the prefill one.
@@ -18,18 +17,15 @@ attention stays on PyTorch SDPA. `STEERSERVE_CPU_ATTENTION=0` turns the kernels 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
+
+from steerkernels import _cbuild
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +34,6 @@ SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
 HEADERS = (CSRC / "cpu_attention.h",)
 ABI_VERSION = 2
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
-_COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 
 PREFILL = os.environ.get("STEERSERVE_CPU_PREFILL", "1") != "0"  # prefill chunks on the kernel too
 _lock = threading.Lock()
@@ -101,67 +95,6 @@ class WriteArgs(ctypes.Structure):
     ]
 
 
-def cache_dir() -> Path:
-    if os.environ.get("STEERSERVE_KERNEL_CACHE"):
-        return Path(os.environ["STEERSERVE_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "steerserve" / "kernels"
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags: -march=native code must not run on another CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(cxx: str) -> Path:
-    src = b"\0".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join(
-                [src, " ".join(flags + _COMMON_FLAGS).encode(), version.encode(), _cpu_signature().encode()]
-            )
-        ).hexdigest()[:16]
-        out = cache_dir() / f"cpu_attention_{key}.so"
-        if out.exists():
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # NOTE: build into a temp file and rename: concurrent builders never see a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [cxx, *flags, *_COMMON_FLAGS, *map(str, SOURCES), "-o", tmp],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if proc.returncode == 0:
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-            logger.info("built %s in %.1f s", out, time.perf_counter() - t0)
-            return out
-        os.unlink(tmp)
-        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-2000:]}")
-    raise RuntimeError("compilation failed:\n" + "\n".join(errors))
-
-
 def _open(path: Path):
     lib = ctypes.CDLL(str(path))
     if lib.ss_abi_version() != ABI_VERSION:
@@ -189,12 +122,12 @@ def _try_load():
     if platform.system() != "Linux":
         logger.info("CPU attention kernel: only built on Linux; using SDPA")
         return None
-    cxx = _compiler()
+    cxx = _cbuild.compiler()
     if cxx is None:
         logger.warning("CPU attention kernel: no C++ compiler found (set CXX); using SDPA")
         return None
     try:
-        return _open(_build(cxx))
+        return _open(_cbuild.build("cpu_attention", cxx, SOURCES, HEADERS))
     except Exception as exc:  # any failure means SDPA, never a dead server
         logger.warning("CPU attention kernel unavailable, using SDPA: %s", exc)
         return None

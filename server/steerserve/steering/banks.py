@@ -27,35 +27,76 @@ def slots_for(row: int, positions: str) -> tuple[int, ...]:
 
 
 class SAEEdits:
-    """Feature edits of one SAE at one site: `[2R, F]` padded index tensors."""
+    """Feature edits of one SAE at one site, held as a slot-local SAE.
 
-    def __init__(self, weights: SAEWeights, num_slots: int, width: int, device):
+    Edit j of slot s is local feature `s * cap + j`: its encoder column, encoder bias, threshold and
+    decoder row are copied out of the SAE at admission into `[2R, cap, d]` / `[2R, cap]` buffers, and the
+    kernel gets these as the SAE. NOTE: a decode step's tokens each read their own feature; reading
+    W_enc's columns in place is d strided reads over the whole [d, d_sae] matrix (cache and TLB misses:
+    ~300 us per 64-token step on CPU), the local copies are contiguous (~50 us). `cap` grows by doubling
+    up to `max_feature_edits`, so a site that clamps one feature per request holds one column per slot.
+    """
+
+    def __init__(self, weights: SAEWeights, num_slots: int, max_width: int, device):
         self.weights = weights
         self.refs = 0  # rows using this SAE here
-        self.feat_idx = torch.full((num_slots, width), -1, dtype=torch.int64, device=device)
-        self.mode = torch.zeros((num_slots, width), dtype=torch.int8, device=device)
-        self.value = torch.zeros((num_slots, width), dtype=torch.float32, device=device)
+        self.max_width = max_width
+        self.device = device
         self.count = [0] * num_slots
         self.has_row = torch.zeros(num_slots // 2, dtype=torch.bool, device=device)
+        self._resize(1)
+
+    def _resize(self, cap: int) -> None:
+        S, d, dev = len(self.count), self.weights.W_dec.shape[1], self.device
+        old = self.__dict__.get("enc")
+        buffers = {
+            "enc": torch.zeros((S, cap, d), dtype=torch.float32, device=dev),  # encoder columns, as rows
+            "dec": torch.zeros((S, cap, d), dtype=torch.float32, device=dev),
+            "b_enc": torch.zeros((S, cap), dtype=torch.float32, device=dev),
+            "threshold": torch.zeros((S, cap), dtype=torch.float32, device=dev),
+            "mode": torch.zeros((S, cap), dtype=torch.int64, device=dev),
+            "value": torch.zeros((S, cap), dtype=torch.float32, device=dev),
+        }
+        for name, buf in buffers.items():
+            if old is not None:
+                buf[:, : old.shape[1]] = getattr(self, name)
+            setattr(self, name, buf)
+        col = torch.arange(cap, device=dev)
+        local = torch.arange(S, device=dev)[:, None] * cap + col  # [S, cap]
+        counts = torch.tensor(self.count, device=dev)[:, None]
+        self.local_idx = torch.where(col < counts, local, -1)  # -1 = padding
 
     def add(self, slot: int, index: int, kind: str, value: float) -> None:
         k = self.count[slot]
-        if k >= self.feat_idx.shape[1]:
-            raise ValueError(f"more than {self.feat_idx.shape[1]} feature edits of one SAE at one site")
-        self.feat_idx[slot, k], self.mode[slot, k], self.value[slot, k] = index, _EDIT_MODE[kind], value
+        if k >= self.max_width:
+            raise ValueError(f"more than {self.max_width} feature edits of one SAE at one site")
+        cap = self.enc.shape[1]
+        if k >= cap:
+            self._resize(min(2 * cap, self.max_width))
+            cap = self.enc.shape[1]
+        w = self.weights
+        self.enc[slot, k] = w.W_enc[:, index]
+        self.dec[slot, k] = w.W_dec[index]
+        self.b_enc[slot, k] = w.b_enc[index]
+        if w.threshold is not None:
+            self.threshold[slot, k] = w.threshold[index]
+        self.mode[slot, k], self.value[slot, k] = _EDIT_MODE[kind], value
+        self.local_idx[slot, k] = slot * cap + k
         self.count[slot] = k + 1
 
     def clear_row(self, row: int) -> None:
         for slot in (2 * row, 2 * row + 1):
-            self.feat_idx[slot].fill_(-1)
+            self.local_idx[slot].fill_(-1)
             self.count[slot] = 0
 
     def apply(self, h: torch.Tensor, slots: torch.Tensor) -> None:
         w = self.weights
-        width = max(self.count)  # NOTE: only as wide as the busiest slot: the kernels gather per column
+        S, cap, d = self.enc.shape
+        width = max(self.count)  # NOTE: only as wide as the busiest slot: the kernels loop per column
         steerkernels.sae_edit(
-            h, slots, self.feat_idx[:, :width], w.W_enc, w.b_enc, w.W_dec, w.b_dec,
-            w.threshold if w.architecture == "jumprelu" else None,
+            h, slots, self.local_idx[:, :width], self.enc.view(S * cap, d).t(), self.b_enc.view(-1),
+            self.dec.view(S * cap, d), w.b_dec,
+            self.threshold.view(-1) if w.architecture == "jumprelu" else None,
             w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width], None, validate=False,
         )  # fmt: skip
 
@@ -73,9 +114,8 @@ class SiteBank:
         self.lo = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
         self.hi = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
         self.dir_count = torch.zeros(s, dtype=torch.int32, device=device)
-        self.has_proj = torch.zeros(num_rows, dtype=torch.bool, device=device)
         self.edits: dict[str, SAEEdits] = {}  # sae uid -> edits
-        self.add_rows: set[int] = set()  # host mirrors of has_add / has_proj: skip idle kernels
+        self.add_rows: set[int] = set()  # rows with additive / projection work: skip idle kernels
         self.proj_rows: set[int] = set()
         self.proj_count = [0] * s
 
@@ -97,7 +137,6 @@ class SiteBank:
             self.dirs[slot, k], self.lo[slot, k], self.hi[slot, k] = unit, lo, hi
             self.proj_count[slot] = k + 1
             self.dir_count[slot] = k + 1
-        self.has_proj[row] = True
         self.proj_rows.add(row)
 
     def add_edit(
@@ -119,7 +158,6 @@ class SiteBank:
         self.has_add[row] = False
         self.dir_count[2 * row : 2 * row + 2] = 0
         self.proj_count[2 * row] = self.proj_count[2 * row + 1] = 0
-        self.has_proj[row] = False
         self.add_rows.discard(row)
         self.proj_rows.discard(row)
         for uid, edits in list(self.edits.items()):
@@ -130,17 +168,18 @@ class SiteBank:
                 if edits.refs == 0:
                     del self.edits[uid]
 
-    def apply(self, h: torch.Tensor, token_row: torch.Tensor, token_slot: torch.Tensor) -> None:
-        """Edit `h` [T, d] in place for the tokens whose rows act here (token_slot -1 = none)."""
-        steered = token_row >= 0
-        safe_row = token_row.clamp(min=0)
+    def apply(self, h: torch.Tensor, token_slot: torch.Tensor) -> None:
+        """Edit `h` [T, d] in place for the tokens whose slots act here (token_slot -1 = none).
+
+        Slots without work here cost nothing and are not written: they have no edit columns (-1) and no
+        projection directions (dir_count 0); additive steering is masked to the rows that have some.
+        """
         for edits in self.edits.values():
-            edits.apply(h, torch.where(steered & edits.has_row[safe_row], token_slot, -1))
+            edits.apply(h, token_slot)
         if self.proj_rows:
-            slots = torch.where(steered & self.has_proj[safe_row], token_slot, -1)
             steerkernels.project_clamp(
-                h, slots, self.dirs, self.lo, self.hi, self.dir_count, None, validate=False
+                h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, None, validate=False
             )
         if self.add_rows:
-            slots = torch.where(steered & self.has_add[safe_row], token_slot, -1)
+            slots = torch.where(self.has_add[token_slot.clamp(min=0) // 2], token_slot, -1)
             steerkernels.steer_add(h, slots, self.add, None, validate=False)

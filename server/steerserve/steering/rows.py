@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.config import SteeringConfig
+from steerserve.registry import SAEWeights
 from steerserve.sites import Site
 from steerserve.steering.banks import SiteBank
 from steerserve.steering.gates import GateTable, StopHit
@@ -107,7 +108,10 @@ class SteeringRows:
     def _write(self, row: int, spec: SteeringSpec) -> None:
         res = self.resources
         refs = [iv.sae for iv in spec.interventions if iv.sae is not None] + [g.sae for g in spec.gates()]
-        saes = {ref.uid: res.sae(ref) for ref in refs}  # once each
+        saes: dict[str, SAEWeights] = {}
+        for ref in refs:  # NOTE: one registry lookup per SAE, not per intervention
+            if ref.uid not in saes:
+                saes[ref.uid] = res.sae(ref)
         self.gates.write(row, spec, saes)
         for iv in spec.interventions:
             k = -1 if iv.gate is None else self.gates.gate_number(row, iv.gate)
@@ -160,7 +164,7 @@ class SteeringRows:
             self.gates.evaluate(site, h)  # before any intervention at this site
         for k, bank in self.banks.get(site, {}).items():
             slots = self._token_slot if k < 0 else self.gates.token_slots(k, self._token_slot)
-            bank.apply(h, self._token_row, slots)
+            bank.apply(h, slots)
 
     # -- per step -------------------------------------------------------------------------------
     @property
