@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import steerkernels.cpu
 from steerserve.config import SteeringConfig
 from steerserve.registry import FeatureInfo, SAEWeights, SteeringVector
 from steerserve.sites import Site
@@ -85,6 +86,18 @@ class SteeringWorld:
         }
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(
+    scope="module",
+    params=[("gpt2", "cpu"), ("llama", "cpu"), ("gpt2", "torch"), ("llama", "torch")],
+    ids=lambda p: "-".join(p),
+)
 def world(request, tiny_model_dir):
-    return SteeringWorld(tiny_model_dir(request.param))
+    """The engine on each tiny model, with the steering ops on the C++ CPU backend and on the torch
+    reference (STEERKERNELS_BACKEND: a bare pytest run of the kernel tests sets TRITON_INTERPRET, which
+    would otherwise pick interpreted Triton)."""
+    arch, backend = request.param
+    if backend == "cpu" and not steerkernels.cpu.available():
+        pytest.skip("the C++ CPU backend cannot be built here")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEERKERNELS_BACKEND", backend)
+        yield SteeringWorld(tiny_model_dir(arch))

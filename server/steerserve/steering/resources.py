@@ -88,7 +88,9 @@ class SteeringResources:
                 else:
                     found[key] = effect
             if missing:
-                rows = torch.stack([self.sae(ref).W_dec[index] for (_, index), ref in missing.items()])
+                refs = {uid: ref for (uid, _), ref in missing.items()}
+                saes = {uid: self.sae(ref) for uid, ref in refs.items()}  # NOTE: one lookup per SAE
+                rows = torch.stack([saes[uid].W_dec[index] for uid, index in missing])
                 for ((uid, index), ref), effect in zip(missing.items(), self.readout(rows), strict=True):
                     self.effect_misses += 1
                     found[(uid, index)] = self._remember(uid, index, effect)
