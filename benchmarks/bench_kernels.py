@@ -2,8 +2,8 @@
 
 For each op at serving shapes: the naive way (a Python loop over requests as in a forward hook; per-row
 `logits[i, ids] += bias`; a full SAE encode), then ours (`steerkernels`, backend auto: Triton on CUDA,
-the torch reference on CPU), eager and, on CUDA, replayed from a CUDA graph (how an engine runs it;
-launch overhead gone). Bytes = every tensor the op must touch read / written once; `roof` = bytes at
+the C++ backend on CPU), eager and, on CUDA, replayed from a CUDA graph (how an engine runs it;
+launch overhead gone); `ref ms` is the same call on the torch reference (`ref x` = ref / ours). Bytes = every tensor the op must touch read / written once; `roof` = bytes at
 the copy bandwidth measured in this run; `x roof` = best time of ours / roof (target <= 1.5 on GPU).
 
     python benchmarks/bench_kernels.py            # serving shapes (GPU)
@@ -13,6 +13,7 @@ the copy bandwidth measured in this run; `x roof` = best time of ours / roof (ta
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,19 @@ def timed(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3)
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
+
+
+def timed_on_reference(fn: Callable[[], object], device: torch.device) -> float:
+    """`timed(fn)` with every op on the torch reference (the backend is read from the env per call)."""
+    old = os.environ.get("STEERKERNELS_BACKEND")
+    os.environ["STEERKERNELS_BACKEND"] = "torch"
+    try:
+        return timed(fn, device)
+    finally:
+        if old is None:
+            del os.environ["STEERKERNELS_BACKEND"]
+        else:
+            os.environ["STEERKERNELS_BACKEND"] = old
 
 
 def graphed(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -209,7 +223,11 @@ def cases(quick: bool, device: torch.device) -> list[Callable[[], list[Case]]]:
         return [
             lambda: steer_cases(1, 768, 1, bf16, device),
             lambda: steer_cases(64, 768, 8, bf16, device),
+            lambda: steer_cases(64, 768, 64, torch.bfloat16, device),  # a GPT-2-small decode step, bf16
+            lambda: steer_cases(2048, 768, 8, torch.bfloat16, device),  # a prefill step
             lambda: [sae_edit_case(64, 768, 4096, 8, 8, bf16, device)],
+            lambda: [sae_edit_case(64, 768, 64, 64, 1, torch.float32, device)],  # slot-local: 1 clamp per row
+            lambda: [logit_case(64, 50257, 0, 1, 0, 64, device)],  # 64 rows' feature logit bias
             lambda: [logit_case(8, 32000, 8, 2, 64, 4, device)],
             lambda: [encode_case(16, 768, 4096, 32, bf16, device)],
         ]
@@ -248,20 +266,22 @@ def main() -> None:
         f"device: {name}   threads: {torch.get_num_threads()}   copy bandwidth: {bw / 1e9:.1f} GB/s   "
         f"backend: {sk._checks.resolve_backend(None, device)}"
     )
-    head = f"{'op':<17} {'shape':<44} {'naive ms':>9} {'ours ms':>9} {'graph ms':>9} {'speedup':>8} {'GB/s':>7} {'roof ms':>8} {'x roof':>7}"
+    head = f"{'op':<17} {'shape':<44} {'naive ms':>9} {'ref ms':>9} {'ours ms':>9} {'graph ms':>9} {'speedup':>8} {'ref x':>6} {'GB/s':>7} {'roof ms':>8} {'x roof':>7}"
     print(head)
     print("-" * len(head))
     for build in cases(args.quick, device):
         for c in build():
             naive = timed(c.naive, device)
+            ref = timed_on_reference(c.ours, device)
             eager = timed(c.ours, device)
             graph = graphed(c.ours, device)
             best = min(eager, graph) if graph is not None else eager
             roof = c.bytes / bw
             g = f"{graph * 1e3:9.3f}" if graph is not None else f"{'-':>9}"
             print(
-                f"{c.op:<17} {c.shape:<44} {naive * 1e3:9.3f} {eager * 1e3:9.3f} {g} {naive / best:7.1f}x "
-                f"{c.bytes / best / 1e9:7.1f} {roof * 1e3:8.4f} {best / roof:7.2f}"
+                f"{c.op:<17} {c.shape:<44} {naive * 1e3:9.3f} {ref * 1e3:9.3f} {eager * 1e3:9.3f} {g} "
+                f"{naive / best:7.1f}x {ref / best:5.1f}x {c.bytes / best / 1e9:7.1f} {roof * 1e3:8.4f} "
+                f"{best / roof:7.2f}"
             )
         if device.type == "cuda":
             torch.cuda.empty_cache()
