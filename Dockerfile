@@ -35,8 +35,8 @@ RUN extras=postgres,s3; \
 
 # ---- runtime: the environment, a C++ compiler for the CPU kernel, a non-root user ---------------
 FROM ${PYTHON_IMAGE} AS runtime
-# NOTE: g++ and libgomp build the CPU decode-attention kernel on first start (about 2 s); without
-# them the server falls back to PyTorch attention. Versions follow the base image's Debian release.
+# NOTE: g++ and libgomp build the CPU decode-attention and steering kernels on first start (about
+# 3 s); without them the server falls back to PyTorch attention and the torch steering references. Versions follow the base image's Debian release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ libgomp1 \

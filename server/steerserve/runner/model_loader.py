@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.activations import GELUTanh, NewGELUActivation
 
+import steerkernels.cpu
 from steerserve.config import ModelConfig
 from steerserve.demo import shipped as demo_shipped
 from steerserve.engine.types import ModelInfo
@@ -168,6 +169,7 @@ def load_model(cfg: ModelConfig):
         from steerserve.runner import cpu_attention, cpu_weights
 
         cpu_attention.load()  # NOTE: build the decode kernel now (once per machine), not on the first request
+        steerkernels.cpu.load()  # and the steering kernels, not on the first steered request
         if dtype == torch.bfloat16:
             cpu_weights.pack_linear_weights(model)  # bit-identical outputs, no per-call weight reorder
             cpu_weights.fuse_gelu_epilogue(model)
