@@ -1,10 +1,11 @@
 """Engine benchmark without HTTP: the serving workload (64 mixed requests on a random GPT-2-small, all
 at once) through EngineCore directly, unsteered and steered in the same process, on CPU or CUDA.
 
-    python benchmarks/bench_engine.py [--device cuda] [--dtype bfloat16] [--num-requests 64]
+    python benchmarks/bench_engine.py [--device cuda] [--dtype bfloat16] [--num-requests 64] [--gated]
 
 Steered = every request with 4 feature adds + 1 clamp over two 24576-feature SAEs (layers 4 and 8)
-and 2 feature logit biases, different per request (benchmarks/steered_workload.py).
+and 2 feature logit biases, different per request (benchmarks/steered_workload.py); gated = the same
+with the clamp gated by a layer-4 feature (`when`). Ratios are over unsteered.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--d-sae", type=int, default=24576)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gated", action="store_true", help="also steered with one `when` gate per request")
     args = ap.parse_args(argv)
 
     data_dir = tempfile.mkdtemp(prefix="bench-engine-")
@@ -58,23 +60,29 @@ def main(argv=None) -> int:
     )
     built = build_engine(cfg)
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
-    specs = [
-        compile_steering(
-            built.registry, built.info, cfg.steering, **steering_for(i, args.d_sae, args.seed), variant=None
-        )
-        for i in range(args.num_requests)
-    ]
+
+    def specs_for(gated: bool):
+        return [
+            compile_steering(
+                built.registry, built.info, cfg.steering,
+                **steering_for(i, args.d_sae, args.seed, gated=gated), variant=None,
+            )
+            for i in range(args.num_requests)
+        ]  # fmt: skip
+
     device = built.core.runner.device
     print(
         f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {device}, {args.dtype}",
         flush=True,
     )
     run(built.core, make_workload(4, 99, 4.0, 50257), None)  # warm-up (kernels, allocator)
-    rows = [("unsteered", run(built.core, wl, None)), ("steered", run(built.core, wl, specs))]
-    print(f"\n{'run':<12}{'tok/s':>9}{'secs':>8}{'steps':>7}")
+    rows = [("unsteered", run(built.core, wl, None)), ("steered", run(built.core, wl, specs_for(False)))]
+    if args.gated:
+        rows.append(("gated", run(built.core, wl, specs_for(True))))
+    print(f"\n{'run':<12}{'tok/s':>9}{'secs':>8}{'steps':>7}{'ratio':>8}")
     for name, r in rows:
-        print(f"{name:<12}{r['tok_s']:>9.1f}{r['secs']:>8.1f}{r['steps']:>7}")
-    print(f"steered / unsteered: {rows[1][1]['tok_s'] / rows[0][1]['tok_s']:.3f}x")
+        ratio = r["tok_s"] / rows[0][1]["tok_s"]
+        print(f"{name:<12}{r['tok_s']:>9.1f}{r['secs']:>8.1f}{r['steps']:>7}{ratio:>7.3f}x")
     return 0
 
 
