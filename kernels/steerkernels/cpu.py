@@ -1,4 +1,4 @@
-"""The CPU backend: steer_add, project_clamp, sae_edit and apply_logit_bias in C++ (csrc/cpu_steer.cpp).
+"""The CPU backend: steer_add, project_clamp, sae_edit, apply_logit_bias, argmax_rows in C++ (csrc/).
 
 Same signatures and math as `reference` (the spec), for CPU tensors. Hidden states in fp32 or bf16;
 weights, banks and values are read as fp32 (other dtypes are converted, an extra copy per call) and
@@ -27,8 +27,8 @@ from steerkernels import _cbuild, reference
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_steer.cpp"
-ABI_VERSION = 1
-OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias")  # the rest: the reference
+ABI_VERSION = 2
+OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "argmax_rows")  # the rest: the reference
 _H_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or None once it failed
@@ -112,6 +112,7 @@ def _try_load():
         ("ss_apply_logit_bias", (LogitArgs,)),
     ):
         getattr(lib, name).argtypes = [ctypes.POINTER(a) for a in args]
+    lib.ss_argmax_rows.argtypes = [_ptr, _i64, _i64, _i64, _ptr, ctypes.c_int32]
     return lib
 
 
@@ -233,3 +234,14 @@ def apply_logit_bias(
     )  # fmt: skip
     _run(lib.ss_apply_logit_bias, args)
     return logits
+
+
+def argmax_rows(logits):
+    """See `steerkernels.argmax_rows`."""
+    lib = load()
+    if lib is None or logits.dtype != torch.float32:
+        return reference.argmax_rows(logits)
+    R, V = logits.shape
+    out = torch.empty(R, dtype=torch.int64)
+    lib.ss_argmax_rows(logits.data_ptr(), logits.stride(0), R, V, out.data_ptr(), torch.get_num_threads())
+    return out

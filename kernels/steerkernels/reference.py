@@ -228,3 +228,8 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
         act = activation(xin @ W + bias, thr)  # [c, d_sae]
         values[i : i + chunk], indices[i : i + chunk] = torch.topk(act, k, dim=1)
     return values, indices
+
+
+def argmax_rows(logits):
+    """[R] int64: per row the index of the largest value (the first of ties; a NaN counts as largest)."""
+    return logits.argmax(-1)

@@ -131,3 +131,30 @@ def test_auto_picks_the_cpu_backend(monkeypatch, gen):
     args = BUILD["steer_add"](gen, 5, 9, 3)
     sk.steer_add(rand(gen, 5, 9), **args)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 1031, 50257])
+def test_argmax_rows_matches_torch(V, gen):
+    """torch.argmax's rule: the first of ties, and a NaN counts as the largest (its first one)."""
+    R = 7
+    x = rand(gen, R, V) * 3
+    if V > 3:
+        x[1, [V // 3, 2, V - 1]] = 50.0  # ties: the first (2) wins
+        x[2, V - 1] = float("nan")  # a NaN after the max wins
+        x[3, [0, V // 2]] = float("nan")  # the first NaN
+        x[4] = float("-inf")  # all -inf: index 0
+        x[5, V // 2] = float("inf")
+    want = x.argmax(-1)
+    assert torch.equal(sk.argmax_rows(x, backend="cpu"), want)
+    assert torch.equal(sk.argmax_rows(x, backend="torch"), want)
+    wide = torch.cat([x, torch.full((R, 5), 1e9)], 1)[:, :V]  # rows strided past V: never read
+    assert torch.equal(sk.argmax_rows(wide, backend="cpu"), want)
+
+
+def test_argmax_rows_checks_and_fallbacks(gen):
+    with pytest.raises(ValueError, match="logits: expected V >= 1 columns, got 0"):
+        sk.argmax_rows(torch.zeros(2, 0), backend="cpu")
+    with pytest.raises(ValueError, match="logits: the last dimension must be contiguous"):
+        sk.argmax_rows(rand(gen, 9, 4).t(), backend="cpu")
+    x = rand(gen, 3, 40).bfloat16()  # not fp32: the reference inside the backend
+    assert torch.equal(sk.argmax_rows(x, backend="cpu"), x.argmax(-1))

@@ -1,4 +1,4 @@
-// The CPU backend of steerkernels' in-place ops: steer_add, project_clamp, sae_edit, apply_logit_bias.
+// The CPU backend of steerkernels' ops: steer_add, project_clamp, sae_edit, apply_logit_bias, argmax_rows.
 //
 // Same math as reference.py (the spec), fused per token (per row for logits) so that a decode step's
 // edit is one pass over the steered rows instead of a dozen torch ops. Plain C ABI over raw pointers
@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -63,7 +67,7 @@ inline void axpy(float* y, float a, Vec x, int64_t n) {
 
 extern "C" {
 
-int ss_steer_abi_version() { return 1; }
+int ss_steer_abi_version() { return 2; }
 
 // Which tokens a call edits, and the hidden states they live in. Index arrays are int64.
 struct TokenArgs {
@@ -269,6 +273,66 @@ int ss_apply_logit_bias(const LogitArgs* a) {
     const float temp = a->temperature[r];
     if (temp != 1.f)
       for (int64_t i = 0; i < V; ++i) x[i] /= temp;
+  }
+  return 0;
+}
+
+// Row max ignoring NaN, and whether the row has a NaN.
+inline float row_max(const float* row, int64_t V, bool* nan) {
+  float best = -INFINITY;
+  int64_t i = 0;
+  bool has_nan = false;
+#ifdef __AVX512F__
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  __mmask16 unordered = 0;
+  for (; i + 16 <= V; i += 16) {
+    __m512 v = _mm512_loadu_ps(row + i);
+    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(v, m);  // NOTE: a NaN in v yields m: NaN never becomes the max
+  }
+  best = _mm512_reduce_max_ps(m);
+  has_nan = unordered != 0;
+#endif
+  for (; i < V; ++i) {
+    best = row[i] > best ? row[i] : best;
+    has_nan = has_nan || row[i] != row[i];
+  }
+  *nan = has_nan;
+  return best;
+}
+
+// The first index j of row with row[j] == value (value is in the row).
+inline int64_t first_equal(const float* row, int64_t V, float value) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 target = _mm512_set1_ps(value);
+  for (; j + 16 <= V; j += 16) {
+    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), target, _CMP_EQ_OQ);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+#endif
+  for (; j < V; ++j)
+    if (row[j] == value) return j;
+  return 0;  // NOTE: unreachable for a value taken from the row; an all-NaN row is handled by the caller
+}
+
+// out[r] = the first index of row r's largest value, or of its first NaN (torch.argmax's rule).
+// NOTE: two passes (a vector max, then a vector scan for the first match) read a row ~1.5 times;
+// torch's CPU argmax tracks (value, index) pairs serially and is several times slower on a 50k vocabulary.
+int ss_argmax_rows(const float* x, int64_t row_stride, int64_t R, int64_t V, int64_t* out, int32_t n_threads) {
+  const bool parallel = n_threads > 1 && R > 1 && R * V >= (1 << 16);
+#pragma omp parallel for num_threads(parallel ? n_threads : 1) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = x + r * row_stride;
+    bool nan = false;
+    const float best = row_max(row, V, &nan);
+    int64_t idx = 0;
+    if (nan) {
+      while (row[idx] == row[idx]) ++idx;
+    } else {
+      idx = first_equal(row, V, best);
+    }
+    out[r] = idx;
   }
   return 0;
 }

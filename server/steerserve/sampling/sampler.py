@@ -99,7 +99,7 @@ class Sampler:
                 batch.frequency_penalty,
                 validate=False,  # convert.py bounds-checked every id; the kernel masks them again
             )
-        tokens = x.argmax(-1)
+        tokens = steerkernels.argmax_rows(x)
         if batch.random_rows is not None:
             rows = batch.random_rows
             sub = x.index_select(0, rows)
