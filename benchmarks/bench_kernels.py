@@ -199,6 +199,12 @@ def logit_case(R, V, S, D, P, B, device) -> Case:
     return Case("apply_logit_bias", f"R={R} V={V} S={S} D={D} P={P}", nbytes, naive, ours)
 
 
+def argmax_case(R, V, device) -> Case:
+    logits = torch.randn(R, V, device=device)
+    return Case("argmax_rows", f"R={R} V={V}", R * V * 4 + R * 8, lambda: logits.argmax(-1),
+                lambda: sk.argmax_rows(logits))  # fmt: skip
+
+
 def encode_case(T, d, d_sae, k, dtype, device) -> Case:
     x = torch.randn(T, d, dtype=dtype, device=device)
     W_enc = torch.randn(d, d_sae, dtype=dtype, device=device) / d**0.5
@@ -228,6 +234,7 @@ def cases(quick: bool, device: torch.device) -> list[Callable[[], list[Case]]]:
             lambda: [sae_edit_case(64, 768, 4096, 8, 8, bf16, device)],
             lambda: [sae_edit_case(64, 768, 64, 64, 1, torch.float32, device)],  # slot-local: 1 clamp per row
             lambda: [logit_case(64, 50257, 0, 1, 0, 64, device)],  # 64 rows' feature logit bias
+            lambda: [argmax_case(64, 50257, device)],  # greedy sampling of a GPT-2 decode step
             lambda: [logit_case(8, 32000, 8, 2, 64, 4, device)],
             lambda: [encode_case(16, 768, 4096, 32, bf16, device)],
         ]
@@ -243,6 +250,7 @@ def cases(quick: bool, device: torch.device) -> list[Callable[[], list[Case]]]:
         lambda: [logit_case(1, 256000, 4, 2, 512, 4, device)],
         lambda: [logit_case(64, 128256, 8, 2, 1024, 16, device)],
         lambda: [logit_case(256, 256000, 16, 2, 2048, 16, device)],
+        lambda: [argmax_case(256, 128256, device)],
         lambda: [encode_case(1, 2304, 65536, 32, bf16, device)],
         lambda: [encode_case(64, 2304, 65536, 32, bf16, device)],
         lambda: [encode_case(4096, 2304, 16384, 32, bf16, device)],
