@@ -3,6 +3,11 @@ the feature's top token; the logit effect equals the readout written here from i
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
+import pytest
 import torch
 
 from steerserve.engine.types import GenerationRequest, SamplingParams
@@ -104,6 +109,21 @@ def test_logit_effects_of_many_features_are_read_out_together(world):
     for i, effect in zip(indices, effects, strict=True):
         expected = expected_effect(world.built.model, world.saes["post0"].W_dec[i])
         torch.testing.assert_close(effect.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_logit_effects_are_stored_by_a_low_priority_thread(world):
+    """The durable writes of new effects run at nice 19, so they never slow the engine's own threads,
+    and they do reach the registry's cache."""
+    resources = world.built.core.runner.steering.resources
+    tid = resources._writer.submit(threading.get_native_id).result(timeout=30)
+    assert os.getpriority(os.PRIO_PROCESS, tid) == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # only that thread
+    sae = world.spec(feature_logit_bias=[{"feature": {"sae": "post0", "index": 5}, "strength": 1.0}])
+    ref = sae.logit_biases[0].sae
+    resources.logit_effect(ref, 5)
+    resources._writer.submit(lambda: None).result(timeout=30)  # the store queued before it has run
+    assert world.built.registry.get_cached(f"logit_effect:{ref.uid}:5") is not None
 
 
 def test_feature_logit_bias_promotes_and_bans_its_top_token(world):

@@ -9,7 +9,10 @@ computed once per (SAE, feature) and cached in the registry's blob store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +40,15 @@ def final_norm(model) -> torch.nn.Module:
     raise ValueError(f"cannot find the final norm of {type(model).__name__}")
 
 
+def lower_thread_priority() -> None:
+    """Run the calling thread at nice 19 (Linux: per thread), so that background cache writes take CPU
+    only when the engine's threads leave some. NOTE: on a busy 2-core box, 128 logit-effect writes at
+    normal priority slowed the concurrent GEMMs by 11-14%; at nice 19 by ~1%, finishing ~100 ms later."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class SteeringResources:
     def __init__(self, registry: Registry, model, device: torch.device, sae_cache_bytes: int):
         self.registry = registry
@@ -46,7 +58,9 @@ class SteeringResources:
         self._effects: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (uid, index) -> [V]
         # NOTE: the engine thread and API threads (top_logits) share these caches
         self._lock = threading.RLock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerserve-effects")
+        self._writer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="steerserve-effects", initializer=lower_thread_priority
+        )
         self.effect_hits = 0  # logit effects found in memory or the registry's cache (for metrics)
         self.effect_misses = 0  # logit effects computed
 
