@@ -39,11 +39,10 @@ class SAEEdits:
 
     def __init__(self, weights: SAEWeights, num_slots: int, max_width: int, device):
         self.weights = weights
-        self.refs = 0  # rows using this SAE here
+        self.rows: set[int] = set()  # rows with edits of this SAE here; empty = the bank drops it
         self.max_width = max_width
         self.device = device
         self.count = [0] * num_slots
-        self.has_row = torch.zeros(num_slots // 2, dtype=torch.bool, device=device)
         self._resize(1)
 
     def _resize(self, cap: int) -> None:
@@ -85,6 +84,7 @@ class SAEEdits:
         self.count[slot] = k + 1
 
     def clear_row(self, row: int) -> None:
+        self.rows.discard(row)
         for slot in (2 * row, 2 * row + 1):
             self.local_idx[slot].fill_(-1)
             self.count[slot] = 0
@@ -147,9 +147,7 @@ class SiteBank:
             edits = self.edits[uid] = SAEEdits(
                 weights, self.add.shape[0], self.cfg.max_feature_edits, self.device
             )
-        if not bool(edits.has_row[row]):
-            edits.refs += 1
-            edits.has_row[row] = True
+        edits.rows.add(row)
         for slot in slots_for(row, positions):
             edits.add(slot, index, kind, value)
 
@@ -161,11 +159,9 @@ class SiteBank:
         self.add_rows.discard(row)
         self.proj_rows.discard(row)
         for uid, edits in list(self.edits.items()):
-            if bool(edits.has_row[row]):
+            if row in edits.rows:
                 edits.clear_row(row)
-                edits.has_row[row] = False
-                edits.refs -= 1
-                if edits.refs == 0:
+                if not edits.rows:
                     del self.edits[uid]
 
     def apply(self, h: torch.Tensor, token_slot: torch.Tensor) -> None:
