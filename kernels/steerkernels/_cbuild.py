@@ -3,12 +3,14 @@
 Plain C ABI libraries (no torch headers) compile in a second or two with the system C++ compiler. The
 result is cached under `$STEERSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/steerserve/kernels`, else
 `~/.cache/steerserve/kernels`, keyed by a hash of the sources, the flags, the compiler and the CPU (the
-code is built with -march=native, so another CPU builds its own). Used by steerkernels' CPU backend
-(csrc/cpu_steer.cpp) and the server's CPU attention.
+code is built with -march=native, so another CPU builds its own). `open_library` is what callers use:
+built, opened, ABI-checked and set up, or None with one log line saying what runs instead. Used by
+steerkernels' CPU backend (csrc/cpu_steer.cpp) and the server's CPU attention.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -85,3 +88,33 @@ def build(name: str, cxx: str, sources, headers=()) -> Path:
         os.unlink(tmp)
         errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-2000:]}")
     raise RuntimeError("compilation failed:\n" + "\n".join(errors))
+
+
+def open_library(
+    name: str, sources, headers=(), *, abi: tuple[str, int], setup: Callable, what: str, fallback: str
+):
+    """`name`'s library (built if needed) with `setup(lib)` applied, or None when it cannot be had here.
+
+    abi: (symbol, version): the library's `symbol()` must return `version` (a stale cache never loads).
+    what / fallback: for the log line, e.g. "CPU attention kernel" / "SDPA". Never raises: a machine
+    without a compiler, or where the build fails, runs the fallback.
+    """
+    if platform.system() != "Linux":
+        logger.info("%s: only built on Linux; using %s", what, fallback)
+        return None
+    cxx = compiler()
+    if cxx is None:
+        logger.warning("%s: no C++ compiler found (set CXX); using %s", what, fallback)
+        return None
+    try:
+        path = build(name, cxx, sources, headers)
+        lib = ctypes.CDLL(str(path))
+        symbol, version = abi
+        found = getattr(lib, symbol)()
+        if found != version:
+            raise RuntimeError(f"{path}: ABI version {found} != {version}")
+        setup(lib)
+        return lib
+    except Exception as exc:  # any failure means the fallback, never a dead caller
+        logger.warning("%s unavailable, using %s: %s", what, fallback, exc)
+        return None

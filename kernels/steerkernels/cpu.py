@@ -14,17 +14,13 @@ ops of the reference cost ~0.5 ms in dispatch alone per site; one fused pass cos
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import platform
 import threading
 from pathlib import Path
 
 import torch
 
 from steerkernels import _cbuild, reference
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_steer.cpp"
 ABI_VERSION = 2
@@ -92,19 +88,15 @@ def available() -> bool:
 
 
 def _try_load():
-    if os.environ.get("STEERKERNELS_CPU", "1") == "0" or platform.system() != "Linux":
+    if os.environ.get("STEERKERNELS_CPU", "1") == "0":
         return None
-    cxx = _cbuild.compiler()
-    if cxx is None:
-        logger.warning("steerkernels CPU backend: no C++ compiler found (set CXX); using the torch reference")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_cbuild.build("cpu_steer", cxx, (SOURCE,))))
-        if lib.ss_steer_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"ABI version {lib.ss_steer_abi_version()} != {ABI_VERSION}")
-    except Exception as exc:  # any failure means the reference, never a dead caller
-        logger.warning("steerkernels CPU backend unavailable, using the torch reference: %s", exc)
-        return None
+    return _cbuild.open_library(
+        "cpu_steer", (SOURCE,), abi=("ss_steer_abi_version", ABI_VERSION), setup=_setup,
+        what="steerkernels CPU backend", fallback="the torch reference",
+    )  # fmt: skip
+
+
+def _setup(lib) -> None:
     for name, args in (
         ("ss_steer_add", (TokenArgs, AddArgs)),
         ("ss_project_clamp", (TokenArgs, ClampArgs)),
@@ -113,7 +105,6 @@ def _try_load():
     ):
         getattr(lib, name).argtypes = [ctypes.POINTER(a) for a in args]
     lib.ss_argmax_rows.argtypes = [_ptr, _i64, _i64, _i64, _ptr, ctypes.c_int32]
-    return lib
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -17,17 +17,13 @@ attention stays on PyTorch SDPA. `STEERSERVE_CPU_ATTENTION=0` turns the kernels 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import platform
 import threading
 from pathlib import Path
 
 import torch
 
 from steerkernels import _cbuild
-
-logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
@@ -95,15 +91,11 @@ class WriteArgs(ctypes.Structure):
     ]
 
 
-def _open(path: Path):
-    lib = ctypes.CDLL(str(path))
-    if lib.ss_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{path}: ABI version {lib.ss_abi_version()} != {ABI_VERSION}")
+def _setup(lib) -> None:
     lib.ss_decode_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_prefill_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_write_kv.argtypes = [ctypes.POINTER(WriteArgs)]
     lib.has_prefill = bool(lib.ss_has_avx512())
-    return lib
 
 
 def load():
@@ -119,18 +111,10 @@ def load():
 def _try_load():
     if os.environ.get("STEERSERVE_CPU_ATTENTION", "1") == "0":
         return None
-    if platform.system() != "Linux":
-        logger.info("CPU attention kernel: only built on Linux; using SDPA")
-        return None
-    cxx = _cbuild.compiler()
-    if cxx is None:
-        logger.warning("CPU attention kernel: no C++ compiler found (set CXX); using SDPA")
-        return None
-    try:
-        return _open(_cbuild.build("cpu_attention", cxx, SOURCES, HEADERS))
-    except Exception as exc:  # any failure means SDPA, never a dead server
-        logger.warning("CPU attention kernel unavailable, using SDPA: %s", exc)
-        return None
+    return _cbuild.open_library(
+        "cpu_attention", SOURCES, HEADERS, abi=("ss_abi_version", ABI_VERSION), setup=_setup,
+        what="CPU attention kernel", fallback="SDPA",
+    )  # fmt: skip
 
 
 def available() -> bool:
