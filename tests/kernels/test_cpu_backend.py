@@ -9,9 +9,8 @@ import torch
 
 import steerkernels as sk
 from steerkernels import cpu
-from tests.kernels.helpers import assert_close, rand, same_bits
-from tests.kernels.test_logit_bias import CASES, logit_args
-from tests.kernels.test_logit_bias import work_rows as logit_work_rows
+from tests.kernels.helpers import assert_close, rand
+from tests.kernels.test_logit_bias import CASES, check_against_reference, logit_args
 from tests.kernels.test_residual import BUILD, SHAPES, check_in_place, sae_args
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU backend needs a C++ compiler")
@@ -97,16 +96,7 @@ def test_nan_propagates_like_the_reference(gen):
 
 @pytest.mark.parametrize("case", [*CASES, (64, 5003, 2, 2, 9, 64)])
 def test_logit_bias_matches_reference(case, gen):
-    R, V, S, D, P, B = case
-    args = logit_args(gen, R, V, S, D, P, B)
-    work = logit_work_rows(args, V, B)
-    logits = rand(gen, R, V) * 4
-    logits[~work] = float("nan")
-    ref = sk.apply_logit_bias(logits.clone(), **args, backend="torch")
-    out = sk.apply_logit_bias(logits.clone(), **args, backend="cpu")
-    assert same_bits(out[~work], logits[~work]), "rows without work must be bit-identical"
-    assert not torch.equal(ref[work], logits[work])
-    assert_close(out[work], ref[work], torch.float32)
+    check_against_reference(case, "cpu", "cpu", gen)
 
 
 def test_logit_bias_strided_logits_and_int32_ids(gen):
