@@ -10,6 +10,26 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2")
+# the test folders that run Triton through its interpreter on CPU (their conftest sets TRITON_INTERPRET)
+_INTERPRETED = ("kernels", "sae_fidelity")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _served_kernel_backend(request):
+    """Outside the kernel suites, the steering ops run on the backend a CPU server uses.
+
+    tests/kernels and tests/sae_fidelity set TRITON_INTERPRET=1 when they are imported, i.e. at
+    collection, for the whole process; under it the ops' `auto` backend picks interpreted Triton for CPU
+    tensors (~1000x slower): an engine test with many steered steps then ran for many minutes.
+    """
+    if os.environ.get("STEERKERNELS_BACKEND") or any(p in _INTERPRETED for p in request.path.parts):
+        yield
+        return
+    import steerkernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEERKERNELS_BACKEND", "cpu" if steerkernels.cpu.available() else "torch")
+        yield
 
 
 @pytest.fixture(scope="session")

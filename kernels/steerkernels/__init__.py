@@ -7,6 +7,8 @@ Public ops (this module owns their signatures, argument checks and backend dispa
   apply_logit_bias sparse + dense bias, penalties, temperature (in place on logits [R, V])
   sae_encode_topk  top-k SAE activations per token          (new [T, k] tensors)
   sae_feature_acts activations of each token's slot features (new [T, F] tensor; gates)
+  sae_topk_threshold per-token rank threshold of a TopK SAE   (new [T] tensor; for the two above;
+                   in topk_threshold.py with the SAE-encoder argument checks, re-exported here)
   argmax_rows      greedy token of each row                 (new [R] int64 tensor)
 
 Index conventions shared by the residual-stream ops:
@@ -29,6 +31,10 @@ import torch
 
 from steerkernels import _checks as C
 from steerkernels import reference
+from steerkernels.topk_threshold import check_k as _check_k
+from steerkernels.topk_threshold import encoder_args as _encoder_args
+from steerkernels.topk_threshold import encoder_input as _encoder_input
+from steerkernels.topk_threshold import sae_topk_threshold
 
 __all__ = [
     "apply_logit_bias",
@@ -38,6 +44,7 @@ __all__ = [
     "sae_edit",
     "sae_encode_topk",
     "sae_feature_acts",
+    "sae_topk_threshold",
     "steer_add",
 ]
 
@@ -151,6 +158,7 @@ def sae_edit(
     slot_positions: torch.Tensor | None,
     pos_class: torch.Tensor | None = None,
     *,
+    token_threshold: torch.Tensor | None = None,
     backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -165,13 +173,17 @@ def sae_edit(
     mode           [S, F] int: 0 = clamp to value, 1 = scale by value, 2 = ablate to value (0 or the mean).
     value          [S, F] fp32.
     slot_positions [S] int or None; pos_class [T] int with it.
+    token_threshold [T] fp32 or None: TopK SAEs, from `sae_topk_threshold` on the same h (NaN: no
+                   feature of that token is active).
 
-    For every touched feature f of token t, from the UNEDITED h[t]:
+    For every touched feature f of token t, from the UNEDITED h[t] (SAELens' encode()):
       pre = (h[t] - b_dec * apply_b_dec_to_input) . W_enc[:, f] + b_enc[f]
-      a   = relu(pre), or jumprelu (pre if pre > threshold[f] else 0) when threshold is given
+      a   = relu(pre) * (pre > threshold[f]) * (pre > token_threshold[t])   (each factor when given)
       new = value (modes 0, 2) or a * value (mode 1)
-    then h[t] += sum_f (new - a) * W_dec[f] (fp32). Duplicate ids in a row apply twice. TopK SAEs are
-    not encoded here: the caller passes them as relu SAEs over the touched features.
+    then h[t] += sum_f (new - a) * W_dec[f] (fp32). Duplicate ids in a row apply twice. A TopK feature
+    outside the token's top k has a = 0: clamp to v adds v * W_dec[f], scale changes nothing.
+    NOTE: the rank test needs every pre-activation of the token (the full encoder), which a slot-local
+    SAE (steering/banks.py) does not hold, so the caller computes it once per call as token_threshold.
     """
     h = _hidden("h", h)
     T, d = h.shape
@@ -187,13 +199,15 @@ def sae_edit(
     C.tensor("mode", mode, (S, F), C.INT_DTYPES, h.device, "S, F")
     C.tensor("value", value, (S, F), C.FP32, h.device, "S, F")
     C.token_args(h, slot_of_token, slot_positions, pos_class, S, validate)
+    if token_threshold is not None:
+        C.tensor("token_threshold", token_threshold, (T,), C.FP32, h.device, "T")
     if validate:
         C.ids_in("feat_idx", feat_idx, -1, d_sae, f"-1 = padding, d_sae={d_sae} features")
         C.ids_in("mode", mode, 0, 3, "0=clamp, 1=scale, 2=ablate")
     impl = _impl("sae_edit", backend, h.device)
     return impl.sae_edit(
         h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold,
-        bool(apply_b_dec_to_input), mode, value, slot_positions, pos_class,
+        bool(apply_b_dec_to_input), mode, value, slot_positions, pos_class, token_threshold,
     )  # fmt: skip
 
 
@@ -280,34 +294,33 @@ def sae_feature_acts(
     threshold: torch.Tensor | None,
     apply_b_dec_to_input: bool,
     *,
+    token_threshold: torch.Tensor | None = None,
     backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Activations of the SAE features each token's slot names: what gates compare with thresholds.
 
     h [T, d] float (read only); slot_of_token [T] int, -1 = none; feat_idx [S, F] int ids in [0, d_sae),
-    -1 = padding; the SAE as in `sae_edit`. Returns acts [T, F] fp32 with
-      acts[t, j] = relu/jumprelu((h[t] - b_dec * apply_b_dec_to_input) . W_enc[:, f] + b_enc[f]),
-    f = feat_idx[slot_of_token[t], j]; NaN where the token has no slot or the id is padding (so every
-    comparison with NaN is false: no slot, no gate).
+    -1 = padding; the SAE and token_threshold as in `sae_edit`. Returns acts [T, F] fp32 with
+      acts[t, j] = a of `sae_edit` (SAELens' encode()) for f = feat_idx[slot_of_token[t], j],
+    NaN where the token has no slot or the id is padding (so every comparison with NaN is false: no
+    slot, no gate).
     """
     h = _hidden("h", h)
     T, d = h.shape
     C.tensor("feat_idx", feat_idx, (None, None), C.INT_DTYPES, h.device, "S, F")
     S = feat_idx.shape[0]
-    C.tensor("W_enc", W_enc, (d, None), C.FLOAT_DTYPES, h.device, "d, d_sae")
-    d_sae = W_enc.shape[1]
-    C.tensor("b_enc", b_enc, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
-    C.tensor("b_dec", b_dec, (d,), C.FLOAT_DTYPES, h.device, "d")
-    if threshold is not None:
-        C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
+    d_sae = _encoder_args(W_enc, b_enc, b_dec, threshold, d, h.device)
     C.token_args(h, slot_of_token, None, None, S, validate)
+    if token_threshold is not None:
+        C.tensor("token_threshold", token_threshold, (T,), C.FP32, h.device, "T")
     if validate:
         C.ids_in("feat_idx", feat_idx, -1, d_sae, f"-1 = padding, d_sae={d_sae} features")
     impl = _impl("sae_feature_acts", backend, h.device)
     return impl.sae_feature_acts(
-        h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, bool(apply_b_dec_to_input)
-    )
+        h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, bool(apply_b_dec_to_input),
+        token_threshold,
+    )  # fmt: skip
 
 
 def argmax_rows(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -332,29 +345,38 @@ def sae_encode_topk(
     apply_b_dec_to_input: bool,
     k: int,
     *,
+    sae_k: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest SAE activations of each token, descending.
 
-    x [T, d] float; W_enc [d, d_sae], b_enc [d_sae], b_dec [d], threshold [d_sae] or None (any float dtype).
-    act = relu or jumprelu((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc), computed in fp32
-    (fp32 weights use TF32 on GPU only when torch.get_float32_matmul_precision() is not "highest").
-    Returns (values [T, k] fp32, indices [T, k] int64). Ties (e.g. many zeros) break arbitrarily.
-    The Triton backend never holds more than one [block_T, block_N] tile of activations; k <= 256 there.
+    x [T, d] float; W_enc [d, d_sae], b_enc [d_sae], b_dec [d], threshold [d_sae] or None (any float dtype);
+    sae_k: the k of a TopK SAE (None for the others; then threshold must be None).
+    pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc, computed in fp32 (fp32 weights use TF32 on
+    GPU only when torch.get_float32_matmul_precision() is not "highest"); the activations are SAELens'
+    encode(): relu(pre) * (pre > threshold); TopK: relu(pre) on the token's sae_k largest pre, 0 elsewhere,
+    so with k > sae_k the values past sae_k are 0 (at the next-ranked features).
+    Returns (values [T, k] fp32, indices [T, k] int64), distinct indices. Ties (e.g. many zeros) break
+    arbitrarily. The Triton backend never holds more than one [block_T, block_N] tile of activations;
+    k <= 256 there.
     """
-    x = C.tensor("x", x, (None, None), C.FLOAT_DTYPES, getattr(x, "device", None), "T, d")
-    T, d = x.shape
-    C.tensor("W_enc", W_enc, (d, None), C.FLOAT_DTYPES, x.device, "d, d_sae")
-    d_sae = W_enc.shape[1]
-    C.tensor("b_enc", b_enc, (d_sae,), C.FLOAT_DTYPES, x.device, "d_sae")
-    C.tensor("b_dec", b_dec, (d,), C.FLOAT_DTYPES, x.device, "d")
-    if threshold is not None:
-        C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, x.device, "d_sae")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
-        raise ValueError(f"k: must be an int in [1, d_sae={d_sae}], got {k!r}")
+    x = _encoder_input(x)
+    d_sae = _encoder_args(W_enc, b_enc, b_dec, threshold, x.shape[1], x.device)
+    _check_k("k", k, d_sae)
+    if sae_k is not None:
+        _check_k("sae_k", sae_k, d_sae)
+        if threshold is not None:
+            raise ValueError("threshold: a TopK SAE (sae_k given) has no per-feature threshold")
     impl = _impl("sae_encode_topk", backend, x.device)
     if impl is not reference and k > TRITON_MAX_TOPK:
         raise ValueError(
             f"k: the triton backend supports k <= {TRITON_MAX_TOPK}, got {k} (use backend='torch')"
         )
-    return impl.sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, bool(apply_b_dec_to_input), k)
+    apply = bool(apply_b_dec_to_input)
+    if sae_k is None:
+        return impl.sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply, k)
+    # NOTE: TopK's encode() ranks PRE-activations: the k largest, relu'd, then zero past the SAE's own k
+    values, indices = impl.sae_encode_topk(x, W_enc, b_enc, b_dec, None, apply, k, rank_pre=True)
+    values = values.relu_()
+    values[:, sae_k:] = 0.0
+    return values, indices

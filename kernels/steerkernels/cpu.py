@@ -23,7 +23,7 @@ import torch
 from steerkernels import _cbuild, reference
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_steer.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "argmax_rows")  # the rest: the reference
 _H_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -60,7 +60,7 @@ class EditArgs(ctypes.Structure):
         ("W_dec", _ptr), ("dec_s0", _i64), ("dec_s1", _i64), ("b_dec", _ptr), ("b_dec_s", _i64),
         ("threshold", _ptr), ("thr_s", _i64), ("apply_b_dec", ctypes.c_int32),
         ("mode", _ptr), ("mode_s0", _i64), ("mode_s1", _i64),
-        ("value", _ptr), ("value_s0", _i64), ("value_s1", _i64),
+        ("value", _ptr), ("value_s0", _i64), ("value_s1", _i64), ("tok_thr", _ptr), ("tok_thr_s", _i64),
     ]  # fmt: skip
 
 
@@ -169,19 +169,20 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions
 
 def sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
-    slot_positions, pos_class=None,
+    slot_positions, pos_class=None, token_threshold=None,
 ):  # fmt: skip
     """See `steerkernels.sae_edit`."""
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
         return reference.sae_edit(
             h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
-            mode, value, slot_positions, pos_class,
+            mode, value, slot_positions, pos_class, token_threshold,
         )  # fmt: skip
     feat, enc, benc, dec, bdec = _long(feat_idx), _f32(W_enc), _f32(b_enc), _f32(W_dec), _f32(b_dec)
     md, val = _long(mode), _f32(value)
     thr = None if threshold is None else _f32(threshold)
-    keep = [feat, enc, benc, dec, bdec, md, val, thr]
+    tthr = token_threshold  # [T] fp32 (checked by the public op) or None
+    keep = [feat, enc, benc, dec, bdec, md, val, thr, tthr]
     tokens = _tokens(h, slot_of_token, feat.shape[0], slot_positions, pos_class, keep)
     args = EditArgs(
         feat.data_ptr(), *feat.stride(), feat.shape[1], enc.shape[1],
@@ -189,6 +190,7 @@ def sae_edit(
         dec.data_ptr(), *dec.stride(), bdec.data_ptr(), bdec.stride(0),
         None if thr is None else thr.data_ptr(), 0 if thr is None else thr.stride(0),
         int(bool(apply_b_dec_to_input)), md.data_ptr(), *md.stride(), val.data_ptr(), *val.stride(),
+        None if tthr is None else tthr.data_ptr(), 0 if tthr is None else tthr.stride(0),
     )  # fmt: skip
     _run(lib.ss_sae_edit, tokens, args)
     return h

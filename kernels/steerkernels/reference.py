@@ -30,11 +30,19 @@ def steered_tokens(
     return ok & ((sp == 0) | (sp == pos_class.long() + 1))
 
 
-def activation(pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
-    """relu (threshold None) or jumprelu: pre where pre > threshold, else 0."""
-    if threshold is None:
-        return torch.relu(pre)
-    return torch.where(pre > threshold, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+def activation(
+    pre: torch.Tensor, threshold: torch.Tensor | None, token_threshold: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SAELens' activations from pre-activations: `relu(pre) * (pre > threshold) * (pre > token_threshold)`,
+    each factor only when given. relu: neither; jumprelu: threshold (per feature; SAELens keeps the relu,
+    so a negative threshold never lets a negative activation through); TopK: token_threshold (per token,
+    between its k-th and (k+1)-th largest pre-activation, see `sae_topk_threshold`)."""
+    act = torch.relu(pre)
+    if threshold is not None:
+        act = act * (pre > threshold)
+    if token_threshold is not None:
+        act = act * (pre > token_threshold)
+    return act
 
 
 def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
@@ -83,6 +91,7 @@ def sae_edit(
     value,
     slot_positions,
     pos_class=None,
+    token_threshold=None,
 ):
     """Set/scale/ablate the slot's SAE features of each steered token; see `steerkernels.sae_edit`."""
     S, Fmax = feat_idx.shape
@@ -101,6 +110,7 @@ def sae_edit(
     x = h.index_select(0, rows).float()  # [n, d]
     xin = x - b_dec.float() if apply_b_dec_to_input else x
     thr = threshold.float()[f] if threshold is not None else None  # [n, F]
+    tthr = token_threshold.float()[rows, None] if token_threshold is not None else None  # [n, 1]
     scale = mode[s] == 1  # [n, F]
     val = value.float()[s]  # [n, F]
     cols, col_of = _encoder_columns(W_enc, f)
@@ -109,7 +119,7 @@ def sae_edit(
     for i in range(0, rows.numel(), chunk):
         sl = slice(i, i + chunk)
         fc = f[sl]  # [c, F]
-        a = _feature_acts(xin[sl], fc, cols, col_of[sl], b_enc, None if thr is None else thr[sl])  # [c, F]
+        a = _feature_acts(xin[sl], fc, cols, col_of[sl], b_enc, _part(thr, sl), _part(tthr, sl))  # [c, F]
         new = torch.where(scale[sl], a * val[sl], val[sl])
         coef = torch.where(ok[sl], new - a, torch.zeros_like(a))  # [c, F]
         w_dec = W_dec[fc].float()  # [c, F, d]
@@ -128,15 +138,21 @@ def _encoder_columns(W_enc, f):
     return W_enc.index_select(1, uniq).t().float().contiguous(), col_of
 
 
-def _feature_acts(xin, f, cols, col_of, b_enc, thr):
+def _part(t, sl):
+    return None if t is None else t[sl]
+
+
+def _feature_acts(xin, f, cols, col_of, b_enc, thr, tthr):
     """Activations [c, F] of features f [c, F] on encoder inputs xin [c, d] (cols, col_of: see
-    `_encoder_columns`)."""
+    `_encoder_columns`; thr [c, F] and tthr [c, 1] or None: see `activation`)."""
     # NOTE: multiply-and-sum, not bmm: a bmm of c [F, d] x [d, 1] products is ~5x slower on CPU
     pre = (cols[col_of] * xin[:, None, :]).sum(-1) + b_enc.float()[f]  # [c, F]
-    return activation(pre, thr)
+    return activation(pre, thr, tthr)
 
 
-def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input):
+def sae_feature_acts(
+    h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, token_threshold=None
+):
     """[T, F] fp32 activations of each token's slot features, NaN where none; see the public op."""
     T = h.shape[0]
     S, Fmax = feat_idx.shape
@@ -154,11 +170,12 @@ def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold,
     x = h.index_select(0, rows).float()
     xin = x - b_dec.float() if apply_b_dec_to_input else x
     thr = threshold.float()[f] if threshold is not None else None
+    tthr = token_threshold.float()[rows, None] if token_threshold is not None else None  # [n, 1]
     chunk = max(1, _GATHER_BUDGET // max(1, Fmax * x.shape[1]))
     cols, col_of = _encoder_columns(W_enc, f)
     for i in range(0, rows.numel(), chunk):
         sl = slice(i, i + chunk)
-        a = _feature_acts(xin[sl], f[sl], cols, col_of[sl], b_enc, None if thr is None else thr[sl])
+        a = _feature_acts(xin[sl], f[sl], cols, col_of[sl], b_enc, _part(thr, sl), _part(tthr, sl))
         out[rows[sl]] = torch.where(valid[s[sl]], a, float("nan"))
     return out
 
@@ -211,8 +228,9 @@ def apply_logit_bias(
     return logits
 
 
-def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
-    """Top-k SAE activations per token, descending; see `steerkernels.sae_encode_topk`."""
+def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k, rank_pre=False):
+    """Top-k SAE activations per token, descending; see `steerkernels.sae_encode_topk`. With `rank_pre`
+    (TopK SAEs) the k largest PRE-activations, as they are: the public op applies the SAE's own k."""
     T = x.shape[0]
     d_sae = W_enc.shape[1]
     W = W_enc.float()  # [d, d_sae]
@@ -225,9 +243,32 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
         xin = x[i : i + chunk].float()
         if apply_b_dec_to_input:
             xin = xin - b_dec.float()
-        act = activation(xin @ W + bias, thr)  # [c, d_sae]
+        pre = xin @ W + bias  # [c, d_sae]
+        act = pre if rank_pre else activation(pre, thr)
         values[i : i + chunk], indices[i : i + chunk] = torch.topk(act, k, dim=1)
     return values, indices
+
+
+def sae_topk_threshold(x, W_enc, b_enc, b_dec, apply_b_dec_to_input, k, rows=None):
+    """[T] fp32: per token of `rows` (all when None) the midpoint of its k-th and (k+1)-th largest
+    pre-activations (-inf when k = d_sae), NaN for the other tokens; see the public op."""
+    T, d_sae = x.shape[0], W_enc.shape[1]
+    out = torch.full((T,), float("nan"), dtype=torch.float32, device=x.device)
+    rows = torch.arange(T, device=x.device) if rows is None else rows.long()
+    if rows.numel() == 0:
+        return out
+    if k >= d_sae:
+        return out.index_fill_(0, rows, float("-inf"))
+    W, bias = W_enc.float(), b_enc.float()  # NOTE: no copy for fp32 weights
+    chunk = max(1, (1 << 24) // d_sae)  # NOTE: at most ~64 MiB of pre-activations at a time
+    for i in range(0, rows.numel(), chunk):
+        r = rows[i : i + chunk]
+        xin = x.index_select(0, r).float()
+        if apply_b_dec_to_input:
+            xin = xin - b_dec.float()
+        top = torch.topk(torch.addmm(bias, xin, W), k + 1, dim=1).values  # [c, k + 1]
+        out[r] = 0.5 * (top[:, k - 1] + top[:, k])
+    return out
 
 
 def argmax_rows(logits):

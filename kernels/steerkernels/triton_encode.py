@@ -36,7 +36,8 @@ def _unpack(keys):
 def _encode_topk_kernel(
     x_ptr, stride_xt, stride_xd, w_ptr, stride_wd, stride_wn, benc_ptr, bdec_ptr, thr_ptr,
     cand_v_ptr, cand_i_ptr, T, d, d_sae, n_tiles, tiles_per_split, n_split,
-    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, DOT_16BIT: tl.constexpr, FOLD: tl.constexpr,
+    HAS_THR: tl.constexpr, RANK_PRE: tl.constexpr, APPLY_B_DEC: tl.constexpr, DOT_16BIT: tl.constexpr,
+    FOLD: tl.constexpr,
     PRECISION: tl.constexpr, BT: tl.constexpr, TOK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     KP: tl.constexpr,
 ):  # fmt: skip
@@ -77,10 +78,13 @@ def _encode_topk_kernel(
         if FOLD:
             acc -= tl.sum(tl.where(r[:, None] >= BT - 2, acc, 0.0), axis=0)[None, :]
         pre = acc + tl.load(benc_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-        thr = tl.zeros([BN], dtype=tl.float32)
-        if HAS_THR:
-            thr = tl.load(thr_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-        act = tl.where(pre > thr[None, :], pre, 0.0)
+        if RANK_PRE:  # TopK: the largest pre-activations as they are (the wrapper applies relu and k)
+            act = pre
+        else:  # relu(pre) * (pre > thr): SAELens keeps the relu below a negative jumprelu threshold
+            thr = tl.zeros([BN], dtype=tl.float32)
+            if HAS_THR:
+                thr = tl.load(thr_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            act = tl.where((pre > thr[None, :]) & (pre > 0.0), pre, 0.0)
         act = tl.where(cm[None, :], act, float("-inf"))
         keys = _pack(act, tl.broadcast_to(cols[None, :], [BT, BN]))
         if BN > KP:
@@ -92,7 +96,7 @@ def _encode_topk_kernel(
     tl.store(cand_i_ptr + out, idx, mask=rm[:, None])
 
 
-def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
+def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k, rank_pre=False):
     T, d = x.shape
     d_sae = W_enc.shape[1]
     dev = x.device
@@ -124,7 +128,8 @@ def sae_encode_topk(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, k):
     _encode_topk_kernel[(n_tok, n_split)](
         x, x.stride(0), x.stride(1), W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, b_dec,
         threshold if threshold is not None else b_enc, cand_v, cand_i, T, d, d_sae, n_tiles,
-        tiles_per_split, n_split, HAS_THR=threshold is not None, APPLY_B_DEC=bool(apply_b_dec_to_input),
+        tiles_per_split, n_split, HAS_THR=threshold is not None, RANK_PRE=bool(rank_pre),
+        APPLY_B_DEC=bool(apply_b_dec_to_input),
         DOT_16BIT=dot_16bit, FOLD=fold, PRECISION=precision, BT=bt, TOK=bt - spare, BN=bn, BK=bk, KP=kp,
         num_warps=4 if bn * bt < 8192 else 8,
     )  # fmt: skip

@@ -75,29 +75,34 @@ def _project_clamp_kernel(
 
 @triton.jit
 def _encode_feature(
-    xin, offs, offs64, ok, feat_at, wenc_ptr, stride_ed, stride_ef, benc_ptr, thr_ptr, d_sae, d,
-    HAS_THR: tl.constexpr,
+    xin, offs, offs64, ok, feat_at, wenc_ptr, stride_ed, stride_ef, benc_ptr, thr_ptr, tok_thr, d_sae, d,
+    HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr,
 ):  # fmt: skip
     """(f, valid, d-mask, activation) of the feature id at `feat_at` on encoder input `xin` [d]:
-    relu, or jumprelu with HAS_THR; an invalid id (padding, out of range, no slot) reads nothing."""
+    relu(pre) * (pre > thr[f]) with HAS_THR * (pre > tok_thr) with HAS_TTHR (reference.activation);
+    an invalid id (padding, out of range, no slot) reads nothing."""
     f = tl.load(feat_at, mask=ok, other=-1).to(tl.int64)
     fv = ok & (f >= 0) & (f < d_sae)
     f = tl.where(fv, f, 0)
     mf = offs < tl.where(fv, d, 0)
     w = tl.load(wenc_ptr + offs64 * stride_ed + f * stride_ef, mask=mf, other=0.0).to(tl.float32)
     pre = tl.sum(xin * w, axis=0) + tl.load(benc_ptr + f, mask=fv, other=0.0).to(tl.float32)
-    thr = 0.0
+    a = tl.maximum(pre, 0.0)
     if HAS_THR:
         thr = tl.load(thr_ptr + f, mask=fv, other=0.0).to(tl.float32)
-    return f, fv, mf, tl.where(pre > thr, pre, 0.0)
+        a = a * (pre > thr).to(tl.float32)
+    if HAS_TTHR:
+        a = a * (pre > tok_thr).to(tl.float32)
+    return f, fv, mf, a
 
 
 @triton.jit
 def _sae_edit_kernel(
     h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
     feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
-    wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, d_sae, d,
-    HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
+    wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, tthr_ptr,
+    d_sae, d, HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr,
+    APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # NOTE: one program per token, also at prefill sizes: a 16-token tl.dot variant for blocks of one slot
     # (weights read once per block) measured 1.3-2x slower on an H100 (fewer programs, latency-bound).
@@ -110,6 +115,9 @@ def _sae_edit_kernel(
     xin = x
     if APPLY_B_DEC:
         xin = x - tl.load(bdec_ptr + offs, mask=md, other=0.0).to(tl.float32)
+    tok_thr = 0.0
+    if HAS_TTHR:
+        tok_thr = tl.load(tthr_ptr + t, mask=ok, other=0.0)
     delta = tl.zeros([BLOCK_D], dtype=tl.float32)
     n_valid = tl.full((), 0, tl.int32)
     offs64 = offs.to(tl.int64)  # NOTE: d * d_sae may exceed 2**31 elements
@@ -117,7 +125,7 @@ def _sae_edit_kernel(
     for j in range(0, F):
         f, fv, mf, a = _encode_feature(
             xin, offs, offs64, ok, feat_ptr + slot * stride_fs + j, wenc_ptr, stride_ed, stride_ef,
-            benc_ptr, thr_ptr, d_sae, d, HAS_THR,
+            benc_ptr, thr_ptr, tok_thr, d_sae, d, HAS_THR, HAS_TTHR,
         )  # fmt: skip
         v = tl.load(val_ptr + slot * stride_vs + j, mask=fv, other=0.0)
         new = tl.where(tl.load(mode_ptr + slot * stride_ms + j, mask=fv, other=0) == 1, a * v, v)
@@ -131,8 +139,8 @@ def _sae_edit_kernel(
 @triton.jit
 def _sae_feature_acts_kernel(
     h_ptr, stride_h, slot_ptr, T, out_ptr, stride_o, feat_ptr, stride_fs, S, F,
-    wenc_ptr, stride_ed, stride_ef, benc_ptr, bdec_ptr, thr_ptr, d_sae, d,
-    HAS_THR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
+    wenc_ptr, stride_ed, stride_ef, benc_ptr, bdec_ptr, thr_ptr, tthr_ptr, d_sae, d,
+    HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr, APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int32)
@@ -144,10 +152,13 @@ def _sae_feature_acts_kernel(
     if APPLY_B_DEC:
         x = x - tl.load(bdec_ptr + offs, mask=md, other=0.0).to(tl.float32)
     offs64 = offs.to(tl.int64)
+    tok_thr = 0.0
+    if HAS_TTHR:
+        tok_thr = tl.load(tthr_ptr + t, mask=ok, other=0.0)
     for j in range(0, F):
         _, fv, _, a = _encode_feature(
             x, offs, offs64, ok, feat_ptr + slot * stride_fs + j, wenc_ptr, stride_ed, stride_ef,
-            benc_ptr, thr_ptr, d_sae, d, HAS_THR,
+            benc_ptr, thr_ptr, tok_thr, d_sae, d, HAS_THR, HAS_TTHR,
         )  # fmt: skip
         tl.store(out_ptr + t.to(tl.int64) * stride_o + j, tl.where(fv, a, float("nan")))
 
@@ -199,7 +210,7 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions
 
 def sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
-    mode, value, slot_positions, pos_class=None,
+    mode, value, slot_positions, pos_class=None, token_threshold=None,
 ):  # fmt: skip
     T, d = h.shape
     S, F = feat_idx.shape
@@ -210,19 +221,23 @@ def sae_edit(
     b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     has_thr = threshold is not None
     threshold = threshold.contiguous() if has_thr else b_enc  # a stand-in pointer, never read
+    has_tthr = token_threshold is not None
+    tok_thr = token_threshold.contiguous() if has_tthr else b_enc  # likewise
     block = next_pow2(d)
     _sae_edit_kernel[(T,)](
         h, h.stride(0), slot, pc, sp, T,
         feat_idx, feat_idx.stride(0), mode, mode.stride(0), value, value.stride(0), S, F,
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
-        b_dec, threshold, W_enc.shape[1], d,
-        HAS_POS=has_pos, HAS_THR=has_thr, APPLY_B_DEC=bool(apply_b_dec_to_input),
+        b_dec, threshold, tok_thr, W_enc.shape[1], d,
+        HAS_POS=has_pos, HAS_THR=has_thr, HAS_TTHR=has_tthr, APPLY_B_DEC=bool(apply_b_dec_to_input),
         BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
 
 
-def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input):
+def sae_feature_acts(
+    h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, token_threshold=None
+):
     T, d = h.shape
     S, F = feat_idx.shape
     out = _util.empty((T, F), torch.float32, h.device)
@@ -234,10 +249,13 @@ def sae_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold,
     b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     has_thr = threshold is not None
     threshold = threshold.contiguous() if has_thr else b_enc  # a stand-in pointer, never read
+    has_tthr = token_threshold is not None
+    tok_thr = token_threshold.contiguous() if has_tthr else b_enc  # likewise
     block = next_pow2(d)
     _sae_feature_acts_kernel[(T,)](
         h, h.stride(0), slot, T, out, out.stride(0), feat_idx, feat_idx.stride(0), S, F,
-        W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, b_dec, threshold, W_enc.shape[1], d,
-        HAS_THR=has_thr, APPLY_B_DEC=bool(apply_b_dec_to_input), BLOCK_D=block, num_warps=_warps(block),
+        W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, b_dec, threshold, tok_thr, W_enc.shape[1], d,
+        HAS_THR=has_thr, HAS_TTHR=has_tthr, APPLY_B_DEC=bool(apply_b_dec_to_input), BLOCK_D=block,
+        num_warps=_warps(block),
     )  # fmt: skip
     return out

@@ -69,6 +69,14 @@ def add_admission_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
                    help="on SIGTERM, seconds to let requests in flight finish before exiting")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest JSON request body")
+    p.add_argument("--max-queued-per-call", type=int, default=None,
+                   help="a call's share of the queue (default: --max-num-seqs)")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a request's headers may take to arrive (then 408 and close)")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request's body may take, plus 1 s per --body-min-rate bytes")  # fmt: skip
+    p.add_argument("--body-min-rate", type=int, default=d.body_min_rate,
+                   help="bytes per second that extend the body timeout by one second")  # fmt: skip
 
 
 def admission_from_args(a: argparse.Namespace) -> AdmissionConfig:
@@ -78,6 +86,10 @@ def admission_from_args(a: argparse.Namespace) -> AdmissionConfig:
         request_timeout_s=a.request_timeout,
         drain_timeout_s=a.drain_timeout,
         max_body_mb=a.max_body_mb,
+        max_queued_per_call=a.max_queued_per_call,
+        header_timeout_s=a.header_timeout,
+        body_timeout_s=a.body_timeout,
+        body_min_rate=a.body_min_rate,
     )
 
 
@@ -113,8 +125,10 @@ def serve(config: Config, threads: int | None = None) -> None:
     import torch
     import uvicorn
 
+    from steerserve.api import access_log
     from steerserve.api.app import create_app
     from steerserve.api.lifecycle import GracefulServer
+    from steerserve.api.timeouts import timed_protocol
 
     if threads:
         torch.set_num_threads(threads)
@@ -128,7 +142,9 @@ def serve(config: Config, threads: int | None = None) -> None:
         # h11 refuses larger header blocks itself (a plain 400); below that our 431 names the bound
         h11_max_incomplete_event_size=int(adm.max_header_kb * 1024) + (64 << 10),
         timeout_graceful_shutdown=10,  # after the drain: responses still being written
+        http=timed_protocol(adm.header_timeout_s, adm.body_timeout_s, adm.body_min_rate),
     )
+    access_log.install()  # NOTE: after uvicorn.Config, which configures the loggers
     GracefulServer(server_config, app, adm.drain_timeout_s).run()
 
 

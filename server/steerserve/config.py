@@ -88,6 +88,10 @@ class AdmissionConfig:
     Retry-After. A call always gets in when nothing is queued, whatever its size."""
     max_queued_tokens: int = 1 << 20
     """Prompt tokens of those queued requests; past it, 429 likewise."""
+    max_queued_per_call: int | None = None
+    """A call's share of the queue: at most this many of its requests wait in the engine at once, the
+    rest go in as those start (fair admission: a 64 prompts x n=16 call no longer 429s everyone else
+    for its whole run). None: the scheduler's max_num_seqs, which keeps a lone call's batches full."""
     retry_after_s: int = 1
     """The Retry-After a 429 or 503 suggests, in seconds."""
     request_timeout_s: float | None = None
@@ -100,6 +104,14 @@ class AdmissionConfig:
     """Largest JSON request body (413 past it); registry uploads have `max_upload_mb` instead."""
     max_header_kb: float = 32.0
     """Largest total size of a request's headers (431 past it)."""
+    header_timeout_s: float = 10.0
+    """A connection must deliver a request's headers within this long, from its first byte (or from the
+    connection's start); else 408 and the connection is closed (slow-header clients, "slowloris")."""
+    body_timeout_s: float = 10.0
+    """A request's body must arrive within this long after its headers, plus one second per
+    `body_min_rate` bytes received (so a large upload at a healthy rate is never cut); else 408 and close."""
+    body_min_rate: int = 16 << 10
+    """Bytes per second that extend the body deadline by one second (see body_timeout_s)."""
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,10 @@ def test_sae_upload_get_list_delete(client, sae_dir):
     info = client.upload_sae(sae_dir, id="c-folder")
     assert (info["id"], info["site"], info["d_in"], info["d_sae"]) == ("c-folder", SITE, D_MODEL, D_SAE)
     assert info["model"] == MODEL
-    # from a cfg dict and {name: array} (written as safetensors by the client), at another site
-    other = client.upload_sae(cfg=sae_cfg(), weights=sae_state(seed=1), id="c-arrays", layer=1)
+    # from a cfg dict and {name: array} (written as safetensors by the client), at another site (a layer
+    # field must agree with the cfg's hook name: a contradiction is a 400, tests/registry)
+    cfg = sae_cfg(hook="blocks.1.hook_resid_post")
+    other = client.upload_sae(cfg=cfg, weights=sae_state(seed=1), id="c-arrays", layer=1)
     assert other["site"] == "blocks.1.hook_resid_post" and other["sha256"] != info["sha256"]
     # from a weights file path plus a cfg path
     same = client.upload_sae(cfg=sae_dir / "cfg.json", weights=sae_dir / "sae_weights.safetensors")

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.registry.helpers import ref_saelens_encode
+from tests.steering.reference import read_site
 
 TEXT = "The weather in Alaska is always"
 
@@ -23,16 +24,7 @@ def hf(steerable):
 
 def site_states(model, ids: list[int]) -> torch.Tensor:
     """resid_post of layer 0 for every token: the SAE's site."""
-    seen = []
-    handle = model.transformer.h[0].register_forward_hook(
-        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
-    )
-    try:
-        with torch.inference_mode():
-            model(torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return seen[0][0]
+    return read_site(model, ids, (0, "resid_post"), lambda h: h.detach().clone())
 
 
 def expected_top(steerable, h: torch.Tensor, k: int):

@@ -37,8 +37,11 @@ def tiny_engine(
     return build_engine(cfg)
 
 
-def run_staggered(core, requests: list[GenerationRequest], every: int = 2, max_steps: int = 10_000) -> dict:
-    """Add one request every `every` steps; run to completion; request_id -> (token ids, finish reason)."""
+def run_staggered(
+    core, requests: list[GenerationRequest], every: int = 2, max_steps: int = 10_000, on_step=None
+) -> dict:
+    """Add one request every `every` steps; run to completion; request_id -> (token ids, finish reason).
+    `on_step(step, outputs)`, when given, sees every step's outputs (errors, features)."""
     pending = list(requests)
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     reasons: dict[str, str] = {}
@@ -46,7 +49,10 @@ def run_staggered(core, requests: list[GenerationRequest], every: int = 2, max_s
     while pending or core.has_work():
         if pending and step % every == 0:
             core.add(pending.pop(0))
-        for out in core.step():
+        outputs = core.step()
+        if on_step is not None:
+            on_step(step, outputs)
+        for out in outputs:
             tokens[out.request_id].extend(out.token_ids)
             if out.finish_reason is not None:
                 reasons[out.request_id] = out.finish_reason.value

@@ -9,12 +9,12 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from steerserve.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import ARCHS
 from tests.engine.helpers import run_staggered, tiny_engine
+from tests.steering.reference import greedy_generate
 
 PROMPT_LENS = (3, 7, 30, 12, 1, 50, 9, 16, 5)  # 50 > chunk size 24: prefilled over three steps
 MAX_TOKENS = 12
@@ -22,16 +22,7 @@ MAX_TOKENS = 12
 
 def reference_greedy(model_dir: str, prompt: list[int], max_tokens: int) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=model.config.pad_token_id,
-    )
-    return out[0, len(prompt) :].tolist()
+    return greedy_generate(model, prompt, max_tokens)
 
 
 def prompts(seed: int = 1) -> list[list[int]]:

@@ -1,7 +1,10 @@
 """Helpers of the kernel tests: random inputs, per-dtype tolerances, and naive float64 loops.
 
 The naive functions are the ops written the obvious way (Python loops over tokens / rows / ids, float64)
-and check the torch references; the references then check the Triton kernels.
+and check the torch references; the references then check the Triton kernels. SAE activations follow
+SAELens' own encode() (`library_acts`), never our kernels' formulation: jumprelu keeps the relu
+(`relu(pre) * (pre > threshold)`, so a negative threshold passes no negative value), TopK ranks the
+token's pre-activations over ALL features and keeps relu(pre) of its top k.
 """
 
 from __future__ import annotations
@@ -72,22 +75,31 @@ def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_pos
     return out
 
 
+def library_acts(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk=None):
+    """[T, d_sae] float64 activations as SAELens' encode() computes them (topk: a TopK SAE's k)."""
+    pre = (x.double() - (b_dec.double() if apply_b_dec_to_input else 0.0)) @ W_enc.double() + b_enc.double()
+    if topk is not None:  # TopK.forward: topk over the pre-activations, relu of the values, scattered
+        top = pre.topk(topk, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    acts = pre.relu()
+    return acts if threshold is None else acts * (pre > threshold.double())  # JumpReLUSAE.encode
+
+
 def naive_sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
-    slot_positions, pos_class,
+    slot_positions, pos_class, topk=None,
 ):  # fmt: skip
     out = h.double().clone()
+    acts = library_acts(h, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk)  # [T, d_sae]
     for t in range(h.shape[0]):
         s = int(slot_of_token[t])
         if not naive_steered(s, int(pos_class[t]), slot_positions, feat_idx.shape[0]):
             continue
-        x = h[t].double() - (b_dec.double() if apply_b_dec_to_input else 0.0)
         for j in range(feat_idx.shape[1]):
             f = int(feat_idx[s, j])
             if f < 0:
                 continue
-            pre = float(x @ W_enc[:, f].double()) + float(b_enc[f])
-            a = pre if pre > (float(threshold[f]) if threshold is not None else 0.0) else 0.0
+            a = float(acts[t, f])
             new = a * float(value[s, j]) if int(mode[s, j]) == 1 else float(value[s, j])
             out[t] += (new - a) * W_dec[f].double()
     return out
@@ -116,10 +128,6 @@ def naive_logit_bias(logits, temp, sids, sbias, bank, didx, dscale, pids, pcount
     return out
 
 
-def naive_encode(x, W_enc, b_enc, b_dec, thr, apply_b_dec):
-    """[T, d_sae] float64 activations."""
-    xin = x.double() - (b_dec.double() if apply_b_dec else 0.0)
-    pre = xin @ W_enc.double() + b_enc.double()
-    return torch.where(
-        pre > (thr.double() if thr is not None else 0.0), pre, torch.zeros((), dtype=torch.float64)
-    )
+def naive_encode(x, W_enc, b_enc, b_dec, thr, apply_b_dec, topk=None):
+    """[T, d_sae] float64 activations (SAELens' encode())."""
+    return library_acts(x, W_enc, b_enc, b_dec, thr, apply_b_dec, topk)

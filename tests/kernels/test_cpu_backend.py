@@ -11,7 +11,7 @@ import steerkernels as sk
 from steerkernels import cpu
 from tests.kernels.helpers import assert_close, rand
 from tests.kernels.test_logit_bias import CASES, check_against_reference, logit_args
-from tests.kernels.test_residual import BUILD, SHAPES, check_in_place, sae_args
+from tests.kernels.test_residual import BUILD, SAE_ARCHS, SHAPES, check_in_place, sae_args
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU backend needs a C++ compiler")
 
@@ -24,11 +24,12 @@ def test_matches_reference(op, dtype, gen):
         check_in_place(op, rand(gen, T, d, dtype=dtype) * 2, BUILD[op](gen, T, d, S), "cpu", dtype, "cpu")
 
 
-@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_sae_edit_variants(threshold, apply_b_dec, gen):
-    args = sae_args(gen, 7, 45, 3, threshold=threshold, apply_b_dec=apply_b_dec)
-    check_in_place("sae_edit", rand(gen, 7, 45), args, "cpu", torch.float32, "cpu")
+def test_sae_edit_variants(arch, apply_b_dec, gen):
+    for T, d, S in [*SHAPES, (301, 257, 7)]:  # the last: split over OpenMP threads
+        args = sae_args(gen, T, d, S, arch=arch, apply_b_dec=apply_b_dec)
+        check_in_place("sae_edit", rand(gen, T, d) * 2, args, "cpu", torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,4 +1,6 @@
-"""sae_encode_topk: reference vs naive float64, Triton vs reference (one and several feature splits)."""
+"""sae_encode_topk and sae_topk_threshold: reference vs naive float64 (SAELens' encode(), helpers.
+library_acts), Triton vs the same (one and several feature splits). jumprelu thresholds have both signs;
+TopK SAEs are read with the asked k below and above the SAE's own k."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import torch
 
 import steerkernels as sk
 import steerkernels._util as sk_util
+from tests.kernels.conftest import INTERPRET
 from tests.kernels.helpers import TOL, naive_encode, rand
 
 # (T, d, d_sae, k): T = 1; T over one 16-token block; d_sae over several 128-wide tiles; k not a power of 2
@@ -18,7 +21,7 @@ def sae(gen, d, d_sae, dtype=torch.float32, threshold=True):
         W_enc=rand(gen, d, d_sae, dtype=dtype) / d**0.5,
         b_enc=rand(gen, d_sae, dtype=dtype) * 0.1,
         b_dec=rand(gen, d, dtype=dtype) * 0.3,
-        threshold=rand(gen, d_sae).abs() * 0.3 if threshold else None,
+        threshold=rand(gen, d_sae) * 0.4 if threshold else None,
     )
 
 
@@ -104,3 +107,62 @@ def test_k_bound_of_triton(device, gen):
     w = {n: t.to(device) for n, t in sae(gen, 8, 300).items()}
     with pytest.raises(ValueError, match="k: the triton backend supports k <= 256"):
         sk.sae_encode_topk(rand(gen, 3, 8, device=device), *w.values(), True, 257, backend="triton")
+
+
+# -- TopK SAEs ----------------------------------------------------------------------------------------
+
+# (T, d, d_sae, asked k, the SAE's k): asked below, equal to and above the SAE's k; k = d_sae
+TOPK_CASES = [(5, 37, 300, 5, 16), (19, 45, 131, 40, 8), (3, 33, 64, 64, 64), (4, 24, 200, 37, 37)]
+
+
+def topk_sae(gen, d, d_sae, dtype=torch.float32):
+    return {**sae(gen, d, d_sae, dtype=dtype, threshold=False), "threshold": None}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_topk_sae_matches_library(backend, gen, monkeypatch):
+    """values/indices are the asked k largest of the TopK SAE's encode(): the SAE's k relu'd pre-
+    activations, then zeros at distinct features (never ReLU values of features the SAE sets to 0)."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    for T, d, d_sae, k, sae_k in TOPK_CASES:
+        w = topk_sae(gen, d, d_sae)
+        x = rand(gen, T, d) * 2
+        acts = naive_encode(x, *w.values(), True, topk=sae_k)
+        relu_acts = naive_encode(x, *w.values(), True)
+        if k > sae_k:  # the old reading (relu over every feature) reports spurious features here
+            assert bool((relu_acts.topk(k, dim=1).values[:, sae_k:] > 0).any())
+        values, indices = sk.sae_encode_topk(x, *w.values(), True, k, sae_k=sae_k, backend=backend)
+        check_topk(values, indices, acts, k, torch.float32, f"{backend} {T, d, d_sae, k, sae_k}")
+        assert bool((values[:, sae_k:] == 0).all())
+
+
+def test_topk_sae_args_are_checked(gen):
+    w = topk_sae(gen, 8, 20)
+    x = rand(gen, 3, 8)
+    with pytest.raises(ValueError, match=r"sae_k: must be an int in \[1, d_sae=20\]"):
+        sk.sae_encode_topk(x, *w.values(), True, 4, sae_k=21)
+    w["threshold"] = rand(gen, 20)
+    with pytest.raises(ValueError, match="threshold: a TopK SAE"):
+        sk.sae_encode_topk(x, *w.values(), True, 4, sae_k=3)
+
+
+@pytest.mark.parametrize("k", [1, 7, 52, 53])
+def test_topk_threshold_selects_the_top_k(k, gen):
+    """pre > threshold holds for exactly the token's k largest pre-activations; rows not asked are NaN."""
+    T, d, d_sae = 11, 29, 53
+    w = topk_sae(gen, d, d_sae)
+    x = rand(gen, T, d) * 2
+    pre = (x.double() - w["b_dec"].double()) @ w["W_enc"].double() + w["b_enc"].double()
+    rows = torch.tensor([0, 3, 4, 10])
+    thr = sk.sae_topk_threshold(x, w["W_enc"], w["b_enc"], w["b_dec"], True, k, rows)
+    assert thr.dtype == torch.float32 and thr.shape == (T,)
+    others = torch.ones(T, dtype=torch.bool)
+    others[rows] = False
+    assert bool(thr[others].isnan().all())
+    chosen = pre[rows] > thr[rows, None].double()
+    want = torch.zeros_like(chosen).scatter(1, pre[rows].topk(k, dim=1).indices, True)
+    assert torch.equal(chosen, want)
+    every = sk.sae_topk_threshold(x, w["W_enc"], w["b_enc"], w["b_dec"], True, k)
+    assert not bool(every.isnan().any())
+    torch.testing.assert_close(every[rows], thr[rows])  # NOTE: a GEMM's rounding depends on its rows

@@ -1,4 +1,6 @@
-"""steer_add, project_clamp, sae_edit: reference vs naive float64 loops, Triton vs reference, bad ids."""
+"""steer_add, project_clamp, sae_edit, sae_feature_acts: reference vs naive float64 loops written from
+SAELens' encode() (helpers.library_acts), Triton vs reference, bad ids. SAE cases cover relu, jumprelu
+with thresholds of both signs, and TopK (edited features inside and outside the token's top k)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import steerkernels as sk
 from tests.kernels.helpers import (
     DTYPES,
     assert_close,
+    library_acts,
     naive_project_clamp,
     naive_sae_edit,
     naive_steer_add,
@@ -21,6 +24,8 @@ from tests.kernels.helpers import (
 # (T, d, S): odd d, a single token, d above one 128-wide block
 SHAPES = [(9, 37, 4), (1, 45, 2), (6, 130, 3)]
 D_SAE, F, K = 53, 4, 3
+SAE_ARCHS = ("relu", "jumprelu", "topk")
+TOPK_K = 7  # of D_SAE = 53 features
 
 
 def steer_args(gen, T, d, S):
@@ -42,7 +47,9 @@ def clamp_args(gen, T, d, S):
     )
 
 
-def sae_args(gen, T, d, S, dtype=torch.float32, threshold=True, apply_b_dec=True):
+def sae_args(gen, T, d, S, dtype=torch.float32, arch="jumprelu", apply_b_dec=True):
+    """sae_edit's arguments; a TopK SAE carries "topk": k instead of token_threshold (see `run_op`).
+    jumprelu thresholds have both signs: below 0 SAELens' relu still zeroes negative pre-activations."""
     slot, pc, sp = token_plan(T, S, gen)
     feat = torch.randint(0, D_SAE, (S, F), generator=gen)
     feat[0] = torch.tensor([2, 2, D_SAE - 1, 0])  # duplicates, both ends, every column used (max features)
@@ -56,13 +63,24 @@ def sae_args(gen, T, d, S, dtype=torch.float32, threshold=True, apply_b_dec=True
         b_enc=rand(gen, D_SAE, dtype=dtype) * 0.1,
         W_dec=rand(gen, D_SAE, d, dtype=dtype),
         b_dec=rand(gen, d, dtype=dtype) * 0.1,
-        threshold=rand(gen, D_SAE).abs() * 0.2 if threshold else None,
+        threshold=rand(gen, D_SAE) * 0.4 if arch == "jumprelu" else None,
         apply_b_dec_to_input=apply_b_dec,
         mode=torch.randint(0, 3, (S, F), generator=gen).to(torch.int8),
         value=rand(gen, S, F) * 2,
         slot_positions=sp,
         pos_class=pc,
+        **({"topk": TOPK_K} if arch == "topk" else {}),
     )
+
+
+def run_op(op: str, h: torch.Tensor, args: dict, **kw) -> torch.Tensor:
+    """`sk.<op>(h, **args)`; a "topk" entry becomes the token_threshold of the same h (full encoder)."""
+    args = dict(args)
+    k = args.pop("topk", None)
+    if k is not None:
+        enc = [args[n] for n in ("W_enc", "b_enc", "b_dec", "apply_b_dec_to_input")]
+        args["token_threshold"] = sk.sae_topk_threshold(h, *enc, k)
+    return getattr(sk, op)(h, **args, **kw)
 
 
 def work_rows(op: str, args: dict) -> torch.Tensor:
@@ -96,8 +114,8 @@ def check_in_place(
     h0 = h0.clone()
     idle = (~work).nonzero().squeeze(1)
     h0[idle[::2]] = float("nan")
-    ref = getattr(sk, op)(h0.clone(), **args, backend="torch")
-    out = getattr(sk, op)(h0.clone().to(device), **to(args, device), backend=backend).cpu()
+    ref = run_op(op, h0.clone(), args, backend="torch")
+    out = run_op(op, h0.clone().to(device), to(args, device), backend=backend).cpu()
     assert same_bits(out[~work], h0[~work]), "rows without work must be bit-identical"
     assert not torch.equal(ref[work], h0[work]), "the op changed nothing: the case is too weak"
     assert_close(out[work], ref[work], dtype, f"{op} {dtype}")
@@ -117,13 +135,41 @@ def test_reference_matches_naive_loop(op, dtype, gen):
         assert_close(ref, NAIVE[op](h, **args).to(dtype), dtype, f"{op} T={T} d={d}")
 
 
-@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_sae_edit_reference_variants_match_naive(threshold, apply_b_dec, gen):
-    args = sae_args(gen, 9, 37, 4, threshold=threshold, apply_b_dec=apply_b_dec)
-    h = rand(gen, 9, 37)
-    ref = sk.reference.sae_edit(h.clone(), **args)
-    assert_close(ref, naive_sae_edit(h, **args).float(), torch.float32)
+def test_sae_edit_reference_variants_match_naive(arch, apply_b_dec, gen):
+    for T, d, S in SHAPES:
+        args = sae_args(gen, T, d, S, arch=arch, apply_b_dec=apply_b_dec)
+        h = rand(gen, T, d) * 2
+        ref = run_op("sae_edit", h.clone(), args, backend="torch")
+        assert_close(ref, naive_sae_edit(h, **args).float(), torch.float32, f"{arch} T={T} d={d}")
+
+
+def old_formula_acts(h, args):
+    """What the kernels computed before they followed SAELens: jumprelu without its relu, TopK as relu."""
+    xin = h.double() - (args["b_dec"].double() if args["apply_b_dec_to_input"] else 0.0)
+    pre = xin @ args["W_enc"].double() + args["b_enc"].double()
+    thr = args["threshold"]
+    return torch.where(pre > thr.double(), pre, 0.0) if thr is not None else pre.relu()
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_sae_cases_tell_the_library_from_the_old_formulas(arch, gen):
+    """The random cases contain edited (token, feature) pairs where SAELens' activation differs from the
+    old formulas (a negative jumprelu threshold with pre in (thr, 0]; a TopK feature off the top k with
+    pre > 0), and pairs where they agree, so every sae_edit / sae_feature_acts test above can fail."""
+    T, d, S = 40, 37, 4
+    args = sae_args(gen, T, d, S, arch=arch)
+    h = rand(gen, T, d) * 2
+    lib = library_acts(h, *(args[n] for n in ("W_enc", "b_enc", "b_dec", "threshold")),
+                       args["apply_b_dec_to_input"], args.get("topk"))  # fmt: skip
+    old = old_formula_acts(h, args)
+    slot = args["slot_of_token"].long()
+    f = args["feat_idx"][slot.clamp(min=0)]  # [T, F]
+    pairs = (slot >= 0)[:, None] & (f >= 0)
+    differ = (lib.gather(1, f.clamp(min=0)) != old.gather(1, f.clamp(min=0))) & pairs
+    agree_active = (lib.gather(1, f.clamp(min=0)) > 0) & pairs & ~differ
+    assert bool(differ.any()) and bool(agree_active.any())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,11 +187,11 @@ def test_sae_edit_16bit_weights(dtype, device, gen):
     check_in_place("sae_edit", rand(gen, 9, 37, dtype=dtype), sae_args(gen, 9, 37, 4), device, dtype)
 
 
-@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_sae_edit_triton_variants(threshold, apply_b_dec, device, gen):
-    args = sae_args(gen, 7, 45, 3, threshold=threshold, apply_b_dec=apply_b_dec)
-    check_in_place("sae_edit", rand(gen, 7, 45), args, device, torch.float32)
+def test_sae_edit_triton_variants(arch, apply_b_dec, device, gen):
+    args = sae_args(gen, 7, 45, 3, arch=arch, apply_b_dec=apply_b_dec)
+    check_in_place("sae_edit", rand(gen, 7, 45) * 2, args, device, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -260,39 +306,38 @@ def test_kernel_masks_bad_ids(op, device, gen):
 # -- sae_feature_acts (gates) ---------------------------------------------------------------------
 
 
-def naive_feature_acts(h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input):
+def naive_feature_acts(
+    h, slot_of_token, feat_idx, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk=None
+):
     T, Fn = h.shape[0], feat_idx.shape[1]
     out = torch.full((T, Fn), float("nan"), dtype=torch.float64)
+    acts = library_acts(h, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk)
     for t in range(T):
         s = int(slot_of_token[t])
         if not 0 <= s < feat_idx.shape[0]:
             continue
-        x = h[t].double() - (b_dec.double() if apply_b_dec_to_input else 0)
         for j in range(Fn):
             f = int(feat_idx[s, j])
-            if f < 0:
-                continue
-            pre = float(x @ W_enc[:, f].double() + b_enc[f].double())
-            thr = float(threshold[f]) if threshold is not None else 0.0
-            out[t, j] = pre if pre > thr else 0.0
+            if f >= 0:
+                out[t, j] = float(acts[t, f])
     return out
 
 
-def acts_args(gen, T, d, S, threshold=True, apply_b_dec=True):
-    args = sae_args(gen, T, d, S, threshold=threshold, apply_b_dec=apply_b_dec)
+def acts_args(gen, T, d, S, arch="jumprelu", apply_b_dec=True):
+    args = sae_args(gen, T, d, S, arch=arch, apply_b_dec=apply_b_dec)
     for key in ("W_dec", "mode", "value", "slot_positions", "pos_class"):
         del args[key]
     return args
 
 
-@pytest.mark.parametrize("threshold", [False, True])
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("apply_b_dec", [False, True])
-def test_sae_feature_acts_reference_matches_naive(threshold, apply_b_dec, gen):
+def test_sae_feature_acts_reference_matches_naive(arch, apply_b_dec, gen):
     fired = idle = False
     for T, d, S in SHAPES:
-        args = acts_args(gen, T, d, S, threshold, apply_b_dec)
+        args = acts_args(gen, T, d, S, arch, apply_b_dec)
         h = rand(gen, T, d) * 2
-        ref = sk.sae_feature_acts(h, **args, backend="torch")
+        ref = run_op("sae_feature_acts", h, args, backend="torch")
         naive = naive_feature_acts(h, **args)
         assert torch.equal(ref.isnan(), naive.isnan())
         torch.testing.assert_close(ref.double(), naive, rtol=2e-5, atol=2e-5, equal_nan=True)
@@ -300,8 +345,9 @@ def test_sae_feature_acts_reference_matches_naive(threshold, apply_b_dec, gen):
     assert fired and idle, "the cases need fired and idle cells"
 
 
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sae_feature_acts_triton_matches_reference(dtype, device, gen, monkeypatch):
+def test_sae_feature_acts_triton_matches_reference(arch, dtype, device, gen, monkeypatch):
     import steerkernels._util as sk_util
 
     # NOTE: NaN is this op's "no gate" value, so poison the output with a finite sentinel instead
@@ -309,10 +355,10 @@ def test_sae_feature_acts_triton_matches_reference(dtype, device, gen, monkeypat
         sk_util, "empty", lambda shape, dt, dev: torch.full(shape, 7777.0, dtype=dt, device=dev)
     )
     for T, d, S in SHAPES:
-        args = acts_args(gen, T, d, S)
+        args = acts_args(gen, T, d, S, arch)
         h = rand(gen, T, d, dtype=dtype) * 2
-        ref = sk.sae_feature_acts(h, **args, backend="torch")
-        out = sk.sae_feature_acts(h.to(device), **to(args, device), backend="triton").cpu()
+        ref = run_op("sae_feature_acts", h, args, backend="torch")
+        out = run_op("sae_feature_acts", h.to(device), to(args, device), backend="triton").cpu()
         assert not (out == 7777.0).any(), "unwritten cells"
         assert torch.equal(out.isnan(), ref.isnan())
         assert_close(out.nan_to_num(), ref.nan_to_num(), torch.float32 if dtype == torch.float32 else dtype)

@@ -1,6 +1,7 @@
 """Faults on a real server: one request's state failing (an injected exception, a vanished SAE blob)
-fails that request alone; a deadline aborts a request and frees its slot; a failed forward pass kills
-the engine loudly (500s in the OpenAI shape, /health 503, new calls 503) and nothing hangs."""
+or its forward pass failing fails that request alone; a deadline aborts a request and frees its slot; a
+broken device (every forward pass fails) kills the engine loudly (500s in the OpenAI shape, /health 503,
+new calls 503) and nothing hangs."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 
 from tests.production.helpers import GREEDY, StreamedCall, upload_sae
 
-EMIT_SEED, FORWARD_SEED = 666, 667
-FAULTS = {"STEERSERVE_INJECT_FAULTS": f"emit:{EMIT_SEED},forward:{FORWARD_SEED}"}
+EMIT_SEED, FORWARD_SEED, DEVICE_SEED = 666, 667, 668
+FAULTS = {"STEERSERVE_INJECT_FAULTS": f"emit:{EMIT_SEED},forward:{FORWARD_SEED},device:{DEVICE_SEED}"}
 GOOD = {"prompt": "The weather today is", "max_tokens": 24, **GREEDY}
 
 
@@ -65,6 +66,13 @@ def test_one_requests_failure_leaves_the_others_alone(server):
     assert err["code"] == "engine_error" and "injected emit fault" in err["message"]
     assert [r.json()["choices"][0]["text"] for i, r in enumerate(rs) if i != 4] == [baseline] * 7
 
+    # a forward pass that fails whenever this request is part of it: found, and ended alone
+    rs = _parallel(server.url, [GOOD] * 3 + [{**GOOD, "seed": FORWARD_SEED}] + [GOOD] * 3)
+    err = _error(rs[3], 500)
+    assert err["code"] == "engine_error" and "injected forward fault" in err["message"]
+    assert [r.json()["choices"][0]["text"] for i, r in enumerate(rs) if i != 3] == [baseline] * 6
+    assert httpx.get(server.url + "/health").status_code == 200
+
     # a steering resource that vanished between validation and admission: its blob is gone from disk
     sae = upload_sae(server.url, "fragile").json()
     data_dir = Path(server.log_path).parent / "data"
@@ -76,7 +84,7 @@ def test_one_requests_failure_leaves_the_others_alone(server):
     assert err["code"] == "engine_error" and "fragile" in err["message"], err
     assert [rs[i].json()["choices"][0]["text"] for i in (0, 1, 3)] == [baseline] * 3
 
-    assert server.metric("steerserve:request_success_total", finished_reason="error") == errors_before + 2
+    assert server.metric("steerserve:request_success_total", finished_reason="error") == errors_before + 3
     _wait_idle(server)
     assert httpx.get(server.url + "/health").status_code == 200
 
@@ -108,7 +116,7 @@ def test_deadlines_abort_and_free_the_slot(server):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_failed_forward_pass_kills_the_engine_loudly(start_server):
+def test_a_broken_device_kills_the_engine_loudly(start_server):
     server = start_server(env=FAULTS)
     calls = [
         StreamedCall(server.url, {"prompt": f"Story {i}", "max_tokens": 1000, **GREEDY}) for i in range(3)
@@ -123,9 +131,9 @@ def test_a_failed_forward_pass_kills_the_engine_loudly(start_server):
     )
     waiter.start()
     time.sleep(0.2)
-    r = httpx.post(server.url + "/v1/completions", json={**GOOD, "seed": FORWARD_SEED}, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", json={**GOOD, "seed": DEVICE_SEED}, timeout=30)
     err = _error(r, 500)
-    assert err["code"] == "engine_error" and "injected forward fault" in err["message"]
+    assert err["code"] == "engine_error" and "injected device fault" in err["message"]
     for c in calls:
         c.join(timeout=30)
         assert not c.is_alive() and c.done and c.errors and c.errors[0]["code"] == "engine_error", c.chunks[

@@ -103,7 +103,7 @@ def test_expected_average_norm_factor_and_finetuning_scale_are_folded(tmp_path):
         ({"normalize_activations": "layer_norm"}, "cannot be folded"),
         ({"normalize_activations": "constant_norm_rescale"}, "cannot be folded"),
         ({"normalize_activations": "expected_average_only_in"}, "norm scaling factor"),
-        ({"architecture": "transcoder"}, "not supported"),
+        ({"architecture": "transcoder"}, "needs metadata.hook_name_out"),
         ({"hook_head_index": 3}, "per-head"),
         ({"d_sae": D_SAE + 1}, "shape"),
     ],
@@ -114,9 +114,10 @@ def test_saelens_refusals(tmp_path, extra, message):
         load_sae_path(write_saelens(tmp_path / "r", cfg, rand_state("standard")))
 
 
-def test_saelens_mlp_hook_and_extra_tensor_refused(tmp_path):
+def test_saelens_unsupported_hook_and_extra_tensor_refused(tmp_path):
+    # NOTE: hook_mlp_out / hook_attn_out / ... are sites (sites.py); the MLP's hidden layer is not
     with pytest.raises(InvalidInput, match="hook"):
-        load_sae_path(write_saelens(tmp_path / "h", saelens_cfg("standard", 6, hook="blocks.2.hook_mlp_out"),
+        load_sae_path(write_saelens(tmp_path / "h", saelens_cfg("standard", 6, hook="blocks.2.mlp.hook_post"),
                                     rand_state("standard")))  # fmt: skip
     sd = {**rand_state("standard"), "W_skip": torch.zeros(D_IN, D_IN)}
     with pytest.raises(InvalidInput, match="unexpected tensors"):

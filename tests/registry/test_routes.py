@@ -122,7 +122,7 @@ BAD_UPLOADS = {
         400,
         "layers",
     ),
-    "unsupported hook": ({"cfg": saelens_cfg("jumprelu", 6, hook="blocks.1.hook_mlp_out")}, 400, "hook"),
+    "unsupported hook": ({"cfg": saelens_cfg("jumprelu", 6, hook="blocks.1.mlp.hook_post")}, 400, "hook"),
     "../ in the id": ({"sae_id": "../escape"}, 400, "id"),
     "cfg not JSON": ({"cfg": b"{nope"}, 400, "json"),
     "over the size limit": ({"weights": b"\0" * (3 << 19)}, 413, "limit"),

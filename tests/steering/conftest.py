@@ -30,6 +30,18 @@ def random_sae(d: int, site: Site, seed: int, jumprelu: bool = False) -> SAEWeig
     )
 
 
+def sae_dict(w: SAEWeights) -> dict:
+    """The SAE as tests/steering/reference.py takes it."""
+    return {
+        "W_enc": w.W_enc,
+        "b_enc": w.b_enc,
+        "W_dec": w.W_dec,
+        "b_dec": w.b_dec,
+        "threshold": w.threshold,
+        "apply_b_dec_to_input": w.apply_b_dec_to_input,
+    }
+
+
 def tied_sae(d: int, site: Site, seed: int) -> SAEWeights:
     """Feature 5 reads exactly what it writes (W_enc[:, 5] . W_dec[5] = 1) and is always active, as in
     a well-trained SAE's live feature: clamping it sets its re-measured activation exactly."""
@@ -75,15 +87,7 @@ class SteeringWorld:
         )
 
     def sae_dict(self, sae_id: str) -> dict:
-        w = self.saes[sae_id]
-        return {
-            "W_enc": w.W_enc,
-            "b_enc": w.b_enc,
-            "W_dec": w.W_dec,
-            "b_dec": w.b_dec,
-            "threshold": w.threshold,
-            "apply_b_dec_to_input": w.apply_b_dec_to_input,
-        }
+        return sae_dict(self.saes[sae_id])
 
 
 @pytest.fixture(

@@ -67,7 +67,7 @@ inline void axpy(float* y, float a, Vec x, int64_t n) {
 
 extern "C" {
 
-int ss_steer_abi_version() { return 2; }
+int ss_steer_abi_version() { return 3; }
 
 // Which tokens a call edits, and the hidden states they live in. Index arrays are int64.
 struct TokenArgs {
@@ -118,6 +118,8 @@ struct EditArgs {
   int64_t mode_s0, mode_s1;
   const float* value;  // [S, F] strides (value_s0, value_s1)
   int64_t value_s0, value_s1;
+  const float* tok_thr;  // [T] stride tok_thr_s, or null: TopK's per-token rank threshold
+  int64_t tok_thr_s;
 };
 
 }  // extern "C"
@@ -133,7 +135,7 @@ inline int64_t steered_slot(const TokenArgs& a, int64_t t) {
   return (rule == 0 || rule == a.pos_class[t * a.pc_s] + 1) ? s : -1;
 }
 
-// Runs edit(slot, x[d]) -> bool (true: x changed) on every steered token, x in fp32; writes back only
+// Runs edit(slot, t, x[d]) -> bool (true: x changed) on every steered token t, x in fp32; writes back only
 // the tokens it changed, so other rows stay bit-identical.
 template <class Edit>
 void for_tokens(const TokenArgs& a, int64_t work_per_token, Edit edit) {
@@ -149,11 +151,11 @@ void for_tokens(const TokenArgs& a, int64_t work_per_token, Edit edit) {
       if (a.h_dtype == 0) {
         float* row = static_cast<float*>(a.h) + t * a.h_row;
         std::memcpy(x.data(), row, size_t(d) * sizeof(float));
-        if (edit(s, x.data())) std::memcpy(row, x.data(), size_t(d) * sizeof(float));
+        if (edit(s, t, x.data())) std::memcpy(row, x.data(), size_t(d) * sizeof(float));
       } else {
         bf16* row = static_cast<bf16*>(a.h) + t * a.h_row;
         for (int64_t i = 0; i < d; ++i) x[i] = bf16_to_f32(row[i]);
-        if (edit(s, x.data()))
+        if (edit(s, t, x.data()))
           for (int64_t i = 0; i < d; ++i) row[i] = f32_to_bf16(x[i]);
       }
     }
@@ -167,7 +169,7 @@ extern "C" {
 int ss_steer_add(const TokenArgs* a, const AddArgs* v) {
   if (a->h_dtype != 0 && a->h_dtype != 1) return 1;
   const int64_t d = a->d;
-  for_tokens(*a, d, [&](int64_t s, float* x) {
+  for_tokens(*a, d, [&](int64_t s, int64_t, float* x) {
     Vec vec{v->vec + s * v->vec_s0, v->vec_s1};
     for (int64_t i = 0; i < d; ++i) x[i] += vec[i];
     return true;
@@ -178,7 +180,7 @@ int ss_steer_add(const TokenArgs* a, const AddArgs* v) {
 int ss_project_clamp(const TokenArgs* a, const ClampArgs* c) {
   if (a->h_dtype != 0 && a->h_dtype != 1) return 1;
   const int64_t d = a->d;
-  for_tokens(*a, d * c->K, [&](int64_t s, float* x) {
+  for_tokens(*a, d * c->K, [&](int64_t s, int64_t, float* x) {
     int64_t n = c->count[s * c->count_s];
     n = n < 0 ? 0 : (n > c->K ? c->K : n);
     for (int64_t k = 0; k < n; ++k) {
@@ -196,8 +198,9 @@ int ss_project_clamp(const TokenArgs* a, const ClampArgs* c) {
 int ss_sae_edit(const TokenArgs* a, const EditArgs* e) {
   if (a->h_dtype != 0 && a->h_dtype != 1) return 1;
   const int64_t d = a->d;
-  for_tokens(*a, 2 * d * e->F, [&](int64_t s, float* x) {
+  for_tokens(*a, 2 * d * e->F, [&](int64_t s, int64_t t, float* x) {
     thread_local std::vector<float> xin, delta;
+    const float tok_thr = e->tok_thr ? e->tok_thr[t * e->tok_thr_s] : 0.f;
     xin.assign(x, x + d);
     if (e->apply_b_dec)
       for (int64_t i = 0; i < d; ++i) xin[i] -= e->b_dec[i * e->b_dec_s];
@@ -208,9 +211,10 @@ int ss_sae_edit(const TokenArgs* a, const EditArgs* e) {
       if (f < 0 || f >= e->d_sae) continue;
       any = true;
       float pre = dot(xin.data(), Vec{e->W_enc + f * e->enc_s1, e->enc_s0}, d) + e->b_enc[f * e->b_enc_s];
-      float act;
-      if (e->threshold) act = pre > e->threshold[f * e->thr_s] ? pre : 0.f;
-      else act = pre < 0.f ? 0.f : pre;  // NOTE: relu keeps NaN, as torch.relu
+      // SAELens: relu(pre) * (pre > threshold[f]) * (pre > tok_thr), as reference.activation
+      float act = pre < 0.f ? 0.f : pre;  // NOTE: relu keeps NaN, as torch.relu
+      if (e->threshold) act *= pre > e->threshold[f * e->thr_s] ? 1.f : 0.f;
+      if (e->tok_thr) act *= pre > tok_thr ? 1.f : 0.f;
       float value = e->value[s * e->value_s0 + j * e->value_s1];
       float target = e->mode[s * e->mode_s0 + j * e->mode_s1] == 1 ? act * value : value;
       axpy(delta.data(), target - act, Vec{e->W_dec + f * e->dec_s0, e->dec_s1}, d);

@@ -7,11 +7,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from steerserve.api import routes_contrast, routes_generate, routes_interp, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
 from steerserve.api.errors import document_errors, error_body, install_error_handlers
+from steerserve.api.executors import REGISTRY_POOL, run_in
+from steerserve.api.jsonsafe import SafeJSONResponse
 from steerserve.api.limits import RequestLimits
 from steerserve.api.routes_playground import install_playground
 from steerserve.config import Config
@@ -48,7 +49,7 @@ async def metrics(request: Request):
 @service.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def models(request: Request):
     info = request.app.state.model_info
-    variants = await run_in_threadpool(request.app.state.registry.list_variants)
+    variants = await run_in(REGISTRY_POOL, request.app.state.registry.list_variants)
     return {
         "object": "list",
         "data": [
@@ -85,8 +86,9 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
         app.state.steering_resources = b.steering.resources
         app.state.promotion = PromotionIndex(b.steering.resources)
         adm = config.admission
+        per_call = adm.max_queued_per_call or config.scheduler.max_num_seqs
         engine = AsyncEngine(
-            b.core, Admission(adm.max_queued_requests, adm.max_queued_tokens, adm.retry_after_s)
+            b.core, Admission(adm.max_queued_requests, adm.max_queued_tokens, adm.retry_after_s, per_call)
         )
         app.state.model_info = b.info
         app.state.tokenizer = b.tokenizer
@@ -99,7 +101,9 @@ def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
             engine.shutdown()
             app.state.registry.close()
 
-    app = FastAPI(title="steerserve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="steerserve", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse
+    )
     app.state.config = config
     app.state.engine = None
     install_error_handlers(app)

@@ -7,7 +7,7 @@ parameter, the value and the bound, so a bad request never reaches the device.
 from __future__ import annotations
 
 from steerserve.api.errors import APIError
-from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from steerserve.api.protocol import ChatMessage, CompletionRequest, SamplingFields
 from steerserve.config import LimitsConfig
 from steerserve.engine.tokenizer import ChatTemplateError, apply_chat_template, encode_prompt
 from steerserve.engine.types import ModelInfo, SamplingParams
@@ -36,18 +36,18 @@ def completion_prompts(
     body: CompletionRequest, tokenizer, info: ModelInfo, limits: LimitsConfig
 ) -> list[list[int]]:
     p = body.prompt
+    if isinstance(p, list) and not p:
+        raise bad("prompt must not be empty", "prompt")
+    # NOTE: a list of strings or of id lists is several prompts: counted before any is encoded
+    several = isinstance(p, list) and not isinstance(p[0], int)
+    if several and len(p) > limits.max_prompts:
+        raise bad(f"prompt: {len(p)} prompts in one request; at most {limits.max_prompts}", "prompt")
     if isinstance(p, str):
         prompts = [encode_prompt(tokenizer, p)]
-    elif not p:
-        raise bad("prompt must not be empty", "prompt")
-    elif all(isinstance(x, str) for x in p):
-        prompts = [encode_prompt(tokenizer, x) for x in p]
-    elif all(isinstance(x, int) for x in p):
+    elif not several:
         prompts = [list(p)]
     else:
-        prompts = [list(x) for x in p]
-    if len(prompts) > limits.max_prompts:
-        raise bad(f"prompt: {len(prompts)} prompts in one request; at most {limits.max_prompts}", "prompt")
+        prompts = [encode_prompt(tokenizer, x) if isinstance(x, str) else list(x) for x in p]
     for i, ids in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if not ids:
@@ -56,17 +56,25 @@ def completion_prompts(
     return prompts
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
-    messages = []
-    for m in body.messages:
-        content = m.content
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-        messages.append({"role": m.role, "content": content or ""})
+def encode_text(tokenizer, text: str, param: str) -> list[int]:
+    """`text` as prompt token ids; 400 on `param` when it is empty or encodes to no token at all."""
+    ids = encode_prompt(tokenizer, text) if text else []
+    if not ids:
+        raise bad(f"{param} must not be empty (it encodes to no token)", param)
+    return ids
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    """The chat's prompt ids (OpenAI content parts: the text ones); 400 on `messages` when the
+    template renders them to no token at all (an empty message, only non-text parts)."""
+    rendered = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        return apply_chat_template(tokenizer, messages, body.add_generation_prompt)
+        ids = apply_chat_template(tokenizer, rendered, add_generation_prompt)
     except ChatTemplateError as exc:
         raise bad(str(exc), "messages", "chat_template_missing") from None
+    if not ids:
+        raise bad("messages render to an empty prompt: give some text content", "messages")
+    return ids
 
 
 def _stop_list(stop) -> tuple[str, ...]:
@@ -141,7 +149,7 @@ def sampling_params(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
+        top_k=body.top_k if body.top_k and 0 < body.top_k < info.vocab_size else 0,  # else: no top_k
         min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0,
@@ -156,12 +164,14 @@ def sampling_params(
     )
 
 
-def check_steering_counts(body, limits) -> None:
+def check_steering_counts(body, limits, prefix: str = "") -> None:
     """Cheap caps on the raw lists before compiling them touches the registry once per item."""
     for param, items, bound in (
         ("steering", body.steering, limits.max_interventions),
         ("feature_logit_bias", body.feature_logit_bias, limits.max_logit_bias_features),
+        ("stop_when", getattr(body, "stop_when", None), limits.max_gates),
     ):
+        param = prefix + param
         if items is not None and len(items) > bound:
             raise bad(f"{param} has {len(items)} entries; at most {bound}", param)
 

@@ -13,7 +13,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
+from steerserve.api.jsonsafe import SafeJSONResponse
 from steerserve.registry.blobs import BlobStoreError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,10 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class ClientGone(Exception):
+    """The client disconnected before its response (api/serving.py: until_disconnect)."""
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {
         "error": {
@@ -64,13 +71,13 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(
+    return SafeJSONResponse(
         error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status, headers=exc.headers
     )
 
 
 # pydantic names the member of a union it tried (`prompt.str`, `stop.list[str]`): not a parameter
-_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|.*\[.*\]|function-.*)$")
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|.*\[.*\]|function-.*|constrained-.*)$")
 
 
 def _loc_to_param(loc: tuple) -> str | None:
@@ -160,16 +167,24 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {}
         param = _loc_to_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request")
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
         message = f"{param}: {msg}" if param else msg
-        return JSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
+        return SafeJSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = error_body(
             exc.status_code, str(exc.detail), getattr(exc, "param", None), getattr(exc, "code", None)
         )
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return SafeJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: Exception) -> Response:
+        # NOTE: a client that leaves is routine, not an error: one INFO line, no traceback. Nobody reads
+        # the response (uvicorn drops it); 499 is nginx's "client closed request".
+        logger.info("client disconnected before the response: %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(BlobStoreError)
     async def _blob_store(_: Request, exc: BlobStoreError) -> JSONResponse:
@@ -178,12 +193,12 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(
             503, f"the registry's blob store is unavailable: {exc}", None, "blob_store_unavailable"
         )
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return SafeJSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(
+        return SafeJSONResponse(
             error_body(500, f"internal error: {type(exc).__name__}; this is a bug, please report it"),
             status_code=500,
         )

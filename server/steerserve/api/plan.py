@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from steerserve.api.convert import bad, check_model, check_steering_counts, child_seed, sampling_params
 from steerserve.api.errors import APIError
+from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.protocol import SamplingFields
 from steerserve.engine.types import FeatureCapture, FeatureStop, GenerationRequest
@@ -70,7 +70,11 @@ def feature_capture(
         record = registry.get_sae(sae_id)
     except NotFound:
         raise APIError(404, f"{param}: SAE {sae_id!r} does not exist", param, "sae_not_found") from None
-    if record.d_in != info.d_model or record.site.layer >= info.n_layers:
+    if (
+        record.d_in != info.d_model
+        or record.site.layer >= info.n_layers
+        or record.site.hook not in info.hooks
+    ):
         raise bad(f"{param}: SAE {sae_id!r} does not fit the served model", param)
     return FeatureCapture(record.id, record.uid, top_k, positions)
 
@@ -101,13 +105,14 @@ async def plan_call(
     check_steering_counts(body, state.config.steering)
     spec = None
     if body.steering or body.feature_logit_bias or body.stop_when or variant:
-        spec = await run_in_threadpool(
-            compile_steering, state.registry, info, state.config.steering, body.steering,
-            body.feature_logit_bias, variant, body.stop_when,
+        spec = await run_in(
+            GENERATION_POOL, compile_steering, state.registry, info, state.config.steering,
+            body.steering, body.feature_logit_bias, variant, body.stop_when, state.steering_resources.sae,
         )  # fmt: skip
     capture = None
     if body.return_features is not None:
-        capture = await run_in_threadpool(
+        capture = await run_in(
+            GENERATION_POOL,
             feature_capture,
             state.registry,
             info,

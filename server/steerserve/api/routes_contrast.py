@@ -18,20 +18,20 @@ from contextlib import aclosing
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from steerserve.api.auth import require_admin_key, require_api_key
-from steerserve.api.convert import bad
+from steerserve.api.convert import bad, encode_text
 from steerserve.api.errors import APIError, error_body
+from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.features_json import FeatureLabels
 from steerserve.api.plan import call_deadline, feature_capture
 from steerserve.api.protocol import ContrastVectorRequest, FeatureContrastRequest
 from steerserve.api.routes_registry import _run
 from steerserve.api.serving import EventStream, admit, collect, new_id, sse, stream_choices, until_disconnect
-from steerserve.engine.tokenizer import encode_prompt
 from steerserve.engine.types import (
     GenerationRequest,
     HiddenCapture,
+    ModelInfo,
     SamplingParams,
     TokenFeatures,
     TokenHidden,
@@ -42,13 +42,18 @@ from steerserve.sites import Site, SiteError, parse_site
 router = APIRouter()
 
 
-def _site(body: ContrastVectorRequest, n_layers: int) -> Site:
+def _site(body: ContrastVectorRequest, info: ModelInfo) -> Site:
     if (body.layer is None) == (body.site is None):
         raise bad('give exactly one of "layer" or "site"', "layer")
     try:
-        return parse_site(body.layer if body.layer is not None else body.site).check(n_layers)
+        return info.check_site(parse_site(body.layer if body.layer is not None else body.site))
     except SiteError as exc:
         raise bad(str(exc), "site" if body.site is not None else "layer") from None
+
+
+def _encode_all(tokenizer, texts: list[tuple[str, str]]) -> list[list[int]]:
+    """(text, param) pairs -> prompt ids (blocking: run it on the generation pool)."""
+    return [encode_text(tokenizer, text, param) for text, param in texts]
 
 
 def contrast_direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> torch.Tensor:
@@ -67,9 +72,13 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
     info, limits = state.model_info, state.config.limits
     if len(body.pairs) > limits.max_contrast_pairs:
         raise bad(f"{len(body.pairs)} pairs; at most {limits.max_contrast_pairs}", "pairs")
-    site = _site(body, info.n_layers)
-    texts = [t for p in body.pairs for t in (p.positive, p.negative)]
-    prompts = [encode_prompt(state.tokenizer, t) for t in texts]
+    site = _site(body, info)
+    texts = [
+        (text, f"pairs[{i}].{side}")
+        for i, p in enumerate(body.pairs)
+        for side, text in (("positive", p.positive), ("negative", p.negative))
+    ]
+    prompts = await run_in(GENERATION_POOL, _encode_all, state.tokenizer, texts)
     for i, ids in enumerate(prompts):
         if len(ids) >= info.max_model_len:
             raise bad(f"pairs[{i // 2}]: {len(ids)} tokens; the context holds {info.max_model_len}", "pairs")
@@ -116,7 +125,7 @@ async def contrast_vector(body: ContrastVectorRequest, request: Request):
                 yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
             yield sse("[DONE]")
 
-        return EventStream(events(), lambda: state.engine.release([r.request_id for r in reqs]))
+        return EventStream(events(), admitted.release)
     results = await until_disconnect(request, collect(state.engine, reqs))
     return JSONResponse(await store([r.features for r in results]), status_code=201)
 
@@ -139,15 +148,16 @@ async def contrast_features(body: FeatureContrastRequest, request: Request):
     texts = body.positive + body.negative
     if len(texts) > 2 * limits.max_contrast_pairs:
         raise bad(f"{len(texts)} texts; at most {2 * limits.max_contrast_pairs}", "positive")
-    for name, group in (("positive", body.positive), ("negative", body.negative)):
-        for i, t in enumerate(group):
-            if not t:
-                raise bad(f"{name}[{i}] must not be empty", f"{name}[{i}]")
-    capture = await run_in_threadpool(
-        feature_capture, state.registry, info, body.sae, _CAPTURE_K, "all", "sae"
+    named = [
+        (text, f"{name}[{i}]")
+        for name, group in (("positive", body.positive), ("negative", body.negative))
+        for i, text in enumerate(group)
+    ]
+    prompts = await run_in(GENERATION_POOL, _encode_all, state.tokenizer, named)
+    capture = await run_in(
+        GENERATION_POOL, feature_capture, state.registry, info, body.sae, _CAPTURE_K, "all", "sae"
     )
     record = await _run(state.registry.get_sae, body.sae)
-    prompts = [encode_prompt(state.tokenizer, t) for t in texts]
     for i, ids in enumerate(prompts):
         if len(ids) >= info.max_model_len:
             raise bad(f"text {i} is {len(ids)} tokens; the context holds {info.max_model_len}", "positive")
@@ -171,7 +181,7 @@ async def contrast_features(body: FeatureContrastRequest, request: Request):
     data = [
         {
             "feature": {"sae": body.sae, "index": i},
-            "label": await run_in_threadpool(labels, i),
+            "label": await run_in(GENERATION_POOL, labels, i),
             "positive_mean": float(pos[i]),
             "negative_mean": float(neg[i]),
             "difference": float(diff[i]),

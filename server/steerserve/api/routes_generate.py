@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 
 from steerserve.api.auth import require_api_key
 from steerserve.api.convert import bad, check_token_ids, completion_prompts
+from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.plan import plan_call
 from steerserve.api.protocol import CompletionRequest, GenerateRequest
 from steerserve.api.serving import (
@@ -34,9 +35,11 @@ async def generate(body: GenerateRequest, request: Request):
             raise bad("prompt must not be empty", "prompt")
         prompts = [check_token_ids(list(body.prompt), state.model_info, "prompt")]
     else:
-        prompts = completion_prompts(
-            CompletionRequest(prompt=body.prompt), state.tokenizer, state.model_info, state.config.limits
-        )
+        as_completion = CompletionRequest(prompt=body.prompt)
+        prompts = await run_in(
+            GENERATION_POOL, completion_prompts, as_completion, state.tokenizer, state.model_info,
+            state.config.limits,
+        )  # fmt: skip
     plan = await plan_call(request, body, prompts, body.max_tokens, body.logprobs, new_id("gen"))
     reqs = plan.requests
     n_prompt = len(prompts[0])

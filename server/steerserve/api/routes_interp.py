@@ -7,36 +7,32 @@ import time
 
 import torch
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from steerserve.api.auth import require_api_key
-from steerserve.api.convert import bad
+from steerserve.api.convert import bad, chat_prompt, check_steering_counts, encode_text
 from steerserve.api.errors import APIError
+from steerserve.api.executors import GENERATION_POOL, REGISTRY_POOL, run_in
 from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.plan import call_deadline, feature_capture
-from steerserve.api.protocol import ChatCompletionRequest, InspectRequest
+from steerserve.api.protocol import MAX_INSPECT_SAES, InspectRequest
 from steerserve.api.serving import collect, new_id, until_disconnect
-from steerserve.engine.tokenizer import encode_prompt
 from steerserve.engine.types import GenerationRequest, SamplingParams
 from steerserve.registry import NotFound
+from steerserve.registry.storable import is_uint
 from steerserve.steering.compile import compile_steering
 from steerserve.steering.spec import SAERef
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 TOP_LOGITS = 10
-_MAX_INSPECT_SAES = 8
+_MAX_PROMOTES_CHARS = 256
 
 
 def _prompt(body: InspectRequest, state) -> list[int]:
     if (body.text is None) == (body.messages is None):
         raise bad("give exactly one of text or messages", "text")
     if body.text is not None:
-        if not body.text:
-            raise bad("text must not be empty", "text")
-        return encode_prompt(state.tokenizer, body.text)
-    from steerserve.api.convert import chat_prompt
-
-    return chat_prompt(ChatCompletionRequest(messages=body.messages), state.tokenizer)
+        return encode_text(state.tokenizer, body.text, "text")
+    return chat_prompt(body.messages, state.tokenizer)
 
 
 @router.post("/v1/inspect")
@@ -44,28 +40,26 @@ async def inspect(body: InspectRequest, request: Request):
     """Per-token features of `sae` (and of each of `saes`): one capturing request per SAE, one batch."""
     state = request.app.state
     info, tok = state.model_info, state.tokenizer
-    prompt = _prompt(body, state)
+    prompt = await run_in(GENERATION_POOL, _prompt, body, state)
     sae_ids = [body.sae, *(s for s in body.saes or [] if s != body.sae)]
-    if len(sae_ids) > _MAX_INSPECT_SAES:
-        raise bad(f"{len(sae_ids)} SAEs; at most {_MAX_INSPECT_SAES}", "saes")
+    if len(sae_ids) > MAX_INSPECT_SAES:
+        raise bad(f"{len(sae_ids)} SAEs; at most {MAX_INSPECT_SAES}", "saes")
     captures = []
     for k, sae_id in enumerate(sae_ids):
         param = "sae" if k == 0 else f"saes[{(body.saes or []).index(sae_id)}]"
         captures.append(
-            await run_in_threadpool(feature_capture, state.registry, info, sae_id, body.top_k, "all", param)
+            await run_in(
+                GENERATION_POOL, feature_capture, state.registry, info, sae_id, body.top_k, "all", param
+            )
         )
     spec, max_tokens = None, 1
     if body.generate is not None:
         g = body.generate
-        spec = await run_in_threadpool(
-            compile_steering,
-            state.registry,
-            info,
-            state.config.steering,
-            g.steering,
-            g.feature_logit_bias,
-            g.variant,
-        )
+        check_steering_counts(g, state.config.steering, "generate.")
+        spec = await run_in(
+            GENERATION_POOL, compile_steering, state.registry, info, state.config.steering,
+            g.steering, g.feature_logit_bias, g.variant, None, state.steering_resources.sae,
+        )  # fmt: skip
         max_tokens = g.max_tokens + 1  # NOTE: one more step, so the last reported token has activations too
     if len(prompt) + max_tokens > info.max_model_len:
         raise bad(f"text is {len(prompt)} tokens; with generation it must fit {info.max_model_len}", "text")
@@ -82,8 +76,12 @@ async def inspect(body: InspectRequest, request: Request):
     for capture, result in zip(captures, results, strict=True):
         labels = FeatureLabels(state.registry, capture.sae_id)
         per_sae.append(
-            await run_in_threadpool(
-                token_features_json, result.features, lambda p: ids[p] if p < len(ids) else None, labels
+            await run_in(
+                GENERATION_POOL,
+                token_features_json,
+                result.features,
+                lambda p: ids[p] if p < len(ids) else None,
+                labels,
             )
         )
     tokens = []
@@ -136,8 +134,8 @@ def top_logits(state, sae_id: str, index: int) -> dict:
 
 
 async def feature_top_logits(request: Request, sae_id: str, index: int) -> dict:
-    try:
-        return await run_in_threadpool(top_logits, request.app.state, sae_id, index)
+    try:  # NOTE: on the registry's pool: a slow feature card never delays steering compiles
+        return await run_in(REGISTRY_POOL, top_logits, request.app.state, sae_id, index)
     except NotFound:
         raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None
 
@@ -146,7 +144,8 @@ def _promotion_hits(state, token: str, sae_id: str | None, limit: int) -> dict:
     tok = state.tokenizer
     ids = tok(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        if token.lstrip("-").isdigit() and 0 <= int(token) < state.model_info.vocab_size:
+        # ASCII digits only: "²" passes str.isdigit() but not int(); a token id is a few digits
+        if is_uint(token) and len(token) <= 12 and int(token) < state.model_info.vocab_size:
             ids = [int(token)]
         else:
             raise bad(
@@ -171,7 +170,11 @@ def _promotion_hits(state, token: str, sae_id: str | None, limit: int) -> dict:
 
 
 async def search_by_promotion(request: Request, token: str, sae_id: str | None, limit: int) -> dict:
+    if len(token) > _MAX_PROMOTES_CHARS:  # one token's text: bounded before the tokenizer sees it
+        raise bad(
+            f"promotes is {len(token)} characters; one token is at most {_MAX_PROMOTES_CHARS}", "promotes"
+        )
     try:
-        return await run_in_threadpool(_promotion_hits, request.app.state, token, sae_id, limit)
+        return await run_in(REGISTRY_POOL, _promotion_hits, request.app.state, token, sae_id, limit)
     except NotFound:
         raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None

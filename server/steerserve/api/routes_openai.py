@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 
 from steerserve.api.auth import require_api_key
 from steerserve.api.convert import chat_prompt, completion_prompts
+from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.plan import plan_call
 from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from steerserve.api.serving import (
@@ -64,7 +65,9 @@ def _usage_of(results: list[ChoiceResult], prompts: list[list[int]]) -> dict:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state
-    prompts = completion_prompts(body, state.tokenizer, state.model_info, state.config.limits)
+    prompts = await run_in(  # NOTE: tokenizing a 16 MB prompt must not stall the event loop
+        GENERATION_POOL, completion_prompts, body, state.tokenizer, state.model_info, state.config.limits
+    )
     call_id = new_id("cmpl")
     plan = await plan_call(request, body, prompts, body.max_tokens, body.logprobs, call_id)
     reqs = plan.requests
@@ -125,7 +128,9 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state
-    prompt = chat_prompt(body, state.tokenizer)
+    prompt = await run_in(
+        GENERATION_POOL, chat_prompt, body.messages, state.tokenizer, body.add_generation_prompt
+    )
     call_id = new_id("chatcmpl")
     max_tokens = body.max_completion_tokens or body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -3,36 +3,48 @@
 Reads `request.app.state.registry` (steerserve.registry.Registry), `.model_info` (the served
 model, for fit checks: an SAE or vector must sit at an existing site with d == d_model) and
 `.config.registry.max_upload_mb`. Writes need the admin key, reads an API key. Uploads are streamed
-to disk under the size limit (413 once passed, nothing stored); registry work (disk, database)
-runs in the thread pool; every error is an APIError in the OpenAI shape.
+to disk under the size limit (413 once passed, nothing stored); JSON bodies (vectors, variants,
+feature annotations) have their own, much smaller limit, and are parsed strictly (`storable`).
+Every blocking call (parsing, disk, database) runs on `executors.REGISTRY_POOL`, never on the pool
+that steered generation compiles in; every error is an APIError in the OpenAI shape.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from steerserve.api.auth import require_admin_key, require_api_key
 from steerserve.api.errors import APIError
+from steerserve.api.executors import REGISTRY_POOL, run_in
 from steerserve.registry import formats
 from steerserve.registry.errors import Conflict, InvalidInput, NotFound, RegistryError, TooLarge
 from steerserve.registry.formats.common import site_of
 from steerserve.registry.formats.neuronpedia import parse_features
 from steerserve.registry.formats.vectors import from_json as vector_from_json
 from steerserve.registry.registry import Registry
+from steerserve.registry.storable import (
+    INT64_MAX,
+    check_int,
+    is_uint,
+    parse_json,
+    parse_uint,
+)
+from steerserve.registry.tensors import npz_unpacked_bytes, sae_max_bytes, sniff
 from steerserve.registry.uploads import Form, receive_body, receive_form
 from steerserve.registry.validate import check_id, check_variant
-from steerserve.sites import Site, SiteError, parse_site
+from steerserve.sites import Site
 
 router = APIRouter()
 _admin = [Depends(require_admin_key)]
 _reader = [Depends(require_api_key)]
 _STATUS = {InvalidInput: 400, NotFound: 404, Conflict: 409, TooLarge: 413}
 _MAX_SEARCH_LIMIT = 200
+# NOTE: JSON bodies are parsed whole (~10x their size in memory): far below the upload limit. Feature
+# annotations merge, so a larger export goes in several PUTs.
+MAX_JSON_BODY_BYTES = 32 << 20
 
 
 def _to_api(exc: RegistryError) -> APIError:
@@ -41,9 +53,9 @@ def _to_api(exc: RegistryError) -> APIError:
 
 
 async def _run(fn: Callable, *args, **kwargs):
-    """Blocking registry work in the thread pool, registry errors as API errors."""
+    """Blocking registry work on the registry's own pool, registry errors as API errors."""
     try:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        return await run_in(REGISTRY_POOL, fn, *args, **kwargs)
     except RegistryError as exc:
         raise _to_api(exc) from None
 
@@ -67,7 +79,7 @@ def _limit(request: Request) -> int:
 
 def _length(request: Request) -> int | None:
     value = request.headers.get("content-length")
-    return int(value) if value and value.isdigit() else None
+    return int(value) if value and is_uint(value) and len(value.strip()) <= 18 else None
 
 
 async def _form(request: Request) -> Form:
@@ -80,28 +92,43 @@ async def _form(request: Request) -> Form:
         raise _to_api(exc) from None
 
 
-async def _json(request: Request) -> object:
+async def _body(request: Request) -> bytearray:
+    """A JSON body, under its own limit (413 while reading, before it is all in memory)."""
     try:
-        body = await receive_body(request.stream(), _length(request), _limit(request))
-        return json.loads(body)
+        return await receive_body(
+            request.stream(),
+            _length(request),
+            min(_limit(request), MAX_JSON_BODY_BYTES),
+            "the JSON body limit",
+        )
     except RegistryError as exc:
         raise _to_api(exc) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}", param="body") from None
+
+
+async def _json(request: Request) -> object:
+    return await _run(parse_json, await _body(request), "body")
 
 
 def _site(fields: dict, required: bool = False) -> Site | None:
     """`site` (hook name or {"layer", "hook"}) or `layer` (resid_post of that layer); form fields are text."""
     if "site" in fields and "layer" in fields:
         raise InvalidInput("give one of 'layer' or 'site', not both", param="site")
-    value = fields.get("site", fields.get("layer"))
+    param = "site" if "site" in fields else "layer"
+    value = fields.get(param)
     if value is None or value == "":
         if required:
             raise InvalidInput("a site is required: give 'layer' or 'site'", param="layer")
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    return site_of(value, "site" if "site" in fields else "layer")
+    return _site_value(value, param)
+
+
+def _site_value(value: object, param: str) -> Site:
+    """A site from JSON or from text (form and query fields: ASCII digits are a layer number)."""
+    if isinstance(value, str) and is_uint(value):
+        value = parse_uint(value, param)
+    site = site_of(value, param)
+    check_int(site.layer, param, 0, INT64_MAX)
+    return site
 
 
 def _optional_id(value: object, param: str = "id") -> str | None:
@@ -138,12 +165,29 @@ def _import_sae(registry: Registry, form: Form, model, max_bytes: int):
     cfg_file = form.files.get("cfg")
     cfg = formats.read_json_file(cfg_file.path, "cfg") if cfg_file is not None else None
     if cfg_file is None and "cfg" in form.fields:  # sent as a text field rather than a file
-        try:
-            cfg = json.loads(form.fields["cfg"])
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"cfg is not valid JSON: {exc}", param="cfg") from None
+        cfg = parse_json(form.fields["cfg"], "cfg")
+    max_bytes = min(max_bytes, _check_npz_size(weights.path, cfg, model))
     loaded = formats.load_sae(weights.path, cfg, _site(form.fields), weights.filename or "", max_bytes)
     return registry.add_sae(loaded, sae_id=sae_id, fit=model)
+
+
+def _check_npz_size(path, cfg: object, model) -> int:
+    """The most an npz of an SAE with the cfg's d_sae at the model's d_model can unpack to; an archive
+    declaring more is refused from its zip directory, before anything is inflated (zip bombs), and the
+    loader inflates no more than that (`tensors.read_npz`)."""
+    d_sae = cfg.get("d_sae") if isinstance(cfg, dict) else None
+    if isinstance(d_sae, bool) or not isinstance(d_sae, int) or not 0 < d_sae <= INT64_MAX:
+        return INT64_MAX  # no cfg (Gemma Scope): the upload limit and the compression-ratio bound apply
+    bound = sae_max_bytes(model.d_model, d_sae)
+    declared = npz_unpacked_bytes(path) if sniff(path) == "npz" else None
+    if declared is not None and declared > bound:
+        raise InvalidInput(
+            f"weights: the npz archive declares {declared} bytes of arrays, more than an SAE with "
+            f"d_in={model.d_model} (the model's d_model) and d_sae={d_sae} (cfg) can hold ({bound}); "
+            "refused without unpacking it",
+            param="weights",
+        )
+    return bound
 
 
 @router.post("/v1/saes", status_code=201, dependencies=_admin)
@@ -180,16 +224,9 @@ async def delete_sae(request: Request, sae_id: str) -> dict:
 
 @router.put("/v1/saes/{sae_id}/features", dependencies=_admin)
 async def put_features(request: Request, sae_id: str) -> dict:
-    try:
-        body = await receive_body(request.stream(), _length(request), _limit(request))
-    except RegistryError as exc:
-        raise _to_api(exc) from None
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise APIError(400, f"the body is not valid UTF-8: {exc}", param="body") from None
-    registry = _registry(request)
-    count = await _run(lambda: registry.put_features(sae_id, parse_features(text)))
+    body, registry = await _body(request), _registry(request)
+    # our list or a Neuronpedia export (JSON, JSON Lines, gzip), parsed strictly by parse_features
+    count = await _run(lambda: registry.put_features(sae_id, parse_features(body)))
     return {"sae": sae_id, "object": "features", "updated": count}
 
 
@@ -221,12 +258,10 @@ async def search_features(
         return await search_by_promotion(request, promotes, sae, limit)
     if q is None or not q.strip():
         raise APIError(400, "q must not be empty (or search by effect with promotes=TOKEN)", param="q")
-    where = None
-    if site is not None:
-        try:
-            where = parse_site(int(site) if site.isdigit() else site)
-        except SiteError as exc:
-            raise APIError(400, str(exc), param="site") from None
+    try:
+        where = _site_value(site, "site") if site is not None else None
+    except RegistryError as exc:
+        raise _to_api(exc) from None
     return _listing(await _run(_registry(request).search_features, q, sae, limit, where))
 
 

@@ -7,7 +7,6 @@ engine is aborted, so its slot and KV blocks are freed within a step.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -16,10 +15,12 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from steerserve.api.errors import APIError, error_body
+from steerserve.api.errors import APIError, ClientGone, error_body
+from steerserve.api.feed import CallFeed
+from steerserve.api.jsonsafe import dumps
 from steerserve.engine.admission import QueueFullError
 from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
-from steerserve.engine.types import FinishReason, GenerationRequest, TokenLogprob
+from steerserve.engine.types import NON_FINITE_LOGITS, FinishReason, GenerationRequest, TokenLogprob
 
 
 def new_id(prefix: str) -> str:
@@ -51,17 +52,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def output_error(out: RequestOutput) -> APIError:
-    """The HTTP error of an output that failed: past its deadline 408, drained at shutdown 503, else 500."""
+def output_error(out: RequestOutput, retry_after_s: int = 1, steered: bool = False) -> APIError:
+    """The HTTP error of an output that failed: past its deadline 408, drained at shutdown 503 (with
+    Retry-After: another replica, or this one restarted, will take it), logits made non-finite by the
+    request itself 400, else 500."""
+    if out.error and out.error.startswith(NON_FINITE_LOGITS):
+        param = "steering" if steered else None
+        return APIError(400, out.error, param=param, code="non_finite_logits")
     if out.finish_reason == FinishReason.TIMEOUT:
         return APIError(408, out.error or "the request passed its deadline", param="timeout", code="timeout")
     if out.finish_reason == FinishReason.ABORT:
-        return APIError(503, f"the request was aborted: {out.error}", code="shutting_down")
+        return APIError(
+            503,
+            f"the request was aborted: {out.error}",
+            code="shutting_down",
+            headers={"Retry-After": str(retry_after_s)},
+        )
     return APIError(500, f"generation failed: {out.error}", code="engine_error")
 
 
-def admit(engine: AsyncEngine, requests: list[GenerationRequest]) -> asyncio.Queue:
-    """Hand a call's requests to the engine now (all or none) -> the one queue of all their outputs.
+def admit(engine: AsyncEngine, requests: list[GenerationRequest]) -> CallFeed:
+    """Admit a call now (its first fair share goes to the engine, api/feed.py) -> the feed of all its
+    outputs.
 
     Refusals are HTTP errors: 429 when the waiting queue is full, 503 while shutting down or once the
     engine died, each with Retry-After.
@@ -69,7 +81,7 @@ def admit(engine: AsyncEngine, requests: list[GenerationRequest]) -> asyncio.Que
     retry = {"Retry-After": str(engine.admission.retry_after_s)}
     metrics = engine.core.metrics
     try:
-        return engine.submit(requests)
+        return CallFeed(engine, requests)
     except QueueFullError as exc:
         if metrics is not None:
             metrics.observe_rejected("queue_full")
@@ -85,22 +97,22 @@ def admit(engine: AsyncEngine, requests: list[GenerationRequest]) -> asyncio.Que
 
 
 async def stream_choices(
-    engine: AsyncEngine, requests: list[GenerationRequest], outputs: asyncio.Queue | None = None
+    engine: AsyncEngine, requests: list[GenerationRequest], feed: CallFeed | None = None
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) as they come, across all choices of one call (admitted here unless
-    `outputs` is the queue an earlier `admit()` returned). Leaving early aborts what still runs."""
-    if outputs is None:
-        outputs = admit(engine, requests)
+    `feed` is what an earlier `admit()` returned). Leaving early aborts what still runs."""
+    if feed is None:
+        feed = admit(engine, requests)
     index = {r.request_id: i for i, r in enumerate(requests)}
     remaining = len(requests)
     try:
         while remaining:
-            out: RequestOutput = await outputs.get()
+            out = await feed.get()
             if out.finish_reason is not None:
                 remaining -= 1
             yield index[out.request_id], out
     finally:
-        engine.release(index)  # each request still in the engine is aborted: slot and KV blocks freed
+        feed.release()  # each request still in the engine is aborted: slot and KV blocks freed
 
 
 async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> list[ChoiceResult]:
@@ -108,7 +120,8 @@ async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> lis
     async with aclosing(stream_choices(engine, requests)) as outputs:
         async for index, out in outputs:
             if out.error:
-                raise output_error(out)
+                steered = requests[index].steering is not None
+                raise output_error(out, engine.admission.retry_after_s, steered)
             r = results[index]
             r.text += out.text
             r.token_ids.extend(out.token_ids)
@@ -160,12 +173,15 @@ class EventStream(StreamingResponse):
 
 
 async def until_disconnect(request: Request, coro):
-    """Run `coro`; cancel it (aborting its requests) if the client goes away first."""
+    """Run `coro`; cancel it (aborting its requests) if the client goes away first (ClientGone)."""
     task = asyncio.ensure_future(coro)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while not task.done():
             if await request.is_disconnected():
+                gone = True
                 task.cancel()
                 return
             await asyncio.sleep(0.1)
@@ -173,12 +189,17 @@ async def until_disconnect(request: Request, coro):
     watcher = asyncio.create_task(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if gone:  # NOTE: our own cancel, not the server's: a client that left is not an error
+            raise ClientGone(f"{request.method} {request.url.path}") from None
+        raise
     finally:
         watcher.cancel()
 
 
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+    """One SSE event; JSON through jsonsafe.dumps (never NaN / Infinity)."""
+    return f"data: {data if isinstance(data, str) else dumps(data)}\n\n"
 
 
 def event_stream(
@@ -189,15 +210,14 @@ def event_stream(
 ) -> EventStream:
     """The SSE response of a streamed call. Admission happens now, so a full queue is a 429 rather than
     a 200 whose stream holds an error."""
-    admitted = admit(engine, requests)
-    ids = [r.request_id for r in requests]
-    return EventStream(sse_events(engine, requests, admitted, render, final), lambda: engine.release(ids))
+    feed = admit(engine, requests)
+    return EventStream(sse_events(engine, requests, feed, render, final), feed.release)
 
 
 async def sse_events(
     engine: AsyncEngine,
     requests: list[GenerationRequest],
-    admitted: asyncio.Queue,
+    admitted: CallFeed,
     render: Callable[[int, RequestOutput], list[dict]],
     final: Callable[[int], list[dict]] | None = None,
 ) -> AsyncIterator[str]:
@@ -206,7 +226,7 @@ async def sse_events(
     async with aclosing(stream_choices(engine, requests, admitted)) as outputs:
         async for index, out in outputs:
             if out.error:
-                exc = output_error(out)
+                exc = output_error(out, steered=requests[index].steering is not None)
                 yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
                 break
             n_out += len(out.token_ids)

@@ -5,6 +5,8 @@
   2. `runner.execute(...)` -> RunnerOutput (forward pass with our attention, then the sampler);
   3. `scheduler.update(...)` -> the requests that got a token;
   4. detokenize, apply stop strings, and emit one `RequestOutput` per request.
+A step whose forward pass raises is isolated (isolation.py): the requests that fail alone end with an
+error, the others get the tokens they would have had; the engine dies only when no request can be blamed.
 `AsyncEngine` runs that loop in its own thread (torch releases the GIL in its kernels, so the event
 loop keeps serving) and feeds each request's asyncio queue.
 """
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 
 from steerserve.engine import faults
 from steerserve.engine.admission import Admission
+from steerserve.engine.isolation import isolate
 from steerserve.engine.request import RequestState
-from steerserve.engine.scheduler import Scheduler
+from steerserve.engine.scheduler import Scheduler, SchedulerOutput
 from steerserve.engine.tokenizer import Detokenizer
 from steerserve.engine.types import (
     FeatureStop,
@@ -32,6 +35,7 @@ from steerserve.engine.types import (
     TokenLogprob,
 )
 from steerserve.metrics import EngineMetrics
+from steerserve.runner.model_runner import RunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,12 @@ class EngineCore:
         self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() deadline
 
     def add(self, request: GenerationRequest) -> None:
+        """Take a request (raises ValueError for one no step could run: the edge refuses these first)."""
+        ids = request.prompt_token_ids
+        if not ids:
+            raise ValueError("the prompt has no tokens: there is nothing to generate from")
+        if not 0 <= min(ids) <= max(ids) < self.runner.vocab_size:
+            raise ValueError(f"a prompt token id is outside the vocabulary [0, {self.runner.vocab_size})")
         self.scheduler.add(request)
         self.detok[request.request_id] = Detokenizer.for_prompt(
             self.tokenizer, request.prompt_token_ids, request.sampling.stop
@@ -107,8 +117,10 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         outputs = self.expire(time.monotonic()) if self._deadlines else []
         sched = self.scheduler.schedule()
-        faults.check("forward", (item.sampling.seed for item in sched.scheduled))
-        result = self.runner.execute(sched)
+        try:
+            result = self._execute(sched)
+        except Exception as exc:
+            result = isolate(sched, exc, self._execute, self._probe)
         advanced = self.scheduler.update(sched, result.sampled)
         for rid, feats in result.features.items():
             self._features.setdefault(rid, []).extend(feats)
@@ -131,6 +143,14 @@ class EngineCore:
                 outputs.append(self._finish_output(state, "", (), (), error=f"{type(exc).__name__}: {exc}"))
         self.publish_stats()
         return outputs
+
+    def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        faults.check_forward(sched.scheduled)
+        return self.runner.execute(sched)
+
+    def _probe(self) -> None:
+        faults.check_forward(())
+        self.runner.probe()
 
     def publish_stats(self) -> None:
         if self.metrics is not None:
@@ -234,15 +254,18 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- event loop side ------------------------------------------------------------------------
-    def submit(self, requests: list[GenerationRequest]) -> asyncio.Queue:
+    def submit(
+        self, requests: list[GenerationRequest], outputs: asyncio.Queue | None = None
+    ) -> asyncio.Queue:
         """Hand all of a call's requests to the engine, or none: raises EngineDeadError, DrainingError
-        or QueueFullError. Returns the queue their outputs arrive on; `release()` them when done reading."""
+        or QueueFullError. Returns the queue their outputs arrive on (`outputs` when given: the rest of a
+        call handed over later, api/feed.py); `release()` them when done reading."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         if self.draining:
             raise DrainingError("the server is shutting down and takes no new requests")
         self.admission.admit(requests)
-        outputs: asyncio.Queue = asyncio.Queue()
+        outputs = asyncio.Queue() if outputs is None else outputs
         for request in requests:
             self._streams[request.request_id] = outputs
             self._inbox.put(("add", request))

@@ -12,10 +12,19 @@ block is used before a request is preempted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _FREE = 1
 _TAKEN = 0
+
+
+def is_run(block_ids: Sequence[int]) -> bool:
+    """True when the blocks are consecutive and ascending (b, b+1, ...): only then do the request's
+    tokens lie in one run of cache rows in token order. NOTE: first and last alone do not tell: a table
+    can own [1, 0, 3] (growth takes any free block), whose rows 1..3 hold another request's block 2."""
+    first = block_ids[0] if block_ids else 0
+    return all(b == first + i for i, b in enumerate(block_ids))
 
 
 @dataclass(slots=True)
@@ -27,8 +36,7 @@ class BlockTable:
     reserved_end: int = -1  # exclusive
 
     def is_contiguous(self) -> bool:
-        ids = self.block_ids
-        return not ids or ids[-1] - ids[0] + 1 == len(ids)
+        return is_run(self.block_ids)
 
 
 class BlockAllocator:
@@ -40,6 +48,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = bytearray([_FREE]) * num_blocks  # actually free
+        self._reserved = bytearray(num_blocks)  # 1: inside a live request's reservation
         self._placeable = bytearray([_FREE]) * num_blocks  # free and not reserved by anyone
         self._num_free = num_blocks
 
@@ -70,14 +79,15 @@ class BlockAllocator:
         return True
 
     def free(self, table: BlockTable) -> None:
+        if table.reserved_start >= 0:
+            lo, hi = table.reserved_start, table.reserved_end
+            self._reserved[lo:hi] = bytes(hi - lo)
+            self._placeable[lo:hi] = self._free[lo:hi]
         for b in table.block_ids:
             self._free[b] = _FREE
-            self._placeable[b] = _FREE
+            # NOTE: a block taken from someone else's reservation (the last resort) goes back to it
+            self._placeable[b] = _TAKEN if self._reserved[b] else _FREE
         self._num_free += len(table.block_ids)
-        if table.reserved_start >= 0:
-            for b in range(table.reserved_start, table.reserved_end):
-                if self._free[b] == _FREE:
-                    self._placeable[b] = _FREE
         table.block_ids.clear()
         table.reserved_start = table.reserved_end = -1
 
@@ -90,6 +100,7 @@ class BlockAllocator:
         if start < 0:
             return
         table.reserved_start, table.reserved_end = start, start + n
+        self._reserved[start : start + n] = bytes([1]) * n
         self._placeable[start : start + n] = bytes([_TAKEN]) * n
 
     def _take_one(self, table: BlockTable) -> int:

@@ -22,6 +22,9 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # NOTE: the most tokens computed before a preemption: their per-token results (captured features)
+    # were reported then, and recomputing them must not report them twice
+    num_reported_tokens: int = 0
     blocks: BlockTable = field(default_factory=BlockTable)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

@@ -37,6 +37,7 @@ class ScheduledRequest:
     sampling: SamplingParams
     steering: object | None
     capture: FeatureCapture | None = None
+    num_reported: int = 0  # positions below it were computed (captures reported) before a preemption
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,7 @@ class Scheduler:
             sampling=req.sampling,
             steering=req.steering,
             capture=req.capture,
+            num_reported=state.num_reported_tokens,
         )
 
     def _fingerprint(self, state: RequestState) -> str | None:
@@ -197,6 +199,7 @@ class Scheduler:
     def _preempt(self, state: RequestState) -> None:
         self.running.remove(state)
         self.allocator.free(state.blocks)
+        state.num_reported_tokens = max(state.num_reported_tokens, state.num_computed_tokens)
         state.num_computed_tokens = 0
         state.status = RequestStatus.PREEMPTED
         state.num_preemptions += 1

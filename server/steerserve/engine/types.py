@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from steerserve.sites import HOOKS, Site
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -22,6 +24,11 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     has_chat_template: bool = False
+    hooks: tuple[str, ...] = HOOKS  # the hooks its architecture has (runner/model_sites.py)
+
+    def check_site(self, site: Site) -> Site:
+        """`site` if the model has it, else SiteError saying which layers and hooks it has."""
+        return site.check(self.n_layers, self.hooks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,11 @@ class GenerationRequest:
     arrival_time: float = 0.0
     capture: FeatureCapture | HiddenCapture | None = None
     deadline: float | None = None  # time.monotonic() past which the engine aborts it; None: none
+
+
+# The start of the error a request ends with when its logits became NaN / inf: the request's own doing
+# (its steering or sampling), which the API answers with a 400, not an engine error (api/serving.py).
+NON_FINITE_LOGITS = "the logits became non-finite (NaN/inf)"
 
 
 class FinishReason(enum.StrEnum):

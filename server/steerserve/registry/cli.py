@@ -28,6 +28,7 @@ from steerserve.registry.errors import InvalidInput, RegistryError
 from steerserve.registry.formats.common import site_of
 from steerserve.registry.formats.neuronpedia import parse_features
 from steerserve.registry.registry import Registry
+from steerserve.registry.storable import is_uint, parse_json_or_lines, parse_uint
 
 _KINDS = ("auto", "sae", "vector", "features")
 
@@ -176,13 +177,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not source.exists():
         raise InvalidInput(f"{source} does not exist", param="source")
     kind = args.kind if args.kind != "auto" else _guess_kind(source, args.sae)
-    site = site_of(int(args.site) if args.site and args.site.isdigit() else args.site) if args.site else None
+    site = None
+    if args.site:  # ASCII digits: a layer number ("²" passes str.isdigit() but not int())
+        site = site_of(parse_uint(args.site, "site") if is_uint(args.site) else args.site)
     registry = _open(args)
     try:
         if kind == "features":
             if not args.sae:
                 raise InvalidInput("feature annotations need --sae ID", param="sae")
-            count = registry.put_features(args.sae, parse_features(source.read_bytes()))
+            count = registry.put_features(
+                args.sae, parse_features(parse_json_or_lines(source.read_bytes(), "features"))
+            )
             out = {"sae": args.sae, "object": "features", "updated": count}
         elif kind == "sae":
             loaded = formats.load_sae_path(source, site)

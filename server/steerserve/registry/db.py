@@ -17,6 +17,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from steerserve.registry.errors import InvalidInput
+from steerserve.registry.storable import INT64_MAX
+
 _PG_LOCK_KEY = 0x5354_4552_5245_4731 & 0x7FFF_FFFF_FFFF_FFFF  # "STERREG1": one writer per registry
 
 
@@ -30,11 +33,11 @@ class Tx:
         return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
 
     def execute(self, sql: str, params: Sequence = ()):
-        return self._conn.execute(self._sql(sql), tuple(params))
+        return self._conn.execute(self._sql(sql), _bound(params))
 
     def executemany(self, sql: str, rows: list[Sequence]) -> None:
         if rows:
-            self._conn.cursor().executemany(self._sql(sql), [tuple(r) for r in rows])
+            self._conn.cursor().executemany(self._sql(sql), [_bound(r) for r in rows])
 
     def all(self, sql: str, params: Sequence = ()) -> list[dict]:
         cur = self.execute(sql, params)
@@ -44,6 +47,22 @@ class Tx:
     def one(self, sql: str, params: Sequence = ()) -> dict | None:
         rows = self.all(sql, params)
         return rows[0] if rows else None
+
+
+def _bound(params: Sequence) -> tuple:
+    """The last guard before the driver (records and routes check with parameter names first): an
+    integer beyond int64 (SQLite: OverflowError) or a lone surrogate (UnicodeEncodeError) is bad input."""
+    for p in params:
+        if isinstance(p, int) and not isinstance(p, bool) and not -INT64_MAX - 1 <= p <= INT64_MAX:
+            raise InvalidInput("a number in the request is beyond the registry's 64-bit integers")
+        if isinstance(p, str) and not p.isascii():
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    "a text in the request holds a lone UTF-16 surrogate (not Unicode)"
+                ) from None
+    return tuple(params)
 
 
 class Database:

@@ -1,10 +1,28 @@
-"""Registry records: frozen rows of the metadata store, with their JSON view for the API and the CLI."""
+"""Registry records: frozen rows of the metadata store, with their JSON view for the API and the CLI.
+
+Every record checks its fields when it is built (`storable`: int64 integers, finite floats, valid
+Unicode, bounded plain JSON). Each write builds its record before committing, so this is the one
+validation point every write goes through: what the database or a JSON response cannot hold is
+refused with a 400 before anything is stored, instead of being stored and then failing to render.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from steerserve.registry.errors import InvalidInput
+from steerserve.registry.storable import check_float, check_int, check_json, check_text
 from steerserve.sites import Site
+
+_MAX_META_BYTES = 64 << 10  # provenance notes copied from a cfg or a GGUF header
+_MAX_SPEC_BYTES = 1 << 20  # a variant: at most 3 x 256 small interventions
+_MAX_NAME = 1024
+
+
+def _check_site(site: Site, param: str) -> None:
+    check_int(site.layer, f"{param}.layer")
+    check_text(site.hook, f"{param}.hook", _MAX_NAME)
 
 
 @dataclass(frozen=True)
@@ -24,6 +42,18 @@ class SAERecord:
     size_bytes: int
     created: float  # unix seconds
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("id", "uid", "model", "architecture", "dtype", "blob_sha256"):
+            check_text(getattr(self, name), "model" if name == "model" else name, _MAX_NAME)
+        _check_site(self.site, "site")
+        check_int(self.d_in, "d_in", 1)
+        check_int(self.d_sae, "d_sae", 1)
+        if self.k is not None:
+            check_int(self.k, "k", 1)
+        check_int(self.size_bytes, "size_bytes")
+        check_float(self.created, "created")
+        check_json(self.meta, "cfg", _MAX_META_BYTES)  # the cfg fields it copies keep their names
 
     def to_json(self) -> dict:
         return {
@@ -60,6 +90,20 @@ class VectorRecord:
     created: float
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("id", "uid", "model", "source", "blob_sha256"):
+            check_text(getattr(self, name), name, _MAX_NAME)
+        check_int(self.d, "d", 1)
+        for site, norm in self.norms.items():
+            _check_site(site, "site")
+            if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm):
+                raise InvalidInput(
+                    f"the direction at {site.hook_name} has a non-finite norm {norm!r}", "vector"
+                )
+        check_int(self.size_bytes, "size_bytes")
+        check_float(self.created, "created")
+        check_json(self.meta, "vector", _MAX_META_BYTES)  # e.g. GGUF metadata: vector.controlvector.x
+
     @property
     def sites(self) -> list[Site]:
         return sorted(self.norms)
@@ -92,6 +136,11 @@ class VariantRecord:
     spec: dict  # {"steering": [...], "feature_logit_bias": [...]} as given
     created: float
 
+    def __post_init__(self) -> None:
+        check_text(self.id, "id", _MAX_NAME)
+        check_json(self.spec, "", _MAX_SPEC_BYTES)  # paths as in the body: steering[0].strength
+        check_float(self.created, "created")
+
     def to_json(self) -> dict:
         return {"id": self.id, "object": "variant", **self.spec, "created": int(self.created)}
 
@@ -106,6 +155,15 @@ class FeatureInfo:
     max_activation: float | None = None
     density: float | None = None
     mean_activation: float | None = None  # over every token of a corpus, zeros included
+
+    def __post_init__(self) -> None:
+        check_int(self.index, "index")
+        for name in ("label", "explanation"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), name)
+        for name in ("max_activation", "density", "mean_activation"):
+            if getattr(self, name) is not None:
+                check_float(getattr(self, name), name)
 
     def to_json(self, sae_id: str) -> dict:
         return {

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,8 +33,9 @@ from steerserve.registry.formats.common import LoadedSAE
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.sae import SAEWeights
 from steerserve.registry.schema import MIGRATIONS
+from steerserve.registry.storable import check_int
 from steerserve.registry.tensors import read_safetensors, write_safetensors
-from steerserve.registry.validate import check_fits, check_id
+from steerserve.registry.validate import check_fits, check_id, search_terms
 from steerserve.registry.vector import FORMAT as VECTOR_FORMAT
 from steerserve.registry.vector import SteeringVector
 from steerserve.sites import Site
@@ -41,6 +43,7 @@ from steerserve.sites import Site
 logger = logging.getLogger(__name__)
 
 DeleteListener = Callable[[str, str], None]  # (kind "sae" | "vector", id)
+_PENDING = "pending"  # id / content address of a record checked before its blob is written
 
 
 class Registry:
@@ -164,16 +167,20 @@ class Registry:
             check_fits(w.site, w.d_in, fit, "the SAE")
         model_name = fit.name if fit is not None else (model or loaded.model_name or "unknown")
         meta = {**loaded.meta, **({"model_name": loaded.model_name} if loaded.model_name else {})}
+        # NOTE: the record is built (and so checked: records.py) before the blob is written; the insert
+        # only fills in the content address
+        draft = SAERecord(
+            id=sae_id or _PENDING, uid=uuid.uuid4().hex, model=model_name, site=w.site, d_in=w.d_in,
+            d_sae=w.d_sae, architecture=w.architecture, has_threshold=w.threshold is not None, k=w.k,
+            apply_b_dec_to_input=w.apply_b_dec_to_input, dtype=str(w.dtype).removeprefix("torch."),
+            blob_sha256=_PENDING, size_bytes=0, created=time.time(), meta=meta,
+        )  # fmt: skip
         holder: list[SAERecord] = []
 
         def insert(tx: Tx, sha: str, size: int) -> None:
-            rec = SAERecord(
-                id=sae_id or f"{w.site.hook_name}-{sha[:10]}", uid=uuid.uuid4().hex, model=model_name,
-                site=w.site, d_in=w.d_in, d_sae=w.d_sae, architecture=w.architecture,
-                has_threshold=w.threshold is not None, k=w.k, apply_b_dec_to_input=w.apply_b_dec_to_input,
-                dtype=str(w.dtype).removeprefix("torch."), blob_sha256=sha, size_bytes=size,
-                created=time.time(), meta=meta,
-            )  # fmt: skip
+            rec = replace(
+                draft, id=sae_id or f"{w.site.hook_name}-{sha[:10]}", blob_sha256=sha, size_bytes=size
+            )
             store.insert_sae(tx, rec)
             holder.append(rec)
 
@@ -229,7 +236,8 @@ class Registry:
         """A feature's annotations (all None when none were uploaded); 404 outside 0..d_sae-1."""
         with self.db.read() as tx:
             rec = store.get_sae(tx, sae_id)
-            info = store.get_feature(tx, sae_id, index) if rec else None
+            # NOTE: the range check comes first: an index beyond int64 must never reach the database
+            info = store.get_feature(tx, sae_id, index) if rec and 0 <= index < rec.d_sae else None
         if rec is None:
             raise NotFound(f"no SAE with id {sae_id!r}", param="sae")
         if not 0 <= index < rec.d_sae:
@@ -244,9 +252,13 @@ class Registry:
         self, q: str, sae_id: str | None = None, limit: int = 20, site: Site | None = None
     ) -> list[FeatureHit]:
         """Features whose label/explanation match `q`, best first (an exact label match first of all);
-        only SAE `sae_id` and / or SAEs at `site` when given."""
+        only SAE `sae_id` and / or SAEs at `site` when given. `q` is bounded (validate.search_terms)."""
+        terms = search_terms(q)
+        check_int(limit, "limit", 1)
+        if site is not None:
+            check_int(site.layer, "site")
         with self.db.read() as tx:
-            return store.search_features(tx, q, sae_id, limit, site)
+            return store.search_features(tx, q, terms, sae_id, limit, site)
 
     # ---- vectors ------------------------------------------------------------------------------
 
@@ -266,14 +278,15 @@ class Registry:
         if fit is not None:
             for site in vector.sites:
                 check_fits(site, vector.d, fit, "the vector")
+        draft = VectorRecord(
+            id=vector_id or _PENDING, uid=uuid.uuid4().hex,
+            model=fit.name if fit is not None else (model or "unknown"), d=vector.d, norms=vector.norms(),
+            source=source, blob_sha256=_PENDING, size_bytes=0, created=time.time(), meta=meta or {},
+        )  # fmt: skip
         holder: list[VectorRecord] = []
 
         def insert(tx: Tx, sha: str, size: int) -> None:
-            rec = VectorRecord(
-                id=vector_id or f"vec-{sha[:12]}", uid=uuid.uuid4().hex,
-                model=fit.name if fit is not None else (model or "unknown"), d=vector.d, norms=vector.norms(),
-                source=source, blob_sha256=sha, size_bytes=size, created=time.time(), meta=meta or {},
-            )  # fmt: skip
+            rec = replace(draft, id=vector_id or f"vec-{sha[:12]}", blob_sha256=sha, size_bytes=size)
             store.insert_vector(tx, rec)
             holder.append(rec)
 

@@ -9,7 +9,17 @@ Activations, for `x [..., d_in]`:
     topk:     a = relu(pre) where pre is among the k largest of its row, else 0
     decode:   x_hat = a @ W_dec + b_dec                         # [..., d_in]
 Gated SAEs are folded into jumprelu exactly by their loader (see formats/saelens.py); input
-normalisations that depend on x are rejected there, the constant ones folded into the weights.
+normalisations that depend on x are rejected there, the constant ones folded into the weights. So is
+TopK's `rescale_acts_by_decoder_norm` (SAELens' fold_W_dec_norm): W_dec is always the row decode()
+multiplies an activation by, which `add` writes (API.md). The kernels (steerkernels) compute the same
+activations; tests/sae_fidelity checks both against the real libraries.
+
+Transcoders (`site_out` set) read at `site` (the MLP's input) and write at `site_out` (its output, same
+layer, same width): x above is the input, decode() their reconstruction of the output without the skip
+term `x @ W_skip.T` of skip transcoders (never stored: see below). Their edits keep the transcoder's error
+e = y - (decode(a) + x @ W_skip.T), y the true MLP output: y' = decode(a') + x @ W_skip.T + e
+= y + (a'_f - a_f) * W_dec[f], so W_skip and b_dec cancel and the edit is the SAE edit's own delta,
+computed at `site` and added at `site_out` (steering/banks.py); `add` writes W_dec[f] at `site_out`.
 """
 
 from __future__ import annotations
@@ -36,8 +46,15 @@ class SAEWeights:
     apply_b_dec_to_input: bool = False
     threshold: torch.Tensor | None = None  # [d_sae], jumprelu only
     k: int | None = None  # topk only
+    site_out: Site | None = None  # transcoders: where they write (the MLP's output); None = at `site`
 
     def __post_init__(self) -> None:
+        if self.site_out is not None and not self.site < self.site_out:
+            raise InvalidInput(
+                f"a transcoder must write after it reads: it reads {self.site.hook_name} and writes "
+                f"{self.site_out.hook_name}",
+                param="hook_name_out",
+            )
         if self.architecture not in ARCHITECTURES:
             raise InvalidInput(
                 f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}",
@@ -81,6 +98,11 @@ class SAEWeights:
     @property
     def d_sae(self) -> int:
         return int(self.W_enc.shape[1])
+
+    @property
+    def write_site(self) -> Site:
+        """Where a feature's decoder row is written: `site_out` for a transcoder, else `site`."""
+        return self.site if self.site_out is None else self.site_out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -135,6 +157,11 @@ class SAEWeights:
             "apply_b_dec_to_input": "1" if self.apply_b_dec_to_input else "0",
             "layer": str(self.site.layer),
             "hook": self.site.hook,
+            **(
+                {}
+                if self.site_out is None
+                else {"layer_out": str(self.site_out.layer), "hook_out": self.site_out.hook}
+            ),
         }
 
     @classmethod
@@ -143,6 +170,7 @@ class SAEWeights:
         if metadata.get("format") != "steerserve.sae.v1":
             raise InvalidInput(f"not a steerserve SAE blob (format={metadata.get('format')!r})")
         k = metadata.get("k") or None
+        out = metadata.get("hook_out")
         return cls(
             W_enc=tensors["W_enc"],
             b_enc=tensors["b_enc"],
@@ -153,4 +181,5 @@ class SAEWeights:
             k=None if k is None else int(k),
             apply_b_dec_to_input=metadata.get("apply_b_dec_to_input") == "1",
             site=Site(int(metadata["layer"]), metadata["hook"]),
+            site_out=None if out is None else Site(int(metadata["layer_out"]), out),
         )

@@ -7,12 +7,12 @@ lock for writes (`Database.write()`), so check-then-insert is safe here.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 
 from steerserve.registry.db import Tx
 from steerserve.registry.errors import Conflict
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
+from steerserve.registry.storable import dumps
 from steerserve.sites import Site
 
 _EXACT_LABEL_BONUS = 1000.0
@@ -54,7 +54,7 @@ def insert_sae(tx: Tx, r: SAERecord) -> None:
         f"INSERT INTO saes ({_SAE_COLUMNS}) VALUES ({', '.join('?' * 16)})",
         (r.id, r.uid, r.model, r.site.layer, r.site.hook, r.d_in, r.d_sae, r.architecture, int(r.has_threshold),
          r.k, int(r.apply_b_dec_to_input), r.dtype, r.blob_sha256, r.size_bytes,
-         json.dumps(r.meta, sort_keys=True), r.created),
+         dumps(r.meta), r.created),
     )  # fmt: skip
 
 
@@ -108,10 +108,10 @@ def count_features(tx: Tx, sae_id: str) -> int:
 
 
 def search_features(
-    tx: Tx, q: str, sae_id: str | None, limit: int, site: Site | None = None
+    tx: Tx, q: str, tokens: list[str], sae_id: str | None, limit: int, site: Site | None = None
 ) -> list[FeatureHit]:
-    """Full-text match on label and explanation (label weighted higher); an exact label first."""
-    tokens = re.findall(r"\w+", q.lower())
+    """Full-text match of every token (a prefix) on label and explanation (label weighted higher);
+    an exact label match with `q` first. `tokens`: validate.search_terms(q)."""
     if not tokens:
         return []
     sae_filter = " AND f.sae_id = ?" if sae_id is not None else ""
@@ -167,7 +167,7 @@ def insert_vector(tx: Tx, r: VectorRecord) -> None:
         raise Conflict(f"a vector with id {r.id!r} already exists", param="id")
     tx.execute(
         f"INSERT INTO vectors ({_VEC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (r.id, r.uid, r.model, r.d, r.source, r.blob_sha256, r.size_bytes, json.dumps(r.meta, sort_keys=True),
+        (r.id, r.uid, r.model, r.d, r.source, r.blob_sha256, r.size_bytes, dumps(r.meta),
          r.created),
     )  # fmt: skip
     tx.executemany(
@@ -201,7 +201,8 @@ def insert_variant(tx: Tx, r: VariantRecord) -> None:
     if tx.one("SELECT id FROM variants WHERE id = ?", (r.id,)):
         raise Conflict(f"a variant with id {r.id!r} already exists", param="id")
     tx.execute(
-        "INSERT INTO variants (id, spec, created) VALUES (?, ?, ?)", (r.id, json.dumps(r.spec), r.created)
+        "INSERT INTO variants (id, spec, created) VALUES (?, ?, ?)",
+        (r.id, dumps(r.spec, sort_keys=False), r.created),
     )
 
 

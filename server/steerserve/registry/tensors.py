@@ -4,8 +4,9 @@
   shapes, byte sizes, offsets that tile the data section exactly with no gap or overlap, data
   section as long as the file); only then are tensors read, through the `safetensors` library.
   A pickle or zip checkpoint renamed `.safetensors`, a truncated file or a lying header is rejected.
-- npz (Gemma Scope `params.npz`): members listed from the zip directory and bounded in size before
-  `np.load(..., allow_pickle=False)`, so object arrays are refused.
+- npz (Gemma Scope `params.npz`): the zip directory and each member's npy header are read and checked
+  first (float dtypes, declared sizes that match the headers' shapes, a total under the caller's bound,
+  no zip-bomb compression ratio); only then is each array inflated, exactly its declared bytes.
 - Every tensor read here is floating point (F16/BF16/F32/F64) and finite, or the file is rejected.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,17 @@ _ITEMSIZE = {
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_HEADER = 64 * 1024 * 1024
 _ZIP_MAGIC = b"PK\x03\x04"
+_NPZ_MAX_MEMBERS = 64
+_NPY_HEADER_MAX = 10000  # numpy's own default bound on an npy header
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+# NOTE: float weights barely compress (~1.1:1, ~2:1 for bf16 values kept as float32); a bigger ratio,
+# past a small allowance, is a zip bomb. It also bounds an npz without a cfg (Gemma Scope) to 8x its upload.
+_NPZ_MAX_RATIO = 8
+_NPZ_RATIO_SLACK = 1 << 20
+_READ_CHUNK = 4 << 20
 _PICKLE_HINT = "pickled checkpoints (.pt, .bin, .ckpt) are never loaded; convert them to safetensors"
 
 
@@ -132,34 +146,125 @@ def read_safetensors(path: Path, name: str = "file") -> tuple[dict[str, torch.Te
     return out, metadata
 
 
-def read_npz(path: Path, name: str = "file", max_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """Arrays of a `.npz` archive, loaded with allow_pickle=False; float and finite only."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except zipfile.BadZipFile:
-        raise InvalidInput(f"{name} is not a valid npz (zip) archive", param=name) from None
+@dataclass(frozen=True)
+class NpyMember:
+    """One array of an npz archive, as its zip entry and npy header declare it (nothing inflated)."""
+
+    key: str
+    info: zipfile.ZipInfo
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran: bool
+    data_offset: int  # bytes of npy magic and header before the array data
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> NpyMember:
+    key = info.filename.removesuffix(".npy")
+    where = f"{name}: npz member {info.filename!r}"
+    with zf.open(info) as f:  # inflates only the header (a few hundred bytes)
+        version = np.lib.format.read_magic(f)
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise InvalidInput(f"{where} has npy format version {version}; expected 1.0 or 2.0", param=name)
+        shape, fortran, dtype = read_header(f, max_header_size=_NPY_HEADER_MAX)
+        offset = f.tell()
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise InvalidInput(f"{where} has dtype {dtype}; expected float16/32/64", param=name)
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidInput(f"{where} has an invalid shape {shape!r}", param=name)
+    member = NpyMember(key, info, dtype, tuple(shape), bool(fortran), offset)
+    if info.file_size != offset + member.nbytes:  # a header claiming more (or less) than the data holds
+        raise InvalidInput(
+            f"{where}: its npy header describes a {list(shape)} {dtype} array of {member.nbytes} bytes, but "
+            f"the archive holds {info.file_size - offset} bytes of data for it",
+            param=name,
+        )
+    return member
+
+
+def npz_members(zf: zipfile.ZipFile, name: str = "file", max_bytes: int | None = None) -> list[NpyMember]:
+    """The arrays of an npz archive from its zip directory and npy headers, checked before any array
+    data is inflated: float arrays only, sizes consistent, in total at most `max_bytes` (TooLarge),
+    and no more compressed than weights can be (a zip bomb is refused from its declared sizes)."""
+    infos = zf.infolist()
+    if len(infos) > _NPZ_MAX_MEMBERS:
+        raise InvalidInput(
+            f"{name}: {len(infos)} members in the npz archive; at most {_NPZ_MAX_MEMBERS}", name
+        )
     total = sum(i.file_size for i in infos)
     if max_bytes is not None and total > max_bytes:
         raise TooLarge(
             f"{name}: the npz archive unpacks to {total} bytes, over the limit of {max_bytes}", name
         )
+    packed = sum(i.compress_size for i in infos)
+    if total > _NPZ_MAX_RATIO * packed + _NPZ_RATIO_SLACK:
+        raise InvalidInput(
+            f"{name}: the npz archive declares {total} bytes packed into {packed} (over {_NPZ_MAX_RATIO}:1); "
+            "weights do not compress that well, so it is refused unpacked (zip bomb)",
+            param=name,
+        )
+    members, seen = [], set()
     for info in infos:
-        if not info.filename.endswith(".npy"):
-            raise InvalidInput(f"{name}: unexpected member {info.filename!r} in the npz archive", param=name)
+        if not info.filename.endswith(".npy") or info.filename in seen:
+            raise InvalidInput(
+                f"{name}: unexpected or repeated member {info.filename!r} in the npz archive", name
+            )
+        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InvalidInput(
+                f"{name}: npz member {info.filename!r} is encrypted or not stored/deflated", name
+            )
+        seen.add(info.filename)
+        members.append(_npy_header(zf, info, name))
+    return members
+
+
+def _read_member(zf: zipfile.ZipFile, m: NpyMember) -> np.ndarray:
+    """The member's array, inflating exactly the bytes its checked header declares (never more)."""
+    arr = np.empty(m.shape[::-1] if m.fortran else m.shape, dtype=m.dtype)
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    with zf.open(m.info) as f:
+        f.read(m.data_offset)
+        got = 0
+        while got < m.nbytes:
+            n = f.readinto(view[got : got + _READ_CHUNK])  # chunked: no second full-size copy
+            if not n:
+                raise EOFError(f"member {m.info.filename!r} ends after {got} of {m.nbytes} bytes")
+            got += n
+        if f.read(1):  # also makes zipfile check the CRC
+            raise ValueError(f"member {m.info.filename!r} holds more data than its header declares")
+    arr = arr.T if m.fortran else arr
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+
+
+def sae_max_bytes(d_in: int, d_sae: int) -> int:
+    """The most the arrays of an SAE of these dimensions can take in an npz: two matrices and at most
+    eight vectors (biases, threshold, gates, scaling factor), float64 at worst, plus npy headers."""
+    return 8 * (2 * d_in * d_sae + 8 * (d_in + d_sae)) + _NPZ_MAX_MEMBERS * _NPY_HEADER_MAX
+
+
+def npz_unpacked_bytes(path: Path) -> int | None:
+    """What a zip archive's directory says its members unpack to (nothing inflated); None: not a zip."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def read_npz(path: Path, name: str = "file", max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Arrays of a `.npz` archive, float and finite only; nothing unpickled. Sizes are checked from the
+    zip directory and npy headers first (`npz_members`), then each array is inflated into its buffer."""
     out: dict[str, torch.Tensor] = {}
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                arr = npz[key]
-                if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
-                    raise InvalidInput(
-                        f"{name}: array {key!r} has dtype {arr.dtype}; expected float16/32/64", param=name
-                    )
-                arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
-                out[key] = torch.from_numpy(arr)
-    except ValueError as exc:  # object arrays refuse to load without pickle; malformed headers too
-        raise InvalidInput(f"{name}: cannot read the npz archive safely: {exc}", param=name) from None
+        with zipfile.ZipFile(path) as zf:
+            for member in npz_members(zf, name, max_bytes):
+                out[member.key] = torch.from_numpy(_read_member(zf, member))
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+        raise InvalidInput(f"{name} is not a valid npz archive: {exc}", param=name) from None
     check_finite(out, name)
     return out
 

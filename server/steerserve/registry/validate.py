@@ -11,7 +11,7 @@ import re
 
 from steerserve.engine.types import ModelInfo
 from steerserve.registry.errors import InvalidInput
-from steerserve.sites import Site
+from steerserve.sites import Site, SiteError
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FEATURE_MODES = ("add", "clamp", "scale", "ablate")
@@ -19,6 +19,10 @@ VECTOR_MODES = ("add", "project_out", "clamp")
 POSITIONS = ("all", "prompt", "generated")
 _NUMERIC = ("strength", "value", "factor", "min", "max")
 _MAX_ITEMS = 256
+# NOTE: full-text search cost grows with the number of terms (each a prefix scan, ANDed): bounded
+MAX_QUERY_CHARS = 512
+MAX_QUERY_TERMS = 16
+_TERM = re.compile(r"\w+")
 
 
 def check_id(value: object, param: str = "id") -> str:
@@ -33,14 +37,18 @@ def check_id(value: object, param: str = "id") -> str:
 
 def check_fits(site: Site, d: int, model: ModelInfo, what: str) -> None:
     """400 unless `site` exists in the served model and `d` equals its d_model."""
-    if not 0 <= site.layer < model.n_layers:
+    try:
+        model.check_site(site)
+    except SiteError as exc:
         raise InvalidInput(
-            f"{what} is at {site.hook_name}, but model {model.name!r} has layers 0..{model.n_layers - 1}",
-            param="site",
-        )
+            f"{what} is at {site.hook_name}, but in model {model.name!r} {exc}", param="site"
+        ) from None
     if d != model.d_model:
+        # float64 sent where float32 is read (base64 vectors) doubles the length: say the dtype
+        hint = " (twice d_model: float64 read as float32? send float32)" if d == 2 * model.d_model else ""
         raise InvalidInput(
-            f"{what} has dimension {d}, but model {model.name!r} has d_model={model.d_model}", param="d_in"
+            f"{what} has dimension {d}, but model {model.name!r} has d_model={model.d_model}{hint}",
+            param="d_in",
         )
 
 
@@ -121,3 +129,16 @@ def check_variant(body: object) -> tuple[str, dict]:
         _feature_ref(item["feature"], f"{p}.feature")
         _number(item["strength"], f"{p}.strength")
     return variant_id, spec
+
+
+def search_terms(q: object) -> list[str]:
+    """The distinct words of a feature search `q`, lower-cased, in order of first use; 400 naming `q`
+    for a query over MAX_QUERY_CHARS characters or MAX_QUERY_TERMS distinct words."""
+    if not isinstance(q, str) or len(q) > MAX_QUERY_CHARS:
+        raise InvalidInput(f"q must be a string of at most {MAX_QUERY_CHARS} characters", param="q")
+    terms = list(dict.fromkeys(_TERM.findall(q.lower())))
+    if len(terms) > MAX_QUERY_TERMS:
+        raise InvalidInput(
+            f"q has {len(terms)} distinct words; at most {MAX_QUERY_TERMS} (every word must match)", param="q"
+        )
+    return terms

@@ -6,6 +6,7 @@ float32 on the CPU, finite, all of one length `d`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,12 @@ class SteeringVector:
                 raise InvalidInput(f"directions are stored as float32, got {t.dtype}", param="vector")
             if not bool(torch.isfinite(t).all()):
                 raise InvalidInput(f"the direction at {site.hook_name} holds NaN or inf", param="vector")
+            if not math.isfinite(float(t.norm())):  # stored (and steered with) in float32
+                raise InvalidInput(
+                    f"the direction at {site.hook_name} has a norm beyond float32's range (~3.4e38); "
+                    "scale it down",
+                    param="vector",
+                )
             lengths.add(t.numel())
         if len(lengths) != 1:
             raise InvalidInput(f"all directions must have one length, got {sorted(lengths)}", param="vector")

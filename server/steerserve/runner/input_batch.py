@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from steerserve.engine.kv_cache import is_run
 from steerserve.engine.scheduler import ScheduledRequest
 from steerserve.engine.types import SamplingParams
 from steerserve.runner.attention import AttentionMetadata, RequestSpan
@@ -84,8 +85,7 @@ def build_forward_inputs(
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         pos_class.append((pos >= item.num_prompt_tokens).astype(np.int8))
         ctx = item.start + n
-        contiguous = blocks[-1] - blocks[0] + 1 == len(blocks)
-        if contiguous:
+        if is_run(item.block_ids):
             spans.append(RequestSpan(q_start, n, ctx, int(blocks[0]) * block_size, None))
         else:
             cache_rows = (blocks[:, None] * block_size + np.arange(block_size)[None, :]).reshape(-1)[:ctx]

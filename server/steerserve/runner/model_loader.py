@@ -19,6 +19,7 @@ from steerserve.config import ModelConfig
 from steerserve.demo import shipped as demo_shipped
 from steerserve.engine.types import ModelInfo
 from steerserve.runner.attention import ATTENTION_NAME, register_attention
+from steerserve.runner.model_sites import model_sites
 
 logger = logging.getLogger(__name__)
 
@@ -194,30 +195,22 @@ def fuse_gelu_tanh(model) -> int:
     return swapped
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's list of decoder layers (model.model.layers, transformer.h, ...)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 def model_info(model, tokenizer, name: str, max_model_len: int) -> ModelInfo:
     cfg = model.config
+    sites = model_sites(model)
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     return ModelInfo(
         name=name,
         architecture=type(model).__name__,
-        d_model=cfg.hidden_size,
-        n_layers=len(decoder_layers(model)),
-        vocab_size=model.get_output_embeddings().weight.shape[0],
+        d_model=sites.d_model,
+        n_layers=sites.n_layers,
+        vocab_size=sites.vocab_size,
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
         bos_token_id=tokenizer.bos_token_id,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        hooks=sites.hooks,
     )
 
 

@@ -6,10 +6,15 @@ Steps of `execute()`, in order:
   3. run the transformers model with our attention (attention.py) and keep only the logits of rows
      that sample (`logits_to_keep`);
   4. sample, and copy the tokens to the host: the step's one host-device sync.
+What one request brings is checked where it can fail: admission (`failed`: its SAE vanished, ...), and
+the sampler (a row whose logits are not finite ends its request alone). Anything else that raises fails
+the whole call; the engine then finds the request responsible (engine.py) and `probe()` tells a failing
+request from a broken engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -17,8 +22,14 @@ from dataclasses import dataclass, field
 import torch
 
 from steerserve.config import CacheConfig, SchedulerConfig
-from steerserve.engine.scheduler import SchedulerOutput
-from steerserve.engine.types import FeatureStop, TokenFeatures, TokenLogprob
+from steerserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from steerserve.engine.types import (
+    NON_FINITE_LOGITS,
+    FeatureStop,
+    SamplingParams,
+    TokenFeatures,
+    TokenLogprob,
+)
 from steerserve.runner.attention import KVCache
 from steerserve.runner.cpu_attention import preferred_kv_dtype
 from steerserve.runner.input_batch import (
@@ -27,9 +38,10 @@ from steerserve.runner.input_batch import (
     build_sampling_batch,
     new_cached_request,
 )
-from steerserve.runner.model_loader import decoder_layers, resolve_dtype
+from steerserve.runner.model_loader import resolve_dtype
+from steerserve.runner.model_sites import model_sites
 from steerserve.runner.site_hooks import SiteHooks
-from steerserve.sampling.sampler import Sampler
+from steerserve.sampling.sampler import Sampler, bounded
 from steerserve.steering.capture import FeatureCapturer
 
 logger = logging.getLogger(__name__)
@@ -98,15 +110,17 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = model_sites(model).vocab_size
         n_layers, n_kv, head_dim = layout
-        self.kv_cache = KVCache(n_layers, n_kv, head_dim, num_blocks * block_size, dtype, device)
+        # NOTE: one block more than the allocator hands out: `probe()` writes there and nowhere else
+        self._probe_block = num_blocks
+        self.kv_cache = KVCache(n_layers, n_kv, head_dim, (num_blocks + 1) * block_size, dtype, device)
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequest] = {}
         self._rng = random.Random(seed)
         self.steering = steering  # SteeringRows, or None when the server cannot steer
         self.capturer = FeatureCapturer(steering.resources) if steering is not None else None
-        self.site_hooks = SiteHooks(decoder_layers(model), self._on_site)
+        self.site_hooks = SiteHooks(model_sites(model), self._on_site)
 
     def _on_site(self, site, h) -> None:
         self.steering.apply(site, h)  # steering first: a capture sees the steered state
@@ -115,32 +129,46 @@ class ModelRunner:
     def _plan_captures(self, scheduled) -> None:
         items, q_start = [], 0
         for item in scheduled:
+            n = len(item.token_ids)
             if item.capture is not None:
+                skip = min(n, max(0, item.num_reported - item.start))  # recomputed after a preemption
                 items.append(
                     (
                         item.request_id,
                         item.capture,
-                        q_start,
-                        item.start,
-                        len(item.token_ids),
+                        q_start + skip,
+                        item.start + skip,
+                        n - skip,
                         item.num_prompt_tokens,
                     )
                 )
-            q_start += len(item.token_ids)
+            q_start += n
         self.capturer.plan(items)
 
-    def _admit(self, item) -> CachedRequest:
+    def _admit(self, item: ScheduledRequest) -> CachedRequest:
+        """The request's runner state; everything it reads from the registry is resolved here, once."""
+        if item.steering is not None and self.steering is None:
+            raise RuntimeError("this server was started without steering support")
+        sampling = bounded(item.sampling, self.vocab_size)  # what passed the edge, in range for a step
+        if sampling is not item.sampling:
+            item = dataclasses.replace(item, sampling=sampling)
         req = new_cached_request(item, self.device, self._rng)
+        if self.capturer is not None and item.capture is not None:
+            self.capturer.admit(item.request_id, item.capture)
         if item.steering is not None:
-            if self.steering is None:
-                raise RuntimeError("this server was started without steering support")
-            req.row = self.steering.acquire(item.steering)
+            try:
+                req.row = self.steering.acquire(item.steering)
+            except Exception:
+                self.capturer.forget(item.request_id)
+                raise
         return req
 
     def _forget(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None and req.row >= 0:
             self.steering.release(req.steering)
+        if self.capturer is not None:
+            self.capturer.forget(request_id)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -176,22 +204,16 @@ class ModelRunner:
                 self.steering.begin_step(inputs.token_row, inputs.pos_class)
             self._plan_captures(scheduled)
             self.site_hooks.sync(self.steering.sites() | self.capturer.sites())
+        states = None
         try:
-            out = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                logits_to_keep=inputs.logits_rows,
-                use_cache=False,
-                steer_attn=inputs.attn,
-                steer_cache=self.kv_cache,
-            )
+            out = self._forward(inputs)
         finally:
             if self.steering is not None:
                 sample_rows = [self.requests[rid].row for rid in inputs.sample_ids]
                 states = self.steering.end_step(inputs.logits_rows, sample_rows)
-                if states is not None:
-                    for i, item in enumerate(scheduled):
-                        self.requests[item.request_id].gate_state = states[i]
+        if states is not None:  # NOTE: only after a forward that ran: a failed step may be run again
+            for i, item in enumerate(scheduled):
+                self.requests[item.request_id].gate_state = states[i]
         features = self.capturer.results() if self.capturer is not None else {}
         if not inputs.sample_ids:
             return RunnerOutput({}, failed=failed, features=features)
@@ -200,10 +222,34 @@ class ModelRunner:
         dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
         batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
         result = self.sampler(logits, batch)
-        output = self._to_host(reqs, result, failed, features)
+        output = self._to_host(reqs, result, failed, features, scheduled)
         if gated:
             self._apply_stops(output, scheduled)
         return output
+
+    def _forward(self, inputs):
+        return self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            logits_to_keep=inputs.logits_rows,
+            use_cache=False,
+            steer_attn=inputs.attn,
+            steer_cache=self.kv_cache,
+        )
+
+    @torch.inference_mode()
+    def probe(self) -> None:
+        """One unsteered token through the model into the probe block, which no request owns: raises when
+        the engine itself cannot run a step (device lost, broken model), whatever its requests."""
+        item = ScheduledRequest(
+            request_id="", token_ids=(0,), start=0, block_ids=(self._probe_block,), sample=True,
+            num_prompt_tokens=1, prompt_token_ids=(0,), is_new=True, sampling=SamplingParams(), steering=None,
+        )  # fmt: skip
+        inputs = build_forward_inputs((item,), [-1], self.block_size, self.device)
+        if self.steering is not None:
+            self.steering.begin_step(None, inputs.pos_class)  # no steered token: the hooks do nothing
+            self.capturer.plan([])
+        float(self._forward(inputs).logits[0, -1, 0])  # NOTE: a sync, so that device errors surface here
 
     def _gate_states(self, scheduled) -> torch.Tensor:
         """[N, G] bool: each scheduled request's gates that fired in earlier steps; a request computed
@@ -234,23 +280,40 @@ class ModelRunner:
                 item.token_ids[-1], g.above, g.below,
             )  # fmt: skip
 
-    def _to_host(self, reqs: list[CachedRequest], result, failed: dict[str, str], features) -> RunnerOutput:
+    def _to_host(
+        self, reqs: list[CachedRequest], result, failed: dict[str, str], features, scheduled
+    ) -> RunnerOutput:
         tokens = result.token_ids.tolist()  # the one host-device sync of the step
         sampled = {}
         for req, tok in zip(reqs, tokens, strict=True):
-            sampled[req.request_id] = tok
-            if req.sampling.uses_penalties:
-                req.output_counts[tok] += 1
-        if result.logprobs is None:
-            return RunnerOutput(sampled, failed=failed, features=features)
-        chosen = result.logprobs.tolist()
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            if tok < 0:  # the sampler found the row's logits not finite
+                failed[req.request_id] = _non_finite_message(req, scheduled)
+            else:
+                sampled[req.request_id] = tok
         logprobs = {}
-        for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
-            k = req.sampling.logprobs
-            if k is None:
-                continue
-            top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if k and top_ids else ()
-            logprobs[req.request_id] = TokenLogprob(tok, chosen[i], top)
+        if result.logprobs is not None:
+            chosen = result.logprobs.tolist()
+            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+            top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
+                k = req.sampling.logprobs
+                if k is None or tok < 0:
+                    continue
+                top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if k and top_ids else ()
+                logprobs[req.request_id] = TokenLogprob(tok, chosen[i], top)
+        for req in reqs:  # NOTE: last, once nothing can fail: a failed step is run again
+            tok = sampled.get(req.request_id)
+            if tok is not None and req.sampling.uses_penalties:
+                req.output_counts[tok] += 1
         return RunnerOutput(sampled, logprobs, failed, features)
+
+
+def _non_finite_message(req: CachedRequest, scheduled) -> str:
+    item = next(item for item in scheduled if item.request_id == req.request_id)
+    n = item.start + len(item.token_ids) - item.num_prompt_tokens + 1  # the output token it was for
+    why = (
+        "the steering is too strong for this model: lower its strength"
+        if req.row >= 0
+        else "the model's activations overflowed, or a sampling parameter is too extreme"
+    )
+    return f"{NON_FINITE_LOGITS} at output token {n}: {why}"

@@ -6,15 +6,42 @@ Steps, in order:
   3. greedy rows take the argmax;
   4. other rows: top-k, top-p, min-p filters, then a draw from the row's own generator, so a seeded
      request samples the same tokens whatever else is in the batch.
+A row whose processed logits hold a NaN or +inf (or are all -inf) samples no token: its token id is -1
+and the runner ends that request alone. `bounded()` maps a request's fields into what a step can hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 import steerkernels
+from steerserve.engine.types import SamplingParams
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: 1/T would overflow fp32 logits
+_LOGPROB_FLOOR = torch.finfo(torch.float32).min  # a reported logprob is finite (JSON has no -inf)
+
+
+def bounded(sp: SamplingParams, vocab: int) -> SamplingParams:
+    """`sp` with every field a step turns into a tensor, a seed or a size mapped into range (returned
+    as is when nothing changes): the edge bounds these fields, the engine must survive whatever passes.
+    The meaning is kept: a top_k at or above the vocabulary is no top_k, a temperature too small for fp32
+    is greedy, a seed is taken modulo 2**64 (as torch already does for negative seeds)."""
+    top_k = sp.top_k if 0 < sp.top_k < vocab else 0
+    top_p = sp.top_p if 0.0 < sp.top_p < 1.0 else 1e-9 if sp.top_p <= 0.0 else 1.0  # 1e-9: the top token
+    min_p = min(sp.min_p, 1.0) if sp.min_p > 0.0 else 0.0  # NaN: off
+    temperature = 0.0 if sp.temperature < GREEDY_BELOW else sp.temperature
+    logprobs = None if sp.logprobs is None else min(max(sp.logprobs, 0), vocab)
+    seed = None if sp.seed is None else sp.seed % 2**64
+    logit_bias = tuple((t, b) for t, b in sp.logit_bias if 0 <= t < vocab)  # ids a tensor can hold
+    new = dict(
+        top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature, logprobs=logprobs, seed=seed,
+        logit_bias=logit_bias,
+    )  # fmt: skip
+    changed = {k: v for k, v in new.items() if v != getattr(sp, k)}
+    return dataclasses.replace(sp, **changed) if changed else sp
 
 
 @dataclass(slots=True)
@@ -43,7 +70,7 @@ class SamplingBatch:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: torch.Tensor  # [R] int64
+    token_ids: torch.Tensor  # [R] int64; -1 where the row's logits were not finite
     logprobs: torch.Tensor | None  # [R] fp32, the sampled tokens' logprobs
     top_ids: torch.Tensor | None  # [R, max_logprobs] int64
     top_logprobs: torch.Tensor | None  # [R, max_logprobs] fp32
@@ -100,6 +127,9 @@ class Sampler:
                 validate=False,  # convert.py bounds-checked every id; the kernel masks them again
             )
         tokens = steerkernels.argmax_rows(x)
+        # NOTE: argmax takes a NaN as the largest, so the argmax value is finite iff the row has no NaN,
+        # no +inf and is not all -inf: the check costs R reads, not another pass over [R, V]
+        finite = x.gather(-1, tokens[:, None]).isfinite().squeeze(-1)  # [R]
         if batch.random_rows is not None:
             rows = batch.random_rows
             sub = x.index_select(0, rows)
@@ -112,9 +142,13 @@ class Sampler:
                 sub = _filter_min_p(sub, batch.min_p.index_select(0, rows))
             tokens = tokens.index_copy(0, rows, _draw(sub.softmax(-1), batch.generators))
         if raw_logprobs is None:
-            return SamplerOutput(tokens, None, None, None)
-        chosen = raw_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        top = raw_logprobs.topk(batch.max_logprobs, dim=-1) if batch.max_logprobs > 0 else None
+            return SamplerOutput(torch.where(finite, tokens, -1), None, None, None)
+        chosen = raw_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp(min=_LOGPROB_FLOOR)
+        k = min(batch.max_logprobs, raw_logprobs.shape[-1])
+        top = raw_logprobs.topk(k, dim=-1) if k > 0 else None
         return SamplerOutput(
-            tokens, chosen, None if top is None else top.indices, None if top is None else top.values
+            torch.where(finite, tokens, -1),
+            chosen,
+            None if top is None else top.indices,
+            None if top is None else top.values.clamp(min=_LOGPROB_FLOOR),
         )

@@ -5,7 +5,11 @@ intervention limited to prompt or generated positions lives only in that slot, a
 known from its row and position class. At one site, in order:
   1. SAE feature edits (clamp / scale / ablate), one `sae_edit` call per SAE used there;
   2. projections / clamps along vector directions (`project_clamp`);
-  3. additive steering, summed per slot at admission (`steer_add`).
+  3. additive steering, summed per slot at admission (`steer_add`);
+  4. transcoder feature edits: a transcoder reads here and writes at its `site_out` (registry/sae.py), so
+     its edit runs on a float32 scratch copy of h as it stands after 1-3 (what the MLP reads) and the
+     change, `(a'_f - a_f) * W_dec[f]` per token, is returned for the rows to add at `site_out`
+     (steering/rows.py). h itself is not changed here.
 """
 
 from __future__ import annotations
@@ -14,8 +18,23 @@ import torch
 
 import steerkernels
 from steerserve.registry import SAEWeights
+from steerserve.sites import Site
 
 _EDIT_MODE = {"feature_clamp": 0, "feature_scale": 1, "feature_ablate": 2}
+
+
+def topk_token_threshold(weights: SAEWeights, h: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """A TopK SAE's per-token rank threshold (`steerkernels.sae_topk_threshold`) for the tokens `need`
+    [T] bool of `h` [T, d]; NaN for the others.
+
+    NOTE: whether a TopK feature is active depends on every other feature of the token (is its
+    pre-activation among the k largest?), so it needs the FULL encoder, which the slot-local edit SAE
+    (SAEEdits) does not hold: one GEMM + topk over the tokens that need it, from the h the kernel reads
+    next. Not cached across calls: an edit earlier at the same site changes h. Only TopK SAEs pay
+    this (and, on CUDA, the sync of picking the rows)."""
+    rows = need.nonzero().squeeze(1)
+    w = weights
+    return steerkernels.sae_topk_threshold(h, w.W_enc, w.b_enc, w.b_dec, w.apply_b_dec_to_input, w.k, rows)
 
 
 def slots_for(row: int, positions: str) -> tuple[int, ...]:
@@ -89,15 +108,27 @@ class SAEEdits:
             self.local_idx[slot].fill_(-1)
             self.count[slot] = 0
 
+    def delta(self, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """A transcoder's edit of `h` [T, d] as the float32 [T, d] change it makes at its output."""
+        read = h.float()
+        scratch = read.clone()
+        self.apply(scratch, slots)
+        return scratch.sub_(read)
+
     def apply(self, h: torch.Tensor, slots: torch.Tensor) -> None:
         w = self.weights
         S, cap, d = self.enc.shape
         width = max(self.count)  # NOTE: only as wide as the busiest slot: the kernels loop per column
+        token_threshold = None
+        if w.architecture == "topk":
+            work = (self.local_idx[:, :width] >= 0).any(1)  # [S] slots with edits of this SAE
+            token_threshold = topk_token_threshold(w, h, (slots >= 0) & work[slots.clamp(min=0)])
         steerkernels.sae_edit(
             h, slots, self.local_idx[:, :width], self.enc.view(S * cap, d).t(), self.b_enc.view(-1),
             self.dec.view(S * cap, d), w.b_dec,
             self.threshold.view(-1) if w.architecture == "jumprelu" else None,
-            w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width], None, validate=False,
+            w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width], None,
+            token_threshold=token_threshold, validate=False,
         )  # fmt: skip
 
 
@@ -164,14 +195,20 @@ class SiteBank:
                 if not edits.rows:
                     del self.edits[uid]
 
-    def apply(self, h: torch.Tensor, token_slot: torch.Tensor) -> None:
-        """Edit `h` [T, d] in place for the tokens whose slots act here (token_slot -1 = none).
+    def writes(self) -> set[Site]:
+        """The sites where this bank's transcoder edits write."""
+        return {e.weights.site_out for e in self.edits.values() if e.weights.site_out is not None}
+
+    def apply(self, h: torch.Tensor, token_slot: torch.Tensor) -> list[tuple[Site, torch.Tensor]]:
+        """Edit `h` [T, d] in place for the tokens whose slots act here (token_slot -1 = none); return
+        the transcoder edits' changes as (site_out, [T, d] float32 delta) for the rows to add there.
 
         Slots without work here cost nothing and are not written: they have no edit columns (-1) and no
         projection directions (dir_count 0); additive steering is masked to the rows that have some.
         """
         for edits in self.edits.values():
-            edits.apply(h, token_slot)
+            if edits.weights.site_out is None:
+                edits.apply(h, token_slot)
         if self.proj_rows:
             steerkernels.project_clamp(
                 h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, None, validate=False
@@ -179,3 +216,8 @@ class SiteBank:
         if self.add_rows:
             slots = torch.where(self.has_add[token_slot.clamp(min=0) // 2], token_slot, -1)
             steerkernels.steer_add(h, slots, self.add, None, validate=False)
+        return [
+            (e.weights.site_out, e.delta(h, token_slot))
+            for e in self.edits.values()
+            if e.weights.site_out is not None
+        ]

@@ -3,6 +3,9 @@
 Per step the runner lists, for each request that captures, the rows of the packed batch to read; at the
 SAE's site (after steering there) `sae_encode_topk` encodes just those rows; after the forward pass the
 results are copied to the host together with the sampled tokens.
+
+A request's SAE is resolved once, when the runner admits it (`admit`), and held until it finishes
+(`forget`): deleting or replacing the SAE in the registry meanwhile changes nothing for that request.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import steerkernels
 from steerserve.engine.types import FeatureCapture, HiddenCapture, TokenFeatures, TokenHidden
 from steerserve.registry import SAEWeights
 from steerserve.sites import Site
+from steerserve.steering.spec import SAERef
 
 
 @dataclass
@@ -40,16 +44,24 @@ class _Hidden:
 class FeatureCapturer:
     def __init__(self, resources):
         self.resources = resources
+        self._weights: dict[str, SAEWeights] = {}  # request id -> the SAE it was admitted with
         self._groups: dict[Site, list[_Group]] = {}
         self._hidden: dict[Site, _Hidden] = {}
+
+    def admit(self, request_id: str, capture: FeatureCapture | HiddenCapture) -> None:
+        """Resolve the request's SAE now (raises when it vanished or changed since validation)."""
+        if isinstance(capture, FeatureCapture):
+            self._weights[request_id] = self.resources.sae(SAERef(capture.sae_id, capture.sae_uid))
+
+    def forget(self, request_id: str) -> None:
+        self._weights.pop(request_id, None)
 
     def sites(self) -> set[Site]:
         return set(self._groups) | set(self._hidden)
 
     def plan(self, items: list[tuple[str, FeatureCapture, int, int, int, int]]) -> None:
-        """items: (request id, capture, q_start, first position, n tokens, n prompt tokens) per request."""
-        from steerserve.steering.spec import SAERef
-
+        """items: (request id, capture, q_start, first position, n tokens, n prompt tokens) per request;
+        each request was `admit`ted."""
         by_key: dict[tuple[str, int], _Group] = {}
         self._groups, self._hidden = {}, {}
         for rid, cap, q_start, start, n, n_prompt in items:
@@ -59,7 +71,7 @@ class FeatureCapturer:
                     hidden.rows.append(q_start + k)
                     hidden.owners.append((rid, start + k))
                 continue
-            weights = self.resources.sae(SAERef(cap.sae_id, cap.sae_uid))
+            weights = self._weights[rid]
             group = by_key.get((cap.sae_uid, cap.top_k))
             if group is None:
                 group = by_key[(cap.sae_uid, cap.top_k)] = _Group(weights, cap.top_k)
@@ -85,7 +97,7 @@ class FeatureCapturer:
             group.result = steerkernels.sae_encode_topk(
                 h.index_select(0, rows).float(), w.W_enc, w.b_enc, w.b_dec,
                 w.threshold if w.architecture == "jumprelu" else None, w.apply_b_dec_to_input,
-                min(group.top_k, w.d_sae),
+                min(group.top_k, w.d_sae), sae_k=w.k,  # TopK: zero outside the token's top k
             )  # fmt: skip
 
     def results(self) -> dict[str, list[TokenFeatures | TokenHidden]]:

@@ -15,7 +15,8 @@ from steerserve.api.errors import APIError
 from steerserve.config import SteeringConfig
 from steerserve.engine.types import ModelInfo
 from steerserve.registry import NotFound, Registry
-from steerserve.sites import Site
+from steerserve.sites import Site, SiteError
+from steerserve.steering.bounds import SAEWeightsOf, check_caps, check_finite
 from steerserve.steering.spec import POSITIONS, Gate, Intervention, LogitBiasTerm, SAERef, SteeringSpec
 
 
@@ -37,8 +38,10 @@ class _Compiler:
             raise _bad(f"{param}.{key}", "is required")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _bad(f"{param}.{key}", f"must be a number, got {value!r}")
-        value = float(value)
         cap = self.limits.max_abs_value
+        if isinstance(value, int) and abs(value) > cap:  # NOTE: float() raises past 1e308
+            value = math.inf
+        value = float(value)
         if not math.isfinite(value) or abs(value) > cap:
             raise _bad(f"{param}.{key}", f"must be finite with |value| <= {cap:g}, got {value!r}")
         if lo is not None and value < lo:
@@ -61,11 +64,10 @@ class _Compiler:
                     f"{param}.sae",
                     f"SAE {sae_id!r} has d_in {record.d_in}; the model has d_model {self.info.d_model}",
                 )
-            if record.site.layer >= self.info.n_layers:
-                raise _bad(
-                    f"{param}.sae",
-                    f"SAE {sae_id!r} acts at layer {record.site.layer}; the model has {self.info.n_layers}",
-                )
+            try:
+                self.info.check_site(record.site)
+            except SiteError as exc:
+                raise _bad(f"{param}.sae", f"SAE {sae_id!r} acts at {record.site.hook_name}: {exc}") from None
             self._saes[sae_id] = record
         record = self._saes[sae_id]
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < record.d_sae:
@@ -190,11 +192,12 @@ class _Compiler:
             )
         sites: list[Site] = sorted(record.norms)
         for site in sites:
-            if site.layer >= self.info.n_layers:
+            try:
+                self.info.check_site(site)
+            except SiteError as exc:
                 raise _bad(
-                    f"{param}.vector",
-                    f"vector {vector_id!r} acts at layer {site.layer}; the model has {self.info.n_layers}",
-                )
+                    f"{param}.vector", f"vector {vector_id!r} acts at {site.hook_name}: {exc}"
+                ) from None
         positions = self.positions(item, param)
         common = dict(positions=positions, vector_id=record.id, vector_uid=record.uid, source=param)
         if mode == "add":
@@ -248,8 +251,12 @@ def compile_steering(
     feature_logit_bias: list | None,
     variant: str | None,
     stop_when: list | None = None,
+    sae_weights: SAEWeightsOf | None = None,
 ) -> SteeringSpec | None:
-    """The request's SteeringSpec (the variant's items first, then the request's); None when empty."""
+    """The request's SteeringSpec (the variant's items first, then the request's); None when empty.
+
+    `sae_weights(ref)` gives an SAE's weights for the float32 checks (steering/bounds.py): the engine's
+    device cache, which the row needs anyway; by default the registry's copy."""
     c = _Compiler(registry, info, limits)
     interventions, terms, stops = [], [], []
     if variant is not None:
@@ -277,4 +284,6 @@ def compile_steering(
             "stop_when" if len(stops) > limits.max_gates else "steering",
             f"{len(spec.gates())} distinct gates and stop conditions; at most {limits.max_gates}",
         )
+    check_caps(spec, limits)
+    check_finite(spec, registry, sae_weights)
     return spec

@@ -25,6 +25,7 @@ import torch
 import steerkernels
 from steerserve.registry import SAEWeights
 from steerserve.sites import Site
+from steerserve.steering.banks import topk_token_threshold
 from steerserve.steering.spec import Gate, SteeringSpec
 
 
@@ -125,6 +126,10 @@ class GateTable:
         row = step.safe_row
         for group in groups.values():
             w = group.weights
+            token_threshold = None
+            if w.architecture == "topk":  # NOTE: the rank test needs the full encoder (see banks.py)
+                need = (step.token_row >= 0) & (group.feat >= 0).any(1)[row]
+                token_threshold = topk_token_threshold(w, h, need)
             acts = steerkernels.sae_feature_acts(
                 h,
                 step.token_row,
@@ -134,6 +139,7 @@ class GateTable:
                 w.b_dec,
                 w.threshold if w.architecture == "jumprelu" else None,
                 w.apply_b_dec_to_input,
+                token_threshold=token_threshold,
                 validate=False,
             )  # fmt: skip  [T, G], NaN where this SAE has no gate k for the token's row
             read = ~acts.isnan()

@@ -13,7 +13,8 @@ import threading
 
 import torch
 
-from steerserve.steering.resources import SteeringResources, final_norm
+from steerserve.runner.model_sites import model_sites
+from steerserve.steering.resources import SteeringResources
 from steerserve.steering.spec import SAERef
 
 
@@ -26,7 +27,7 @@ class PromotionIndex:
 
     def _unembedding_stats(self):
         if self._stats is None:
-            U = self.resources.model.get_output_embeddings().weight.detach().float()  # [V, d]
+            U = model_sites(self.resources.model).unembedding().weight.detach().float()  # [V, d]
             mean = U.mean(0)
             centered = U - mean
             self._stats = (U, mean, centered.t() @ centered / U.shape[0])
@@ -36,7 +37,7 @@ class PromotionIndex:
         n = self._normed.get(ref.uid)
         if n is None:
             W_dec = self.resources.sae(ref).W_dec.float()  # [d_sae, d]
-            norm = final_norm(self.resources.model)
+            norm = model_sites(self.resources.model).final_norm()
             dtype = next(norm.parameters()).dtype if any(True for _ in norm.parameters()) else W_dec.dtype
             rows = []
             for chunk in W_dec.split(4096):

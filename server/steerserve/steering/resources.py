@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from steerserve.registry import DeviceSAECache, Registry, SAEWeights
+from steerserve.runner.model_sites import model_sites
 from steerserve.sites import Site
 from steerserve.steering.spec import SAERef
 
@@ -29,15 +30,6 @@ _EFFECTS_IN_MEMORY = 4096  # feature logit effects kept on the device (V floats 
 
 class SteeringResourceError(RuntimeError):
     """An item a request was compiled against changed or vanished before it ran."""
-
-
-def final_norm(model) -> torch.nn.Module:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
 
 
 def lower_thread_priority() -> None:
@@ -65,11 +57,18 @@ class SteeringResources:
         self.effect_misses = 0  # logit effects computed
 
     def sae(self, ref: SAERef) -> SAEWeights:
+        """The weights of exactly `ref` (callers resolve once and hold them: registry changes later do
+        not reach a request that holds them)."""
         record = self.registry.get_sae(ref.id)
         if record.uid != ref.uid:
             raise SteeringResourceError(f"SAE {ref.id!r} was replaced after this request was validated")
         with self._lock:
-            return self.saes.get(ref.id)
+            weights = self.saes.get(ref.id)
+        # NOTE: the cache loads by id; a replacement between the check above and that load would hand
+        # over the new weights, so the uid is checked again after it
+        if self.registry.get_sae(ref.id).uid != ref.uid:
+            raise SteeringResourceError(f"SAE {ref.id!r} was replaced after this request was validated")
+        return weights
 
     def vector(self, vector_id: str, uid: str, site: Site) -> torch.Tensor:
         record, vec = self.registry.load_vector(vector_id)
@@ -140,7 +139,8 @@ class SteeringResources:
 
     def readout(self, directions: torch.Tensor) -> torch.Tensor:
         """[n, d] directions -> [n, V] logits through the final norm and the unembedding (no biases)."""
-        norm, head = final_norm(self.model), self.model.get_output_embeddings()
+        sites = model_sites(self.model)
+        norm, head = sites.final_norm(), sites.unembedding()
         dtype = head.weight.dtype
         x = directions.to(dtype)
         zero = torch.zeros_like(x[:1])

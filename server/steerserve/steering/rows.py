@@ -6,8 +6,9 @@ request with the same fingerprint, cleared when the last one finishes. Per step 
 call `apply()` at the sites any live row uses. No live row at a site = no hook there = no cost.
 
 Banks are keyed by (site, gate number): k = -1 holds the ungated interventions, k >= 0 those gated by
-the row's gate k (steering/gates.py). At a site, in order: the gates read there, the ungated bank, then
-the gated banks in gate order.
+the row's gate k (steering/gates.py). At a site, in order: what transcoder edits read earlier in this
+pass write here (steering/banks.py), the gates read there, the ungated bank, then the gated banks in
+gate order. A transcoder feature's `add` goes to the bank of the site where it writes (`write_site`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class SteeringRows:
         self._token_row: torch.Tensor | None = None  # [T] this step
         self._token_slot: torch.Tensor | None = None  # [T]
         self._gated = False  # this step evaluates gates
+        self._pending: dict[Site, torch.Tensor] = {}  # transcoder edits' [T, d] deltas, by write site
 
     @property
     def num_rows_in_use(self) -> int:
@@ -115,7 +117,8 @@ class SteeringRows:
         self.gates.write(row, spec, saes)
         for iv in spec.interventions:
             k = -1 if iv.gate is None else self.gates.gate_number(row, iv.gate)
-            bank = self._bank(iv.site, k)
+            site = saes[iv.sae.uid].write_site if iv.kind == "feature_add" else iv.site
+            bank = self._bank(site, k)
             if iv.kind == "feature_add":
                 w_dec = saes[iv.sae.uid].W_dec[iv.index]  # [d]
                 bank.add_vector(row, iv.positions, _feature_add_coeff(iv, w_dec) * w_dec.float())
@@ -141,7 +144,7 @@ class SteeringRows:
 
     def _clear(self, row: int, spec: SteeringSpec) -> None:
         self.gates.clear_row(row)
-        for site in spec.sites():
+        for site in list(self.banks):  # NOTE: not spec.sites(): a transcoder's `add` is at its site_out
             by_gate = self.banks.get(site, {})
             for k, bank in list(by_gate.items()):
                 bank.clear_row(row)  # NOTE: a row owns its slots in every bank: clearing them is safe
@@ -154,17 +157,23 @@ class SteeringRows:
 
     # -- inside the forward pass ----------------------------------------------------------------
     def sites(self) -> set[Site]:
-        return set(self.banks) | self.gates.sites()
+        writes = {s for by_gate in self.banks.values() for bank in by_gate.values() for s in bank.writes()}
+        return set(self.banks) | self.gates.sites() | writes
 
     def apply(self, site: Site, h: torch.Tensor) -> None:
         """Edit `h` [T, d] at `site` in place for this step's steered tokens."""
         if self._token_row is None:
             return
+        pending = self._pending.pop(site, None)
+        if pending is not None:  # transcoder edits read earlier in this pass: part of the MLP's output
+            h.copy_(h.float() + pending)
         if self._gated:
             self.gates.evaluate(site, h)  # before any intervention at this site
         for k, bank in self.banks.get(site, {}).items():
             slots = self._token_slot if k < 0 else self.gates.token_slots(k, self._token_slot)
-            bank.apply(h, slots)
+            for site_out, delta in bank.apply(h, slots):
+                have = self._pending.get(site_out)
+                self._pending[site_out] = delta if have is None else have + delta
 
     # -- per step -------------------------------------------------------------------------------
     @property
@@ -182,6 +191,7 @@ class SteeringRows:
         """token_row [T] int64 (-1 = unsteered), pos_class [T] int8 for the coming forward pass; with
         gates, `counts` (tokens per scheduled request) and `gate_state` [N, G] (see GateTable)."""
         self._gated = False
+        self._pending = {}
         if token_row is None or not (self.banks or self.gates.active):
             self._token_row = self._token_slot = None
             return
@@ -194,6 +204,7 @@ class SteeringRows:
     def end_step(self, sample_tokens=None, sample_rows=()) -> torch.Tensor | None:
         """Forget the step; with gates, the requests' new gate state [N, G] (stop hits: `stop_hits()`)."""
         self._token_row = self._token_slot = None
+        self._pending = {}
         if not self._gated:
             return None
         self._gated = False

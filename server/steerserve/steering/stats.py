@@ -2,8 +2,11 @@
 included: the value `ablate` with "to": "mean" sets) over a text corpus, through the engine (batched
 prefills with a feature capture), stored as the SAE's feature annotations.
 
-Per token the capture keeps the top `k = min(d_sae, 256)` features, so the statistics are exact for
-tokens with at most k active features; tokens with more are counted and reported (`saturated`).
+A feature's activation is what its SAE's encode() returns (the capture's `sae_encode_topk` follows
+SAELens: jumprelu keeps its relu, a TopK feature outside the token's top k is 0), and a feature is
+active where that is > 0. Per token the capture keeps the top `k = min(d_sae, 256)` features (a TopK
+SAE: its own k when smaller: no feature past it is ever active), so the statistics are exact for tokens
+with at most k active features; tokens with more are counted and reported (`saturated`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def feature_stats(
     built: BuiltEngine, sae_id: str, texts: list[str], batch: int = 32, log_every: float = 5.0
 ) -> FeatureStats:
     record = built.registry.get_sae(sae_id)
-    k = min(record.d_sae, MAX_K)
+    k = min(record.d_sae, MAX_K, record.k or MAX_K)
+    bounded = k in (record.d_sae, record.k)  # no token can have more than k active features
     capture = FeatureCapture(record.id, record.uid, k, "all")
     core, info = built.core, built.info
     max_act = torch.zeros(record.d_sae)
@@ -58,7 +62,7 @@ def feature_stats(
                     if not isinstance(f, TokenFeatures):
                         continue
                     tokens += 1
-                    saturated += len(f.indices) == k
+                    saturated += not bounded and len(f.indices) == k
                     if f.indices:
                         idx, val = torch.tensor(f.indices), torch.tensor(f.values)
                         max_act[idx] = torch.maximum(max_act[idx], val)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -11,7 +12,23 @@ from steerserve.registry.errors import InvalidInput
 from steerserve.registry.sae import SAEWeights
 from steerserve.sites import Site, SiteError, parse_site
 
-_LAYER_NAME = re.compile(r"^(?:direction|layers?|model\.layers)[._](\d+)$|^(\d+)$")
+_LAYER_NAME = re.compile(r"^(?:direction|layers?|model\.layers)[._](\d{1,18})$|^(\d{1,18})$")
+
+
+class Source(Enum):
+    """The file layout an SAE came in: its `meta.format` value, and how errors name it."""
+
+    SAELENS = "saelens"
+    GEMMASCOPE = "gemmascope"
+    GEMMASCOPE2 = "gemmascope2"
+    LLAMASCOPE = "llamascope"
+    SPARSIFY = "sparsify"
+
+    @property
+    def where(self) -> str:
+        names = {"saelens": "SAELens", "gemmascope": "Gemma Scope", "gemmascope2": "Gemma Scope 2",
+                 "llamascope": "Llama Scope", "sparsify": "sparsify"}  # fmt: skip
+        return f"{names[self.value]} SAE"
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,6 +69,21 @@ def site_of(value: object, param: str = "site") -> Site:
         return parse_site(value)
     except SiteError as exc:
         raise InvalidInput(f"{param}: {exc}", param=param) from None
+
+
+def agreed_site(given: Site | None, in_file: Site | None, file_field: str, where: str) -> Site | None:
+    """The site, when the one given beside the upload and the one the file names agree.
+
+    The file's own hook name is what the SAE was trained on; a `layer` / `site` that says otherwise
+    is a mistake on one side, and silently picking either would attach the SAE to the wrong tensor.
+    """
+    if given is not None and in_file is not None and given != in_file:
+        raise InvalidInput(
+            f"the given site {given.hook_name} contradicts {where}'s {file_field} {in_file.hook_name}; "
+            f"drop the layer/site field (the file's hook is used) or fix {file_field}",
+            param="site",
+        )
+    return in_file or given
 
 
 def site_from_tensor_name(name: str) -> Site | None:

@@ -39,7 +39,7 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 _TENSOR_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}  # ggml F32, F16
 _MAX_COUNT = 1 << 20
-_DIRECTION = re.compile(r"^direction\.(\d+)$")
+_DIRECTION = re.compile(r"^direction\.(\d{1,18})$")
 
 
 class _Cursor:

@@ -1,40 +1,59 @@
-"""Feature annotations -> [FeatureInfo]: our own list, or a Neuronpedia export (JSON or JSONL).
+"""Feature annotations -> [FeatureInfo]: our own list, or a Neuronpedia export (JSON, JSONL, gzip).
 
 Accepted entries (the first spelling found wins):
     index:          index | featureIndex          (int, or a string of digits as Neuronpedia writes it)
-    label:          label | description           (Neuronpedia's explanation text becomes the label)
-    explanation:    explanation (a string) | explanations[0].description
+    label:          label | description           (else the feature's first explanation)
+    explanations:   explanation (a string) and explanations[*].description (a feature's JSON); on an
+                    entry with neither, description (Neuronpedia's export: one line per explanation)
     max_activation: max_activation | maxActApprox | maxActivation
     density:        density | frac_nonzero | fracNonzero
     mean_activation: mean_activation | meanActivation   (over a corpus, zeros included)
-A document may be a list, `{"features"|"explanations"|"data": [...]}`, or one object per line.
-Several entries for one index (Neuronpedia keeps several explanations) merge: first value wins.
+A document may be a list, `{"features"|"explanations"|"data": [...]}`, or one object per line, as
+bytes possibly gzipped (Neuronpedia's exports are `.jsonl.gz`). Several entries for one index merge:
+the first value of each field wins, and EVERY distinct explanation is kept, in order, joined by a
+newline into the one stored `explanation` text (so each is searchable and returned).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import zlib
 
-from steerserve.registry.errors import InvalidInput
+from steerserve.registry.errors import InvalidInput, TooLarge
 from steerserve.registry.records import FeatureInfo
+from steerserve.registry.storable import is_uint, parse_json_or_lines, parse_uint
 
 _MAX_TEXT = 8192
+_MAX_EXPLANATIONS = 64  # per feature; Neuronpedia keeps a handful
+MAX_INFLATED_BYTES = 32 << 20  # a gzip body is inflated at most this far (JSON is parsed whole)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def inflate(body: bytes, limit: int = MAX_INFLATED_BYTES) -> bytes:
+    """A gzip body (by its magic bytes) inflated under `limit`; anything else as it is."""
+    if not body.startswith(_GZIP_MAGIC):
+        return body
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
+    try:
+        out = d.decompress(body, limit + 1)  # NOTE: bounded: a zip bomb stops at limit + 1 bytes
+        if len(out) > limit:
+            raise TooLarge(
+                f"the gzip body inflates past {limit} bytes; send the annotations in several PUTs (they merge)",
+                param="body",
+            )
+        if not d.eof:
+            raise InvalidInput("the gzip body is truncated", param="body")
+    except zlib.error as exc:
+        raise InvalidInput(f"the body starts like gzip but does not inflate: {exc}", param="body") from None
+    return out
 
 
 def _entries(data: object) -> list:
-    if isinstance(data, (bytes, str)):
-        text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            try:
-                data = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(
-                    f"features: neither JSON nor JSON lines ({exc})", param="features"
-                ) from None
+    if isinstance(data, (bytes, bytearray)):
+        data = parse_json_or_lines(inflate(bytes(data)), "features")
+    elif isinstance(data, str):
+        data = parse_json_or_lines(data, "features")
     if isinstance(data, dict):
         for key in ("features", "explanations", "data"):
             if isinstance(data.get(key), list):
@@ -72,8 +91,8 @@ def _number(value: object, param: str) -> float | None:
 
 
 def _index(value: object, param: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str) and is_uint(value):  # ASCII digits only: "²" passes isdigit() but not int()
+        value = parse_uint(value, param)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(
             f"{param} must be an integer >= 0 (or a string of digits), got {value!r}", param=param
@@ -81,21 +100,50 @@ def _index(value: object, param: str) -> int:
     return value
 
 
+def _explanations(entry: dict, p: str) -> list[str]:
+    """Every explanation text of one entry, in order; a 400 naming the field for anything malformed.
+
+    `description` is an explanation only on an entry with no `explanation(s)` of its own (a line of
+    Neuronpedia's explanation export); beside them it is the short label (`demo/labels.py` writes that)."""
+    nested = entry.get("explanations")
+    if nested is not None and not isinstance(nested, list):
+        raise InvalidInput(
+            f'{p}.explanations must be a list of {{"description": text}} objects, got {type(nested).__name__}',
+            param=f"{p}.explanations",
+        )
+    found = [_text(entry.get("explanation"), f"{p}.explanation")]
+    for j, item in enumerate(nested or []):
+        if isinstance(item, dict):
+            found.append(_text(item.get("description"), f"{p}.explanations[{j}].description"))
+        elif isinstance(item, str):
+            found.append(_text(item, f"{p}.explanations[{j}]"))
+        else:
+            raise InvalidInput(
+                f'{p}.explanations[{j}] must be {{"description": text}} or a string, got {type(item).__name__}',
+                param=f"{p}.explanations[{j}]",
+            )
+    if not any(found) and entry.get("description") is not None:
+        found.append(_text(entry["description"], f"{p}.description"))
+    return [text for text in found if text is not None]
+
+
 def parse_features(data: object) -> list[FeatureInfo]:
     """Annotations by feature index, merged, in index order."""
     merged: dict[int, dict] = {}
+    explained: dict[int, list[str]] = {}
     for i, entry in enumerate(_entries(data)):
         if not isinstance(entry, dict):
             raise InvalidInput(f"features[{i}] must be an object", param=f"features[{i}]")
         p = f"features[{i}]"
         index = _index(_first(entry, "index", "featureIndex"), f"{p}.index")
-        explanation = entry.get("explanation")
-        if not isinstance(explanation, str):
-            nested = entry.get("explanations")
-            explanation = nested[0].get("description") if nested and isinstance(nested[0], dict) else None
+        texts = explained.setdefault(index, [])
+        texts.extend(t for t in _explanations(entry, p) if t not in texts)
+        if len(texts) > _MAX_EXPLANATIONS:
+            raise InvalidInput(
+                f"feature {index} has more than {_MAX_EXPLANATIONS} distinct explanations", param=f"{p}.index"
+            )
         fields = {
             "label": _text(_first(entry, "label", "description"), f"{p}.label"),
-            "explanation": _text(explanation, f"{p}.explanation"),
             "max_activation": _number(
                 _first(entry, "max_activation", "maxActApprox", "maxActivation"), f"{p}.max_activation"
             ),
@@ -112,4 +160,9 @@ def parse_features(data: object) -> list[FeatureInfo]:
         for key, value in fields.items():
             if slot.get(key) is None:
                 slot[key] = value
-    return [FeatureInfo(index=i, **merged[i]) for i in sorted(merged)]
+    infos = []
+    for i in sorted(merged):
+        texts = explained[i]
+        label = merged[i].pop("label") or (texts[0] if texts else None)
+        infos.append(FeatureInfo(index=i, label=label, explanation="\n".join(texts) or None, **merged[i]))
+    return infos

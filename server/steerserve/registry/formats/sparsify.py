@@ -3,20 +3,33 @@
 sparsify stores the encoder as an `nn.Linear` (`encoder.weight [d_sae, d_in]`, `encoder.bias`),
 `W_dec [d_sae, d_in]` and `b_dec [d_in]`, and computes `relu(encoder(x - b_dec))`, keeps the top k,
 and decodes `acts @ W_dec + b_dec`. The orientation of each matrix is decided by its shape against
-`b_dec` (d_in) and `encoder.bias` (d_sae), so transposed exports load too. Transcoders, skip
-connections and activations other than topk are refused.
+`b_dec` (d_in) and `encoder.bias` (d_sae), so transposed exports load too. Transcoders (transcode,
+skip connections), signed and groupmax activations are refused (families.TABLE).
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from steerserve.registry.errors import InvalidInput
-from steerserve.registry.formats.common import LoadedSAE, as_int, reject_unknown, require, storage_dtype
+from steerserve.registry.formats.common import (
+    LoadedSAE,
+    Source,
+    agreed_site,
+    as_int,
+    reject_unknown,
+    require,
+    storage_dtype,
+)
+from steerserve.registry.formats.families import Family, refusal
 from steerserve.registry.sae import SAEWeights
 from steerserve.sites import Site
 
-_WHERE = "sparsify SAE"
+_WHERE = Source.SPARSIFY.where
+_HOOKPOINT = re.compile(r"^(?:model\.)?layers[._](\d{1,18})$")
 
 
 def looks_like(cfg: dict) -> bool:
@@ -39,15 +52,34 @@ def _oriented(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor:
     )
 
 
-def from_state(cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None) -> LoadedSAE:
+def site_from_folder(name: str) -> Site | None:
+    """The site a sparsify hookpoint folder names: `layers.N` is the output of decoder layer N
+    (resid_post, as SAELens' sparsify loader reads it). A submodule's folder (`layers.N.mlp`) names
+    the module's raw output, which is not always a site's tensor (Gemma-2's post-norms): no guess."""
+    m = _HOOKPOINT.match(name)
+    return Site(int(m.group(1)), "resid_post") if m else None
+
+
+def from_state(
+    cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None, path_hint: str = ""
+) -> LoadedSAE:
+    site = agreed_site(site, site_from_folder(Path(path_hint).name), "folder name", _WHERE)
     if site is None:
-        raise InvalidInput("a sparsify SAE needs its site (its folder name 'layers.N', or a site)", "site")
-    for flag in ("transcode", "skip_connection", "signed"):
+        raise InvalidInput(
+            "a sparsify SAE needs its site: its folder named 'layers.N' (resid_post), or a site"
+            + (f" (its folder is {Path(path_hint).name!r})" if path_hint else ""),
+            "site",
+        )
+    for flag in ("transcode", "skip_connection"):
         if cfg.get(flag):
-            raise InvalidInput(f"sparsify cfg.{flag}=true is not supported", param=f"cfg.{flag}")
+            raise refusal(Family.SPARSIFY_TRANSCODER, _WHERE, param=f"cfg.{flag}")
+    if cfg.get("signed"):
+        raise refusal(Family.SPARSIFY_SIGNED, _WHERE, param="cfg.signed")
+    if cfg.get("activation", "topk") == "groupmax":
+        raise refusal(Family.SPARSIFY_GROUPMAX, _WHERE, param="cfg.activation")
     if cfg.get("activation", "topk") != "topk":
         raise InvalidInput(
-            f"sparsify cfg.activation {cfg.get('activation')!r} is not supported", "cfg.activation"
+            f"{_WHERE}: cfg.activation {cfg.get('activation')!r} is not supported (topk)", "cfg.activation"
         )
     k = as_int(cfg.get("k"), "cfg.k", minimum=1)
     reject_unknown(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, _WHERE)
@@ -76,4 +108,6 @@ def from_state(cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None) -
         apply_b_dec_to_input=True,
         site=site,
     )
-    return LoadedSAE(weights, None, {"format": "sparsify", "hook_name": site.hook_name, "folded": []})
+    return LoadedSAE(
+        weights, None, {"format": Source.SPARSIFY.value, "hook_name": site.hook_name, "folded": []}
+    )

@@ -1,7 +1,7 @@
 """Steering-vector files -> SteeringVector.
 
 - JSON: `{"vector": [float, ...]}` or `{"vector": "<base64 of little-endian float32>"}`, with the site
-  given beside it (`layer` or `site`);
+  given beside it (`layer` or `site`); base64 that is evidently float64 gets a 400 saying so;
 - safetensors: one tensor [d] (the site given beside it), or tensors named by site
   (`direction.N`, `layers.N`, `N`, or a SAELens hook name);
 - GGUF control vectors (llama.cpp / repeng): `direction.N` per layer, see gguf.py.
@@ -37,9 +37,18 @@ def parse_vector_value(value: object, param: str = "vector") -> torch.Tensor:
             raise InvalidInput(f"{param} is a string but not valid base64", param=param) from None
         if not raw or len(raw) % 4:
             raise InvalidInput(
-                f"{param}: base64 data of {len(raw)} bytes is not a float32 array", param=param
+                f"{param}: base64 data of {len(raw)} bytes is not a float32 array (4 bytes per value)",
+                param=param,
             )
-        return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+        values = np.frombuffer(raw, dtype="<f4")
+        if _looks_like_float64(raw, values):
+            raise InvalidInput(
+                f"{param}: the base64 data reads as float64, not float32 ({len(raw)} bytes: {len(raw) // 8} "
+                f"sane float64 values, but as float32 values like {_worst(values)}); send little-endian "
+                "float32 (numpy: v.astype('<f4').tobytes()) or a JSON list of numbers",
+                param=param,
+            )
+        return torch.from_numpy(values.astype(np.float32))
     if not isinstance(value, list) or not value:
         raise InvalidInput(f"{param} must be a non-empty list of numbers or a base64 string", param=param)
     if len(value) > _MAX_JSON_FLOATS:
@@ -48,6 +57,33 @@ def parse_vector_value(value: object, param: str = "vector") -> torch.Tensor:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise InvalidInput(f"{param}[{i}] must be a finite number, got {v!r}", param=f"{param}[{i}]")
     return torch.tensor(value, dtype=torch.float64).to(torch.float32)
+
+
+_IMPLAUSIBLE = 1e15  # no steering vector holds a float32 this large; random low words of doubles do
+
+
+def _looks_like_float64(raw: bytes, as_f32: np.ndarray) -> bool:
+    """True when the bytes are sane as float64 but absurd as float32.
+
+    A double's low 4 bytes, read as a float32, have an exponent spread over the whole range: some are
+    NaN, inf, above 1e15 or below 1e-30. Doubles widened from float32 have zero low words instead;
+    those read as a plausible float32 array of twice the length and are caught by the dimension check.
+    """
+    if len(raw) % 8:
+        return False
+    as_f64 = np.frombuffer(raw, dtype="<f8")
+    if not np.isfinite(as_f64).all() or np.abs(as_f64).max() >= _IMPLAUSIBLE:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        mag = np.abs(as_f32.astype(np.float64))
+    absurd = ~np.isfinite(mag) | (mag >= _IMPLAUSIBLE) | ((mag > 0) & (mag < 1e-30))
+    return bool(absurd.any())
+
+
+def _worst(values: np.ndarray) -> str:
+    with np.errstate(over="ignore", invalid="ignore"):
+        mag = np.nan_to_num(np.abs(values.astype(np.float64)), nan=np.inf)
+    return ", ".join(f"{v:.3g}" for v in values[np.argsort(-mag)[:2]])
 
 
 def _select(directions: dict[Site, torch.Tensor], site: Site | None, name: str) -> SteeringVector:
