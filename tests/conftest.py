@@ -25,10 +25,10 @@ def _served_kernel_backend(request):
     if os.environ.get("STEERKERNELS_BACKEND") or any(p in _INTERPRETED for p in request.path.parts):
         yield
         return
-    import steerkernels
+    from steerkernels import cpu
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STEERKERNELS_BACKEND", "cpu" if steerkernels.cpu.available() else "torch")
+        mp.setenv("STEERKERNELS_BACKEND", "cpu" if cpu.available() else "torch")
         yield
 
 

@@ -9,6 +9,9 @@ Per decoder layer L, in forward order (runner/model_sites.py says which module e
                                                  norm): an edit reaches the MLP only, not the residual
   ln2_normalized  blocks.L.ln2.hook_normalized   the pre-MLP norm's normalized input, before its weight
                                                  (and bias): an edit reaches the MLP through that weight
+  mlp_hook_in     blocks.L.mlp.hook_in           what the MLP reads: the pre-MLP norm's output, weight
+                                                 included (TransformerBridge's name); an edit reaches the
+                                                 MLP only
   mlp_out         blocks.L.hook_mlp_out          what the MLP adds (after Gemma-2's post-MLP norm)
   resid_post      blocks.L.hook_resid_post       the layer's output
 `resid_pre`/`resid_post` are also the convention of repeng and llama.cpp control vectors.
@@ -29,15 +32,17 @@ class Hook(StrEnum):
     RESID_MID = "resid_mid"
     MLP_IN = "mlp_in"
     LN2_NORMALIZED = "ln2_normalized"
+    MLP_HOOK_IN = "mlp_hook_in"
     MLP_OUT = "mlp_out"
     RESID_POST = "resid_post"
 
     @property
     def tl_name(self) -> str:
         """The TransformerLens hook name within block L (`hook_attn_out`, `ln2.hook_normalized`)."""
-        return "ln2.hook_normalized" if self is Hook.LN2_NORMALIZED else f"hook_{self.value}"
+        return _DOTTED.get(self, f"hook_{self.value}")
 
 
+_DOTTED = {Hook.LN2_NORMALIZED: "ln2.hook_normalized", Hook.MLP_HOOK_IN: "mlp.hook_in"}  # a submodule's hook
 HOOKS = tuple(h.value for h in Hook)
 RESID_HOOKS = (Hook.RESID_PRE, Hook.RESID_POST)  # every decoder-only model has these
 _ORDER = {h: i for i, h in enumerate(Hook)}

@@ -90,20 +90,21 @@ def test_release_transcoders_are_refused(tmp_path, hf_folder, client):
     folder, _, _ = fh.llama_scope_folder(hf_folder, hook_out="blocks.2.hook_mlp_out")  # Llama Scope "TC"
     resp = fh.upload(client, folder / "checkpoints" / "final.safetensors", folder / "hyperparams.json")
     fh.refused(resp, "cfg.hook_point_out", "Llama Scope", "transcoders are not supported yet")
+    # Gemma Scope 2 transcoders load (tests/steering/test_transcoders.py); one with no write site does not
     raw = {"architecture": "jump_relu", "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
-           "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output", "affine_connection": True}  # fmt: skip
+           "affine_connection": True}  # fmt: skip
     state = {k.lower(): torch.from_numpy(v) for k, v in fh.gemma_scope_state().items()}
     save_file(state, str(tmp_path / "params.safetensors"))
     resp = fh.upload(client, tmp_path / "params.safetensors", raw)
-    fh.refused(resp, "cfg.hf_hook_point_out", "Gemma Scope 2", "transcoders are not supported yet")
+    fh.refused(resp, "cfg.hf_hook_point_out", "Gemma Scope 2", "where the transcoder writes")
 
 
 @pytest.mark.parametrize(
     "cfg,param,words",
     [
         ({"activation": "groupmax"}, "cfg.activation", "groupmax"),
-        ({"transcode": True}, "cfg.transcode", "transcoders are not supported yet"),
-        ({"skip_connection": True}, "cfg.skip_connection", "transcoders are not supported yet"),
+        # transcode at a site that is not the MLP's input (sparsify transcoders: tests/steering/test_transcoders.py)
+        ({"transcode": True}, "site", "blocks.L.mlp.hook_in"),
     ],
 )
 def test_sparsify_families_we_refuse(tmp_path, client, cfg, param, words):

@@ -156,7 +156,7 @@ def test_sparsify(tmp_path, transposed):
     _close(w.decode(w.encode(X)), ref @ state["W_dec"].double() + state["b_dec"].double())
 
 
-def test_sparsify_transcoder_refused(tmp_path):
+def test_a_sparsify_transcoder_not_at_an_mlp_hookpoint_is_refused(tmp_path):
     write_sparsify(tmp_path / "layers.1", D_IN, D_SAE, k=4)
     cfg = json.loads((tmp_path / "layers.1" / "cfg.json").read_text())
     (tmp_path / "layers.1" / "cfg.json").write_text(json.dumps({**cfg, "transcode": True}))

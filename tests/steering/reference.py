@@ -152,6 +152,8 @@ def _register(model, layer, hook, fn):
         return ln2.register_forward_pre_hook(edit_copy, with_kwargs=True)
     if hook == "ln2_normalized":
         return ln2.register_forward_hook(_normalized_hook(fn, model.config.model_type.startswith("gemma")))
+    if hook == "mlp_hook_in":  # what the MLP module itself is called with (a copy, edited)
+        return block.mlp.register_forward_pre_hook(edit_copy, with_kwargs=True)
     raise ValueError(f"no reference hook for {hook!r}")
 
 

@@ -174,3 +174,22 @@ def test_sites_the_server_lacks_are_400s(served, hook):
         served.url + "/v1/vectors", json={"id": "bad", "site": hook, "vector": [1.0] * D_MODEL}, timeout=60
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "site", r.text
+
+
+def test_a_sparsify_transcoder_is_refused_where_mlp_out_is_a_post_norm_output(served, tmp_path):
+    """Gemma-2: sparsify's transcoder writes the MLP module's raw output, our hook_mlp_out is after
+    post_feedforward_layernorm, so its edits cannot be exact there: a 400, not an approximation."""
+    from tests.steering.test_transcoders import SparsifyTranscoder
+
+    tc = SparsifyTranscoder("blocks.0.mlp.hook_in", skip=False, seed=5)
+    tc.coder.save_to_disk(tmp_path / "sp")
+    files = {
+        "cfg": ("cfg.json", (tmp_path / "sp" / "cfg.json").read_bytes()),
+        "weights": ("sae.safetensors", (tmp_path / "sp" / "sae.safetensors").read_bytes()),
+    }
+    r = httpx.post(
+        served.url + "/v1/saes", files=files, data={"id": "sp-gemma", "site": "blocks.0.mlp.hook_in"}
+    )
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "site" and "post-MLP norm" in err["message"], r.text
+    assert httpx.get(served.url + "/v1/saes/sp-gemma").status_code == 404

@@ -1,5 +1,7 @@
-"""SAELens transcoders end to end, through a real server on tiny GPT-2 and Llama models (random norm
-weights): the four transcoder classes written by the real sae-lens upload as they are; /v1/inspect equals
+"""Transcoders end to end, through a real server on tiny GPT-2 and Llama models (random norm weights): the
+four transcoder classes written by the real sae-lens upload as they are, real eai-sparsify transcoders
+(TopK, saved by sparsify) and a Gemma Scope 2 raw layout of a sae-lens JumpReLUSkipTranscoder read at
+blocks.L.mlp.hook_in (a pre-hook on the MLP module here); /v1/inspect equals
 the library's own encode() of the MLP input it reads; clamp / scale / ablate / add through /generate equal
 HF generate() with a hand-written hook pair (read the MLP's input; replace the MLP's output y by
 `decode(a') + skip + (y - (decode(a) + skip))`, the library's own encode / decode / W_skip, keeping the
@@ -13,6 +15,7 @@ import warnings
 
 import httpx
 import pytest
+import safetensors.torch
 import torch
 
 from steerserve.sites import parse_site
@@ -41,6 +44,42 @@ _CONFIGS = {
 }
 
 
+# eai-sparsify transcoders (transcode: true, hookpoint layers.L.mlp): TopK, read the MLP module's input
+SPARSIFY = {"sparsify": "blocks.0.mlp.hook_in", "sparsify_skip": "blocks.0.mlp.hook_in"}
+SPARSIFY_K = 6  # < the top_k inspect asks (D_SAE): features outside the top k must not show
+
+
+class SparsifyTranscoder:
+    """A real `sparsify.SparseCoder` (transcode) seen through the dense encode / decode the hooks use:
+    `encode` scatters sparsify's own top-k output, `decode` is sparsify's decode over all features."""
+
+    def __init__(self, hook: str, skip: bool, seed: int):
+        sparsify = pytest.importorskip("sparsify")
+        # NOTE: sparsify decodes with a Triton kernel that has no CPU driver; its own eager one is the same sum
+        sparsify.sparse_coder.decoder_impl = sparsify.utils.eager_decode
+        cfg = sparsify.SparseCoderConfig(
+            num_latents=D_SAE, k=SPARSIFY_K, transcode=True, skip_connection=skip
+        )
+        self.coder = sparsify.SparseCoder(D_MODEL, cfg)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.coder.named_parameters():
+                scale = {"encoder.weight": 2 * D_MODEL**-0.5, "W_dec": 2.0, "W_skip": 0.1}.get(name, 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+            self.coder.encoder.bias[: D_SAE // 4] -= 8.0  # features that stay off on the prompt
+            self.coder.encoder.bias[-1] += 4.0  # one in every token's top k: edits of it show in the output
+        self.W_dec = self.coder.W_dec
+        if skip:
+            self.W_skip = self.coder.W_skip
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.coder.encode(x)
+        return torch.zeros(x.shape[0], D_SAE).scatter(1, out.top_indices, out.top_acts)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return self.coder.decode(acts, torch.arange(D_SAE).expand(acts.shape[0], D_SAE))
+
+
 def library_transcoder(arch: str, hook: str, seed: int, hook_out: str | None = None):
     layer = parse_site(hook).layer
     cfg = getattr(sae_lens, _CONFIGS[arch])(
@@ -59,6 +98,29 @@ def library_transcoder(arch: str, hook: str, seed: int, hook_out: str | None = N
     return tc
 
 
+# Gemma Scope 2 transcoders (raw params.safetensors + config.json, SAELens loader gemma_3): read the
+# pre-MLP norm's output; the library's JumpReLUSkipTranscoder is the reference
+GEMMA_SCOPE_2 = {"gemma_scope_2": "blocks.0.mlp.hook_in"}
+HOOKS = {**TRANSCODERS, **SPARSIFY, **GEMMA_SCOPE_2}
+
+
+def save_gemma_scope_2(tc, layer: int, folder) -> None:
+    """`tc` in Gemma Scope 2's raw layout: lowercase names, `affine_skip_connection` = W_skip^T."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
+    state = {new: getattr(tc, old).detach().contiguous() for old, new in names.items()}
+    state["affine_skip_connection"] = tc.W_skip.detach().T.contiguous()
+    safetensors.torch.save_file(state, str(folder / "params.safetensors"))
+    raw = {
+        "architecture": "jump_relu",
+        "model_name": "tiny",
+        "hf_hook_point_in": f"model.layers.{layer}.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": f"model.layers.{layer}.post_feedforward_layernorm.output",
+        "affine_connection": True,
+    }
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
 def _read_hook(model, hook: str, store: dict):
     """A hand-written read-only hook storing what the transcoder reads (`hook`) in store["x"] [T, d]."""
     site = parse_site(hook)
@@ -70,6 +132,13 @@ def _read_hook(model, hook: str, store: dict):
             store["x"] = (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
 
         return ln2.register_forward_pre_hook(pre, with_kwargs=True)
+    if site.hook.value == "mlp_hook_in":  # what the MLP module is called with (sparsify's transcoder input)
+
+        def mlp_input(module, args, kwargs):
+            store["x"] = args[0][0].detach().clone()
+
+        mlp = _layers(model)[site.layer].mlp
+        return mlp.register_forward_pre_hook(mlp_input, with_kwargs=True)
     assert site.hook.value == "ln2_normalized"
 
     def normalized(module, args, output):  # TransformerLens: centred (LayerNorm), / scale, no weight
@@ -170,18 +239,38 @@ def served(request, tmp_path_factory):
         assert r.json()["site"] == hook
         out = f"blocks.{parse_site(hook).layer}.hook_mlp_out"
         assert r.json()["meta"]["hook_name_out"] == out and r.json()["meta"]["source_architecture"] == arch
+    for i, (name, hook) in enumerate(SPARSIFY.items()):
+        tc = proc.tcs[name] = SparsifyTranscoder(hook, skip=name.endswith("skip"), seed=21 + i)
+        tc.coder.save_to_disk(tmp / name)  # sparsify's own save: cfg.json + sae.safetensors
+        files = {n: (n, (tmp / name / n).read_bytes()) for n in ("cfg.json", "sae.safetensors")}
+        files = {"cfg": files["cfg.json"], "weights": files["sae.safetensors"]}
+        r = httpx.post(proc.url + "/v1/saes", files=files, data={"id": name, "site": hook}, timeout=60)
+        assert r.status_code == 201, r.text
+        assert r.json()["site"] == hook and r.json()["architecture"] == "topk", r.json()
+        assert r.json()["meta"]["hook_name_out"] == f"blocks.{parse_site(hook).layer}.hook_mlp_out"
+    for i, (name, hook) in enumerate(GEMMA_SCOPE_2.items()):
+        tc = proc.tcs[name] = library_transcoder("jumprelu_skip_transcoder", hook, seed=30 + i)
+        save_gemma_scope_2(tc, parse_site(hook).layer, tmp / name)
+        files = {
+            "cfg": ("config.json", (tmp / name / "config.json").read_bytes()),
+            "weights": ("params.safetensors", (tmp / name / "params.safetensors").read_bytes()),
+        }
+        r = httpx.post(proc.url + "/v1/saes", files=files, data={"id": name}, timeout=60)
+        assert r.status_code == 201, r.text
+        assert r.json()["site"] == hook and r.json()["architecture"] == "jumprelu", r.json()
+        assert r.json()["meta"]["hook_name_out"] == f"blocks.{parse_site(hook).layer}.hook_mlp_out"
     yield proc
     proc.stop()
 
 
-@pytest.mark.parametrize("arch", list(TRANSCODERS))
+@pytest.mark.parametrize("arch", [*TRANSCODERS, *SPARSIFY, *GEMMA_SCOPE_2])
 def test_inspect_reads_where_the_transcoder_reads(served, arch):
     r = httpx.post(
         served.url + "/v1/inspect", json={"text": PROMPT_TEXT, "sae": arch, "top_k": D_SAE}, timeout=60
     )
     assert r.status_code == 200, r.text
     with torch.no_grad():
-        acts = served.tcs[arch].encode(read_inputs(served.model_dir, TRANSCODERS[arch]))  # [T, d_sae]
+        acts = served.tcs[arch].encode(read_inputs(served.model_dir, HOOKS[arch]))  # [T, d_sae]
     fired = 0
     for t, row in zip(r.json()["tokens"], acts, strict=True):
         got = {f["index"]: f["activation"] for f in t["features"]}
@@ -195,7 +284,7 @@ def test_inspect_reads_where_the_transcoder_reads(served, arch):
 def _features(served, arch):
     """(a feature active on the prompt, one inactive on every prompt token) of transcoder `arch`."""
     with torch.no_grad():
-        acts = served.tcs[arch].encode(read_inputs(served.model_dir, TRANSCODERS[arch]))
+        acts = served.tcs[arch].encode(read_inputs(served.model_dir, HOOKS[arch]))
     active = int(acts.mean(0).argmax())
     silent = [i for i in range(D_SAE) if not bool((acts[:, i] > 0).any())]
     assert silent, "every feature fires: choose other weights"
@@ -212,7 +301,7 @@ EDITS = {  # name -> (mode, active feature?, value, positions)
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
-@pytest.mark.parametrize("arch", list(TRANSCODERS))
+@pytest.mark.parametrize("arch", [*TRANSCODERS, *SPARSIFY, *GEMMA_SCOPE_2])
 def test_edits_equal_a_hand_written_hook_pair(served, arch, edit):
     mode, active, value, positions = EDITS[edit]
     active_f, silent_f = _features(served, arch)
@@ -225,7 +314,7 @@ def test_edits_equal_a_hand_written_hook_pair(served, arch, edit):
     r = httpx.post(served.url + "/generate", json={**body, "steering": [item]}, timeout=60)
     assert r.status_code == 200, r.text
     got = r.json()["token_ids"]
-    tc, hook = served.tcs[arch], TRANSCODERS[arch]
+    tc, hook = served.tcs[arch], HOOKS[arch]
     with torch.no_grad():
         want = transcoder_generate(
             served.model_dir, tc, hook, {"mode": mode, "index": f, "value": value, "positions": positions}

@@ -25,6 +25,8 @@ class ModelInfo:
     bos_token_id: int | None = None
     has_chat_template: bool = False
     hooks: tuple[str, ...] = HOOKS  # the hooks its architecture has (runner/model_sites.py)
+    # hook_mlp_out is a post-MLP norm's output (Gemma-2/3), not the MLP module's raw output
+    mlp_out_after_norm: bool = False
 
     def check_site(self, site: Site) -> Site:
         """`site` if the model has it, else SiteError saying which layers and hooks it has."""

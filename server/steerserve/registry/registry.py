@@ -29,7 +29,7 @@ from steerserve.registry import store
 from steerserve.registry.blobs import BlobStore, LocalBlobStore, clean_stray_temp, open_blob_store
 from steerserve.registry.db import Database, Tx
 from steerserve.registry.errors import InvalidInput, NotFound
-from steerserve.registry.formats.common import LoadedSAE
+from steerserve.registry.formats.common import LoadedSAE, Source
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.sae import SAEWeights
 from steerserve.registry.schema import MIGRATIONS
@@ -165,6 +165,7 @@ class Registry:
             check_id(sae_id)
         if fit is not None:
             check_fits(w.site, w.d_in, fit, "the SAE")
+            _check_raw_mlp_writer(loaded, fit)
         model_name = fit.name if fit is not None else (model or loaded.model_name or "unknown")
         meta = {**loaded.meta, **({"model_name": loaded.model_name} if loaded.model_name else {})}
         # NOTE: the record is built (and so checked: records.py) before the blob is written; the insert
@@ -364,3 +365,21 @@ class Registry:
             return read_safetensors(self.blobs.local_path(sha), f"cache {key}")[0]
         except FileNotFoundError:  # replaced or dropped meanwhile
             return None
+
+
+def _check_raw_mlp_writer(loaded: LoadedSAE, fit: ModelInfo) -> None:
+    """sparsify transcoders write the MLP module's raw output; where hook_mlp_out is the output of a
+    post-MLP norm (Gemma-2/3) an edit there would not be the transcoder's edit: refuse, never approximate."""
+    w = loaded.weights
+    if (
+        w.site_out is not None
+        and fit.mlp_out_after_norm
+        and loaded.meta.get("format") == Source.SPARSIFY.value
+    ):
+        raise InvalidInput(
+            f"this sparsify transcoder writes the raw MLP output of layer {w.site_out.layer}, but in model "
+            f"{fit.name!r} ({fit.architecture}) blocks.L.hook_mlp_out is the output of the post-MLP norm, "
+            "so its edits cannot be applied exactly here; transcoders saved by SAELens against this "
+            "model's hook names are accepted",
+            param="site",
+        )

@@ -211,6 +211,7 @@ def model_info(model, tokenizer, name: str, max_model_len: int) -> ModelInfo:
         bos_token_id=tokenizer.bos_token_id,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         hooks=sites.hooks,
+        mlp_out_after_norm=sites.mlp_out_after_norm,
     )
 
 

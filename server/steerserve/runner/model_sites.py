@@ -6,7 +6,8 @@ A site's tensor is the one TransformerLens names (sites.py), checked against Tra
 TransformerBridge in tests/steering/test_site_semantics.py. Per family (`config.model_type`):
 
                  attn_out                  resid_mid / mlp_in /        mlp_out
-                                           ln2_normalized: the norm
+                                           ln2_normalized / mlp_hook_in:
+                                           the norm
   gpt2           attn (output)             ln_2                        mlp (output)
   llama-like     self_attn (output)        post_attention_layernorm    mlp (output)
   gemma2/3       post_attention_layernorm  pre_feedforward_layernorm   post_feedforward_layernorm
@@ -152,6 +153,8 @@ class ModelSites:
         if not self._norms:
             inside = tuple(h for h in inside if h is not Hook.LN2_NORMALIZED)
         self.hooks: tuple[str, ...] = tuple(h.value for h in Hook if h in RESID_HOOKS or h in inside)
+        # Gemma-2/3: what the MLP adds to the residual is the output of post_feedforward_layernorm
+        self.mlp_out_after_norm = self.family is not None and self.family.mlp_out != "mlp"
 
     @property
     def n_layers(self) -> int:
@@ -186,6 +189,9 @@ class ModelSites:
             Hook.RESID_MID: lambda: SitePoint(ln2, Attach.INPUT),
             Hook.MLP_IN: lambda: SitePoint(ln2, Attach.BRANCH_INPUT),
             Hook.LN2_NORMALIZED: lambda: SitePoint(ln2, Attach.NORMALIZED, self._norms[site.layer]),
+            # NOTE: the norm's output is read by the MLP only (every family above), so editing it in place
+            # reaches the MLP and nothing else; its hook runs after ln2_normalized's on the same norm
+            Hook.MLP_HOOK_IN: lambda: SitePoint(ln2, Attach.OUTPUT),
             Hook.MLP_OUT: lambda: SitePoint(getattr(layer, fam.mlp_out), Attach.OUTPUT),
         }[site.hook]()
 

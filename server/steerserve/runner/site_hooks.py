@@ -2,7 +2,8 @@
 
 Which module a site is and how its hook attaches comes from runner/model_sites.py. Every kind hands
 `on_site` a `[T, d]` tensor (the packed `[1, T, d]` batch) whose edits become the site's tensor:
-  OUTPUT        the module's output, edited in place (resid_post, attn_out, mlp_out)
+  OUTPUT        the module's output, edited in place (resid_post, attn_out, mlp_out; mlp_hook_in: the
+                pre-MLP norm's output, which only the MLP reads)
   INPUT         the module's input, edited in place: it is the residual itself (resid_pre, resid_mid)
   BRANCH_INPUT  a copy of the norm's input, passed to the norm instead: the residual is left as it was
                 (mlp_in)

@@ -6,8 +6,9 @@ inference or training) and the file layouts of the releases whose SAELens loader
 steerserve computes `relu`, `jumprelu` (`relu(pre) * (pre > threshold)`) and `topk`; a family is
 either mapped onto one of them EXACTLY (the encode() of the mapped SAE equals the library's), or
 refused with a 400 that says why and what to run instead. Nothing is treated as what it is not.
-SAELens transcoders map onto relu / jumprelu plus a write site (registry/sae.py `site_out`); the raw
-transcoder layouts of other releases are refused with the SAELens conversion to run.
+SAELens transcoders map onto relu / jumprelu plus a write site (registry/sae.py `site_out`), as do
+Gemma Scope 2's (raw config with hf_hook_point_out: jumprelu) and sparsify's (transcode: topk); the other
+raw transcoder layouts (Gemma Scope 1, Llama Scope, CLTs) are refused with the SAELens conversion to run.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Family(Enum):
     SPARSIFY_SIGNED = "sparsify_signed"
     PICKLED_RELEASE = "pickled_release"  # .pt / ae.pt checkpoints: never unpickled
     HEAD_SAE = "hook_z"  # per-head attention SAEs (attn.hook_z)
-    SPARSIFY_TRANSCODER = "sparsify_transcoder"  # transcode or skip_connection
+    SPARSIFY_TRANSCODER = "sparsify_transcoder"  # transcode and/or skip_connection
     GEMMA_SCOPE_TRANSCODER = "gemma_scope_transcoder"  # raw Gemma Scope (2) transcoder / CLT files
     LLAMA_SCOPE_TRANSCODER = "llama_scope_transcoder"  # raw Llama Scope "TC" files
 
@@ -138,10 +139,10 @@ TABLE: dict[Family, Accept | Refuse] = {
         "here exposes",
         "use an SAE trained on hook_attn_out or the residual stream",
     ),
-    Family.SPARSIFY_TRANSCODER: Refuse(
-        "sparsify transcoders are not supported yet: they are top-k transcoders, which neither SAELens nor "
-        "steerserve has a class for (SAELens transcoders, relu or jumprelu, are supported)",
-        "use a transcoder saved by SAELens (sae.save_model(folder)), or an SAE trained on one site",
+    Family.SPARSIFY_TRANSCODER: Accept(
+        Target.TOPK,
+        "sparsify transcode: reads layers.N.mlp's input (blocks.N.mlp.hook_in), b_dec not subtracted, "
+        "writes blocks.N.hook_mlp_out; a skip_connection's W_skip is not stored: it cancels in every edit",
     ),
     Family.GEMMA_SCOPE_TRANSCODER: _TRANSCODER,
     Family.LLAMA_SCOPE_TRANSCODER: _TRANSCODER,

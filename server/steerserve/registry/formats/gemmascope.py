@@ -10,7 +10,9 @@ cfg.json sent beside the weights (the `POST /v1/saes` route) overrides these key
 loaders' `cfg_overrides` do; keys it leaves out keep the Gemma Scope value (never SAELens' generic
 defaults, which would subtract b_dec). The site: the cfg's hook name, else the given one, else the
 path (`gemma-scope-2b-pt-res/layer_12/...`: resid_post of layer 12; `-mlp`: hook_mlp_out).
-Transcoders and per-head attention SAEs (hook_z) are refused.
+Gemma Scope 2 transcoders (raw config with `hf_hook_point_out`) load as SAELens' jumprelu(_skip)
+transcoders; Gemma Scope transcoder paths without that config and per-head attention SAEs (hook_z) are
+refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _LAYER_IN_PATH = re.compile(r"layer_(\d{1,18})")
 _HF_HOOKS = (
     (re.compile(r"^model\.layers\.(\d{1,18})\.output$"), "hook_resid_post"),
     (re.compile(r"^model\.layers\.(\d{1,18})\.post_feedforward_layernorm\.output$"), "hook_mlp_out"),
+    # a transcoder's input: what the MLP module is called with (the pre-MLP norm's output, weight applied)
+    (re.compile(r"^model\.layers\.(\d{1,18})\.pre_feedforward_layernorm\.output$"), "mlp.hook_in"),
     (re.compile(r"^model\.layers\.(\d{1,18})\.self_attn\.o_proj\.input$"), None),
 )
 
@@ -65,27 +69,40 @@ def site_from_path(path: str) -> Site | None:
     return Site(int(m.group(1)), "resid_post")
 
 
+def _hf_hook_name(hf_hook: object, key: str) -> str:
+    """The SAELens hook name of a Hugging Face module output named in the raw config."""
+    for pattern, hook in _HF_HOOKS:
+        m = pattern.match(str(hf_hook))
+        if m and hook is None:
+            raise refusal(Family.HEAD_SAE, Source.GEMMASCOPE2.where, param=f"cfg.{key}")
+        if m:
+            return f"blocks.{m.group(1)}.{hook}"
+    raise InvalidInput(
+        f"{Source.GEMMASCOPE2.where}: cfg.{key} {hf_hook!r} is not a module steerserve reads "
+        "(model.layers.L.output, model.layers.L.post_feedforward_layernorm.output, "
+        "model.layers.L.pre_feedforward_layernorm.output)",
+        param=f"cfg.{key}",
+    )
+
+
 def _raw_gemma_scope_2(cfg: dict) -> dict:
-    """The raw Gemma Scope 2 config.json -> the SAELens keys its loader derives from it."""
-    for key in ("hf_hook_point_out", "affine_connection"):  # only transcoders write elsewhere
-        if cfg.get(key) is not None:
-            raise refusal(Family.GEMMA_SCOPE_TRANSCODER, Source.GEMMASCOPE2.where, param=f"cfg.{key}")
+    """The raw Gemma Scope 2 config.json -> the SAELens keys its loader derives from it. A transcoder
+    (`hf_hook_point_out`) is SAELens' jumprelu_(skip_)transcoder; it reads the module output its
+    `hf_hook_point_in` names (pre_feedforward_layernorm.output = blocks.L.mlp.hook_in: SAELens calls it
+    hook_mlp_in, which in TransformerLens is the norm's input, not what the transcoder reads)."""
     out: dict = {"model_name": cfg.get("model_name")}
-    hf_hook = cfg.get("hf_hook_point_in")
-    if hf_hook is not None:
-        for pattern, hook in _HF_HOOKS:
-            m = pattern.match(str(hf_hook))
-            if m and hook is None:
-                raise refusal(Family.HEAD_SAE, Source.GEMMASCOPE2.where, param="cfg.hf_hook_point_in")
-            if m:
-                out["hook_name"] = f"blocks.{m.group(1)}.{hook}"
-                break
-        else:
-            raise InvalidInput(
-                f"{Source.GEMMASCOPE2.where}: cfg.hf_hook_point_in {hf_hook!r} is not a module steerserve "
-                "reads (model.layers.L.output, model.layers.L.post_feedforward_layernorm.output)",
-                param="cfg.hf_hook_point_in",
-            )
+    if cfg.get("hf_hook_point_in") is not None:
+        out["hook_name"] = _hf_hook_name(cfg["hf_hook_point_in"], "hf_hook_point_in")
+    if cfg.get("hf_hook_point_out") is not None:
+        out["hook_name_out"] = _hf_hook_name(cfg["hf_hook_point_out"], "hf_hook_point_out")
+        skip = cfg.get("affine_connection", False)
+        out["architecture"] = "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder"
+    elif cfg.get("affine_connection"):
+        raise InvalidInput(
+            f"{Source.GEMMASCOPE2.where}: cfg.affine_connection without cfg.hf_hook_point_out (where the "
+            "transcoder writes)",
+            param="cfg.hf_hook_point_out",
+        )
     return out
 
 
@@ -93,9 +110,9 @@ def from_state(
     tensors: dict[str, torch.Tensor], site: Site | None, path_hint: str = "", cfg: dict | None = None
 ) -> LoadedSAE:
     source = Source.GEMMASCOPE2 if is_gemma_scope_2(cfg, tensors) else Source.GEMMASCOPE
-    if "affine_skip_connection" in tensors:
-        raise refusal(Family.GEMMA_SCOPE_TRANSCODER, source.where, param="weights")
     tensors = rename(tensors)
+    if "affine_skip_connection" in tensors:  # stored [d_in, d_out]; SAELens' W_skip is [d_out, d_in]
+        tensors["W_skip"] = tensors.pop("affine_skip_connection").T
     W_enc = require(tensors, "W_enc", source.where)  # [d_model, d_sae]
     if W_enc.dim() != 2:
         raise InvalidInput(

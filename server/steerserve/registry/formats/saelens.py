@@ -114,7 +114,7 @@ def parse_site(cfg: dict, site: Site | None, where: str = Source.SAELENS.where) 
     return the_site
 
 
-_MLP_INPUTS = (Hook.RESID_MID, Hook.MLP_IN, Hook.LN2_NORMALIZED)
+_MLP_INPUTS = (Hook.RESID_MID, Hook.MLP_IN, Hook.LN2_NORMALIZED, Hook.MLP_HOOK_IN)
 
 
 def _transcoder_out(cfg: dict, read: Site, d_in: int, where: str) -> Site:
@@ -128,8 +128,8 @@ def _transcoder_out(cfg: dict, read: Site, d_in: int, where: str) -> Site:
     site_out = site_of(out, "cfg.hook_name_out")
     if read.hook not in _MLP_INPUTS or site_out != Site(read.layer, Hook.MLP_OUT):
         raise InvalidInput(
-            f"{where}: a transcoder must read an MLP's input (blocks.L.hook_resid_mid, blocks.L.hook_mlp_in "
-            f"or blocks.L.ln2.hook_normalized) and write that MLP's output (blocks.L.hook_mlp_out), got "
+            f"{where}: a transcoder must read an MLP's input (blocks.L.hook_resid_mid, blocks.L.hook_mlp_in, "
+            f"blocks.L.ln2.hook_normalized or blocks.L.mlp.hook_in) and write that MLP's output (blocks.L.hook_mlp_out), got "
             f"{read.hook_name} -> {site_out.hook_name}; other pairs are not supported",
             param="cfg.hook_name_out",
         )

@@ -3,8 +3,10 @@
 sparsify stores the encoder as an `nn.Linear` (`encoder.weight [d_sae, d_in]`, `encoder.bias`),
 `W_dec [d_sae, d_in]` and `b_dec [d_in]`, and computes `relu(encoder(x - b_dec))`, keeps the top k,
 and decodes `acts @ W_dec + b_dec`. The orientation of each matrix is decided by its shape against
-`b_dec` (d_in) and `encoder.bias` (d_sae), so transposed exports load too. Transcoders (transcode,
-skip connections), signed and groupmax activations are refused (families.TABLE).
+`b_dec` (d_in) and `encoder.bias` (d_sae), so transposed exports load too. Transcoders (`transcode`,
+hookpoint `layers.N.mlp`) read the MLP module's input (blocks.N.mlp.hook_in), never subtract b_dec, and
+write its output (blocks.N.hook_mlp_out); a skip connection's `W_skip` (SAE or transcoder) is not stored:
+it cancels in every edit, as SAELens' skip transcoders'. Signed and groupmax activations are refused (families.TABLE).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from steerserve.registry.formats.common import (
 )
 from steerserve.registry.formats.families import Family, refusal
 from steerserve.registry.sae import SAEWeights
-from steerserve.sites import Site
+from steerserve.sites import Hook, Site
 
 _WHERE = Source.SPARSIFY.where
 _HOOKPOINT = re.compile(r"^(?:model\.)?layers[._](\d{1,18})$")
+_MLP_HOOKPOINT = re.compile(r"^(?:model\.)?layers[._](\d{1,18})[._]mlp$")
 
 
 def looks_like(cfg: dict) -> bool:
@@ -52,27 +55,37 @@ def _oriented(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor:
     )
 
 
-def site_from_folder(name: str) -> Site | None:
+def site_from_folder(name: str, transcode: bool = False) -> Site | None:
     """The site a sparsify hookpoint folder names: `layers.N` is the output of decoder layer N
-    (resid_post, as SAELens' sparsify loader reads it). A submodule's folder (`layers.N.mlp`) names
+    (resid_post, as SAELens' sparsify loader reads it); a transcoder's `layers.N.mlp` is the MLP's
+    input (sparsify reads a transcoder's module input). An SAE's submodule folder (`layers.N.mlp`) names
     the module's raw output, which is not always a site's tensor (Gemma-2's post-norms): no guess."""
-    m = _HOOKPOINT.match(name)
-    return Site(int(m.group(1)), "resid_post") if m else None
+    m = (_MLP_HOOKPOINT if transcode else _HOOKPOINT).match(name)
+    return Site(int(m.group(1)), Hook.MLP_HOOK_IN if transcode else Hook.RESID_POST) if m else None
 
 
 def from_state(
     cfg: dict, tensors: dict[str, torch.Tensor], site: Site | None, path_hint: str = ""
 ) -> LoadedSAE:
-    site = agreed_site(site, site_from_folder(Path(path_hint).name), "folder name", _WHERE)
+    transcode = bool(cfg.get("transcode"))
+    site = agreed_site(site, site_from_folder(Path(path_hint).name, transcode), "folder name", _WHERE)
     if site is None:
         raise InvalidInput(
-            "a sparsify SAE needs its site: its folder named 'layers.N' (resid_post), or a site"
+            (
+                "a sparsify transcoder needs its site: its folder named 'layers.N.mlp' (it reads "
+                "blocks.N.mlp.hook_in), or a site"
+                if transcode
+                else "a sparsify SAE needs its site: its folder named 'layers.N' (resid_post), or a site"
+            )
             + (f" (its folder is {Path(path_hint).name!r})" if path_hint else ""),
             "site",
         )
-    for flag in ("transcode", "skip_connection"):
-        if cfg.get(flag):
-            raise refusal(Family.SPARSIFY_TRANSCODER, _WHERE, param=f"cfg.{flag}")
+    if transcode and site.hook is not Hook.MLP_HOOK_IN:
+        raise InvalidInput(
+            f"{_WHERE}: a sparsify transcoder reads the MLP module's input (blocks.L.mlp.hook_in), got "
+            f"{site.hook_name}",
+            "site",
+        )
     if cfg.get("signed"):
         raise refusal(Family.SPARSIFY_SIGNED, _WHERE, param="cfg.signed")
     if cfg.get("activation", "topk") == "groupmax":
@@ -82,7 +95,8 @@ def from_state(
             f"{_WHERE}: cfg.activation {cfg.get('activation')!r} is not supported (topk)", "cfg.activation"
         )
     k = as_int(cfg.get("k"), "cfg.k", minimum=1)
-    reject_unknown(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, _WHERE)
+    skip = {"W_skip"} if cfg.get("skip_connection") else set()
+    reject_unknown(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec", *skip}, _WHERE)
     b_dec, b_enc = require(tensors, "b_dec", _WHERE), require(tensors, "encoder.bias", _WHERE)
     if b_dec.dim() != 1 or b_enc.dim() != 1:
         raise InvalidInput(f"{_WHERE}: b_dec and encoder.bias must be 1-d", param="weights")
@@ -105,9 +119,11 @@ def from_state(
         b_dec=b_dec.to(dtype).contiguous(),
         architecture="topk",
         k=k,
-        apply_b_dec_to_input=True,
+        apply_b_dec_to_input=not transcode,  # sparsify's encode(): `x - b_dec` for SAEs only
         site=site,
+        site_out=Site(site.layer, Hook.MLP_OUT) if transcode else None,
     )
-    return LoadedSAE(
-        weights, None, {"format": Source.SPARSIFY.value, "hook_name": site.hook_name, "folded": []}
-    )
+    meta = {"format": Source.SPARSIFY.value, "hook_name": site.hook_name, "folded": []}
+    if weights.site_out is not None:
+        meta["hook_name_out"] = weights.site_out.hook_name
+    return LoadedSAE(weights, None, meta)
