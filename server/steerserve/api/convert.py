@@ -149,7 +149,7 @@ def sampling_params(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k if body.top_k and 0 < body.top_k < info.vocab_size else 0,  # else: no top_k
+        top_k=max(0, body.top_k or 0),  # NOTE: at or above the vocabulary: no top_k (sampler.bounded)
         min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0,

@@ -21,13 +21,14 @@ import torch
 from steerserve.api.errors import APIError
 from steerserve.config import SteeringConfig
 from steerserve.registry import NotFound, Registry, RegistryError, SAEWeights, TooLarge
+from steerserve.steering.banks import slots_for
 from steerserve.steering.resources import SteeringResourceError
 from steerserve.steering.rows import _feature_add_coeff
 from steerserve.steering.spec import Intervention, SAERef, SteeringSpec
 
 logger = logging.getLogger(__name__)
 _EDITS = ("feature_clamp", "feature_scale", "feature_ablate")
-_POS_CLASSES = {"all": ("prompt", "generated"), "prompt": ("prompt",), "generated": ("generated",)}
+_POS_NAMES = ("prompt", "generated")  # position class 0 / 1: a slot's offset from 2 * row (banks.slots_for)
 
 SAEWeightsOf = Callable[[SAERef], SAEWeights]
 
@@ -37,8 +38,9 @@ def _bad(param: str, message: str) -> APIError:
 
 
 def _bank_keys(iv: Intervention) -> list[tuple]:
-    """The bank slots `iv` writes: one per position class, in the bank of its site and gate."""
-    return [(iv.site, iv.gate, pc) for pc in _POS_CLASSES[iv.positions]]
+    """The bank slots `iv` writes: one per position class (the bank's own slots of row 0), in the bank of
+    its site and gate."""
+    return [(iv.site, iv.gate, pc) for pc in slots_for(0, iv.positions)]
 
 
 def check_caps(spec: SteeringSpec, limits: SteeringConfig) -> None:
@@ -55,7 +57,7 @@ def check_caps(spec: SteeringSpec, limits: SteeringConfig) -> None:
                     raise _bad(
                         iv.source,
                         f"more than {limits.max_feature_edits} clamp / scale / ablate edits of SAE "
-                        f"{iv.sae.id!r} at {site.hook_name} on {pc} tokens{_gated(gate)} (max_feature_edits)",
+                        f"{iv.sae.id!r} at {site.hook_name} on {_POS_NAMES[pc]} tokens{_gated(gate)} (max_feature_edits)",
                     )
             elif iv.kind == "vector_project":
                 key = (site, gate, pc)
@@ -64,7 +66,7 @@ def check_caps(spec: SteeringSpec, limits: SteeringConfig) -> None:
                     raise _bad(
                         iv.source,
                         f"more than {limits.max_project_dirs} project_out / clamp directions at "
-                        f"{site.hook_name} on {pc} tokens{_gated(gate)} (max_project_dirs)",
+                        f"{site.hook_name} on {_POS_NAMES[pc]} tokens{_gated(gate)} (max_project_dirs)",
                     )
 
 
