@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_serving import make_workload
 from steered_workload import add_saes, steering_for
 
+from steerserve.compose import build_engine
 from steerserve.config import Config, ModelConfig, RegistryConfig, SchedulerConfig
-from steerserve.engine.setup import build_engine
-from steerserve.engine.types import GenerationRequest, SamplingParams
 from steerserve.steering.compile import compile_steering
+from steerserve.types.requests import GenerationRequest, SamplingParams
 
 
 def run(core, wl, specs) -> dict:

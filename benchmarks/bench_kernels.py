@@ -103,8 +103,7 @@ def slots_of(T: int, S: int, device) -> torch.Tensor:
 def steer_cases(T, d, S, dtype, device) -> list[Case]:
     h = torch.randn(T, d, dtype=dtype, device=device)
     vec = torch.randn(S, d, device=device) * 1e-3
-    slot, sp = slots_of(T, S, device), torch.zeros(S, dtype=torch.int32, device=device)
-    pc = torch.ones(T, dtype=torch.int8, device=device)
+    slot = slots_of(T, S, device)
     ranges = requests(T, S)
 
     def naive_add():
@@ -127,9 +126,9 @@ def steer_cases(T, d, S, dtype, device) -> list[Case]:
     shape = f"T={T} d={d} S={S} {str(dtype)[6:]}"
     return [
         Case("steer_add", shape, 2 * T * d * e + S * d * 4, naive_add,
-             lambda: sk.steer_add(h, slot, vec, sp, pc, validate=False)),
+             lambda: sk.steer_add(h, slot, vec, validate=False)),
         Case("project_clamp", f"{shape} K={K}", 2 * T * d * e + S * K * d * 4, naive_clamp,
-             lambda: sk.project_clamp(h, slot, dirs, lo, hi, count, sp, pc, validate=False)),
+             lambda: sk.project_clamp(h, slot, dirs, lo, hi, count, validate=False)),
     ]  # fmt: skip
 
 
@@ -145,8 +144,7 @@ def sae_edit_case(T, d, d_sae, S, F, dtype, device, enc_rows=True) -> Case:
     feat = torch.randint(0, d_sae, (S, F), device=device)
     mode = torch.zeros(S, F, dtype=torch.int8, device=device)
     value = torch.rand(S, F, device=device)
-    slot, sp = slots_of(T, S, device), torch.zeros(S, dtype=torch.int32, device=device)
-    pc = torch.zeros(T, dtype=torch.int8, device=device)
+    slot = slots_of(T, S, device)
     ranges = requests(T, S)
 
     def naive():  # a SAELens-style hook: full encode, then edit the touched features
@@ -156,9 +154,7 @@ def sae_edit_case(T, d, d_sae, S, F, dtype, device, enc_rows=True) -> Case:
             h[a:b] += (value[r].to(dtype) - acts[:, f]) @ W_dec[f]
 
     def ours():
-        sk.sae_edit(
-            h, slot, feat, W_enc, b_enc, W_dec, b_dec, None, True, mode, value, sp, pc, validate=False
-        )
+        sk.sae_edit(h, slot, feat, W_enc, b_enc, W_dec, b_dec, None, True, mode, value, validate=False)
 
     e = h.element_size()
     touched = min(S * F, d_sae)
@@ -174,7 +170,6 @@ def logit_case(R, V, S, D, P, B, device) -> Case:
     sbias = torch.randn(R, S, device=device) * 1e-3
     bank = torch.randn(B, V, device=device) * 1e-3
     didx = torch.randint(0, B, (R, D), device=device)
-    dscale = torch.randn(R, D, device=device)
     pids = torch.stack([torch.randperm(V, device=device)[:P] for _ in range(R)])
     pcnt = torch.randint(0, 3, (R, P), dtype=torch.int32, device=device)
     rep, pres, freq = (torch.full((R,), v, device=device) for v in (1.0001, 1e-4, 1e-4))
@@ -183,7 +178,7 @@ def logit_case(R, V, S, D, P, B, device) -> Case:
         for i in range(R):
             logits[i, sids[i]] += sbias[i]
             for j in range(D):
-                logits[i] += dscale[i, j] * bank[didx[i, j]]
+                logits[i] += bank[didx[i, j]]
             g = logits[i, pids[i]]
             g = torch.where(g > 0, g / rep[i], g * rep[i])
             g = g - pres[i] * (pcnt[i] > 0) - freq[i] * pcnt[i]
@@ -192,7 +187,7 @@ def logit_case(R, V, S, D, P, B, device) -> Case:
 
     def ours():
         sk.apply_logit_bias(
-            logits, temp, sids, sbias, bank, didx, dscale, pids, pcnt, rep, pres, freq, validate=False
+            logits, temp, sids, sbias, bank, didx, pids, pcnt, rep, pres, freq, validate=False
         )
 
     nbytes = 2 * R * V * 4 + min(B, R * D) * V * 4

@@ -14,7 +14,7 @@ import time
 import torch
 
 from steerserve.registry import Registry, SAEWeights
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 SITES = (Site(4, "resid_post"), Site(8, "resid_post"))
 SAE_IDS = ("bench-l4", "bench-l8")

@@ -11,11 +11,10 @@ Public ops (this module owns their signatures, argument checks and backend dispa
                    in topk_threshold.py with the SAE-encoder argument checks, re-exported here)
   argmax_rows      greedy token of each row                 (new [R] int64 tensor)
 
-Index conventions shared by the residual-stream ops:
+Index convention shared by the residual-stream ops:
   slot_of_token [T] int32/int64: per token its row in the per-slot banks; -1 = not steered (untouched).
-  slot_positions [S] int: per slot 0 = all positions, 1 = prompt only, 2 = generated only; None = all.
-  pos_class [T] int8/int32: 0 = prompt token, 1 = generated token; required with slot_positions.
-  A token is steered when its slot is valid and slot_positions[slot] is 0 or pos_class[t] + 1.
+  A token is steered when its slot is valid. (Which positions a slot acts on is the caller's choice of
+  slot per token: the server gives each steering row a prompt and a generated slot.)
 
 Backends: `reference` (pure torch, the spec; runs on any device), Triton (`triton_*` modules,
 imported lazily so this package imports without triton) and `cpu` (C++ for CPU tensors, `cpu.py`:
@@ -82,8 +81,6 @@ def steer_add(
     h: torch.Tensor,
     slot_of_token: torch.Tensor,
     slot_vectors: torch.Tensor,
-    slot_positions: torch.Tensor | None,
-    pos_class: torch.Tensor | None = None,
     *,
     backend: str | None = None,
     validate: bool = True,
@@ -93,15 +90,14 @@ def steer_add(
     h              [T, d] fp32/bf16/fp16, last dim contiguous; edited in place and returned.
     slot_of_token  [T] int32/int64, -1 = not steered.
     slot_vectors   [S, d] fp32: per slot the summed additive steering at this site.
-    slot_positions [S] int (0 all, 1 prompt, 2 generated) or None (all); pos_class [T] int with it.
     h[t] = (h[t] as fp32 + slot_vectors[slot]) rounded to h's dtype; other rows are not written.
     """
     h = _hidden("h", h)
     T, d = h.shape
     C.tensor("slot_vectors", slot_vectors, (None, d), C.FP32, h.device, "S, d")
-    C.token_args(h, slot_of_token, slot_positions, pos_class, slot_vectors.shape[0], validate)
+    C.token_args(h, slot_of_token, slot_vectors.shape[0], validate)
     impl = _impl("steer_add", backend, h.device)
-    return impl.steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class)
+    return impl.steer_add(h, slot_of_token, slot_vectors)
 
 
 def project_clamp(
@@ -111,8 +107,6 @@ def project_clamp(
     lo: torch.Tensor,
     hi: torch.Tensor,
     dir_count: torch.Tensor,
-    slot_positions: torch.Tensor | None,
-    pos_class: torch.Tensor | None = None,
     *,
     backend: str | None = None,
     validate: bool = True,
@@ -125,7 +119,6 @@ def project_clamp(
     lo, hi         [S, K] fp32, lo <= hi, may be -inf/+inf; lo = hi = 0 removes the direction (project_out).
     dir_count      [S] int in [0, K]: directions k < dir_count[slot] apply, sequentially in k order:
                    c = h . u_k;  h += (clamp(c, lo, hi) - c) * u_k   (fp32, rounded to h's dtype at the end).
-    slot_positions [S] int or None; pos_class [T] int with it.
     """
     h = _hidden("h", h)
     T, d = h.shape
@@ -134,13 +127,13 @@ def project_clamp(
     C.tensor("lo", lo, (S, K), C.FP32, h.device, "S, K")
     C.tensor("hi", hi, (S, K), C.FP32, h.device, "S, K")
     C.tensor("dir_count", dir_count, (S,), C.INT_DTYPES, h.device, "S")
-    C.token_args(h, slot_of_token, slot_positions, pos_class, S, validate)
+    C.token_args(h, slot_of_token, S, validate)
     if validate:
         C.ids_in("dir_count", dir_count, 0, K + 1, f"K={K} directions per slot")
         C.values_ok("lo", lo, ~torch.isnan(lo), "must not be NaN")
         C.values_ok("hi", hi, lo <= hi, "must be >= lo (and not NaN)")
     impl = _impl("project_clamp", backend, h.device)
-    return impl.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class)
+    return impl.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count)
 
 
 def sae_edit(
@@ -155,8 +148,6 @@ def sae_edit(
     apply_b_dec_to_input: bool,
     mode: torch.Tensor,
     value: torch.Tensor,
-    slot_positions: torch.Tensor | None,
-    pos_class: torch.Tensor | None = None,
     *,
     token_threshold: torch.Tensor | None = None,
     backend: str | None = None,
@@ -172,7 +163,6 @@ def sae_edit(
                    [d_sae, d] copy for coalesced column reads on GPU).
     mode           [S, F] int: 0 = clamp to value, 1 = scale by value, 2 = ablate to value (0 or the mean).
     value          [S, F] fp32.
-    slot_positions [S] int or None; pos_class [T] int with it.
     token_threshold [T] fp32 or None: TopK SAEs, from `sae_topk_threshold` on the same h (NaN: no
                    feature of that token is active).
 
@@ -183,7 +173,7 @@ def sae_edit(
     then h[t] += sum_f (new - a) * W_dec[f] (fp32). Duplicate ids in a row apply twice. A TopK feature
     outside the token's top k has a = 0: clamp to v adds v * W_dec[f], scale changes nothing.
     NOTE: the rank test needs every pre-activation of the token (the full encoder), which a slot-local
-    SAE (steering/banks.py) does not hold, so the caller computes it once per call as token_threshold.
+    SAE (runner/steering/banks.py) does not hold, so the caller computes it once per call as token_threshold.
     """
     h = _hidden("h", h)
     T, d = h.shape
@@ -198,7 +188,7 @@ def sae_edit(
         C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
     C.tensor("mode", mode, (S, F), C.INT_DTYPES, h.device, "S, F")
     C.tensor("value", value, (S, F), C.FP32, h.device, "S, F")
-    C.token_args(h, slot_of_token, slot_positions, pos_class, S, validate)
+    C.token_args(h, slot_of_token, S, validate)
     if token_threshold is not None:
         C.tensor("token_threshold", token_threshold, (T,), C.FP32, h.device, "T")
     if validate:
@@ -207,7 +197,7 @@ def sae_edit(
     impl = _impl("sae_edit", backend, h.device)
     return impl.sae_edit(
         h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold,
-        bool(apply_b_dec_to_input), mode, value, slot_positions, pos_class, token_threshold,
+        bool(apply_b_dec_to_input), mode, value, token_threshold,
     )  # fmt: skip
 
 
@@ -218,7 +208,6 @@ def apply_logit_bias(
     sparse_bias: torch.Tensor,
     dense_bank: torch.Tensor,
     dense_idx: torch.Tensor,
-    dense_scale: torch.Tensor,
     penalty_ids: torch.Tensor,
     penalty_counts: torch.Tensor,
     repetition_penalty: torch.Tensor,
@@ -234,12 +223,12 @@ def apply_logit_bias(
     temperature        [R] fp32 > 0 (greedy rows pass 1.0).
     sparse_ids         [R, S] int token ids, -1 = padding; sparse_bias [R, S] fp32 (duplicates add up).
     dense_bank         [B, V] fp32 vocab vectors (B may be 0); dense_idx [R, D] int rows of the bank,
-                       -1 = padding; dense_scale [R, D] fp32.
+                       -1 = padding.
     penalty_ids        [R, P] int, -1 = padding, unique per row (prompt and output tokens so far);
     penalty_counts     [R, P] int32 occurrences in the output (0 = prompt only).
     repetition_penalty, presence_penalty, frequency_penalty  [R] fp32.
     Any of S, D, P may be 0. Per row, in order:
-      1. logits[id] += sparse bias;  logits += sum_j dense_scale[j] * dense_bank[dense_idx[j]]
+      1. logits[id] += sparse bias;  logits += sum_j dense_bank[dense_idx[j]]
       2. for each penalty id: x = x / rp if x > 0 else x * rp;  x -= presence if count > 0;
          x -= frequency * count
       3. logits /= temperature
@@ -257,7 +246,6 @@ def apply_logit_bias(
     C.tensor("sparse_bias", sparse_bias, (R, sparse_ids.shape[1]), C.FP32, dev, "R, S")
     C.tensor("dense_bank", dense_bank, (None, V), C.FP32, dev, "B, V")
     C.tensor("dense_idx", dense_idx, (R, None), C.INDEX_DTYPES, dev, "R, D")
-    C.tensor("dense_scale", dense_scale, (R, dense_idx.shape[1]), C.FP32, dev, "R, D")
     C.tensor("penalty_ids", penalty_ids, (R, None), C.INDEX_DTYPES, dev, "R, P")
     C.tensor("penalty_counts", penalty_counts, (R, penalty_ids.shape[1]), C.INDEX_DTYPES, dev, "R, P")
     if validate:
@@ -279,7 +267,7 @@ def apply_logit_bias(
             C.values_ok("penalty_ids", ids[:, 1:], ~dup, "ids must be unique per row (apart from -1)")
     impl = _impl("apply_logit_bias", backend, dev)
     return impl.apply_logit_bias(
-        logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, dense_scale,
+        logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx,
         penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
     )  # fmt: skip
 
@@ -311,7 +299,7 @@ def sae_feature_acts(
     C.tensor("feat_idx", feat_idx, (None, None), C.INT_DTYPES, h.device, "S, F")
     S = feat_idx.shape[0]
     d_sae = _encoder_args(W_enc, b_enc, b_dec, threshold, d, h.device)
-    C.token_args(h, slot_of_token, None, None, S, validate)
+    C.token_args(h, slot_of_token, S, validate)
     if token_threshold is not None:
         C.tensor("token_threshold", token_threshold, (T,), C.FP32, h.device, "T")
     if validate:

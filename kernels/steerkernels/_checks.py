@@ -117,26 +117,8 @@ def values_ok(name: str, t: torch.Tensor, ok: torch.Tensor, rule: str) -> None:
         raise ValueError(f"{name}: {rule}; got {float(t[pos])} at index {list(pos)}")
 
 
-def token_args(
-    h: torch.Tensor,
-    slot_of_token: torch.Tensor,
-    slot_positions: torch.Tensor | None,
-    pos_class: torch.Tensor | None,
-    num_slots: int,
-    validate: bool,
-) -> None:
-    """The per-token index tensors shared by steer_add, project_clamp and sae_edit."""
-    T = h.shape[0]
-    tensor("slot_of_token", slot_of_token, (T,), INDEX_DTYPES, h.device, "T")
-    if slot_positions is not None:
-        tensor("slot_positions", slot_positions, (num_slots,), INT_DTYPES, h.device, "S")
-        if pos_class is None:
-            raise ValueError(
-                "pos_class: required when slot_positions is given ([T] int, 0=prompt, 1=generated)"
-            )
-        tensor("pos_class", pos_class, (T,), INT_DTYPES, h.device, "T")
+def token_args(h: torch.Tensor, slot_of_token: torch.Tensor, num_slots: int, validate: bool) -> None:
+    """The per-token slot ids shared by steer_add, project_clamp, sae_edit and sae_feature_acts."""
+    tensor("slot_of_token", slot_of_token, (h.shape[0],), INDEX_DTYPES, h.device, "T")
     if validate:
         ids_in("slot_of_token", slot_of_token, -1, num_slots, f"-1 = unsteered, S={num_slots} slots")
-        if slot_positions is not None:
-            ids_in("slot_positions", slot_positions, 0, 3, "0=all, 1=prompt, 2=generated")
-            ids_in("pos_class", pos_class, 0, 2, "0=prompt, 1=generated")

@@ -23,7 +23,7 @@ import torch
 from steerkernels import _cbuild, reference
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_steer.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4  # NOTE: 4: the position-rule and dense-scale arguments are gone
 OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "argmax_rows")  # the rest: the reference
 _H_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -36,8 +36,7 @@ _ptr = ctypes.c_void_p
 class TokenArgs(ctypes.Structure):
     _fields_ = [
         ("h", _ptr), ("h_row", _i64), ("h_dtype", ctypes.c_int32), ("T", _i64), ("d", _i64), ("S", _i64),
-        ("slot", _ptr), ("slot_s", _i64), ("slot_positions", _ptr), ("sp_s", _i64),
-        ("pos_class", _ptr), ("pc_s", _i64), ("n_threads", ctypes.c_int32),
+        ("slot", _ptr), ("slot_s", _i64), ("n_threads", ctypes.c_int32),
     ]  # fmt: skip
 
 
@@ -68,8 +67,7 @@ class LogitArgs(ctypes.Structure):
     _fields_ = [
         ("logits", _ptr), ("logits_row", _i64), ("R", _i64), ("V", _i64), ("temperature", _ptr),
         ("sparse_ids", _ptr), ("sparse_bias", _ptr), ("Sp", _i64),
-        ("bank", _ptr), ("bank_row", _i64), ("B", _i64), ("dense_idx", _ptr), ("dense_scale", _ptr),
-        ("D", _i64), ("penalty_ids", _ptr), ("penalty_counts", _ptr), ("P", _i64),
+        ("bank", _ptr), ("bank_row", _i64), ("B", _i64), ("dense_idx", _ptr), ("D", _i64), ("penalty_ids", _ptr), ("penalty_counts", _ptr), ("P", _i64),
         ("repetition", _ptr), ("presence", _ptr), ("frequency", _ptr), ("n_threads", ctypes.c_int32),
     ]  # fmt: skip
 
@@ -115,21 +113,12 @@ def _long(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int64 else t.long()
 
 
-def _tokens(h, slot_of_token, num_slots, slot_positions, pos_class, keep: list) -> TokenArgs:
+def _tokens(h, slot_of_token, num_slots, keep: list) -> TokenArgs:
     """The token block of a call; `keep` holds the converted tensors until the call returns."""
     slot = _long(slot_of_token)
     keep.append(slot)
     a = TokenArgs(h.data_ptr(), h.stride(0), _H_DTYPES[h.dtype], h.shape[0], h.shape[1], num_slots)
     a.slot, a.slot_s = slot.data_ptr(), slot.stride(0)
-    if slot_positions is not None and num_slots:
-        sp, pc = _long(slot_positions), _long(pos_class)
-        keep += [sp, pc]
-        a.slot_positions, a.sp_s, a.pos_class, a.pc_s = (
-            sp.data_ptr(),
-            sp.stride(0),
-            pc.data_ptr(),
-            pc.stride(0),
-        )
     a.n_threads = torch.get_num_threads()
     return a
 
@@ -139,26 +128,24 @@ def _run(fn, *args) -> None:
         raise RuntimeError(f"{fn.__name__}: unsupported arguments")
 
 
-def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
+def steer_add(h, slot_of_token, slot_vectors):
     """See `steerkernels.steer_add`."""
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
-        return reference.steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class)
+        return reference.steer_add(h, slot_of_token, slot_vectors)
     keep = [vec := _f32(slot_vectors)]
-    tokens = _tokens(h, slot_of_token, vec.shape[0], slot_positions, pos_class, keep)
+    tokens = _tokens(h, slot_of_token, vec.shape[0], keep)
     _run(lib.ss_steer_add, tokens, AddArgs(vec.data_ptr(), *vec.stride()))
     return h
 
 
-def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class=None):
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
     """See `steerkernels.project_clamp`."""
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
-        return reference.project_clamp(
-            h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class
-        )
+        return reference.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count)
     keep = [dirs := _f32(slot_dirs), lo := _f32(lo), hi := _f32(hi), count := _long(dir_count)]
-    tokens = _tokens(h, slot_of_token, dirs.shape[0], slot_positions, pos_class, keep)
+    tokens = _tokens(h, slot_of_token, dirs.shape[0], keep)
     args = ClampArgs(
         dirs.data_ptr(), *dirs.stride(), lo.data_ptr(), *lo.stride(), hi.data_ptr(), *hi.stride(),
         count.data_ptr(), count.stride(0), dirs.shape[1],
@@ -169,21 +156,21 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions
 
 def sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
-    slot_positions, pos_class=None, token_threshold=None,
+    token_threshold=None,
 ):  # fmt: skip
     """See `steerkernels.sae_edit`."""
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
         return reference.sae_edit(
             h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
-            mode, value, slot_positions, pos_class, token_threshold,
+            mode, value, token_threshold,
         )  # fmt: skip
     feat, enc, benc, dec, bdec = _long(feat_idx), _f32(W_enc), _f32(b_enc), _f32(W_dec), _f32(b_dec)
     md, val = _long(mode), _f32(value)
     thr = None if threshold is None else _f32(threshold)
     tthr = token_threshold  # [T] fp32 (checked by the public op) or None
     keep = [feat, enc, benc, dec, bdec, md, val, thr, tthr]
-    tokens = _tokens(h, slot_of_token, feat.shape[0], slot_positions, pos_class, keep)
+    tokens = _tokens(h, slot_of_token, feat.shape[0], keep)
     args = EditArgs(
         feat.data_ptr(), *feat.stride(), feat.shape[1], enc.shape[1],
         enc.data_ptr(), *enc.stride(), benc.data_ptr(), benc.stride(0),
@@ -197,31 +184,31 @@ def sae_edit(
 
 
 def apply_logit_bias(
-    logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, dense_scale, penalty_ids,
-    penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
+    logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, penalty_ids, penalty_counts,
+    repetition_penalty, presence_penalty, frequency_penalty,
 ):  # fmt: skip
     """See `steerkernels.apply_logit_bias`."""
     lib = load()
     if lib is None:
         return reference.apply_logit_bias(
-            logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, dense_scale,
+            logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx,
             penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
         )  # fmt: skip
     rows = [
         _f32(t).contiguous() for t in (temperature, repetition_penalty, presence_penalty, frequency_penalty)
     ]
     sids, sbias = _long(sparse_ids).contiguous(), _f32(sparse_bias).contiguous()
-    didx, dscale = _long(dense_idx).contiguous(), _f32(dense_scale).contiguous()
+    didx = _long(dense_idx).contiguous()
     pids, pcounts = _long(penalty_ids).contiguous(), _long(penalty_counts).contiguous()
     bank = _f32(dense_bank)
     if bank.shape[0] and bank.stride(1) != 1:
         bank = bank.contiguous()
-    keep = [*rows, sids, sbias, didx, dscale, pids, pcounts, bank]  # noqa: F841 (alive during the call)
+    keep = [*rows, sids, sbias, didx, pids, pcounts, bank]  # noqa: F841 (alive during the call)
     R, V = logits.shape
     args = LogitArgs(
         logits.data_ptr(), logits.stride(0), R, V, rows[0].data_ptr(),
         sids.data_ptr(), sbias.data_ptr(), sids.shape[1],
-        bank.data_ptr(), bank.stride(0), bank.shape[0], didx.data_ptr(), dscale.data_ptr(), didx.shape[1],
+        bank.data_ptr(), bank.stride(0), bank.shape[0], didx.data_ptr(), didx.shape[1],
         pids.data_ptr(), pcounts.data_ptr(), pids.shape[1],
         rows[1].data_ptr(), rows[2].data_ptr(), rows[3].data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

@@ -15,19 +15,10 @@ import torch
 _GATHER_BUDGET = 1 << 22
 
 
-def steered_tokens(
-    slot_of_token: torch.Tensor,  # [T]
-    slot_positions: torch.Tensor | None,  # [S]
-    pos_class: torch.Tensor | None,  # [T]
-    num_slots: int,
-) -> torch.Tensor:
-    """[T] bool: the token has a slot in [0, S) and its position class is steered by that slot."""
+def steered_tokens(slot_of_token: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[T] bool: the token has a slot in [0, S)."""
     slot = slot_of_token.long()
-    ok = (slot >= 0) & (slot < num_slots)
-    if slot_positions is None or num_slots == 0:
-        return ok
-    sp = slot_positions.long()[slot.clamp(0, num_slots - 1)]  # [T]
-    return ok & ((sp == 0) | (sp == pos_class.long() + 1))
+    return (slot >= 0) & (slot < num_slots)
 
 
 def activation(
@@ -45,9 +36,9 @@ def activation(
     return act
 
 
-def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
+def steer_add(h, slot_of_token, slot_vectors):
     """h[t] += slot_vectors[slot_of_token[t]] for steered tokens; see `steerkernels.steer_add`."""
-    steered = steered_tokens(slot_of_token, slot_positions, pos_class, slot_vectors.shape[0])
+    steered = steered_tokens(slot_of_token, slot_vectors.shape[0])
     rows = steered.nonzero().squeeze(1)  # [n]
     if rows.numel() == 0:
         return h
@@ -56,10 +47,10 @@ def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
     return h
 
 
-def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class=None):
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
     """Clip h[t] . u_k to [lo, hi] for the slot's directions in k order; see `steerkernels.project_clamp`."""
     S, K, _ = slot_dirs.shape
-    steered = steered_tokens(slot_of_token, slot_positions, pos_class, S)
+    steered = steered_tokens(slot_of_token, S)
     slot = slot_of_token.long().clamp(0, max(S - 1, 0))  # [T]
     count = dir_count.long()[slot].clamp(0, K) if S else torch.zeros_like(slot)  # [T]
     rows = (steered & (count > 0)).nonzero().squeeze(1)  # [n]
@@ -89,14 +80,12 @@ def sae_edit(
     apply_b_dec_to_input,
     mode,
     value,
-    slot_positions,
-    pos_class=None,
     token_threshold=None,
 ):
     """Set/scale/ablate the slot's SAE features of each steered token; see `steerkernels.sae_edit`."""
     S, Fmax = feat_idx.shape
     d_sae = W_enc.shape[1]
-    steered = steered_tokens(slot_of_token, slot_positions, pos_class, S)
+    steered = steered_tokens(slot_of_token, S)
     slot = slot_of_token.long().clamp(0, max(S - 1, 0))  # [T]
     feat = feat_idx.long()  # [S, F]
     valid = (feat >= 0) & (feat < d_sae)  # [S, F]
@@ -187,7 +176,6 @@ def apply_logit_bias(
     sparse_bias,
     dense_bank,
     dense_idx,
-    dense_scale,
     penalty_ids,
     penalty_counts,
     repetition_penalty,
@@ -209,8 +197,8 @@ def apply_logit_bias(
         # NOTE: one in-place add per (row, bias): it moves 3 [V] vectors each, where gathering the rows'
         # biases into an [n, V] block first moved ~3x more (64 rows of GPT-2's vocabulary: 0.9 vs 5 ms)
         rows = ok.nonzero()[:, 0].tolist()  # row-major, as idx[ok]
-        for r, b, w in zip(rows, idx[ok].tolist(), dense_scale.float()[ok].tolist(), strict=True):
-            logits[r].add_(dense_bank[b], alpha=w)
+        for r, b in zip(rows, idx[ok].tolist(), strict=True):
+            logits[r].add_(dense_bank[b])
     if penalty_ids.shape[1]:
         ids = penalty_ids.long()
         ok = (ids >= 0) & (ids < V)  # [R, P]

@@ -24,7 +24,7 @@ from steerkernels import _util
 @triton.jit
 def _listed_kernel(
     logits_ptr, stride_l, V, temp_ptr,
-    sid_ptr, sbias_ptr, S, bank_ptr, stride_b, B, didx_ptr, dscale_ptr, D,
+    sid_ptr, sbias_ptr, S, bank_ptr, stride_b, B, didx_ptr, D,
     pid_ptr, pcnt_ptr, P, rp_ptr, pres_ptr, freq_ptr, out_ptr, n_sblocks,
     BE: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
@@ -56,9 +56,8 @@ def _listed_kernel(
     for j in range(0, D):
         bi = tl.load(didx_ptr + r * D + j).to(tl.int64)
         bv = (bi >= 0) & (bi < B)
-        sc = tl.load(dscale_ptr + r * D + j)
         mb = tl.where(bv, valid, False)  # NOTE: not `valid & bv` (interpreter splats scalar bools as int32)
-        dsum += sc * tl.load(bank_ptr + tl.where(bv, bi, 0) * stride_b + tok, mask=mb, other=0.0)
+        dsum += tl.load(bank_ptr + tl.where(bv, bi, 0) * stride_b + tok, mask=mb, other=0.0)
     x = x + dsum
     # (2) penalties: penalty entries are penalized ids; a sparse entry looks its id up among them
     if is_sparse:
@@ -86,8 +85,7 @@ def _listed_kernel(
 
 @triton.jit
 def _dense_kernel(
-    logits_ptr, stride_l, V, temp_ptr, bank_ptr, stride_b, B, didx_ptr, dscale_ptr, D,
-    BV: tl.constexpr,
+    logits_ptr, stride_l, V, temp_ptr, bank_ptr, stride_b, B, didx_ptr, D, BV: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)
     temp = tl.load(temp_ptr + r)
@@ -103,8 +101,7 @@ def _dense_kernel(
     for j in range(0, D):
         bi = tl.load(didx_ptr + r * D + j).to(tl.int64)
         bv = (bi >= 0) & (bi < B)
-        sc = tl.load(dscale_ptr + r * D + j)
-        acc += sc * tl.load(
+        acc += tl.load(
             bank_ptr + tl.where(bv, bi, 0) * stride_b + offs, mask=tl.where(bv, m, False), other=0.0
         )
     tl.store(row + offs, (x + acc) / temp, mask=m)
@@ -129,7 +126,7 @@ def _operand(t: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
 
 
 def apply_logit_bias(
-    logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, dense_scale,
+    logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx,
     penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
 ):  # fmt: skip
     R, V = logits.shape
@@ -139,7 +136,7 @@ def apply_logit_bias(
     B = dense_bank.shape[0]
     sid, sbias = _operand(sparse_ids, logits), _operand(sparse_bias, logits)
     pid, pcnt = _operand(penalty_ids, logits), _operand(penalty_counts, logits)
-    didx, dscale = _operand(dense_idx, logits), _operand(dense_scale, logits)
+    didx = _operand(dense_idx, logits)
     if B == 0 or dense_bank.stride(1) != 1:
         bank = _operand(dense_bank, logits)
     else:
@@ -152,14 +149,14 @@ def apply_logit_bias(
         vals = _util.empty((R, S + P), torch.float32, logits.device)  # [R, S + P]
         n_sblocks = triton.cdiv(S, be)
         _listed_kernel[(R, n_sblocks + triton.cdiv(P, be))](
-            logits, logits.stride(0), V, temp, sid, sbias, S, bank, stride_b, B, didx, dscale, D,
+            logits, logits.stride(0), V, temp, sid, sbias, S, bank, stride_b, B, didx, D,
             pid, pcnt, P, repetition_penalty.contiguous(), presence_penalty.contiguous(),
             frequency_penalty.contiguous(), vals, n_sblocks, BE=be, BC=64,
         )  # fmt: skip
     # NOTE: small batches use smaller blocks so that one row still spreads over many SMs.
     bv = 1024 if R * V < (1 << 22) else 4096
     _dense_kernel[(R, triton.cdiv(V, bv))](
-        logits, logits.stride(0), V, temp, bank, stride_b, B, didx, dscale, D,
+        logits, logits.stride(0), V, temp, bank, stride_b, B, didx, D,
         BV=bv, num_warps=4 if bv == 1024 else 8,
     )  # fmt: skip
     if vals is not None:

@@ -2,8 +2,8 @@
 `sae_feature_acts` (reads h, writes a new [T, F] tensor).
 
 Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block). A
-token whose slot is -1 / out of range or whose position class the slot does not steer loads nothing and
-stores nothing, so unsteered tokens cost one scalar load. All arithmetic is fp32; stores round to h's
+token whose slot is -1 / out of range loads nothing and stores nothing, so unsteered tokens cost one
+scalar load. All arithmetic is fp32; stores round to h's
 dtype once. Launchers take arguments already checked by `steerkernels` and pass explicit strides, so
 weight banks may be views (e.g. `W_enc` given as `W_enc_t.t()`).
 
@@ -22,26 +22,21 @@ from steerkernels._util import next_pow2
 
 
 @triton.jit
-def _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS: tl.constexpr):
+def _token_slot(slot_ptr, t, T, S):
     """(slot clamped to a valid row, steered?) for token(s) t (scalar or vector); t >= T and bad slot
     ids are unsteered."""
     slot = tl.load(slot_ptr + t, mask=t < T, other=-1).to(tl.int32)
     ok = (slot >= 0) & (slot < S)
     slot = tl.where(ok, slot, 0)
-    if HAS_POS:
-        sp = tl.load(sp_ptr + slot, mask=ok, other=-1).to(tl.int32)
-        pc = tl.load(pc_ptr + t, mask=t < T, other=0).to(tl.int32)
-        ok = ok & ((sp == 0) | (sp == pc + 1))
     return slot.to(tl.int64), ok
 
 
 @triton.jit
 def _steer_add_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T, vec_ptr, stride_v, S, d,
-    HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr,
+    h_ptr, stride_h, slot_ptr, T, vec_ptr, stride_v, S, d, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
+    slot, ok = _token_slot(slot_ptr, t, T, S)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = offs < tl.where(ok, d, 0)  # NOTE: scalar predicates enter masks as a length (see module doc)
     row = h_ptr + t.to(tl.int64) * stride_h
@@ -52,12 +47,12 @@ def _steer_add_kernel(
 
 @triton.jit
 def _project_clamp_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
+    h_ptr, stride_h, slot_ptr, T,
     dir_ptr, stride_ds, stride_dk, lo_ptr, hi_ptr, stride_ls, stride_hs, cnt_ptr, S, K, d,
-    HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
+    slot, ok = _token_slot(slot_ptr, t, T, S)
     n = tl.load(cnt_ptr + slot, mask=ok, other=0).to(tl.int32)
     n = tl.minimum(tl.maximum(n, 0), K)
     offs = tl.arange(0, BLOCK_D)
@@ -98,16 +93,16 @@ def _encode_feature(
 
 @triton.jit
 def _sae_edit_kernel(
-    h_ptr, stride_h, slot_ptr, pc_ptr, sp_ptr, T,
+    h_ptr, stride_h, slot_ptr, T,
     feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
     wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, tthr_ptr,
-    d_sae, d, HAS_POS: tl.constexpr, HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr,
+    d_sae, d, HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr,
     APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # NOTE: one program per token, also at prefill sizes: a 16-token tl.dot variant for blocks of one slot
     # (weights read once per block) measured 1.3-2x slower on an H100 (fewer programs, latency-bound).
     t = tl.program_id(0)
-    slot, ok = _token_slot(slot_ptr, pc_ptr, sp_ptr, t, T, S, HAS_POS)
+    slot, ok = _token_slot(slot_ptr, t, T, S)
     offs = tl.arange(0, BLOCK_D)
     md = offs < tl.where(ok, d, 0)
     row = h_ptr + t.to(tl.int64) * stride_h
@@ -167,56 +162,47 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _token_args(slot_of_token, slot_positions, pos_class):
-    """(slot, pc, sp, HAS_POS) as contiguous tensors; without positions pc/sp point at the slots (unread).
-    NOTE: kernels index 1-D operands with unit stride, so every small operand is made contiguous."""
-    slot = slot_of_token.contiguous()
-    if slot_positions is None:
-        return slot, slot, slot, False
-    return slot, pos_class.contiguous(), slot_positions.contiguous(), True
-
-
-def steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class=None):
+def steer_add(h, slot_of_token, slot_vectors):
     T, d = h.shape
     if T == 0 or d == 0 or slot_vectors.shape[0] == 0:
         return h
-    slot, pc, sp, has_pos = _token_args(slot_of_token, slot_positions, pos_class)
+    slot = slot_of_token.contiguous()  # NOTE: kernels index 1-D operands with unit stride
     slot_vectors = slot_vectors if slot_vectors.stride(1) == 1 else slot_vectors.contiguous()
     block = min(next_pow2(d), 1024)
     _steer_add_kernel[(T, triton.cdiv(d, block))](
-        h, h.stride(0), slot, pc, sp, T, slot_vectors, slot_vectors.stride(0),
-        slot_vectors.shape[0], d, HAS_POS=has_pos, BLOCK_D=block, num_warps=_warps(block),
+        h, h.stride(0), slot, T, slot_vectors, slot_vectors.stride(0),
+        slot_vectors.shape[0], d, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
 
 
-def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class=None):
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
     T, d = h.shape
     S, K, _ = slot_dirs.shape
     if T == 0 or d == 0 or S == 0 or K == 0:
         return h
-    slot, pc, sp, has_pos = _token_args(slot_of_token, slot_positions, pos_class)
+    slot = slot_of_token.contiguous()
     block = next_pow2(d)
     # NOTE: directions must be contiguous along d for coalesced loads; [S, K] banks are tiny to copy.
     slot_dirs = slot_dirs if slot_dirs.stride(2) == 1 else slot_dirs.contiguous()
     lo, hi, dir_count = lo.contiguous(), hi.contiguous(), dir_count.contiguous()
     _project_clamp_kernel[(T,)](
-        h, h.stride(0), slot, pc, sp, T, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
+        h, h.stride(0), slot, T, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
         lo, hi, lo.stride(0), hi.stride(0), dir_count, S, K, d,
-        HAS_POS=has_pos, BLOCK_D=block, num_warps=_warps(block),
+        BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
 
 
 def sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
-    mode, value, slot_positions, pos_class=None, token_threshold=None,
+    mode, value, token_threshold=None,
 ):  # fmt: skip
     T, d = h.shape
     S, F = feat_idx.shape
     if T == 0 or d == 0 or S == 0 or F == 0:
         return h
-    slot, pc, sp, has_pos = _token_args(slot_of_token, slot_positions, pos_class)
+    slot = slot_of_token.contiguous()
     feat_idx, mode, value = feat_idx.contiguous(), mode.contiguous(), value.contiguous()
     b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     has_thr = threshold is not None
@@ -225,11 +211,11 @@ def sae_edit(
     tok_thr = token_threshold.contiguous() if has_tthr else b_enc  # likewise
     block = next_pow2(d)
     _sae_edit_kernel[(T,)](
-        h, h.stride(0), slot, pc, sp, T,
+        h, h.stride(0), slot, T,
         feat_idx, feat_idx.stride(0), mode, mode.stride(0), value, value.stride(0), S, F,
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
         b_dec, threshold, tok_thr, W_enc.shape[1], d,
-        HAS_POS=has_pos, HAS_THR=has_thr, HAS_TTHR=has_tthr, APPLY_B_DEC=bool(apply_b_dec_to_input),
+        HAS_THR=has_thr, HAS_TTHR=has_tthr, APPLY_B_DEC=bool(apply_b_dec_to_input),
         BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h

@@ -126,13 +126,13 @@ def serve(config: Config, threads: int | None = None) -> None:
     import uvicorn
 
     from steerserve.api import access_log
-    from steerserve.api.app import create_app
     from steerserve.api.lifecycle import GracefulServer
     from steerserve.api.timeouts import timed_protocol
+    from steerserve.compose import create_server_app
 
     if threads:
         torch.set_num_threads(threads)
-    app = create_app(config)
+    app = create_server_app(config)
     adm = config.admission
     server_config = uvicorn.Config(
         app,
@@ -148,11 +148,42 @@ def serve(config: Config, threads: int | None = None) -> None:
     GracefulServer(server_config, app, adm.drain_timeout_s).run()
 
 
+def registry_stats(args: argparse.Namespace) -> int:
+    """`steerserve registry stats`: feature statistics through an engine (interp/stats.py), stored as
+    the SAE's annotations."""
+    from pathlib import Path
+
+    from steerserve.compose import build_engine
+    from steerserve.interp.stats import feature_stats, store_feature_stats
+    from steerserve.registry import InvalidInput
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise InvalidInput(f"{args.texts} holds no text", param="texts")
+    config = Config(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
+        registry=registry_config_from_args(args),
+    )
+    built = build_engine(config)
+    try:
+        stats = feature_stats(built, args.sae, texts, batch=args.batch)
+        n = store_feature_stats(built, args.sae, stats)
+    finally:
+        built.registry.close()
+    print(
+        f"{args.sae}: {n} features over {stats.num_tokens} tokens; "
+        f"{int((stats.density > 0).sum())} ever active; {stats.saturated} tokens saturated the top-k capture"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="steerserve", description="a steerable LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="start the HTTP server"))
-    add_registry_commands(sub)
+    add_registry_commands(sub, stats_command=registry_stats)
     add_demo_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(

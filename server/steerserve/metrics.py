@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# the values of engine.types.FinishReason
-FINISH_REASONS = ("stop", "length", "abort", "error", "timeout", "feature_stop")
-CACHES = ("sae_device", "logit_effect")
+from steerserve.types.requests import FinishReason
+from steerserve.types.steering import InterventionKind
+
+FINISH_REASONS = tuple(FinishReason)  # types.requests.FinishReason: one series per reason
+CACHES = ("sae_device", "vector_device", "logit_effect")
 REJECT_REASONS = ("queue_full", "draining", "engine_dead")
-INTERVENTION_MODES = (
-    "feature_add", "feature_clamp", "feature_scale", "feature_ablate", "vector_add", "vector_project",
-    "feature_logit_bias",
-)  # fmt: skip
+# one series per intervention type (types.steering.InterventionKind), plus the feature logit biases
+INTERVENTION_MODES = (*InterventionKind, "feature_logit_bias")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
 
 
@@ -30,6 +30,7 @@ class MetricSources:
 
     saes_on_device: Callable[[], int]
     cache_counts: Callable[[], dict[str, tuple[int, int]]]  # cache name -> (hits, misses)
+    step_loads: Callable[[], int] = lambda: 0  # registry reads inside steps so far
 
 
 class EngineMetrics:
@@ -86,7 +87,8 @@ class EngineMetrics:
         self.saes_on_device = gauge("saes_on_device", "SAEs resident in the device SAE cache.")
         self._cache_hits = Counter(
             "steerserve:registry_cache_hits",
-            "Lookups served from a cache (sae_device: SAE weights; logit_effect: feature logit effects).",
+            "Lookups served from a cache (sae_device: SAE weights; vector_device: steering vectors; "
+            "logit_effect: feature logit effects).",
             ["model_name", "cache"],
             registry=r,
         )
@@ -96,6 +98,12 @@ class EngineMetrics:
             ["model_name", "cache"],
             registry=r,
         )
+        self._step_loads = counter(
+            "steering_step_registry_reads",
+            "SAEs, vectors or logit effects a step had to read from the registry: a call preloads them "
+            "(api/plan.py), so this grows only when one was evicted before its step.",
+        )
+        self._step_loads_seen = 0
         self._success = Counter(
             "steerserve:request_success",
             "Finished requests by reason.",
@@ -155,6 +163,9 @@ class EngineMetrics:
             self._cache_hits.labels(self._model, cache).inc(max(0, hits - seen_hits))
             self._cache_misses.labels(self._model, cache).inc(max(0, misses - seen_misses))
             self._cache_seen[cache] = (hits, misses)
+        loads = self.sources.step_loads()
+        self._step_loads.inc(max(0, loads - self._step_loads_seen))
+        self._step_loads_seen = loads
 
     def render(self) -> bytes:
         self._poll_sources()

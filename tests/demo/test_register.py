@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from steerserve.demo.shipped import DEMO_LATE_SAE_ID, DEMO_SAE_ID, read_json, register_demo
 from steerserve.registry import Registry
-from steerserve.runner.model_loader import model_info
+from steerserve.runner.model_adapter import model_adapter
 
 
 def test_register_twice_stores_once_and_restores_what_was_deleted(demo_lm, tmp_path):
     model, tokenizer = demo_lm
-    info = model_info(model, tokenizer, "demo", 256)
+    info = model_adapter(model).info(tokenizer, "demo", 256)
     registry = Registry(tmp_path / "data")
     try:
         register_demo(registry, info)

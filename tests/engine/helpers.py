@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import tempfile
 
+from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
-from steerserve.engine.setup import build_engine
-from steerserve.engine.types import GenerationRequest
+from steerserve.types.requests import GenerationRequest
 
 
 def tiny_engine(
@@ -21,7 +21,9 @@ def tiny_engine(
     max_model_len=None,
     data_dir=None,
     steering=None,
+    registry=None,
 ):
+    """An engine over `model`; `registry` (e.g. an instrumented one) instead of one in `data_dir`."""
     cfg = Config(
         model=ModelConfig(model=model, dtype=dtype),
         scheduler=SchedulerConfig(
@@ -34,7 +36,7 @@ def tiny_engine(
         registry=RegistryConfig(data_dir=data_dir or tempfile.mkdtemp(prefix="steerserve-test-")),
         **({"steering": steering} if steering is not None else {}),
     )
-    return build_engine(cfg)
+    return build_engine(cfg, registry)
 
 
 def run_staggered(

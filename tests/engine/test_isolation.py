@@ -13,11 +13,11 @@ import torch
 
 from steerserve.config import SteeringConfig
 from steerserve.engine import faults
-from steerserve.engine.types import FeatureCapture, GenerationRequest, SamplingParams
 from steerserve.registry import SteeringVector
-from steerserve.sites import Site
 from steerserve.steering.compile import compile_steering
-from steerserve.steering.spec import Intervention, LogitBiasTerm, SAERef, SteeringSpec
+from steerserve.types.requests import FeatureCapture, GenerationRequest, SamplingParams
+from steerserve.types.sites import Site
+from steerserve.types.steering import LogitBiasTerm, Positions, SAERef, SteeringSpec, VectorAdd, VectorRef
 from tests.conftest import ARCHS
 from tests.engine.helpers import run_staggered, tiny_engine
 from tests.steering.conftest import random_sae
@@ -193,7 +193,7 @@ def test_non_finite_logits_end_only_their_request(built):
     v = reg.add_vector(vec, vector_id="boom", model=info.name)
     sae = reg.add_sae(random_sae(info.d_model, site, 3), sae_id="boom_sae", model=info.name, fit=info)
     ref = SAERef(sae.id, sae.uid)
-    add = Intervention("vector_add", site, "all", vector_id=v.id, vector_uid=v.uid, value=1e30)
+    add = VectorAdd(site=site, positions=Positions.ALL, vector=VectorRef(v.id, v.uid), strength=1e30)
     overflow = GenerationRequest("overflow", (8, 6, 7, 5), GREEDY, steering=SteeringSpec.build([add], []))
     # the feature that writes the largest logit, repeated until its bias sums past fp32's max
     effects = core.runner.steering.resources.logit_effects([(ref, i) for i in range(16)])

@@ -11,7 +11,7 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM
 
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.types.requests import GenerationRequest, SamplingParams
 from tests.conftest import ARCHS
 from tests.engine.helpers import run_staggered, tiny_engine
 from tests.steering.reference import greedy_generate

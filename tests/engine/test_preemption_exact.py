@@ -22,12 +22,13 @@ from steerserve.api.convert import child_seed
 from steerserve.api.plan import feature_capture
 from steerserve.config import SteeringConfig
 from steerserve.demo.shipped import DEMO_SAE_ID, model_path, register_demo
-from steerserve.engine.kv_cache import BlockAllocator, BlockTable, is_run
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.engine.kv_cache import BlockAllocator, BlockTable
 from steerserve.registry import SteeringVector
 from steerserve.runner import cpu_attention
-from steerserve.sites import Site
 from steerserve.steering.compile import compile_steering
+from steerserve.types.requests import GenerationRequest, SamplingParams
+from steerserve.types.sites import Site
+from steerserve.types.step import is_run
 from tests.engine.helpers import tiny_engine
 
 # NOTE: each seed's run has 28-167 preemptions, recomputes with generated tokens, scattered blocks and

@@ -5,7 +5,7 @@ from __future__ import annotations
 from steerserve.config import SchedulerConfig
 from steerserve.engine.kv_cache import BlockAllocator
 from steerserve.engine.scheduler import Scheduler
-from steerserve.engine.types import FinishReason, GenerationRequest, SamplingParams
+from steerserve.types.requests import FinishReason, GenerationRequest, SamplingParams
 
 
 def make(max_num_seqs=4, budget=32, chunk=16, blocks=64, bs=4, max_len=256):

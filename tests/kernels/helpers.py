@@ -36,37 +36,32 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.cpu().view(ints), b.cpu().view(ints))
 
 
-def token_plan(T: int, S: int, gen: torch.Generator, dtype=torch.int32):
-    """(slot_of_token [T], pos_class [T] int8, slot_positions [S] int64) covering -1, every slot and
-    every position rule; slot S-1 is left for callers to give no work."""
+def token_plan(T: int, S: int, gen: torch.Generator, dtype=torch.int32) -> torch.Tensor:
+    """slot_of_token [T] covering every slot and -1; slot S-1 is left for callers to give no work."""
     slot = torch.randint(-1, S, (T,), generator=gen, dtype=torch.int64)
-    cover = torch.cat([torch.arange(S), torch.tensor([-1])])  # slot 0 (all positions) first
+    cover = torch.cat([torch.arange(S), torch.tensor([-1])])
     slot[: min(T, S + 1)] = cover[: min(T, S + 1)]
-    pos_class = torch.randint(0, 2, (T,), generator=gen).to(torch.int8)
-    slot_positions = torch.arange(S, dtype=torch.int64) % 3
-    return slot.to(dtype), pos_class, slot_positions
+    return slot.to(dtype)
 
 
-def naive_steered(slot: int, pc: int, slot_positions, S: int) -> bool:
-    if not 0 <= slot < S:
-        return False
-    return slot_positions is None or int(slot_positions[slot]) in (0, pc + 1)
+def naive_steered(slot: int, S: int) -> bool:
+    return 0 <= slot < S
 
 
-def naive_steer_add(h, slot_of_token, slot_vectors, slot_positions, pos_class):
+def naive_steer_add(h, slot_of_token, slot_vectors):
     out = h.double().clone()
     for t in range(h.shape[0]):
         s = int(slot_of_token[t])
-        if naive_steered(s, int(pos_class[t]), slot_positions, slot_vectors.shape[0]):
+        if naive_steered(s, slot_vectors.shape[0]):
             out[t] += slot_vectors[s].double()
     return out
 
 
-def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, slot_positions, pos_class):
+def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
     out = h.double().clone()
     for t in range(h.shape[0]):
         s = int(slot_of_token[t])
-        if not naive_steered(s, int(pos_class[t]), slot_positions, slot_dirs.shape[0]):
+        if not naive_steered(s, slot_dirs.shape[0]):
             continue
         for k in range(min(int(dir_count[s]), slot_dirs.shape[1])):
             u = slot_dirs[s, k].double()
@@ -87,13 +82,13 @@ def library_acts(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk=N
 
 def naive_sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
-    slot_positions, pos_class, topk=None,
+    topk=None,
 ):  # fmt: skip
     out = h.double().clone()
     acts = library_acts(h, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk)  # [T, d_sae]
     for t in range(h.shape[0]):
         s = int(slot_of_token[t])
-        if not naive_steered(s, int(pos_class[t]), slot_positions, feat_idx.shape[0]):
+        if not naive_steered(s, feat_idx.shape[0]):
             continue
         for j in range(feat_idx.shape[1]):
             f = int(feat_idx[s, j])
@@ -105,7 +100,7 @@ def naive_sae_edit(
     return out
 
 
-def naive_logit_bias(logits, temp, sids, sbias, bank, didx, dscale, pids, pcounts, rep, pres, freq):
+def naive_logit_bias(logits, temp, sids, sbias, bank, didx, pids, pcounts, rep, pres, freq):
     out = logits.double().clone()
     R, V = logits.shape
     for r in range(R):
@@ -114,7 +109,7 @@ def naive_logit_bias(logits, temp, sids, sbias, bank, didx, dscale, pids, pcount
                 out[r, int(sids[r, j])] += float(sbias[r, j])
         for j in range(didx.shape[1]):
             if 0 <= int(didx[r, j]) < bank.shape[0]:
-                out[r] += float(dscale[r, j]) * bank[int(didx[r, j])].double()
+                out[r] += bank[int(didx[r, j])].double()
         for j in range(pids.shape[1]):
             tok = int(pids[r, j])
             if not 0 <= tok < V:

@@ -41,7 +41,7 @@ def test_sae_edit_16bit_weights(dtype, gen):
 
 def test_strided_and_slot_local_layouts(gen):
     """Transposed banks, strided index/bias vectors, and W_enc as the `.t()` view of a row-major copy
-    (the slot-local layout of steering/banks.py)."""
+    (the slot-local layout of runner/steering/banks.py)."""
     args = BUILD["steer_add"](gen, 9, 37, 4)
     args["slot_of_token"] = torch.stack([args["slot_of_token"], args["slot_of_token"]], 1)[:, 0]
     args["slot_vectors"] = args["slot_vectors"].t().contiguous().t()
@@ -60,7 +60,7 @@ def test_strided_and_slot_local_layouts(gen):
 @pytest.mark.parametrize("op", list(BUILD))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_tokens_split_over_threads(op, dtype, gen):
-    """A prefill-sized call (T * d above the threading threshold) with every slot and position rule."""
+    """A prefill-sized call (T * d above the threading threshold) with every slot."""
     T, d, S = 301, 257, 7
     check_in_place(op, rand(gen, T, d, dtype=dtype), BUILD[op](gen, T, d, S), "cpu", dtype, "cpu")
 
@@ -70,7 +70,6 @@ def test_masks_bad_ids_like_the_reference(op, gen):
     T, d, S = 9, 37, 4
     args = BUILD[op](gen, T, d, S)
     args["slot_of_token"][[1, 4]] = torch.tensor([S + 7, -9], dtype=args["slot_of_token"].dtype)
-    args["pos_class"][2] = 5
     if op == "project_clamp":
         args["dir_count"][0] = 50
         args["dir_count"][1] = -3
@@ -87,7 +86,6 @@ def test_masks_bad_ids_like_the_reference(op, gen):
 def test_nan_propagates_like_the_reference(gen):
     """A NaN hidden state stays NaN through a clamp (torch.clamp and relu keep NaN)."""
     args = BUILD["project_clamp"](gen, 9, 37, 4)
-    args["slot_positions"] = None
     h = rand(gen, 9, 37)
     h[0, 3] = float("nan")
     out = sk.project_clamp(h.clone(), **args, backend="cpu")

@@ -55,8 +55,7 @@ def test_env_switch_reaches_the_op(monkeypatch, gen):
     calls = []
     monkeypatch.setattr(reference, "steer_add", lambda *a: calls.append(a) or a[0])
     monkeypatch.setenv("STEERKERNELS_BACKEND", "torch")
-    slot, pc, sp = token_plan(5, 3, gen)
-    sk.steer_add(rand(gen, 5, 9), slot, rand(gen, 3, 9), sp, pc)
+    sk.steer_add(rand(gen, 5, 9), token_plan(5, 3, gen), rand(gen, 3, 9))
     assert len(calls) == 1
 
 
@@ -65,7 +64,7 @@ def test_package_imports_and_runs_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch, steerkernels as sk\n"
         "h = torch.randn(3, 5); v = torch.randn(2, 5)\n"
-        "out = sk.steer_add(h.clone(), torch.tensor([0, -1, 1]), v, None)\n"
+        "out = sk.steer_add(h.clone(), torch.tensor([0, -1, 1]), v)\n"
         "assert torch.allclose(out[0], h[0] + v[0]) and torch.equal(out[1], h[1])\n"
         "assert sk._checks.resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
     )
@@ -75,6 +74,5 @@ def test_package_imports_and_runs_without_triton():
 
 
 def test_device_mismatch_is_named(gen):
-    slot, pc, sp = token_plan(5, 3, gen)
     with pytest.raises(ValueError, match="slot_vectors: expected a tensor on cpu"):
-        sk.steer_add(rand(gen, 5, 9), slot, rand(gen, 3, 9).to("meta"), sp, pc)
+        sk.steer_add(rand(gen, 5, 9), token_plan(5, 3, gen), rand(gen, 3, 9).to("meta"))

@@ -30,7 +30,6 @@ def logit_args(gen, R, V, S, D, P, B):
         sparse_bias=rand(gen, R, S) * 3,
         dense_bank=rand(gen, B, V),
         dense_idx=dense_idx,
-        dense_scale=rand(gen, R, D),
         penalty_ids=penalty_ids,
         penalty_counts=torch.randint(0, 4, (R, P), generator=gen, dtype=torch.int32),
         repetition_penalty=0.7 + torch.rand(R, generator=gen),
@@ -107,7 +106,7 @@ def test_bias_then_penalty_then_temperature_order():
     r1 = lambda v: torch.tensor([v])  # noqa: E731
     sk.apply_logit_bias(
         logits, r1(2.0), torch.tensor([[0, 0]]), torch.tensor([[0.5, 0.5]]), torch.zeros(0, 3),
-        torch.zeros(1, 0, dtype=torch.int64), torch.zeros(1, 0), torch.tensor([[0, 1]]),
+        torch.zeros(1, 0, dtype=torch.int64), torch.tensor([[0, 1]]),
         torch.tensor([[2, 0]], dtype=torch.int32), r1(2.0), r1(0.25), r1(0.125), backend="torch",
     )  # fmt: skip
     # id 0: ((1 + 1) / 2 - 0.25 - 2 * 0.125) / 2 = 0.25; id 1: (-2 * 2) / 2 = -2 (prompt only); id 2: 3 / 2

@@ -29,12 +29,11 @@ TOPK_K = 7  # of D_SAE = 53 features
 
 
 def steer_args(gen, T, d, S):
-    slot, pc, sp = token_plan(T, S, gen)
-    return dict(slot_of_token=slot, slot_vectors=rand(gen, S, d), slot_positions=sp, pos_class=pc)
+    return dict(slot_of_token=token_plan(T, S, gen), slot_vectors=rand(gen, S, d))
 
 
 def clamp_args(gen, T, d, S):
-    slot, pc, sp = token_plan(T, S, gen)
+    slot = token_plan(T, S, gen)
     dirs = torch.nn.functional.normalize(rand(gen, S, K, d), dim=-1)
     lo = -rand(gen, S, K).abs() * 0.3
     hi = rand(gen, S, K).abs() * 0.3
@@ -42,15 +41,13 @@ def clamp_args(gen, T, d, S):
     lo[0, 2] = hi[0, 2] = 0.0  # project_out
     count = torch.arange(S, dtype=torch.int64).remainder(K + 1).flip(0)  # the last slot: 0 directions
     count[0] = K
-    return dict(
-        slot_of_token=slot, slot_dirs=dirs, lo=lo, hi=hi, dir_count=count, slot_positions=sp, pos_class=pc
-    )
+    return dict(slot_of_token=slot, slot_dirs=dirs, lo=lo, hi=hi, dir_count=count)
 
 
 def sae_args(gen, T, d, S, dtype=torch.float32, arch="jumprelu", apply_b_dec=True):
     """sae_edit's arguments; a TopK SAE carries "topk": k instead of token_threshold (see `run_op`).
     jumprelu thresholds have both signs: below 0 SAELens' relu still zeroes negative pre-activations."""
-    slot, pc, sp = token_plan(T, S, gen)
+    slot = token_plan(T, S, gen)
     feat = torch.randint(0, D_SAE, (S, F), generator=gen)
     feat[0] = torch.tensor([2, 2, D_SAE - 1, 0])  # duplicates, both ends, every column used (max features)
     if S > 1:
@@ -67,8 +64,6 @@ def sae_args(gen, T, d, S, dtype=torch.float32, arch="jumprelu", apply_b_dec=Tru
         apply_b_dec_to_input=apply_b_dec,
         mode=torch.randint(0, 3, (S, F), generator=gen).to(torch.int8),
         value=rand(gen, S, F) * 2,
-        slot_positions=sp,
-        pos_class=pc,
         **({"topk": TOPK_K} if arch == "topk" else {}),
     )
 
@@ -85,13 +80,13 @@ def run_op(op: str, h: torch.Tensor, args: dict, **kw) -> torch.Tensor:
 
 def work_rows(op: str, args: dict) -> torch.Tensor:
     """[T] bool: the rows the op must write (naive per-token rule)."""
-    slot, pc, sp = args["slot_of_token"], args["pos_class"], args["slot_positions"]
+    slot = args["slot_of_token"]
     bank = {"steer_add": "slot_vectors", "project_clamp": "slot_dirs", "sae_edit": "feat_idx"}[op]
     S = args[bank].shape[0]
     rows = []
     for t in range(slot.shape[0]):
         s = int(slot[t])
-        ok = naive_steered(s, int(pc[t]), sp, S)
+        ok = naive_steered(s, S)
         if ok and op == "project_clamp":
             ok = int(args["dir_count"][s]) > 0
         if ok and op == "sae_edit":
@@ -205,7 +200,6 @@ def test_sae_edit_prefill_layout(dtype, device, gen):
     slot[32:48] = -1
     slot[48:] = 1
     args["slot_of_token"] = slot
-    args["pos_class"] = torch.randint(0, 2, (T,), generator=gen).to(torch.int8)
     args["feat_idx"][1] = torch.tensor([5, -1, 9, 5])
     check_in_place("sae_edit", rand(gen, T, d, dtype=dtype), args, device, dtype)
 
@@ -226,21 +220,7 @@ def test_strided_operands(device, gen):
     args = sae_args(gen, 9, 37, 4)
     for name in ("b_enc", "b_dec", "threshold"):
         args[name] = torch.stack([args[name], -args[name]], 1)[:, 0]
-    args["pos_class"] = torch.stack([args["pos_class"], 1 - args["pos_class"]], 1)[:, 0]
     check_in_place("sae_edit", rand(gen, 9, 37), args, device, torch.float32)
-
-
-def test_positions_rule_and_no_slot_positions(device, gen):
-    """slot_positions None steers every position of every valid slot."""
-    args = steer_args(gen, 9, 37, 4)
-    args["slot_positions"] = None
-    h = rand(gen, 9, 37)
-    ref = sk.steer_add(h.clone(), **args, backend="torch")
-    out = sk.steer_add(h.clone().to(device), **to(args, device), backend="triton").cpu()
-    steered = args["slot_of_token"] >= 0
-    assert torch.equal(out[~steered], h[~steered])
-    assert_close(out, ref, torch.float32)
-    assert not torch.equal(out[steered], h[steered])
 
 
 # -- out-of-range ids ---------------------------------------------------------------------------
@@ -251,8 +231,6 @@ def test_positions_rule_and_no_slot_positions(device, gen):
     [
         ("steer_add", "slot_of_token", 4, r"slot_of_token: values must lie in \[-1, 4\)"),
         ("steer_add", "slot_of_token", -2, r"slot_of_token: values must lie in \[-1, 4\)"),
-        ("steer_add", "slot_positions", 3, r"slot_positions: values must lie in \[0, 3\)"),
-        ("steer_add", "pos_class", 2, r"pos_class: values must lie in \[0, 2\)"),
         ("project_clamp", "dir_count", K + 1, rf"dir_count: values must lie in \[0, {K + 1}\)"),
         ("sae_edit", "feat_idx", D_SAE, rf"feat_idx: values must lie in \[-1, {D_SAE}\).*d_sae={D_SAE}"),
         ("sae_edit", "feat_idx", -2, rf"feat_idx: values must lie in \[-1, {D_SAE}\)"),
@@ -276,8 +254,6 @@ def test_launcher_rejects_bad_bounds_and_shapes(gen):
     args = steer_args(gen, 9, 37, 4)
     with pytest.raises(ValueError, match=r"slot_vectors: expected shape \[\*, 37\]"):
         sk.steer_add(rand(gen, 9, 37), **{**args, "slot_vectors": rand(gen, 4, 36)})
-    with pytest.raises(ValueError, match="pos_class: required"):
-        sk.steer_add(rand(gen, 9, 37), **{**args, "pos_class": None})
     with pytest.raises(ValueError, match=r"slot_of_token: expected dtype in \(int32, int64\)"):
         sk.steer_add(rand(gen, 9, 37), **{**args, "slot_of_token": args["slot_of_token"].float()})
     with pytest.raises(ValueError, match="h: the last dimension must be contiguous"):
@@ -290,7 +266,6 @@ def test_kernel_masks_bad_ids(op, device, gen):
     T, d, S = 9, 37, 4
     args = BUILD[op](gen, T, d, S)
     args["slot_of_token"][[1, 4]] = torch.tensor([S + 7, -9], dtype=args["slot_of_token"].dtype)
-    args["pos_class"][2] = 5
     if op == "project_clamp":
         args["dir_count"][0] = K + 50
     if op == "sae_edit":
@@ -325,7 +300,7 @@ def naive_feature_acts(
 
 def acts_args(gen, T, d, S, arch="jumprelu", apply_b_dec=True):
     args = sae_args(gen, T, d, S, arch=arch, apply_b_dec=apply_b_dec)
-    for key in ("W_dec", "mode", "value", "slot_positions", "pos_class"):
+    for key in ("W_dec", "mode", "value"):
         del args[key]
     return args
 

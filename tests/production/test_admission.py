@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from steerserve.engine.admission import Admission, QueueFullError
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.types.requests import GenerationRequest, SamplingParams
 
 
 def reqs(prefix: str, n: int, tokens: int = 4) -> list[GenerationRequest]:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from steerserve.engine.admission import Admission, QueueFullError
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.types.requests import GenerationRequest, SamplingParams
 
 
 def reqs(prefix: str, n: int, tokens: int = 4) -> list[GenerationRequest]:

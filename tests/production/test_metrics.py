@@ -21,6 +21,7 @@ OURS = [
     "steerserve:request_rejected_total", "steerserve:steering_interventions_total",
     "steerserve:steering_specs_in_flight", "steerserve:num_requests_waiting_for_steering_row",
     "steerserve:saes_on_device", "steerserve:registry_cache_hits_total", "steerserve:registry_cache_misses_total",
+    "steerserve:steering_step_registry_reads_total",
 ]  # fmt: skip
 
 
@@ -71,3 +72,5 @@ def test_metrics_are_complete_and_steering_ones_move(keyed_server):
     assert m("steerserve:registry_cache_hits_total", cache="sae_device") > before["hit"]
     assert m("steerserve:registry_cache_misses_total", cache="logit_effect") >= 1
     assert m("steerserve:registry_cache_hits_total", cache="logit_effect") >= 1
+    # every SAE the steps used was loaded when the call was planned: no registry read inside a step
+    assert m("steerserve:steering_step_registry_reads_total") == 0

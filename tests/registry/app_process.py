@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from steerserve.api.errors import install_error_handlers
 from steerserve.api.routes_registry import router
 from steerserve.config import Config, RegistryConfig, ServerConfig
-from steerserve.engine.types import ModelInfo
 from steerserve.registry import Registry
+from steerserve.types.model import ModelInfo
 
 MODEL = ModelInfo(name="toy", architecture="gpt2", d_model=16, n_layers=4, vocab_size=100, max_model_len=64)
 

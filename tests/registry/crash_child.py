@@ -16,7 +16,7 @@ from pathlib import Path
 
 from steerserve.config import RegistryConfig
 from steerserve.registry import Registry, SAEWeights
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry.helpers import rand_state
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save
 from steerserve.config import RegistryConfig
 from steerserve.registry import FeatureInfo, Registry, SAEWeights
 from steerserve.registry.blobs import TempFile, clean_stray_temp, open_blob_store
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry.app_process import free_port
 from tests.registry.helpers import rand_state, saelens_cfg
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from steerserve.registry.errors import InvalidInput
 from steerserve.registry.formats import load_sae_path
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry import fidelity_helpers as fh
 from tests.registry.fidelity_helpers import (
     HOOK,

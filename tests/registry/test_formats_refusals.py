@@ -29,7 +29,7 @@ from sparsify.utils import eager_decode
 from steerserve.registry.errors import InvalidInput
 from steerserve.registry.formats import load_sae_path
 from steerserve.registry.formats.families import RELEASE_LOADERS, TABLE, Accept, Family
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry import fidelity_helpers as fh
 from tests.registry.helpers import D_IN, D_SAE
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from steerserve.registry.errors import InvalidInput
 from steerserve.registry.formats import load_sae, load_sae_path
 from steerserve.registry.sae import SAEWeights
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry.helpers import (
     D_IN,
     D_SAE,
@@ -115,7 +115,7 @@ def test_saelens_refusals(tmp_path, extra, message):
 
 
 def test_saelens_unsupported_hook_and_extra_tensor_refused(tmp_path):
-    # NOTE: hook_mlp_out / hook_attn_out / ... are sites (sites.py); the MLP's hidden layer is not
+    # NOTE: hook_mlp_out / hook_attn_out / ... are sites (types/sites.py); the MLP's hidden layer is not
     with pytest.raises(InvalidInput, match="hook"):
         load_sae_path(write_saelens(tmp_path / "h", saelens_cfg("standard", 6, hook="blocks.2.mlp.hook_post"),
                                     rand_state("standard")))  # fmt: skip

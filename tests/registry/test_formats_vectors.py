@@ -16,7 +16,7 @@ from steerserve.registry.formats import load_vector
 from steerserve.registry.formats.gguf import read_gguf
 from steerserve.registry.formats.neuronpedia import parse_features
 from steerserve.registry.formats.vectors import from_json
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry.helpers import write_gguf
 
 VEC = np.linspace(-1.0, 1.0, 16, dtype=np.float32)

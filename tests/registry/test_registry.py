@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerserve.engine.types import ModelInfo
-from steerserve.registry import DeviceSAECache, FeatureInfo, Registry, SAEWeights, SteeringVector
+from steerserve.registry import FeatureInfo, Registry, SAEWeights, SteeringVector
 from steerserve.registry.errors import Conflict, InvalidInput, NotFound, TooLarge
 from steerserve.registry.schema import MIGRATIONS
-from steerserve.sites import Site
+from steerserve.runner.steering.sae_cache import DeviceSAECache, SteeringResourceError
+from steerserve.types.model import ModelInfo
+from steerserve.types.sites import Site
+from steerserve.types.steering import SAERef
 from tests.registry.helpers import D_IN, D_SAE, rand_state
 
 MODEL = ModelInfo(name="toy", architecture="gpt2", d_model=D_IN, n_layers=4, vocab_size=100, max_model_len=64)
@@ -194,21 +196,25 @@ def test_a_version_3_registry_gains_mean_activations(registry_config):
 def test_device_cache_lru_and_delete(registry):
     one = sae().nbytes
     cache = DeviceSAECache(registry, "cpu", budget_bytes=int(2.5 * one))
+    refs = {}
     for i in range(3):
-        registry.add_sae(sae(seed=i), sae_id=f"s{i}")
-    a = cache.get("s0")
-    assert cache.get("s0") is a  # cached: the same object
-    cache.get("s1")
-    cache.get("s0")  # s0 now most recent
-    cache.get("s2")  # evicts s1, the least recently used
+        rec = registry.add_sae(sae(seed=i), sae_id=f"s{i}")
+        refs[rec.id] = SAERef(rec.id, rec.uid)
+    a = cache.get(refs["s0"])
+    assert cache.get(refs["s0"]) is a  # cached: the same object
+    cache.get(refs["s1"])
+    cache.get(refs["s0"])  # s0 now most recent
+    cache.get(refs["s2"])  # evicts s1, the least recently used
     assert cache.cached_ids() == ["s0", "s2"] and cache.used_bytes <= cache.budget_bytes
     registry.delete_sae("s0")
     assert cache.cached_ids() == ["s2"]
     with pytest.raises(NotFound):
-        cache.get("s0")
-    registry.add_sae(sae(seed=9), sae_id="s0")  # same id, new content: reloaded, not the old weights
-    torch.testing.assert_close(cache.get("s0").encode(X), sae(seed=9).encode(X))
+        cache.get(refs["s0"])
+    rec = registry.add_sae(sae(seed=9), sae_id="s0")  # same id, new content: reloaded, not the old weights
+    torch.testing.assert_close(cache.get(SAERef("s0", rec.uid)).encode(X), sae(seed=9).encode(X))
+    with pytest.raises(SteeringResourceError):  # the old uid is not handed the new content
+        cache.get(refs["s0"])
     with pytest.raises(TooLarge):
-        DeviceSAECache(registry, "cpu", budget_bytes=one // 2).get("s2")
+        DeviceSAECache(registry, "cpu", budget_bytes=one // 2).get(refs["s2"])
     half = DeviceSAECache(registry, "cpu", budget_bytes=one, dtype=torch.float16)
-    assert half.get("s2").dtype == torch.float16
+    assert half.get(refs["s2"]).dtype == torch.float16

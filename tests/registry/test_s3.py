@@ -18,7 +18,7 @@ from steerserve.registry import Registry, SAEWeights
 from steerserve.registry.blobs import BlobStoreError, CorruptBlob
 from steerserve.registry.blobs_s3 import S3BlobStore
 from steerserve.registry.errors import Conflict
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.registry.conftest import _free_port
 from tests.registry.helpers import rand_state, saelens_cfg, write_saelens
 

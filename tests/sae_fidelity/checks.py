@@ -8,7 +8,7 @@ import torch
 
 from steerkernels import cpu
 from steerserve.config import SteeringConfig
-from steerserve.steering.banks import SiteBank
+from steerserve.runner.steering.banks import SiteBank
 from tests.sae_fidelity import ops
 from tests.sae_fidelity.conftest import triton_device
 from tests.sae_fidelity.library import D_IN, Pair
@@ -141,12 +141,12 @@ def slot_local_bank(pair: Pair, x: torch.Tensor, backend: str, monkeypatch) -> N
 
 
 def gates(pair: Pair, x: torch.Tensor, backend: str, monkeypatch) -> None:
-    """What `when` / `stop_when` read (steering/gates.py): row 0 gates on feature f above 0, row 1 on
+    """What `when` / `stop_when` read (runner/steering/gates.py): row 0 gates on feature f above 0, row 1 on
     feature g in a band; each token's gate activation equals the library's encode() and fires with it.
     Tokens alternate rows; two requests split the packed batch."""
-    from steerserve.sites import Site
-    from steerserve.steering.gates import GateTable
-    from steerserve.steering.spec import Gate, SAERef, SteeringSpec
+    from steerserve.runner.steering.gates import GateTable
+    from steerserve.types.sites import Site
+    from steerserve.types.steering import Gate, SAERef, SteeringSpec
 
     x = on_backend(backend, x, pair, "model", few=False)
     device = x.device

@@ -1,5 +1,5 @@
 """Our side of the parity tests: the steerkernels ops exactly as the server calls them (a TopK SAE's
-per-token rank threshold from steering/banks.py), on one backend."""
+per-token rank threshold from runner/steering/banks.py), on one backend."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import steerkernels as sk
 from steerserve.registry import SAEWeights
-from steerserve.steering.banks import topk_token_threshold
+from steerserve.runner.steering.banks import topk_token_threshold
 
 MODES = {"clamp": 0, "scale": 1, "ablate": 2}
 BACKENDS = ("torch", "cpu", "triton")
@@ -31,7 +31,7 @@ def all_acts(w: SAEWeights, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def top_k(w: SAEWeights, x: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sae_encode_topk` as /v1/inspect and return_features call it (steering/capture.py)."""
+    """`sae_encode_topk` as /v1/inspect and return_features call it (runner/steering/capture.py)."""
     return sk.sae_encode_topk(
         x, w.W_enc, w.b_enc, w.b_dec, w.threshold, w.apply_b_dec_to_input, k, sae_k=w.k, backend=backend
     )
@@ -50,5 +50,5 @@ def edit(
     modes = torch.full((T, F), MODES[mode], dtype=torch.int64, device=x.device)
     return sk.sae_edit(
         x.clone(), slot, feats, w.W_enc, w.b_enc, w.W_dec, w.b_dec, w.threshold, w.apply_b_dec_to_input,
-        modes, values.float(), None, token_threshold=token_threshold(w, x), backend=backend,
+        modes, values.float(), token_threshold=token_threshold(w, x), backend=backend,
     )  # fmt: skip

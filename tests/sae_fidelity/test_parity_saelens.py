@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.sae_fidelity import checks, ops
 from tests.sae_fidelity.library import SAELENS, demo_pair, saelens_pair
 
@@ -59,7 +59,7 @@ def test_the_cases_separate_the_library_from_the_old_formulas(pairs, model_state
 
 
 def test_add_writes_what_the_library_decode_adds(pairs):
-    """`add` writes strength * W_dec[f] of the stored SAE (steering/rows.py): the row the library's
+    """`add` writes strength * W_dec[f] of the stored SAE (runner/steering/rows.py): the row the library's
     decode() multiplies feature f's activation by. For TopK with rescale_acts_by_decoder_norm that is the
     file's W_dec[f] / |W_dec[f]| (API.md), not the file's row."""
     for name, pair in pairs.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 from tests.sae_fidelity import checks, ops
 from tests.sae_fidelity.library import sparsify_pair
 

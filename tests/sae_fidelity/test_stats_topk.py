@@ -1,4 +1,4 @@
-"""`registry stats` (steering/stats.py, through the engine) on TopK SAEs written by sae-lens and by
+"""`registry stats` (interp/stats.py, through the engine) on TopK SAEs written by sae-lens and by
 sparsify: every token has exactly k active features, so the densities sum to k (mean k / d_sae), and
 max / mean activation equal the library's own encode() of the same tokens' hidden states (read here
 with a forward hook on the transformers model). The old reading (relu over every feature) fails all
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from steerserve.engine.tokenizer import encode_prompt
-from steerserve.steering.stats import feature_stats
+from steerserve.interp.stats import feature_stats
 from tests.engine.helpers import tiny_engine
 from tests.sae_fidelity.conftest import TEXTS, resid_post
 from tests.sae_fidelity.library import D_SAE, saelens_pair, sparsify_pair

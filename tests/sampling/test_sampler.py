@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerserve.engine.scheduler import ScheduledRequest
-from steerserve.engine.types import SamplingParams
 from steerserve.runner.input_batch import build_sampling_batch, new_cached_request
 from steerserve.sampling.sampler import Sampler
+from steerserve.types.requests import SamplingParams
+from steerserve.types.step import ScheduledRequest
 
 V = 50
 
 
 def cached(sp: SamplingParams, rid: str = "r", prompt=(1, 2, 3)):
-    item = ScheduledRequest(rid, prompt, 0, (0,), True, len(prompt), prompt, True, sp, None)
+    item = ScheduledRequest(rid, prompt, 0, (0,), True, len(prompt), prompt, sp, None)
     import random
 
     return new_cached_request(item, torch.device("cpu"), random.Random(0))
@@ -99,7 +99,6 @@ def test_penalties_change_only_seen_tokens():
         batch.sparse_bias,
         batch.dense_bank,
         batch.dense_idx,
-        batch.dense_scale,
         batch.penalty_ids,
         batch.penalty_counts,
         batch.repetition_penalty,

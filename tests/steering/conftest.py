@@ -8,8 +8,8 @@ import torch
 import steerkernels.cpu
 from steerserve.config import SteeringConfig
 from steerserve.registry import FeatureInfo, SAEWeights, SteeringVector
-from steerserve.sites import Site
 from steerserve.steering.compile import compile_steering
+from steerserve.types.sites import Site
 from tests.engine.helpers import tiny_engine
 
 D_SAE = 48

@@ -72,7 +72,7 @@ class _DenseBias(LogitsProcessor):
 
 
 # The module of each site inside a layer, read from transformers' decoder layers (written out here, not
-# taken from steerserve.runner.model_sites): what attention adds, the pre-MLP norm, what the MLP adds.
+# taken from steerserve.runner.model_adapter): what attention adds, the pre-MLP norm, what the MLP adds.
 _SUBLAYER = {
     "gpt2": ("attn", "ln_2", "mlp"),
     "llama": ("self_attn", "post_attention_layernorm", "mlp"),

@@ -9,8 +9,8 @@ import torch
 import steerkernels
 from steerserve.config import SteeringConfig
 from steerserve.registry import SAEWeights
-from steerserve.sites import Site
-from steerserve.steering.banks import SiteBank
+from steerserve.runner.steering.banks import SiteBank
+from steerserve.types.sites import Site
 
 D, D_SAE, ROWS = 24, 40, 5
 MODES = {"feature_clamp": 0, "feature_scale": 1, "feature_ablate": 2}
@@ -40,7 +40,7 @@ def expected(h, token_slot, edits_by_slot, w: SAEWeights) -> torch.Tensor:
             feat[slot, j], mode[slot, j], value[slot, j] = index, MODES[kind], v
     return steerkernels.sae_edit(
         h.clone(), token_slot, feat, w.W_enc, w.b_enc, w.W_dec, w.b_dec, w.threshold,
-        w.apply_b_dec_to_input, mode, value, None, backend="torch",
+        w.apply_b_dec_to_input, mode, value, backend="torch",
     )  # fmt: skip
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerserve.api.errors import APIError
-from steerserve.engine.types import FinishReason, GenerationRequest, SamplingParams
+from steerserve.steering.errors import SteeringError
+from steerserve.types.requests import FinishReason, GenerationRequest, SamplingParams
 from tests.steering.reference import site_activations, steered_generate
 from tests.steering.test_exactness import MAX_TOKENS, prompt, run_engine
 
@@ -228,7 +228,7 @@ def test_stop_when_with_steering_and_unstopped_neighbours(world):
     ],
 )  # fmt: skip
 def test_bad_gates_name_the_field(world, steering, stop_when, param, status):
-    with pytest.raises(APIError) as err:
+    with pytest.raises(SteeringError) as err:
         world.spec(steering, stop_when=stop_when)
     assert err.value.status == status
     assert err.value.param == param, err.value

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.types.requests import GenerationRequest, SamplingParams
 from tests.engine.helpers import run_staggered
 from tests.steering.reference import steered_generate
 

@@ -10,14 +10,14 @@ import threading
 import pytest
 import torch
 
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.types.requests import GenerationRequest, SamplingParams
 from tests.engine.helpers import run_staggered
 from tests.steering.reference import activation
 
 
 def capture_site(world, layer: int, hook: str, prompt: list[int], spec, max_tokens: int = 6):
     """Hidden states at a site for every token the engine feeds, via a forward hook on the engine's model."""
-    from steerserve.runner.model_sites import decoder_layers
+    from steerserve.runner.model_adapter import decoder_layers
 
     seen = []
     layer_mod = decoder_layers(world.built.model)[layer]
@@ -59,7 +59,7 @@ def test_clamp_sets_the_activation_at_every_steered_position(world):
     sae = world.sae_dict("tied")
     spec = world.spec([{"feature": {"sae": "tied", "index": 5}, "mode": "clamp", "value": 7.0}])
     p = list(range(60, 75))
-    from steerserve.runner.model_sites import decoder_layers
+    from steerserve.runner.model_adapter import decoder_layers
 
     seen = []
     # NOTE: the layer's first norm sees its input after the layer's pre-hooks (the steering) ran

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from steerserve.config import SteeringConfig
-from steerserve.engine.types import FeatureCapture, GenerationRequest, SamplingParams
 from steerserve.registry import SteeringVector
-from steerserve.sites import RESID_HOOKS, Hook, Site
 from steerserve.steering.compile import compile_steering
+from steerserve.types.requests import FeatureCapture, GenerationRequest, SamplingParams
+from steerserve.types.sites import RESID_HOOKS, Hook, Site
 from tests.engine.helpers import tiny_engine
 from tests.steering.conftest import random_sae, sae_dict
 from tests.steering.reference import site_activations, steered_generate

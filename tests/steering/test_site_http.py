@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from steerserve.sites import parse_site
+from steerserve.types.sites import parse_site
 from tests.server_process import ServerProcess
 from tests.steering.reference import read_site, steered_generate
 from tests.steering.site_models import save_norm_perturbed_model

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steerserve.runner.model_sites import model_sites
+from steerserve.runner.model_adapter import model_adapter
 from steerserve.runner.site_hooks import SiteHooks
-from steerserve.sites import Hook, Site
+from steerserve.types.sites import Hook, Site
 from tests.steering.site_models import SUBLAYER_ARCHS, save_norm_perturbed_model
 
 bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
@@ -30,7 +30,7 @@ def models(request, tmp_path_factory):
 
 
 def _run_ours(model, on_site, sites):
-    hooks = SiteHooks(model_sites(model), on_site)
+    hooks = SiteHooks(model_adapter(model), on_site)
     hooks.sync(set(sites))
     try:
         with torch.inference_mode():
@@ -41,12 +41,12 @@ def _run_ours(model, on_site, sites):
 
 def test_every_hook_is_mapped(models):
     ours, _ = models
-    assert model_sites(ours).hooks == tuple(h.value for h in Hook)
+    assert model_adapter(ours).hooks == tuple(h.value for h in Hook)
 
 
 def test_hidden_states_at_every_site_equal_transformer_lens_cache(models):
     ours, bridge = models
-    n_layers = model_sites(ours).n_layers
+    n_layers = model_adapter(ours).n_layers
     sites = [Site(layer, hook) for layer in range(n_layers) for hook in Hook]
     seen = {}
 
@@ -72,7 +72,7 @@ def test_hidden_states_at_every_site_equal_transformer_lens_cache(models):
 @pytest.mark.parametrize("hook", [h for h in Hook if h not in (Hook.RESID_PRE, Hook.RESID_POST)])
 def test_an_edit_at_each_site_equals_the_same_edit_by_a_transformer_lens_hook(models, hook):
     ours, bridge = models
-    d = model_sites(ours).d_model
+    d = model_adapter(ours).d_model
     site = Site(0, hook)
     v = torch.randn(d, generator=torch.Generator().manual_seed(7)) * 2.0
     rows = torch.tensor([2, 5, 11])  # some tokens only: the others must be left as they were
@@ -143,7 +143,7 @@ def test_gpt2_edits_equal_hooked_transformer(gpt2_and_hooked_transformer, hook):
     and the MLP, mlp_in (a clone) into the MLP only, ln2.hook_normalized through ln2's weight and bias."""
     ours, ht = gpt2_and_hooked_transformer
     site = Site(1, hook)
-    v = torch.randn(model_sites(ours).d_model, generator=torch.Generator().manual_seed(9)) * 2.0
+    v = torch.randn(model_adapter(ours).d_model, generator=torch.Generator().manual_seed(9)) * 2.0
 
     def add(site_, h):
         h[3:] += v

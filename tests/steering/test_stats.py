@@ -9,10 +9,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
+from steerserve.interp.stats import feature_stats
 from steerserve.registry import Registry
 from steerserve.runner.model_loader import byte_tokenizer
-from steerserve.sites import Site
-from steerserve.steering.stats import feature_stats
+from steerserve.types.sites import Site
 from tests.engine.helpers import tiny_engine
 from tests.steering.conftest import random_sae
 from tests.steering.reference import activation

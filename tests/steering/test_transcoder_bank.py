@@ -11,8 +11,8 @@ import torch
 
 from steerserve.config import SteeringConfig
 from steerserve.registry.formats import load_sae_path
-from steerserve.sites import Site
-from steerserve.steering.banks import SiteBank
+from steerserve.runner.steering.banks import SiteBank
+from steerserve.types.sites import Site
 from tests.sae_fidelity import checks, ops
 from tests.sae_fidelity.library import Pair
 from tests.steering.test_transcoders import D_MODEL, TRANSCODERS, _reconstruction, library_transcoder

@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from steerserve.sites import parse_site
+from steerserve.types.sites import parse_site
 from tests.server_process import ServerProcess
 from tests.steering.reference import _SUBLAYER, _layers, _load, greedy_generate
 from tests.steering.site_models import save_norm_perturbed_model

@@ -25,12 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+# NOTE: the client installs without the server, so it keeps its own copy of the vocabulary: these
+# Literals mirror the server's enums (steerserve.types.steering: Positions, AddScale) and the item
+# schemas of /openapi.json; tests/steering/test_client_vocabulary.py checks they agree.
 Positions = Literal["all", "prompt", "generated"]
 AddScale = Literal["raw", "unit", "max_activation"]
-_POSITIONS = ("all", "prompt", "generated")
-_SCALES = ("raw", "unit", "max_activation")
+_POSITIONS = get_args(Positions)
+_SCALES = get_args(AddScale)
 
 
 def _finite(value: float, name: str) -> float:

@@ -67,7 +67,7 @@ inline void axpy(float* y, float a, Vec x, int64_t n) {
 
 extern "C" {
 
-int ss_steer_abi_version() { return 3; }
+int ss_steer_abi_version() { return 4; }  // cpu.py's ABI_VERSION
 
 // Which tokens a call edits, and the hidden states they live in. Index arrays are int64.
 struct TokenArgs {
@@ -77,10 +77,6 @@ struct TokenArgs {
   int64_t T, d, S;              // tokens, hidden size, slots
   const int64_t* slot;          // [T] slot_of_token (stride slot_s), -1 = none
   int64_t slot_s;
-  const int64_t* slot_positions;  // [S] (stride sp_s) or null = every position
-  int64_t sp_s;
-  const int64_t* pos_class;     // [T] (stride pc_s), read only with slot_positions
-  int64_t pc_s;
   int32_t n_threads;
 };
 
@@ -129,10 +125,7 @@ namespace {
 // The slot token t is steered by, or -1.
 inline int64_t steered_slot(const TokenArgs& a, int64_t t) {
   int64_t s = a.slot[t * a.slot_s];
-  if (s < 0 || s >= a.S) return -1;
-  if (a.slot_positions == nullptr) return s;
-  int64_t rule = a.slot_positions[s * a.sp_s];
-  return (rule == 0 || rule == a.pos_class[t * a.pc_s] + 1) ? s : -1;
+  return (s < 0 || s >= a.S) ? -1 : s;
 }
 
 // Runs edit(slot, t, x[d]) -> bool (true: x changed) on every steered token t, x in fp32; writes back only
@@ -235,8 +228,7 @@ struct LogitArgs {
   int64_t Sp;
   const float* bank;  // [B, V] row stride bank_row
   int64_t bank_row, B;
-  const int64_t* dense_idx;  // [R, D] contiguous
-  const float* dense_scale;
+  const int64_t* dense_idx;  // [R, D] contiguous: bank rows added whole
   int64_t D;
   const int64_t* penalty_ids;  // [R, P] contiguous
   const int64_t* penalty_counts;
@@ -260,9 +252,8 @@ int ss_apply_logit_bias(const LogitArgs* a) {
     for (int64_t j = 0; j < a->D; ++j) {
       int64_t b = a->dense_idx[r * a->D + j];
       if (b < 0 || b >= a->B) continue;
-      const float w = a->dense_scale[r * a->D + j];
       const float* bias = a->bank + b * a->bank_row;
-      for (int64_t i = 0; i < V; ++i) x[i] += w * bias[i];
+      for (int64_t i = 0; i < V; ++i) x[i] += bias[i];
     }
     const float rp = a->repetition[r], pres = a->presence[r], freq = a->frequency[r];
     for (int64_t j = 0; j < a->P; ++j) {

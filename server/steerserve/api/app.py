@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -15,12 +16,10 @@ from steerserve.api.executors import REGISTRY_POOL, run_in
 from steerserve.api.jsonsafe import SafeJSONResponse
 from steerserve.api.limits import RequestLimits
 from steerserve.api.routes_playground import install_playground
+from steerserve.api.services import Services
 from steerserve.config import Config
-from steerserve.demo.shipped import DEMO_MODEL, register_demo
 from steerserve.engine.admission import Admission
 from steerserve.engine.engine import AsyncEngine
-from steerserve.engine.setup import BuiltEngine, build_engine
-from steerserve.steering.promotion import PromotionIndex
 
 logger = logging.getLogger(__name__)
 service = APIRouter()
@@ -74,25 +73,23 @@ async def models(request: Request):
     }
 
 
-def create_app(config: Config, built: BuiltEngine | None = None) -> FastAPI:
-    """The app; the engine is built at start-up unless one is given (tests share one)."""
+def create_app(config: Config, start: Callable[[], Services]) -> FastAPI:
+    """The app; `start()` (the composition root's) loads the model and builds the engine at start-up."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        b = built or build_engine(config)
-        if config.model.model == DEMO_MODEL:  # the shipped demo: its SAE, labels, variants
-            register_demo(b.registry, b.info)
-        app.state.registry = b.registry
-        app.state.steering_resources = b.steering.resources
-        app.state.promotion = PromotionIndex(b.steering.resources)
+        services = start()
+        app.state.registry = services.registry
+        app.state.readout = services.readout
         adm = config.admission
         per_call = adm.max_queued_per_call or config.scheduler.max_num_seqs
         engine = AsyncEngine(
-            b.core, Admission(adm.max_queued_requests, adm.max_queued_tokens, adm.retry_after_s, per_call)
+            services.core,
+            Admission(adm.max_queued_requests, adm.max_queued_tokens, adm.retry_after_s, per_call),
         )
-        app.state.model_info = b.info
-        app.state.tokenizer = b.tokenizer
-        app.state.metrics = b.metrics
+        app.state.model_info = services.info
+        app.state.tokenizer = services.tokenizer
+        app.state.metrics = services.metrics
         engine.start()
         app.state.engine = engine
         try:

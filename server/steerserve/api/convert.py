@@ -10,7 +10,8 @@ from steerserve.api.errors import APIError
 from steerserve.api.protocol import ChatMessage, CompletionRequest, SamplingFields
 from steerserve.config import LimitsConfig
 from steerserve.engine.tokenizer import ChatTemplateError, apply_chat_template, encode_prompt
-from steerserve.engine.types import ModelInfo, SamplingParams
+from steerserve.types.model import ModelInfo
+from steerserve.types.requests import SamplingParams
 
 
 def bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:

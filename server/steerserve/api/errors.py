@@ -18,6 +18,8 @@ from starlette.responses import Response
 
 from steerserve.api.jsonsafe import SafeJSONResponse
 from steerserve.registry.blobs import BlobStoreError
+from steerserve.steering import items as steering_items
+from steerserve.steering.errors import SteeringError
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +72,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
-def error_response(exc: APIError) -> JSONResponse:
+def error_response(exc: APIError | SteeringError) -> JSONResponse:
     return SafeJSONResponse(
-        error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status, headers=exc.headers
+        error_body(exc.status, exc.message, exc.param, exc.code),
+        status_code=exc.status,
+        headers=getattr(exc, "headers", None),
     )
 
 
@@ -83,12 +87,7 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|.*\[.*\]|function-
 def _loc_to_param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     parts = [p for p in parts if not _UNION_TAG.match(p)]
-    if not parts:
-        return None
-    out = parts[0]
-    for p in parts[1:]:
-        out += f"[{p}]" if p.isdigit() else f".{p}"
-    return out
+    return steering_items.param_name(tuple(parts)) or None
 
 
 _DOCUMENTED = {
@@ -162,14 +161,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(SteeringError)
+    async def _steering_error(_: Request, exc: SteeringError) -> JSONResponse:
+        return error_response(exc)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        loc, msg = steering_items.clean_error(first)  # an intervention's union tags out of its location
+        param = _loc_to_param(loc)
         message = f"{param}: {msg}" if param else msg
-        return SafeJSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
+        # the steering fields are refused as compile refuses them (steering/compile.py)
+        code = "invalid_steering" if set(loc[1:3]) & set(steering_items.FIELDS) else "invalid_value"
+        return SafeJSONResponse(error_body(400, message, param, code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from steerserve.engine.types import TokenFeatures
 from steerserve.registry import NotFound, Registry
+from steerserve.types.requests import TokenFeatures
 
 
 class FeatureLabels:

@@ -12,7 +12,7 @@ import asyncio
 from collections import deque
 
 from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
-from steerserve.engine.types import FinishReason, GenerationRequest
+from steerserve.types.requests import FinishReason, GenerationRequest
 
 
 class CallFeed:

@@ -3,6 +3,7 @@ prompts x n choices (plus unsteered twins) into GenerationRequests."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from steerserve.api.errors import APIError
 from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.protocol import SamplingFields
-from steerserve.engine.types import FeatureCapture, FeatureStop, GenerationRequest
 from steerserve.registry import NotFound
 from steerserve.steering.compile import compile_steering
-from steerserve.steering.spec import SteeringSpec
+from steerserve.types.requests import FeatureCapture, FeatureStop, GenerationRequest
+from steerserve.types.steering import SteeringSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class CallPlan:
     steering: SteeringSpec | None
     labels: FeatureLabels | None = None  # set when the call asked for return_features
     tokenizer: object = None
+    # what the runner's cache holds for this call (api/services.py: FeatureReadout.prepare): kept until
+    # the call ends, so its steps read no registry and run with what was compiled
+    pin: object = None
 
     def features(self, index: int, feats, output_ids) -> dict:
         """{"features": [...]} for choice `index` when the call captures features, else {}."""
@@ -79,6 +85,17 @@ def feature_capture(
     return FeatureCapture(record.id, record.uid, top_k, positions)
 
 
+async def prepare_call(state, spec: SteeringSpec | None, captures) -> object:
+    """Load what a call's steps need into the runner's cache (FeatureReadout.prepare); hold the result
+    until the call ends. A failure here (a blob gone from the store, ...) is left to the step that needs
+    the item: it loads it again and ends only that request with the cause, as any admission failure."""
+    try:
+        return await run_in(GENERATION_POOL, state.readout.prepare, spec, captures)
+    except Exception as exc:  # NOTE: see the docstring
+        logger.warning("could not preload steering resources: %s: %s", type(exc).__name__, exc)
+        return None
+
+
 def resolve_variant(body: SamplingFields, model_name: str) -> str | None:
     """`model="<model>:<variant>"` or the `variant` field; both naming different variants is a 400."""
     from_model = None
@@ -107,7 +124,7 @@ async def plan_call(
     if body.steering or body.feature_logit_bias or body.stop_when or variant:
         spec = await run_in(
             GENERATION_POOL, compile_steering, state.registry, info, state.config.steering,
-            body.steering, body.feature_logit_bias, variant, body.stop_when, state.steering_resources.sae,
+            body.steering, body.feature_logit_bias, variant, body.stop_when, state.readout.sae_weights,
         )  # fmt: skip
     capture = None
     if body.return_features is not None:
@@ -120,6 +137,9 @@ async def plan_call(
             body.return_features.top_k,
             "generated",
         )
+    pin = None
+    if spec is not None or capture is not None:
+        pin = await prepare_call(state, spec, [capture])
     twins = body.return_unsteered and spec is not None
     seed = body.seed
     if twins and seed is None:  # the twin must draw the same random numbers as the steered choice
@@ -147,4 +167,4 @@ async def plan_call(
                     GenerationRequest(f"{call_id}-u{index}", tuple(ids), sp, None, now, capture, deadline)
                 )
     labels = FeatureLabels(state.registry, capture.sae_id) if capture is not None else None
-    return CallPlan(steered + unsteered, len(steered), spec, labels, state.tokenizer)
+    return CallPlan(steered + unsteered, len(steered), spec, labels, state.tokenizer, pin)

@@ -93,7 +93,7 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None
-    # steering extensions (API.md); compiled by the steering layer
+    # steering extensions (API.md): items typed by steering/items.py, compiled by steering/compile.py
     variant: Name | None = None
     steering: SteeringItems = None
     feature_logit_bias: LogitBiasItems = None

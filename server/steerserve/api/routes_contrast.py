@@ -24,20 +24,20 @@ from steerserve.api.convert import bad, encode_text
 from steerserve.api.errors import APIError, error_body
 from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.features_json import FeatureLabels
-from steerserve.api.plan import call_deadline, feature_capture
+from steerserve.api.plan import call_deadline, feature_capture, prepare_call
 from steerserve.api.protocol import ContrastVectorRequest, FeatureContrastRequest
 from steerserve.api.routes_registry import _run
 from steerserve.api.serving import EventStream, admit, collect, new_id, sse, stream_choices, until_disconnect
-from steerserve.engine.types import (
+from steerserve.registry import SteeringVector
+from steerserve.types.model import ModelInfo
+from steerserve.types.requests import (
     GenerationRequest,
     HiddenCapture,
-    ModelInfo,
     SamplingParams,
     TokenFeatures,
     TokenHidden,
 )
-from steerserve.registry import SteeringVector
-from steerserve.sites import Site, SiteError, parse_site
+from steerserve.types.sites import Site, SiteError, parse_site
 
 router = APIRouter()
 
@@ -167,7 +167,9 @@ async def contrast_features(body: FeatureContrastRequest, request: Request):
         GenerationRequest(f"{call_id}-{i}", tuple(ids), sp, None, now, capture, deadline)
         for i, ids in enumerate(prompts)
     ]
+    pin = await prepare_call(state, None, [capture])  # held until the call ends
     results = await until_disconnect(request, collect(state.engine, reqs))
+    del pin
     means = torch.zeros(len(texts), record.d_sae)  # per text: mean activation over its tokens
     for row, r in enumerate(results):
         feats = [f for f in r.features if isinstance(f, TokenFeatures)]

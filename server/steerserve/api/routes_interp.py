@@ -1,8 +1,10 @@
 """Interpretability routes: POST /v1/inspect (per-token SAE features, optionally on a steered completion
-generated in the same call) and the direct logit effect of a feature (`top_logits`)."""
+generated in the same call), the direct logit effect of a feature (`top_logits`) and search by effect
+(`promotes`). The last two read the model out through `FeatureReadout` as engine jobs."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import torch
@@ -13,14 +15,15 @@ from steerserve.api.convert import bad, chat_prompt, check_steering_counts, enco
 from steerserve.api.errors import APIError
 from steerserve.api.executors import GENERATION_POOL, REGISTRY_POOL, run_in
 from steerserve.api.features_json import FeatureLabels, token_features_json
-from steerserve.api.plan import call_deadline, feature_capture
+from steerserve.api.plan import call_deadline, feature_capture, prepare_call
 from steerserve.api.protocol import MAX_INSPECT_SAES, InspectRequest
 from steerserve.api.serving import collect, new_id, until_disconnect
-from steerserve.engine.types import GenerationRequest, SamplingParams
+from steerserve.engine.engine import EngineDeadError
 from steerserve.registry import NotFound
 from steerserve.registry.storable import is_uint
 from steerserve.steering.compile import compile_steering
-from steerserve.steering.spec import SAERef
+from steerserve.types.requests import GenerationRequest, SamplingParams
+from steerserve.types.steering import SAERef
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 TOP_LOGITS = 10
@@ -58,7 +61,7 @@ async def inspect(body: InspectRequest, request: Request):
         check_steering_counts(g, state.config.steering, "generate.")
         spec = await run_in(
             GENERATION_POOL, compile_steering, state.registry, info, state.config.steering,
-            g.steering, g.feature_logit_bias, g.variant, None, state.steering_resources.sae,
+            g.steering, g.feature_logit_bias, g.variant, None, state.readout.sae_weights,
         )  # fmt: skip
         max_tokens = g.max_tokens + 1  # NOTE: one more step, so the last reported token has activations too
     if len(prompt) + max_tokens > info.max_model_len:
@@ -70,7 +73,9 @@ async def inspect(body: InspectRequest, request: Request):
         GenerationRequest(f"{call_id}-{k}", tuple(prompt), sp, spec, now, c, deadline)
         for k, c in enumerate(captures)
     ]
+    pin = await prepare_call(state, spec, captures)  # held until the call ends
     results = await until_disconnect(request, collect(state.engine, reqs))
+    del pin
     ids = prompt + results[0].token_ids  # greedy and identically steered: every request wrote the same
     per_sae = []
     for capture, result in zip(captures, results, strict=True):
@@ -108,9 +113,7 @@ async def inspect(body: InspectRequest, request: Request):
     return out
 
 
-def top_logits(state, sae_id: str, index: int) -> dict:
-    """Tokens feature `index` promotes and suppresses most through the unembedding (blocking)."""
-    resources = state.steering_resources
+def _feature_record(state, sae_id: str, index: int):
     record = state.registry.get_sae(sae_id)
     if not 0 <= index < record.d_sae:
         raise APIError(
@@ -119,9 +122,22 @@ def top_logits(state, sae_id: str, index: int) -> dict:
             "index",
             "feature_not_found",
         )
-    effect = resources.logit_effect(SAERef(record.id, record.uid), index).float().cpu()
+    return record
+
+
+async def _engine_job(state, fn, *args):
+    """`fn(*args)` as an engine job: between two steps, so a readout never runs the model's final norm
+    and unembedding during a forward pass (engine/jobs.py)."""
+    try:
+        return await asyncio.wrap_future(state.engine.run_job(fn, *args))
+    except EngineDeadError as exc:
+        retry = {"Retry-After": str(state.engine.admission.retry_after_s)}
+        raise APIError(503, f"the engine is not running: {exc}", code="engine_dead", headers=retry) from None
+
+
+def top_logits(tok, effect: torch.Tensor) -> dict:
+    """Tokens a feature's direct logit effect `[V]` promotes and suppresses most (blocking)."""
     k = min(TOP_LOGITS, effect.numel())
-    tok = state.tokenizer
 
     def entries(values: torch.Tensor, ids: torch.Tensor) -> list[dict]:
         return [
@@ -134,13 +150,19 @@ def top_logits(state, sae_id: str, index: int) -> dict:
 
 
 async def feature_top_logits(request: Request, sae_id: str, index: int) -> dict:
-    try:  # NOTE: on the registry's pool: a slow feature card never delays steering compiles
-        return await run_in(REGISTRY_POOL, top_logits, request.app.state, sae_id, index)
+    """Feature `index`'s top logits. NOTE: registry reads and decoding on the registry's pool (a slow
+    feature card never delays steering compiles), the readout on the engine thread."""
+    state = request.app.state
+    try:
+        record = await run_in(REGISTRY_POOL, _feature_record, state, sae_id, index)
+        effect = await _engine_job(state, state.readout.logit_effect, SAERef(record.id, record.uid), index)
     except NotFound:
         raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None
+    return await run_in(REGISTRY_POOL, top_logits, state.tokenizer, effect)
 
 
-def _promotion_hits(state, token: str, sae_id: str | None, limit: int) -> dict:
+def _promotion_target(state, token: str, sae_id: str | None) -> tuple[int, list]:
+    """The token id `promotes` names, and the SAEs to search (those that fit the served model)."""
     tok = state.tokenizer
     ids = tok(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -151,21 +173,24 @@ def _promotion_hits(state, token: str, sae_id: str | None, limit: int) -> dict:
             raise bad(
                 f"promotes={token!r} is {len(ids)} tokens; give one token (its text or its id)", "promotes"
             )
-    token_id = ids[0]
     records = [state.registry.get_sae(sae_id)] if sae_id else state.registry.list_saes()
-    hits = []
-    for record in records:
-        if record.d_in != state.model_info.d_model:
-            continue
-        scores = state.promotion.scores(SAERef(record.id, record.uid), token_id)
-        top = scores.topk(min(limit, scores.numel()))
-        for value, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            hits.append((value, record.id, index))
-    hits.sort(reverse=True)
+    return ids[0], [r for r in records if r.d_in == state.model_info.d_model]
+
+
+def _top_promoters(readout, ref: SAERef, token_id: int, limit: int) -> list[tuple[float, str, int]]:
+    """An engine job: the `limit` features of `ref` that promote `token_id` most: (score, sae, index)."""
+    scores = readout.promotion_scores(ref, token_id)
+    top = scores.topk(min(limit, scores.numel()))
+    return [(v, ref.id, i) for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+
+def _promotion_listing(state, token_id: int, hits: list[tuple[float, str, int]], limit: int) -> dict:
+    hits = sorted(hits, reverse=True)
     data = []
     for value, sid, index in hits[:limit]:
         labels = FeatureLabels(state.registry, sid)
         data.append({"sae": sid, "index": index, "label": labels(index), "score": value})
+    tok = state.tokenizer
     return {"object": "list", "token": tok.decode([token_id]), "token_id": token_id, "data": data}
 
 
@@ -174,7 +199,13 @@ async def search_by_promotion(request: Request, token: str, sae_id: str | None, 
         raise bad(
             f"promotes is {len(token)} characters; one token is at most {_MAX_PROMOTES_CHARS}", "promotes"
         )
+    state = request.app.state
     try:
-        return await run_in(REGISTRY_POOL, _promotion_hits, request.app.state, token, sae_id, limit)
+        token_id, records = await run_in(REGISTRY_POOL, _promotion_target, state, token, sae_id)
+        hits = []
+        for record in records:  # NOTE: one job per SAE: steps go on between them
+            ref = SAERef(record.id, record.uid)
+            hits.extend(await _engine_job(state, _top_promoters, state.readout, ref, token_id, limit))
+        return await run_in(REGISTRY_POOL, _promotion_listing, state, token_id, hits, limit)
     except NotFound:
         raise APIError(404, f"SAE {sae_id!r} does not exist", "sae", "sae_not_found") from None

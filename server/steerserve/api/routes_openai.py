@@ -20,7 +20,7 @@ from steerserve.api.serving import (
     until_disconnect,
     usage,
 )
-from steerserve.engine.types import TokenLogprob
+from steerserve.types.requests import TokenLogprob
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 

@@ -34,8 +34,9 @@ from steerserve.registry.storable import (
 )
 from steerserve.registry.tensors import npz_unpacked_bytes, sae_max_bytes, sniff
 from steerserve.registry.uploads import Form, receive_body, receive_form
-from steerserve.registry.validate import check_id, check_variant
-from steerserve.sites import Site
+from steerserve.registry.validate import check_id
+from steerserve.steering.variants import parse_variant
+from steerserve.types.sites import Site
 
 router = APIRouter()
 _admin = [Depends(require_admin_key)]
@@ -234,7 +235,7 @@ async def put_features(request: Request, sae_id: str) -> dict:
 async def get_feature(request: Request, sae_id: str, index: int) -> dict:
     info = await _run(_registry(request).get_feature, sae_id, index)
     out = {"object": "feature", **info.to_json(sae_id)}
-    if getattr(request.app.state, "steering_resources", None) is not None:  # needs the served model
+    if getattr(request.app.state, "readout", None) is not None:  # needs the served model
         from steerserve.api.routes_interp import feature_top_logits
 
         out["top_logits"] = await feature_top_logits(request, sae_id, index)
@@ -324,7 +325,7 @@ async def delete_vector(request: Request, vector_id: str) -> dict:
 async def create_variant(request: Request) -> JSONResponse:
     body = await _json(request)
     registry = _registry(request)
-    rec = await _run(lambda: registry.add_variant(*check_variant(body)))
+    rec = await _run(lambda: registry.add_variant(*parse_variant(body)))
     return JSONResponse(rec.to_json(), status_code=201)
 
 

@@ -20,7 +20,7 @@ from steerserve.api.feed import CallFeed
 from steerserve.api.jsonsafe import dumps
 from steerserve.engine.admission import QueueFullError
 from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
-from steerserve.engine.types import NON_FINITE_LOGITS, FinishReason, GenerationRequest, TokenLogprob
+from steerserve.types.requests import NON_FINITE_LOGITS, FinishReason, GenerationRequest, TokenLogprob
 
 
 def new_id(prefix: str) -> str:

@@ -1,76 +1,45 @@
-"""OpenAPI schemas of the free-form steering fields (API.md: Intervention, FeatureRef, stop_when).
+"""The steering fields of the request bodies (API.md: Intervention, FeatureRef, stop_when), typed by
+the pydantic models of steering/items.py, so /openapi.json documents every intervention type (a union
+on the target, then an OpenAPI `discriminator` on `mode`) and the schema-driven fuzzers reach inside.
 
-The bodies keep these fields as plain JSON objects: steering/compile.py validates them (it must anyway,
-for variants stored in the registry) and names the offending field. These schemas only *document* the
-shapes, so clients and schema-driven fuzzers (tests/production) see what the server accepts. They are
-deliberately loose (`anyOf`, open objects) where compile accepts more than one spelling.
+Also each item's JSON schema on its own, with every `$ref` inlined, for tools that take one schema
+rather than the whole document (tests/production/test_hostile_fuzz.py builds request bodies from them).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import WithJsonSchema
+from pydantic import TypeAdapter
 
-_NUMBER = {"type": "number"}
-_POSITIONS = {"enum": ["all", "prompt", "generated"]}
-FEATURE_REF = {
-    "type": "object",
-    "required": ["sae", "index"],
-    "properties": {"sae": {"type": "string"}, "index": {"type": "integer", "minimum": 0}},
-}
-_GATE = {
-    "type": "object",
-    "required": ["feature"],
-    "properties": {"feature": FEATURE_REF, "above": _NUMBER, "below": _NUMBER, "latch": {"type": "boolean"}},
-    "anyOf": [{"required": ["above"]}, {"required": ["below"]}],
-}
+from steerserve.steering.items import LogitBiasItem, SteeringItem, StopCondition
+
+SteeringItems = list[SteeringItem] | None
+LogitBiasItems = list[LogitBiasItem] | None
+StopItems = list[StopCondition] | None
 
 
-def _item(target: str, mode: str, required: tuple[str, ...] = (), **properties) -> dict:
-    ref = FEATURE_REF if target == "feature" else {"type": "string"}
-    return {
-        "type": "object",
-        "required": [target, "mode", *required],
-        "properties": {
-            target: ref,
-            "mode": {"const": mode},
-            "positions": _POSITIONS,
-            "when": _GATE,
-            **properties,
-        },
-    }
+def _inline(schema: dict) -> dict:
+    """`schema` without `$defs` and `$ref`s (the item models are not recursive), and `discriminator`
+    without its `mapping` (which names `$defs`)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            rest = {k: walk(v) for k, v in node.items() if k != "$ref"}
+            return walk(defs[node["$ref"].rsplit("/", 1)[-1]]) | rest
+        out = {k: walk(v) for k, v in node.items()}
+        if "discriminator" in out:
+            out["discriminator"] = {"propertyName": out["discriminator"]["propertyName"]}
+        return out
+
+    return walk(schema)
 
 
-INTERVENTION = {
-    "anyOf": [
-        _item("feature", "add", ("strength",), strength=_NUMBER,
-              scale={"enum": ["raw", "unit", "max_activation"]}),
-        _item("feature", "clamp", ("value",), value=_NUMBER),
-        _item("feature", "scale", ("factor",), factor=_NUMBER),
-        _item("feature", "ablate", to={"enum": ["zero", "mean", 0]}),
-        _item("vector", "add", ("strength",), strength=_NUMBER),
-        _item("vector", "project_out"),
-        _item("vector", "clamp", ("min", "max"), min=_NUMBER, max=_NUMBER),
-    ]
-}  # fmt: skip
-LOGIT_BIAS_TERM = {
-    "type": "object",
-    "required": ["feature", "strength"],
-    "properties": {"feature": FEATURE_REF, "strength": _NUMBER},
-}
-STOP_CONDITION = {
-    "type": "object",
-    "required": ["feature"],
-    "properties": {"feature": FEATURE_REF, "above": _NUMBER, "below": _NUMBER},
-    "anyOf": [{"required": ["above"]}, {"required": ["below"]}],
-}
-
-
-def _list_of(item: dict) -> WithJsonSchema:
-    return WithJsonSchema({"anyOf": [{"type": "array", "items": item}, {"type": "null"}]})
-
-
-SteeringItems = Annotated[list[dict[str, Any]] | None, _list_of(INTERVENTION)]
-LogitBiasItems = Annotated[list[dict[str, Any]] | None, _list_of(LOGIT_BIAS_TERM)]
-StopItems = Annotated[list[dict[str, Any]] | None, _list_of(STOP_CONDITION)]
+INTERVENTION = _inline(TypeAdapter(SteeringItem).json_schema())
+LOGIT_BIAS_TERM = _inline(TypeAdapter(LogitBiasItem).json_schema())
+STOP_CONDITION = _inline(TypeAdapter(StopCondition).json_schema())

@@ -20,7 +20,7 @@ from pathlib import Path
 from steerserve.registry import Conflict, NotFound, Registry
 from steerserve.registry.formats import load_sae_path
 from steerserve.registry.formats.neuronpedia import parse_features
-from steerserve.registry.validate import check_variant
+from steerserve.steering.variants import parse_variant
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def register_demo(registry: Registry, info, bundle: Path = BUNDLE_DIR) -> None:
             registry.get_variant(body["id"])
         except NotFound:
             try:
-                registry.add_variant(*check_variant(body))
+                registry.add_variant(*parse_variant(body))
                 logger.info("registered the demo variant %r", body["id"])
             except Conflict:
                 pass

@@ -36,7 +36,7 @@ def says_cleanly(completion: str, climate: str) -> bool:
 def feature_edits(model, layer: int, weights: dict, steering: list[dict], positions: str = "all"):
     """Apply API-style feature interventions (`clamp` / `add` raw / `ablate`) at resid_post of `layer`;
     `positions="prompt"` edits only the prefill of a `greedy` call (its one multi-token forward)."""
-    from steerserve.runner.model_sites import decoder_layers
+    from steerserve.runner.model_adapter import decoder_layers
 
     def hook(_module, _args, output):
         h = output[0] if isinstance(output, tuple) else output  # [B, T, d_model]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from steerserve.engine.types import GenerationRequest
+from steerserve.types.requests import GenerationRequest
 
 
 class QueueFullError(RuntimeError):

@@ -8,7 +8,7 @@
 A step whose forward pass raises is isolated (isolation.py): the requests that fail alone end with an
 error, the others get the tokens they would have had; the engine dies only when no request can be blamed.
 `AsyncEngine` runs that loop in its own thread (torch releases the GIL in its kernels, so the event
-loop keeps serving) and feeds each request's asyncio queue.
+loop keeps serving), feeds each request's asyncio queue, and runs jobs between steps (jobs.py).
 """
 
 from __future__ import annotations
@@ -18,26 +18,31 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from steerserve.engine import faults
 from steerserve.engine.admission import Admission
 from steerserve.engine.isolation import isolate
+from steerserve.engine.jobs import Job
 from steerserve.engine.request import RequestState
-from steerserve.engine.scheduler import Scheduler, SchedulerOutput
+from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.tokenizer import Detokenizer
-from steerserve.engine.types import (
+from steerserve.metrics import EngineMetrics
+from steerserve.types.requests import (
     FeatureStop,
     FinishReason,
     GenerationRequest,
     TokenFeatures,
     TokenLogprob,
 )
-from steerserve.metrics import EngineMetrics
-from steerserve.runner.model_runner import RunnerOutput
+from steerserve.types.step import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,18 +68,14 @@ class DrainingError(RuntimeError):
 
 
 class EngineCore:
-    """Synchronous engine: owns the scheduler, runner and detokenizers. Single-threaded."""
+    """Synchronous engine: owns the scheduler and runner; each request's state (engine/request.py) also
+    carries its detokenizer, timing and captured features. Single-threaded."""
 
     def __init__(self, scheduler: Scheduler, runner, tokenizer, metrics: EngineMetrics | None = None):
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.detok: dict[str, Detokenizer] = {}
-        self._arrival: dict[str, float] = {}
-        self._last_token_time: dict[str, float] = {}
-        self._features: dict[str, list[TokenFeatures]] = {}  # captured, not yet handed out
-        self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() deadline
 
     def add(self, request: GenerationRequest) -> None:
         """Take a request (raises ValueError for one no step could run: the edge refuses these first)."""
@@ -83,13 +84,10 @@ class EngineCore:
             raise ValueError("the prompt has no tokens: there is nothing to generate from")
         if not 0 <= min(ids) <= max(ids) < self.runner.vocab_size:
             raise ValueError(f"a prompt token id is outside the vocabulary [0, {self.runner.vocab_size})")
+        detok = Detokenizer.for_prompt(self.tokenizer, request.prompt_token_ids, request.sampling.stop)
         self.scheduler.add(request)
-        self.detok[request.request_id] = Detokenizer.for_prompt(
-            self.tokenizer, request.prompt_token_ids, request.sampling.stop
-        )
-        self._arrival[request.request_id] = time.monotonic()
-        if request.deadline is not None:
-            self._deadlines[request.request_id] = request.deadline
+        state = self.scheduler.requests[request.request_id]
+        state.detok, state.arrival_time = detok, time.monotonic()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         state = self.scheduler.finish(request_id, FinishReason.ABORT)
@@ -101,29 +99,27 @@ class EngineCore:
     def expire(self, now: float) -> list[RequestOutput]:
         """Finish every request past its deadline (its blocks and slot free before the next schedule)."""
         outputs = []
-        for rid, deadline in list(self._deadlines.items()):
-            if now < deadline:
-                continue
-            state = self.scheduler.finish(rid, FinishReason.TIMEOUT)
-            self._deadlines.pop(rid, None)
-            if state is not None:
-                waited = now - self._arrival.get(rid, now)
-                message = (
-                    f"the request passed its deadline after {waited:.1f} s (timeout / --request-timeout)"
-                )
-                outputs.append(self._finish_output(state, "", (), (), error=message))
+        expired = [s for s in self.scheduler.requests.values() if _past(s.request.deadline, now)]
+        for state in expired:
+            self.scheduler.finish(state.request_id, FinishReason.TIMEOUT)
+            waited = now - state.arrival_time
+            message = f"the request passed its deadline after {waited:.1f} s (timeout / --request-timeout)"
+            outputs.append(self._finish_output(state, "", (), (), error=message))
         return outputs
 
     def step(self) -> list[RequestOutput]:
-        outputs = self.expire(time.monotonic()) if self._deadlines else []
+        outputs = self.expire(time.monotonic())
         sched = self.scheduler.schedule()
         try:
             result = self._execute(sched)
         except Exception as exc:
             result = isolate(sched, exc, self._execute, self._probe)
-        advanced = self.scheduler.update(sched, result.sampled)
+        # NOTE: before update(), which forgets the requests it finishes: every scheduled one is found here
         for rid, feats in result.features.items():
-            self._features.setdefault(rid, []).extend(feats)
+            state = self.scheduler.requests.get(rid)
+            if state is not None:
+                state.pending_features.extend(feats)
+        advanced = self.scheduler.update(sched, result.sampled)
         now = time.monotonic()
         for rid, message in result.failed.items():
             state = self.scheduler.finish(rid, FinishReason.ERROR)
@@ -160,20 +156,20 @@ class EngineCore:
         rid = state.request_id
         faults.check("emit", (state.request.sampling.seed,))
         token = state.output_token_ids[-1]
-        detok = self.detok[rid]
+        detok = state.detok
         if detok.add(token) and state.finish_reason is None:
             self.scheduler.finish(rid, FinishReason.STOP)
         if self.metrics is not None:
-            last = self._last_token_time.get(rid)
+            last = state.last_token_time
             if last is None:
-                self.metrics.time_to_first_token.observe(now - self._arrival[rid])
+                self.metrics.time_to_first_token.observe(now - state.arrival_time)
             else:
                 self.metrics.inter_token_latency.observe(now - last)
-        self._last_token_time[rid] = now
+        state.last_token_time = now
         lps = (logprob,) if logprob is not None else ()
         if state.finish_reason is not None:
             return self._finish_output(state, None, (token,), lps)
-        features = tuple(self._features.pop(rid, ()))
+        features, state.pending_features = tuple(state.pending_features), []
         n_out = len(state.output_token_ids)
         return RequestOutput(
             rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, n_out, None, features
@@ -182,23 +178,20 @@ class EngineCore:
     def _finish_output(
         self, state: RequestState, text, token_ids, lps, error=None, feature_stop=None
     ) -> RequestOutput:
-        rid = state.request_id
-        detok = self.detok.pop(rid, None)
+        detok, state.detok = state.detok, None
         if text is None:
             detok.flush()
             text = detok.take(True)
-        self._last_token_time.pop(rid, None)
-        self._deadlines.pop(rid, None)
-        arrival = self._arrival.pop(rid, None)
+        arrival, state.arrival_time = state.arrival_time, None
         reason = state.finish_reason
         if error and reason in (None, FinishReason.STOP, FinishReason.LENGTH):
             reason = FinishReason.ERROR  # failed after the scheduler had finished it normally
         if self.metrics is not None and arrival is not None:
             queued = None if state.first_scheduled_time is None else state.first_scheduled_time - arrival
             self.metrics.observe_finish(state, reason, time.monotonic() - arrival, queued)
-        features = tuple(self._features.pop(rid, ()))
+        features, state.pending_features = tuple(state.pending_features), []
         return RequestOutput(
-            rid,
+            state.request_id,
             text,
             token_ids,
             lps,
@@ -220,7 +213,8 @@ class EngineCore:
 
 class AsyncEngine:
     """Runs EngineCore in a thread. The event loop side hands a call's requests over with `submit()`
-    (admission: all or none) and reads their outputs from the call's queue; `generate()` does both."""
+    (admission: all or none) and reads their outputs from the call's queue; `run_job()` runs other work
+    (readouts of the model) on that thread between two steps."""
 
     def __init__(self, core: EngineCore, admission: Admission | None = None):
         self.core = core
@@ -232,6 +226,11 @@ class AsyncEngine:
         self._stop = threading.Event()
         self.dead: str | None = None
         self.draining = False
+        # NOTE: set (under the lock) when the engine thread ends; run_job checks it under the same lock, so
+        # no job is queued after the last sweep of the inbox (none can hang)
+        self._jobs_lock = threading.Lock()
+        self._closed: str | None = None
+        self._jobs: deque[Job] = deque()  # taken from the inbox, not run yet (engine thread only)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -243,6 +242,8 @@ class AsyncEngine:
         self._inbox.put(("wake", None))
         if self._thread is not None:
             self._thread.join(timeout=30)
+        else:
+            self._close("the engine stopped")  # never started: fail the jobs queued for it
 
     @property
     def num_running(self) -> int:
@@ -278,19 +279,16 @@ class AsyncEngine:
                 self.admission.started(rid)
                 self._inbox.put(("abort", rid))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        stream = self.submit([request])
-        try:
-            while True:
-                out: RequestOutput = await stream.get()
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            self.release([request.request_id])  # a no-op once finished
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def run_job(self, fn: Callable[..., T], *args) -> Future[T]:
+        """`fn(*args)` on the engine thread between two steps (engine/jobs.py), from any thread. The future
+        fails with EngineDeadError when the engine died or stopped, with what `fn` raised otherwise."""
+        job = Job(fn, args)
+        with self._jobs_lock:
+            if self._closed is not None:
+                job.fail(EngineDeadError(self._closed))
+            else:
+                self._inbox.put(("job", job))
+        return job.future
 
     def begin_drain(self) -> None:
         """Stop admitting (SIGTERM): requests in flight go on."""
@@ -315,11 +313,33 @@ class AsyncEngine:
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        finally:
+            self._close(self.dead or "the engine stopped")
+
+    def _close(self, reason: str) -> None:
+        """No more jobs: fail the queued ones (requests still waiting are answered by _fail_streams)."""
+        with self._jobs_lock:
+            self._closed = self._closed or reason
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "job":
+                self._jobs.append(payload)
+        while self._jobs:
+            self._jobs.popleft().fail(EngineDeadError(self._closed))
+
+    def _loop_steps(self) -> None:
         while not self._stop.is_set():
-            block = not self.core.has_work()
+            block = not self.core.has_work() and not self._jobs
             outputs = self._drain_inbox(block)
             if self._stop.is_set():
                 break
+            if self._jobs:  # NOTE: one per step, so a burst of readouts delays each step by one at most
+                self._jobs.popleft().run()
             if self.core.has_work():
                 try:
                     outputs.extend(self.core.step())
@@ -358,6 +378,8 @@ class AsyncEngine:
                     outputs.append(out)
             elif kind == "abort_all":
                 outputs.extend(self.core.fail_all(payload, FinishReason.ABORT))
+            elif kind == "job":
+                self._jobs.append(payload)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -366,6 +388,10 @@ class AsyncEngine:
     def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+
+def _past(deadline: float | None, now: float) -> bool:
+    return deadline is not None and now >= deadline
 
 
 def _error_output(request_id: str, message: str) -> RequestOutput:

@@ -18,8 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from steerserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from steerserve.runner.model_runner import RunnerOutput
+from steerserve.types.step import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

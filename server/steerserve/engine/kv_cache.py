@@ -12,19 +12,12 @@ block is used before a request is preempted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from steerserve.types.step import is_run
 
 _FREE = 1
 _TAKEN = 0
-
-
-def is_run(block_ids: Sequence[int]) -> bool:
-    """True when the blocks are consecutive and ascending (b, b+1, ...): only then do the request's
-    tokens lie in one run of cache rows in token order. NOTE: first and last alone do not tell: a table
-    can own [1, 0, 3] (growth takes any free block), whose rows 1..3 hold another request's block 2."""
-    first = block_ids[0] if block_ids else 0
-    return all(b == first + i for i, b in enumerate(block_ids))
 
 
 @dataclass(slots=True)

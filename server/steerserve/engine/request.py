@@ -1,4 +1,6 @@
-"""A request's life inside the engine: one state object owned by the scheduler."""
+"""A request's life inside the engine: one state object, owned by the scheduler (what runs and when) and
+filled in by EngineCore (text, timing and captures on their way out): adding, finishing or aborting a
+request touches this object and nothing else."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import enum
 from dataclasses import dataclass, field
 
 from steerserve.engine.kv_cache import BlockTable
-from steerserve.engine.types import FinishReason, GenerationRequest
+from steerserve.engine.tokenizer import Detokenizer
+from steerserve.types.requests import FinishReason, GenerationRequest, TokenFeatures
 
 
 class RequestStatus(enum.Enum):
@@ -29,6 +32,12 @@ class RequestState:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    # EngineCore's side; NOTE: `detok` and `arrival_time` go back to None once the final output is built,
+    # so a second finish (an error while emitting) neither flushes the text nor counts the request twice
+    detok: Detokenizer | None = None
+    arrival_time: float | None = None  # time.monotonic() when the engine took the request
+    last_token_time: float | None = None
+    pending_features: list[TokenFeatures] = field(default_factory=list)  # captured, not yet handed out
 
     @property
     def request_id(self) -> str:

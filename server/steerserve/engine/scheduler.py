@@ -19,36 +19,8 @@ from dataclasses import dataclass
 from steerserve.config import SchedulerConfig
 from steerserve.engine.kv_cache import BlockAllocator
 from steerserve.engine.request import RequestState, RequestStatus
-from steerserve.engine.types import FeatureCapture, FinishReason, GenerationRequest, SamplingParams
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledRequest:
-    """One request's share of a step: feed `token_ids` at positions `start..start+len-1`."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    start: int  # position of token_ids[0] == tokens already in the cache
-    block_ids: tuple[int, ...]
-    sample: bool  # True when this chunk reaches the end of the known tokens
-    num_prompt_tokens: int
-    prompt_token_ids: tuple[int, ...]  # the whole prompt (the same tuple object, not a copy)
-    is_new: bool  # first time the runner sees this request (or first time since preemption)
-    sampling: SamplingParams
-    steering: object | None
-    capture: FeatureCapture | None = None
-    num_reported: int = 0  # positions below it were computed (captures reported) before a preemption
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerOutput:
-    scheduled: tuple[ScheduledRequest, ...]
-    finished_ids: tuple[str, ...]  # the runner may drop these requests' state
-    num_batched_tokens: int
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+from steerserve.types.requests import FinishReason, GenerationRequest
+from steerserve.types.step import ScheduledRequest, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -155,7 +127,6 @@ class Scheduler:
 
     def _scheduled(self, state: RequestState, n: int) -> ScheduledRequest:
         start = state.num_computed_tokens
-        is_new = state.request_id not in self._seen_by_runner
         self._seen_by_runner.add(state.request_id)
         req = state.request
         return ScheduledRequest(
@@ -166,7 +137,6 @@ class Scheduler:
             sample=start + n == state.num_tokens,
             num_prompt_tokens=state.num_prompt_tokens,
             prompt_token_ids=req.prompt_token_ids,
-            is_new=is_new,
             sampling=req.sampling,
             steering=req.steering,
             capture=req.capture,

@@ -2,11 +2,10 @@
 
 `Registry` is the facade (metadata in SQLite or PostgreSQL, weights as content-addressed safetensors
 blobs on disk or in an S3-compatible bucket: `blobs`, `blobs_s3`); `formats` turns SAELens / Gemma Scope / sparsify / control-vector files into `SAEWeights`
-and `SteeringVector`; `DeviceSAECache` keeps loaded SAEs on a device; `cli` adds
-`steerserve registry import|list|rm`.
+and `SteeringVector`; `cli` adds `steerserve registry import|list|rm`. Storage only: it imports
+nothing from the engine, the runner or the API (the runner keeps its own device copies).
 """
 
-from steerserve.registry.device_cache import DeviceSAECache
 from steerserve.registry.errors import Conflict, InvalidInput, NotFound, RegistryError, TooLarge
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.registry import Registry
@@ -15,7 +14,6 @@ from steerserve.registry.vector import SteeringVector
 
 __all__ = [
     "Conflict",
-    "DeviceSAECache",
     "FeatureHit",
     "FeatureInfo",
     "InvalidInput",

@@ -1,8 +1,8 @@
 """`steerserve registry import|list|rm`: the registry from the command line, through the same
 loaders (`formats`) and the same `Registry` methods as the HTTP routes.
 
-`stats SAE --texts FILE --model M` computes each feature's max activation, density and mean through the
-engine (steering/stats.py) and stores them.
+`stats SAE --texts FILE --model M` (added by steerserve/cli.py, which may build an engine) computes each
+feature's max activation, density and mean through the engine (interp/stats.py) and stores them.
 
 `import` takes a local path, or `--hub REPO_ID --path PATH` fetched with huggingface_hub (its cache,
 HF_HUB_CACHE and HF_HUB_OFFLINE are honoured). What is imported is decided by `--kind` or guessed:
@@ -66,8 +66,10 @@ def registry_config_from_args(args: argparse.Namespace) -> RegistryConfig:
     return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
-def add_registry_commands(subparsers) -> argparse.ArgumentParser:
-    """Add `registry` with `import`, `list` and `rm` to an argparse subparsers object.
+def add_registry_commands(subparsers, stats_command=None) -> argparse.ArgumentParser:
+    """Add `registry` with `import`, `list` and `rm` to an argparse subparsers object, and `stats` when
+    given the command that runs it (it drives an engine: steerserve/cli.py passes it; the registry
+    itself builds nothing).
 
     Each leaf sets `func`: the caller runs `sys.exit(args.func(args))`; registry errors are printed
     to stderr and give exit status 2.
@@ -94,6 +96,18 @@ def add_registry_commands(subparsers) -> argparse.ArgumentParser:
     add_registry_arguments(ls)
     ls.set_defaults(func=_reporting(cmd_list))
 
+    if stats_command is not None:
+        _add_stats(sub, stats_command)
+
+    rm = sub.add_parser("rm", help="delete a stored item")
+    rm.add_argument("kind", choices=("sae", "vector", "variant"))
+    rm.add_argument("id")
+    add_registry_arguments(rm)
+    rm.set_defaults(func=_reporting(cmd_rm))
+    return reg
+
+
+def _add_stats(sub, command) -> None:
     st = sub.add_parser(
         "stats", help="compute each feature's max activation, density and mean activation over a text file"
     )
@@ -104,14 +118,7 @@ def add_registry_commands(subparsers) -> argparse.ArgumentParser:
     st.add_argument("--device", default="auto")
     st.add_argument("--batch", type=int, default=32, help="documents per engine batch")
     add_registry_arguments(st)
-    st.set_defaults(func=_reporting(cmd_stats))
-
-    rm = sub.add_parser("rm", help="delete a stored item")
-    rm.add_argument("kind", choices=("sae", "vector", "variant"))
-    rm.add_argument("id")
-    add_registry_arguments(rm)
-    rm.set_defaults(func=_reporting(cmd_rm))
-    return reg
+    st.set_defaults(func=_reporting(command))
 
 
 def _reporting(command):
@@ -241,37 +248,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     print(f"deleted {args.kind} {args.id}")
-    return 0
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    """Feature statistics through the engine (steering/stats.py), stored as the SAE's annotations."""
-    import logging
-
-    from steerserve.config import Config, ModelConfig
-    from steerserve.engine.setup import build_engine
-    from steerserve.steering.stats import feature_stats, store_feature_stats
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    texts = [
-        line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-    if not texts:
-        raise InvalidInput(f"{args.texts} holds no text", param="texts")
-    config = Config(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device),
-        registry=registry_config_from_args(args),
-    )
-    built = build_engine(config)
-    try:
-        stats = feature_stats(built, args.sae, texts, batch=args.batch)
-        n = store_feature_stats(built, args.sae, stats)
-    finally:
-        built.registry.close()
-    print(
-        f"{args.sae}: {n} features over {stats.num_tokens} tokens; "
-        f"{int((stats.density > 0).sum())} ever active; {stats.saturated} tokens saturated the top-k capture"
-    )
     return 0
 
 

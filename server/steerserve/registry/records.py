@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from steerserve.registry.errors import InvalidInput
 from steerserve.registry.storable import check_float, check_int, check_json, check_text
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 _MAX_META_BYTES = 64 << 10  # provenance notes copied from a cfg or a GGUF header
 _MAX_SPEC_BYTES = 1 << 20  # a variant: at most 3 x 256 small interventions

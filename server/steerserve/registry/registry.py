@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from steerserve.engine.types import ModelInfo
 from steerserve.registry import store
 from steerserve.registry.blobs import BlobStore, LocalBlobStore, clean_stray_temp, open_blob_store
 from steerserve.registry.db import Database, Tx
@@ -38,7 +37,8 @@ from steerserve.registry.tensors import read_safetensors, write_safetensors
 from steerserve.registry.validate import check_fits, check_id, search_terms
 from steerserve.registry.vector import FORMAT as VECTOR_FORMAT
 from steerserve.registry.vector import SteeringVector
-from steerserve.sites import Site
+from steerserve.types.model import ModelInfo
+from steerserve.types.sites import Site
 
 logger = logging.getLogger(__name__)
 

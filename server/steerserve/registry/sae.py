@@ -19,7 +19,7 @@ layer, same width): x above is the input, decode() their reconstruction of the o
 term `x @ W_skip.T` of skip transcoders (never stored: see below). Their edits keep the transcoder's error
 e = y - (decode(a) + x @ W_skip.T), y the true MLP output: y' = decode(a') + x @ W_skip.T + e
 = y + (a'_f - a_f) * W_dec[f], so W_skip and b_dec cancel and the edit is the SAE edit's own delta,
-computed at `site` and added at `site_out` (steering/banks.py); `add` writes W_dec[f] at `site_out`.
+computed at `site` and added at `site_out` (runner/steering/banks.py); `add` writes W_dec[f] at `site_out`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from steerserve.registry.errors import InvalidInput
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 ARCHITECTURES = ("relu", "jumprelu", "topk")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

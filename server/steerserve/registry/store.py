@@ -13,7 +13,7 @@ from steerserve.registry.db import Tx
 from steerserve.registry.errors import Conflict
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.storable import dumps
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 _EXACT_LABEL_BONUS = 1000.0
 # FeatureInfo's fields besides `index`, each a column of `features` of the same name

@@ -1,24 +1,17 @@
-"""Checks on registry inputs that no file format owns: ids, fit to the served model, variant shape.
+"""Checks on registry inputs that no file format owns: ids, fit to the served model, search queries.
 
-Variant specs get a shape check only (kinds, modes, types, finite numbers); whether the SAEs,
-features and vectors they name exist is checked when a request uses the variant (steering).
+(A variant's steering is checked by the steering layer: steering/variants.py.)
 """
 
 from __future__ import annotations
 
-import math
 import re
 
-from steerserve.engine.types import ModelInfo
 from steerserve.registry.errors import InvalidInput
-from steerserve.sites import Site, SiteError
+from steerserve.types.model import ModelInfo
+from steerserve.types.sites import Site, SiteError
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-FEATURE_MODES = ("add", "clamp", "scale", "ablate")
-VECTOR_MODES = ("add", "project_out", "clamp")
-POSITIONS = ("all", "prompt", "generated")
-_NUMERIC = ("strength", "value", "factor", "min", "max")
-_MAX_ITEMS = 256
 # NOTE: full-text search cost grows with the number of terms (each a prefix scan, ANDed): bounded
 MAX_QUERY_CHARS = 512
 MAX_QUERY_TERMS = 16
@@ -50,85 +43,6 @@ def check_fits(site: Site, d: int, model: ModelInfo, what: str) -> None:
             f"{what} has dimension {d}, but model {model.name!r} has d_model={model.d_model}{hint}",
             param="d_in",
         )
-
-
-def _number(value: object, param: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInput(f"{param} must be a finite number, got {value!r}", param=param)
-
-
-def _feature_ref(value: object, param: str) -> None:
-    if not isinstance(value, dict) or set(value) != {"sae", "index"}:
-        raise InvalidInput(f'{param} must be {{"sae": id, "index": int}}, got {value!r}', param=param)
-    check_id(value["sae"], f"{param}.sae")
-    index = value["index"]
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise InvalidInput(f"{param}.index must be an integer >= 0, got {index!r}", param=f"{param}.index")
-
-
-def _intervention(item: object, p: str) -> None:
-    if not isinstance(item, dict):
-        raise InvalidInput(f"{p} must be an object", param=p)
-    if ("feature" in item) == ("vector" in item):
-        raise InvalidInput(f"{p} needs exactly one of 'feature' or 'vector'", param=p)
-    if "feature" in item:
-        _feature_ref(item["feature"], f"{p}.feature")
-        modes = FEATURE_MODES
-    else:
-        check_id(item["vector"], f"{p}.vector")
-        modes = VECTOR_MODES
-    if item.get("mode") not in modes:
-        raise InvalidInput(
-            f"{p}.mode must be one of {', '.join(modes)}, got {item.get('mode')!r}", f"{p}.mode"
-        )
-    if item.get("positions", "all") not in POSITIONS:
-        raise InvalidInput(f"{p}.positions must be one of {', '.join(POSITIONS)}", param=f"{p}.positions")
-    for key in _NUMERIC:
-        if key in item:
-            _number(item[key], f"{p}.{key}")
-    if item.get("when") is not None:
-        _gate(item["when"], f"{p}.when")
-
-
-def _gate(item: object, p: str) -> None:
-    """The shape of a `when` gate or a `stop_when` entry; bounds and fit are checked at compile time."""
-    if not isinstance(item, dict) or "feature" not in item:
-        raise InvalidInput(f'{p} must be {{"feature": {{...}}, "above": number}} (or "below")', param=p)
-    _feature_ref(item["feature"], f"{p}.feature")
-    if item.get("above") is None and item.get("below") is None:
-        raise InvalidInput(f'{p} needs "above" or "below"', param=p)
-    for key in ("above", "below"):
-        if item.get(key) is not None:
-            _number(item[key], f"{p}.{key}")
-
-
-def check_variant(body: object) -> tuple[str, dict]:
-    """(id, spec to store) from a `POST /v1/variants` body; the spec is the body without `id`."""
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object", param=None)
-    variant_id = check_id(body.get("id"))
-    spec = {k: v for k, v in body.items() if k != "id"}
-    steering = spec.setdefault("steering", [])
-    bias = spec.setdefault("feature_logit_bias", [])
-    stops = spec.get("stop_when", [])
-    for name, items in (("steering", steering), ("feature_logit_bias", bias), ("stop_when", stops)):
-        if not isinstance(items, list) or len(items) > _MAX_ITEMS:
-            raise InvalidInput(f"{name} must be a list of at most {_MAX_ITEMS} entries", param=name)
-    if not steering and not bias and not stops:
-        raise InvalidInput(
-            "a variant needs at least one steering, feature_logit_bias or stop_when entry", "steering"
-        )
-    for i, item in enumerate(stops):
-        _gate(item, f"stop_when[{i}]")
-    for i, item in enumerate(steering):
-        _intervention(item, f"steering[{i}]")
-    for i, item in enumerate(bias):
-        p = f"feature_logit_bias[{i}]"
-        if not isinstance(item, dict) or "feature" not in item or "strength" not in item:
-            raise InvalidInput(f'{p} must be {{"feature": {{"sae", "index"}}, "strength": number}}', param=p)
-        _feature_ref(item["feature"], f"{p}.feature")
-        _number(item["strength"], f"{p}.strength")
-    return variant_id, spec
 
 
 def search_terms(q: object) -> list[str]:

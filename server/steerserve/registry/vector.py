@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.registry.errors import InvalidInput
-from steerserve.sites import Site, parse_site
+from steerserve.types.sites import Site, parse_site
 
 FORMAT = "steerserve.vector.v1"
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steerserve.engine.kv_cache import is_run
-from steerserve.engine.scheduler import ScheduledRequest
-from steerserve.engine.types import SamplingParams
 from steerserve.runner.attention import AttentionMetadata, RequestSpan
 from steerserve.sampling.sampler import SamplingBatch
+from steerserve.types.requests import SamplingParams
+from steerserve.types.step import ScheduledRequest, is_run
 
 
 @dataclass(slots=True)
@@ -121,7 +120,7 @@ def _padded(rows: list[list], fill, dtype, device) -> torch.Tensor:
 
 
 def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device, dense=None) -> SamplingBatch:
-    """`dense`: (bank [B, V], idx [R, D], scale [R, D]) of feature logit biases, or None."""
+    """`dense`: (bank [B, V], idx [R, D]) of feature logit biases, or None."""
     sps = [r.sampling for r in reqs]
     random_rows = [i for i, sp in enumerate(sps) if not sp.greedy]
     temperature = [1.0 if sp.greedy else sp.temperature for sp in sps]
@@ -143,7 +142,6 @@ def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device, dense=No
         dense = (
             torch.zeros((0, vocab), dtype=torch.float32, device=device),
             torch.full((len(reqs), 0), -1, dtype=torch.int64, device=device),
-            torch.zeros((len(reqs), 0), dtype=torch.float32, device=device),
         )
     any_top_k = any(sps[i].top_k > 0 for i in random_rows)
     any_top_p = any(sps[i].top_p < 1.0 for i in random_rows)
@@ -161,7 +159,6 @@ def build_sampling_batch(reqs: list[CachedRequest], vocab: int, device, dense=No
         sparse_bias=_padded([[b for _, b in s] for s in sparse], 0.0, np.float32, device),
         dense_bank=dense[0],
         dense_idx=dense[1],
-        dense_scale=dense[2],
         penalty_ids=_padded(penalty_ids, -1, np.int64, device),
         penalty_counts=_padded(penalty_counts, 0, np.int32, device),
         repetition_penalty=_to_device([sp.repetition_penalty for sp in sps], f32, device),

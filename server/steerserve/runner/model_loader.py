@@ -1,6 +1,6 @@
 """Loading the served model and tokenizer: a local path or hub id, or a random-weight model built in code.
 
-`demo` is the small GPT-2 trained on the demo corpus and shipped in the package (steerserve.demo).
+`demo`, the model shipped in the package, reaches here as its folder (compose.resolve_model).
 `random:<arch>` builds a tiny model from a transformers config with seeded random weights and a byte-level
 tokenizer, so tests and benchmarks need no download. `save_random_model()` writes one with
 `save_pretrained`, so the ordinary loading path can be exercised on it.
@@ -16,10 +16,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 import steerkernels.cpu
 from steerserve.config import ModelConfig
-from steerserve.demo import shipped as demo_shipped
-from steerserve.engine.types import ModelInfo
 from steerserve.runner.attention import ATTENTION_NAME, register_attention
-from steerserve.runner.model_sites import model_sites
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +148,7 @@ def load_model(cfg: ModelConfig):
     if cfg.model.startswith("random:"):
         model, tokenizer = build_random_model(cfg.model.split(":", 1)[1], cfg.seed, dtype)
     else:
-        path = str(demo_shipped.model_path()) if cfg.model == demo_shipped.DEMO_MODEL else cfg.model
+        path = cfg.model
         hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         if hf_cfg.is_encoder_decoder:
             raise ValueError(f"{path} is an encoder-decoder model: steerserve serves decoder-only models")
@@ -193,32 +190,3 @@ def fuse_gelu_tanh(model) -> int:
                 setattr(parent, name, GELUTanh())
                 swapped += 1
     return swapped
-
-
-def model_info(model, tokenizer, name: str, max_model_len: int) -> ModelInfo:
-    cfg = model.config
-    sites = model_sites(model)
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    return ModelInfo(
-        name=name,
-        architecture=type(model).__name__,
-        d_model=sites.d_model,
-        n_layers=sites.n_layers,
-        vocab_size=sites.vocab_size,
-        max_model_len=max_model_len,
-        eos_token_ids=eos_ids,
-        bos_token_id=tokenizer.bos_token_id,
-        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        hooks=sites.hooks,
-        mlp_out_after_norm=sites.mlp_out_after_norm,
-    )
-
-
-def model_max_len(model) -> int:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048

@@ -17,19 +17,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from dataclasses import dataclass, field
 
 import torch
 
 from steerserve.config import CacheConfig, SchedulerConfig
-from steerserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from steerserve.engine.types import (
-    NON_FINITE_LOGITS,
-    FeatureStop,
-    SamplingParams,
-    TokenFeatures,
-    TokenLogprob,
-)
 from steerserve.runner.attention import KVCache
 from steerserve.runner.cpu_attention import preferred_kv_dtype
 from steerserve.runner.input_batch import (
@@ -38,22 +29,20 @@ from steerserve.runner.input_batch import (
     build_sampling_batch,
     new_cached_request,
 )
+from steerserve.runner.model_adapter import model_adapter
 from steerserve.runner.model_loader import resolve_dtype
-from steerserve.runner.model_sites import model_sites
 from steerserve.runner.site_hooks import SiteHooks
+from steerserve.runner.steering.capture import FeatureCapturer
 from steerserve.sampling.sampler import Sampler, bounded
-from steerserve.steering.capture import FeatureCapturer
+from steerserve.types.requests import (
+    NON_FINITE_LOGITS,
+    FeatureStop,
+    SamplingParams,
+    TokenLogprob,
+)
+from steerserve.types.step import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerOutput:
-    sampled: dict[str, int]
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # request id -> why it cannot run
-    features: dict[str, list[TokenFeatures]] = field(default_factory=dict)  # captured, per request
-    stopped: dict[str, FeatureStop] = field(default_factory=dict)  # stop_when held; not in `sampled`
 
 
 def _available_memory(device: torch.device) -> int:
@@ -79,10 +68,7 @@ def kv_cache_dtype(cache_cfg: CacheConfig, device, model_dtype) -> torch.dtype:
 
 def plan_kv_cache(model, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, max_len: int, device, dtype):
     """(num_blocks, max_model_len, shape facts) for a KV cache of `dtype` within the memory budget."""
-    cfg = model.config
-    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    n_layers = cfg.num_hidden_layers
+    n_layers, n_kv, head_dim = model_adapter(model).kv_geometry()
     per_token = KVCache.bytes_per_token(n_layers, n_kv, head_dim, dtype)
     if cache_cfg.kv_cache_memory_gb is not None:
         budget = int(cache_cfg.kv_cache_memory_gb * (1 << 30))
@@ -110,7 +96,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.vocab_size = model_sites(model).vocab_size
+        self.vocab_size = model_adapter(model).vocab_size
         n_layers, n_kv, head_dim = layout
         # NOTE: one block more than the allocator hands out: `probe()` writes there and nowhere else
         self._probe_block = num_blocks
@@ -120,7 +106,7 @@ class ModelRunner:
         self._rng = random.Random(seed)
         self.steering = steering  # SteeringRows, or None when the server cannot steer
         self.capturer = FeatureCapturer(steering.resources) if steering is not None else None
-        self.site_hooks = SiteHooks(model_sites(model), self._on_site)
+        self.site_hooks = SiteHooks(model_adapter(model), self._on_site)
 
     def _on_site(self, site, h) -> None:
         self.steering.apply(site, h)  # steering first: a capture sees the steered state
@@ -243,7 +229,7 @@ class ModelRunner:
         the engine itself cannot run a step (device lost, broken model), whatever its requests."""
         item = ScheduledRequest(
             request_id="", token_ids=(0,), start=0, block_ids=(self._probe_block,), sample=True,
-            num_prompt_tokens=1, prompt_token_ids=(0,), is_new=True, sampling=SamplingParams(), steering=None,
+            num_prompt_tokens=1, prompt_token_ids=(0,), sampling=SamplingParams(), steering=None,
         )  # fmt: skip
         inputs = build_forward_inputs((item,), [-1], self.block_size, self.device)
         if self.steering is not None:

@@ -1,6 +1,6 @@
 """One hook per site the step needs, running steering then feature capture on the site's hidden states.
 
-Which module a site is and how its hook attaches comes from runner/model_sites.py. Every kind hands
+Which module a site is and how its hook attaches comes from runner/model_adapter.py. Every kind hands
 `on_site` a `[T, d]` tensor (the packed `[1, T, d]` batch) whose edits become the site's tensor:
   OUTPUT        the module's output, edited in place (resid_post, attn_out, mlp_out; mlp_hook_in: the
                 pre-MLP norm's output, which only the MLP reads)
@@ -18,14 +18,14 @@ from collections.abc import Callable
 
 import torch
 
-from steerserve.runner.model_sites import Attach, ModelSites, NormOps
-from steerserve.sites import Site
+from steerserve.runner.model_adapter import Attach, ModelAdapter, NormOps
+from steerserve.types.sites import Site
 
 SiteFn = Callable[[Site, torch.Tensor], None]  # (site, hidden [T, d]) -> edits in place
 
 
 class SiteHooks:
-    def __init__(self, sites: ModelSites, on_site: SiteFn):
+    def __init__(self, sites: ModelAdapter, on_site: SiteFn):
         self.sites = sites
         self.on_site = on_site
         self._installed: frozenset[Site] = frozenset()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import steerkernels
-from steerserve.engine.types import SamplingParams
+from steerserve.types.requests import SamplingParams
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: 1/T would overflow fp32 logits
 _LOGPROB_FLOOR = torch.finfo(torch.float32).min  # a reported logprob is finite (JSON has no -inf)
@@ -59,7 +59,6 @@ class SamplingBatch:
     sparse_bias: torch.Tensor  # [R, S] fp32
     dense_bank: torch.Tensor  # [B, V] fp32
     dense_idx: torch.Tensor  # [R, D] int64, -1 pad
-    dense_scale: torch.Tensor  # [R, D] fp32
     penalty_ids: torch.Tensor  # [R, P] int64, -1 pad
     penalty_counts: torch.Tensor  # [R, P] int32
     repetition_penalty: torch.Tensor  # [R] fp32
@@ -118,7 +117,6 @@ class Sampler:
                 batch.sparse_bias,
                 batch.dense_bank,
                 batch.dense_idx,
-                batch.dense_scale,
                 batch.penalty_ids,
                 batch.penalty_counts,
                 batch.repetition_penalty,

@@ -19,7 +19,7 @@ from steerserve.registry.formats.common import LoadedSAE, site_of
 from steerserve.registry.storable import parse_json
 from steerserve.registry.tensors import check_finite, read_tensor_file, sniff
 from steerserve.registry.vector import SteeringVector
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 __all__ = ["LoadedSAE", "load_sae", "load_sae_path", "load_vector", "read_json_file"]
 

@@ -10,7 +10,7 @@ import torch
 
 from steerserve.registry.errors import InvalidInput
 from steerserve.registry.sae import SAEWeights
-from steerserve.sites import Site, SiteError, parse_site
+from steerserve.types.sites import Site, SiteError, parse_site
 
 _LAYER_NAME = re.compile(r"^(?:direction|layers?|model\.layers)[._](\d{1,18})$|^(\d{1,18})$")
 

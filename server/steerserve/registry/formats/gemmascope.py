@@ -25,7 +25,7 @@ from steerserve.registry.errors import InvalidInput
 from steerserve.registry.formats import saelens
 from steerserve.registry.formats.common import LoadedSAE, Source, agreed_site, require, site_of
 from steerserve.registry.formats.families import Family, refusal
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 _LAYER_IN_PATH = re.compile(r"layer_(\d{1,18})")
 # Gemma Scope 2's raw config names the Hugging Face module it reads (SAELens `gemma_3` loader)

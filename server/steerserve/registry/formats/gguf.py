@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from steerserve.registry.errors import InvalidInput
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 MAGIC = b"GGUF"
 _SCALARS = {

@@ -20,7 +20,7 @@ from steerserve.registry.errors import InvalidInput
 from steerserve.registry.formats import saelens
 from steerserve.registry.formats.common import LoadedSAE, Source, as_int, require
 from steerserve.registry.formats.families import Family, refusal
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 _WHERE = Source.LLAMASCOPE.where
 _CONVERT = (

@@ -39,7 +39,7 @@ from steerserve.registry.formats.families import (
     saelens_family,
 )
 from steerserve.registry.sae import SAEWeights
-from steerserve.sites import Hook, Site
+from steerserve.types.sites import Hook, Site
 
 _BATCHTOPK = (Family.BATCHTOPK, Family.MATRYOSHKA_BATCHTOPK)
 

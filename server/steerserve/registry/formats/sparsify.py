@@ -28,7 +28,7 @@ from steerserve.registry.formats.common import (
 )
 from steerserve.registry.formats.families import Family, refusal
 from steerserve.registry.sae import SAEWeights
-from steerserve.sites import Hook, Site
+from steerserve.types.sites import Hook, Site
 
 _WHERE = Source.SPARSIFY.where
 _HOOKPOINT = re.compile(r"^(?:model\.)?layers[._](\d{1,18})$")

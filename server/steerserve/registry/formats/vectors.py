@@ -23,7 +23,7 @@ from steerserve.registry.formats import gguf
 from steerserve.registry.formats.common import site_from_tensor_name
 from steerserve.registry.tensors import read_safetensors
 from steerserve.registry.vector import SteeringVector
-from steerserve.sites import Site
+from steerserve.types.sites import Site
 
 _MAX_JSON_FLOATS = 1 << 20
 

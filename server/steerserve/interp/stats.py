@@ -14,16 +14,27 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from steerserve.engine.setup import BuiltEngine
+from steerserve.engine.engine import EngineCore
 from steerserve.engine.tokenizer import encode_prompt
-from steerserve.engine.types import FeatureCapture, GenerationRequest, SamplingParams, TokenFeatures
-from steerserve.registry import FeatureInfo
+from steerserve.registry import FeatureInfo, Registry
+from steerserve.types.model import ModelInfo
+from steerserve.types.requests import FeatureCapture, GenerationRequest, SamplingParams, TokenFeatures
 
 logger = logging.getLogger(__name__)
 MAX_K = 256
+
+
+class EngineParts(Protocol):
+    """What the job drives (compose.BuiltEngine has them): an engine core of its own, not a server's."""
+
+    core: EngineCore
+    info: ModelInfo
+    tokenizer: Any
+    registry: Registry
 
 
 @dataclass
@@ -36,7 +47,7 @@ class FeatureStats:
 
 
 def feature_stats(
-    built: BuiltEngine, sae_id: str, texts: list[str], batch: int = 32, log_every: float = 5.0
+    built: EngineParts, sae_id: str, texts: list[str], batch: int = 32, log_every: float = 5.0
 ) -> FeatureStats:
     record = built.registry.get_sae(sae_id)
     k = min(record.d_sae, MAX_K, record.k or MAX_K)
@@ -76,7 +87,7 @@ def feature_stats(
     return FeatureStats(max_act, active / n, (total / n).float(), tokens, saturated)
 
 
-def store_feature_stats(built: BuiltEngine, sae_id: str, stats: FeatureStats) -> int:
+def store_feature_stats(built: EngineParts, sae_id: str, stats: FeatureStats) -> int:
     columns = (stats.max_activation.tolist(), stats.density.tolist(), stats.mean_activation.tolist())
     infos = [
         FeatureInfo(index=i, max_activation=m, density=d, mean_activation=mean)

@@ -6,6 +6,8 @@ results are copied to the host together with the sampled tokens.
 
 A request's SAE is resolved once, when the runner admits it (`admit`), and held until it finishes
 (`forget`): deleting or replacing the SAE in the registry meanwhile changes nothing for that request.
+`admit` takes it from the runner's cache, where the API loaded it (SteeringResources.load): no registry
+read in the step.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 import steerkernels
-from steerserve.engine.types import FeatureCapture, HiddenCapture, TokenFeatures, TokenHidden
 from steerserve.registry import SAEWeights
-from steerserve.sites import Site
-from steerserve.steering.spec import SAERef
+from steerserve.runner.steering.resources import SteeringResources
+from steerserve.types.requests import FeatureCapture, HiddenCapture, TokenFeatures, TokenHidden
+from steerserve.types.sites import Site
+from steerserve.types.steering import SAERef
 
 
 @dataclass
@@ -42,7 +45,7 @@ class _Hidden:
 
 
 class FeatureCapturer:
-    def __init__(self, resources):
+    def __init__(self, resources: SteeringResources):
         self.resources = resources
         self._weights: dict[str, SAEWeights] = {}  # request id -> the SAE it was admitted with
         self._groups: dict[Site, list[_Group]] = {}

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-from steerserve.engine.types import ModelInfo
 from steerserve.registry.errors import InvalidInput
 from steerserve.registry.validate import check_fits
-from steerserve.runner import model_sites as ms
-from steerserve.runner.model_loader import build_random_model, model_info
-from steerserve.sites import HOOKS, Hook, Site, SiteError, parse_site
+from steerserve.runner import model_adapter as ms
+from steerserve.runner.model_loader import build_random_model
+from steerserve.types.model import ModelInfo
+from steerserve.types.sites import HOOKS, Hook, Site, SiteError, parse_site
 from tests.steering.site_models import SUBLAYER_ARCHS
 
 
@@ -53,10 +53,10 @@ def test_sites_sort_in_forward_order():
 @pytest.mark.parametrize("arch", SUBLAYER_ARCHS)
 def test_mapped_families_have_every_site(arch):
     model, tok = build_random_model(arch)
-    sites = ms.model_sites(model)
+    sites = ms.model_adapter(model)
     assert sites.hooks == HOOKS
-    assert model_info(model, tok, "m", 64).hooks == HOOKS
-    assert ms.model_sites(model) is sites  # built once per model
+    assert sites.info(tok, "m", 64).hooks == HOOKS
+    assert ms.model_adapter(model) is sites  # built once per model
     assert sites.final_norm() is not None and sites.vocab_size == model.config.vocab_size
 
 
@@ -65,7 +65,7 @@ def test_an_unmapped_architecture_has_resid_sites_only_and_says_so():
         vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
     )
     model = AutoModelForCausalLM.from_config(cfg)
-    sites = ms.model_sites(model)
+    sites = ms.model_adapter(model)
     assert sites.hooks == ("resid_pre", "resid_post") and sites.n_layers == 2
     assert sites.point(Site(1, Hook.RESID_PRE)).attach is ms.Attach.INPUT
     with pytest.raises(SiteError, match="blocks.L.hook_resid_pre, blocks.L.hook_resid_post"):
@@ -86,11 +86,11 @@ def test_a_norm_that_does_not_compute_as_its_family_says_loses_ln2_normalized(mo
     with torch.no_grad():
         for layer in model.model.layers:
             layer.post_attention_layernorm.weight.add_(0.5)
-    assert "ln2_normalized" in ms.ModelSites(model).hooks
+    assert "ln2_normalized" in ms.ModelAdapter(model).hooks
     monkeypatch.setitem(
         ms.FAMILIES,
         "llama",
         ms._Family("self_attn", "post_attention_layernorm", "mlp", ms.NormKind.RMS_OFFSET),
     )
-    hooks = ms.ModelSites(model).hooks
+    hooks = ms.ModelAdapter(model).hooks
     assert "ln2_normalized" not in hooks and "mlp_in" in hooks

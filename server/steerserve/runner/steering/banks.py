@@ -9,7 +9,7 @@ known from its row and position class. At one site, in order:
   4. transcoder feature edits: a transcoder reads here and writes at its `site_out` (registry/sae.py), so
      its edit runs on a float32 scratch copy of h as it stands after 1-3 (what the MLP reads) and the
      change, `(a'_f - a_f) * W_dec[f]` per token, is returned for the rows to add at `site_out`
-     (steering/rows.py). h itself is not changed here.
+     (runner/steering/rows.py). h itself is not changed here.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ import torch
 
 import steerkernels
 from steerserve.registry import SAEWeights
-from steerserve.sites import Site
+from steerserve.types.sites import Site
+from steerserve.types.steering import InterventionKind, Positions
 
-_EDIT_MODE = {"feature_clamp": 0, "feature_scale": 1, "feature_ablate": 2}
+# the kernel's `mode` of each feature edit (steerkernels.sae_edit). NOTE: keyed by the StrEnum, so the
+# plain strings ("feature_clamp") find the same entries
+EDIT_MODES = {
+    InterventionKind.FEATURE_CLAMP: 0,
+    InterventionKind.FEATURE_SCALE: 1,
+    InterventionKind.FEATURE_ABLATE: 2,
+}
 
 
 def topk_token_threshold(weights: SAEWeights, h: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -37,12 +44,9 @@ def topk_token_threshold(weights: SAEWeights, h: torch.Tensor, need: torch.Tenso
     return steerkernels.sae_topk_threshold(h, w.W_enc, w.b_enc, w.b_dec, w.apply_b_dec_to_input, w.k, rows)
 
 
-def slots_for(row: int, positions: str) -> tuple[int, ...]:
-    if positions == "prompt":
-        return (2 * row,)
-    if positions == "generated":
-        return (2 * row + 1,)
-    return (2 * row, 2 * row + 1)
+def slots_for(row: int, positions: Positions | str) -> tuple[int, ...]:
+    """The bank slots of `row` that act on `positions`: `2 * row + position class`."""
+    return tuple(2 * row + pc for pc in Positions(positions).classes)
 
 
 class SAEEdits:
@@ -84,7 +88,7 @@ class SAEEdits:
         counts = torch.tensor(self.count, device=dev)[:, None]
         self.local_idx = torch.where(col < counts, local, -1)  # -1 = padding
 
-    def add(self, slot: int, index: int, kind: str, value: float) -> None:
+    def add(self, slot: int, index: int, kind: InterventionKind | str, value: float) -> None:
         k = self.count[slot]
         if k >= self.max_width:
             raise ValueError(f"more than {self.max_width} feature edits of one SAE at one site")
@@ -98,7 +102,7 @@ class SAEEdits:
         self.b_enc[slot, k] = w.b_enc[index]
         if w.threshold is not None:
             self.threshold[slot, k] = w.threshold[index]
-        self.mode[slot, k], self.value[slot, k] = _EDIT_MODE[kind], value
+        self.mode[slot, k], self.value[slot, k] = EDIT_MODES[kind], value
         self.local_idx[slot, k] = slot * cap + k
         self.count[slot] = k + 1
 
@@ -127,7 +131,7 @@ class SAEEdits:
             h, slots, self.local_idx[:, :width], self.enc.view(S * cap, d).t(), self.b_enc.view(-1),
             self.dec.view(S * cap, d), w.b_dec,
             self.threshold.view(-1) if w.architecture == "jumprelu" else None,
-            w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width], None,
+            w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width],
             token_threshold=token_threshold, validate=False,
         )  # fmt: skip
 
@@ -140,6 +144,8 @@ class SiteBank:
         self.device = device
         self.cfg = cfg
         self.add = torch.zeros((s, d), dtype=torch.float32, device=device)  # [2R, d]
+        # NOTE: the device copy of `add_rows`: steer_add's token mask, built without a host->device copy
+        # per step (rows with no additive work here are left unwritten, not given +0)
         self.has_add = torch.zeros(num_rows, dtype=torch.bool, device=device)
         self.dirs = torch.zeros((s, cfg.max_project_dirs, d), dtype=torch.float32, device=device)
         self.lo = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
@@ -154,13 +160,15 @@ class SiteBank:
     def idle(self) -> bool:
         return not (self.add_rows or self.proj_rows or self.edits)
 
-    def add_vector(self, row: int, positions: str, vec: torch.Tensor) -> None:
+    def add_vector(self, row: int, positions: Positions | str, vec: torch.Tensor) -> None:
         for slot in slots_for(row, positions):
             self.add[slot] += vec
         self.has_add[row] = True
         self.add_rows.add(row)
 
-    def add_projection(self, row: int, positions: str, unit: torch.Tensor, lo: float, hi: float) -> None:
+    def add_projection(
+        self, row: int, positions: Positions | str, unit: torch.Tensor, lo: float, hi: float
+    ) -> None:
         for slot in slots_for(row, positions):
             k = self.proj_count[slot]
             if k >= self.dirs.shape[1]:
@@ -171,8 +179,16 @@ class SiteBank:
         self.proj_rows.add(row)
 
     def add_edit(
-        self, row: int, positions: str, uid: str, weights, index: int, kind: str, value: float
+        self,
+        row: int,
+        positions: Positions | str,
+        uid: str,
+        weights: SAEWeights,
+        index: int,
+        kind: InterventionKind | str,
+        value: float,
     ) -> None:
+        """Edit `kind` (a key of EDIT_MODES) of feature `index` of SAE `uid` to `value`."""
         edits = self.edits.get(uid)
         if edits is None:
             edits = self.edits[uid] = SAEEdits(
@@ -211,11 +227,11 @@ class SiteBank:
                 edits.apply(h, token_slot)
         if self.proj_rows:
             steerkernels.project_clamp(
-                h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, None, validate=False
+                h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, validate=False
             )
         if self.add_rows:
             slots = torch.where(self.has_add[token_slot.clamp(min=0) // 2], token_slot, -1)
-            steerkernels.steer_add(h, slots, self.add, None, validate=False)
+            steerkernels.steer_add(h, slots, self.add, validate=False)
         return [
             (e.weights.site_out, e.delta(h, token_slot))
             for e in self.edits.values()

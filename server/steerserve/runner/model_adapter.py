@@ -1,8 +1,9 @@
-"""Where things are in a loaded transformers model: its decoder layers, each site's module and how a hook
-there reads and edits the hidden state, the final norm and the unembedding. The one place that knows an
-architecture's layout; every module that needs a layer, a norm or the unembedding asks here.
+"""The model adapter: what the server knows about a loaded transformers model's architecture. Its decoder
+layers, each site's module and how a hook there reads and edits the hidden state, the final norm and the
+unembedding, its sizes (ModelInfo, the KV cache's geometry, the longest context). The one place that knows
+an architecture's layout; every module that needs a layer, a norm or the unembedding asks here.
 
-A site's tensor is the one TransformerLens names (sites.py), checked against TransformerLens' own
+A site's tensor is the one TransformerLens names (types/sites.py), checked against TransformerLens' own
 TransformerBridge in tests/steering/test_site_semantics.py. Per family (`config.model_type`):
 
                  attn_out                  resid_mid / mlp_in /        mlp_out
@@ -25,7 +26,8 @@ from enum import Enum
 
 import torch
 
-from steerserve.sites import RESID_HOOKS, Hook, Site
+from steerserve.types.model import ModelInfo
+from steerserve.types.sites import RESID_HOOKS, Hook, Site
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +120,15 @@ class NormOps:
         return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())))
 
 
-class ModelSites:
-    """The layout of one loaded model. Build with `model_sites(model)` (one instance per model)."""
+class ModelAdapter:
+    """The layout of one loaded model. Build with `model_adapter(model)` (one instance per model)."""
 
     def __init__(self, model: torch.nn.Module):
         # NOTE: no reference to `model` itself: the per-model cache is keyed weakly by it
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self._unembedding = model.get_output_embeddings()
         self._name = type(model).__name__
+        self._config = model.config
         self.layers = _find_layers(self.base, model)
         self.d_model = int(model.config.get_text_config().hidden_size)
         self.model_type = str(model.config.get_text_config().model_type)
@@ -159,6 +162,40 @@ class ModelSites:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def info(self, tokenizer, name: str, max_model_len: int) -> ModelInfo:
+        """What the rest of the server may know of the model (plain data)."""
+        eos = self._config.eos_token_id if self._config.eos_token_id is not None else tokenizer.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return ModelInfo(
+            name=name,
+            architecture=self._name,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            vocab_size=self.vocab_size,
+            max_model_len=max_model_len,
+            eos_token_ids=eos_ids,
+            bos_token_id=tokenizer.bos_token_id,
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            hooks=self.hooks,
+            mlp_out_after_norm=self.mlp_out_after_norm,
+        )
+
+    @property
+    def max_positions(self) -> int:
+        """The longest context the model was built for (2048 when its config does not say)."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self._config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def kv_geometry(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim) of its attention: the KV cache's shape."""
+        cfg = self._config
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cfg.num_hidden_layers, n_kv, head_dim
 
     def final_norm(self) -> torch.nn.Module:
         for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
@@ -204,17 +241,17 @@ def _find_layers(base: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Modu
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, ModelSites] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
 
 
-def model_sites(model: torch.nn.Module) -> ModelSites:
+def model_adapter(model: torch.nn.Module) -> ModelAdapter:
     """The model's layout, built once per model object."""
     sites = _CACHE.get(model)
     if sites is None:
-        sites = _CACHE[model] = ModelSites(model)
+        sites = _CACHE[model] = ModelAdapter(model)
     return sites
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's list of decoder layers (model.model.layers, transformer.h, ...)."""
-    return model_sites(model).layers
+    return model_adapter(model).layers

@@ -1,23 +1,33 @@
-"""Assembling an engine from the config: model, KV cache, scheduler, runner, core."""
+"""The composition root: the one place that builds the server from its config.
+
+It assembles the engine (model, KV cache, scheduler, runner and its steering state, core), resolves the
+shipped `demo` model and registers its SAEs and variants, and hands the API its `Services`. Everything
+else receives the parts it needs; nothing below imports this module (pyproject's import-linter contracts).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from steerserve.config import Config
+from steerserve.api.app import create_app
+from steerserve.api.services import Services
+from steerserve.config import Config, ModelConfig
+from steerserve.demo import shipped as demo
 from steerserve.engine.engine import EngineCore
 from steerserve.engine.kv_cache import BlockAllocator
 from steerserve.engine.scheduler import Scheduler
-from steerserve.engine.types import ModelInfo
+from steerserve.interp.readout import FeatureReadout
 from steerserve.metrics import EngineMetrics, MetricSources
 from steerserve.registry import Registry
-from steerserve.runner.model_loader import load_model, model_info, model_max_len
+from steerserve.runner.model_adapter import model_adapter
+from steerserve.runner.model_loader import load_model
 from steerserve.runner.model_runner import ModelRunner, kv_cache_dtype, plan_kv_cache
-from steerserve.steering.resources import SteeringResources
-from steerserve.steering.rows import SteeringRows
+from steerserve.runner.steering.resources import SteeringResources
+from steerserve.runner.steering.rows import SteeringRows
+from steerserve.types.model import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +46,19 @@ class BuiltEngine:
 def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngine:
     """The engine; `registry` (opened from config.registry when None) backs its steering."""
     registry = registry or Registry.from_config(config.registry)
-    model, tokenizer, device, dtype = load_model(config.model)
+    model, tokenizer, device, dtype = load_model(resolve_model(config.model))
     if device.type == "cuda":
         # NOTE: cuDNN SDPA builds a plan per new shape (~3 ms of CPU each); every request's context length
         # is new each step, so it would dominate the step. Flash / memory-efficient kernels have no plans.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    max_len = min(config.scheduler.max_model_len or model_max_len(model), model_max_len(model))
+    adapter = model_adapter(model)
+    max_len = min(config.scheduler.max_model_len or adapter.max_positions, adapter.max_positions)
     kv_dtype = kv_cache_dtype(config.cache, device, dtype)
     num_blocks, max_len, layout = plan_kv_cache(
         model, config.cache, config.scheduler, max_len, device, kv_dtype
     )
     name = config.model.served_model_name or config.model.model
-    info = model_info(model, tokenizer, name, max_len)
+    info = adapter.info(tokenizer, name, max_len)
     metrics = EngineMetrics(name)
     allocator = BlockAllocator(num_blocks, config.cache.block_size)
     scheduler = Scheduler(
@@ -59,8 +70,10 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
         saes_on_device=lambda: len(resources.saes.cached_ids()),
         cache_counts=lambda: {
             "sae_device": (resources.saes.hits, resources.saes.misses),
+            "vector_device": (resources.vectors.hits, resources.vectors.misses),
             "logit_effect": (resources.effect_hits, resources.effect_misses),
         },
+        step_loads=lambda: resources.step_misses,
     )
     runner = ModelRunner(
         model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed, steering
@@ -80,3 +93,25 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
     )
     core = EngineCore(scheduler, runner, tokenizer, metrics)
     return BuiltEngine(core, info, tokenizer, model, metrics, registry, steering)
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    """`demo` is the model shipped in the package (steerserve.demo): its folder, served as `demo`."""
+    if cfg.model != demo.DEMO_MODEL:
+        return cfg
+    return replace(
+        cfg, model=str(demo.model_path()), served_model_name=cfg.served_model_name or demo.DEMO_MODEL
+    )
+
+
+def start_services(config: Config, built: BuiltEngine | None = None) -> Services:
+    """The API's services (the engine built here unless given); the demo's items registered for `demo`."""
+    b = built or build_engine(config)
+    if config.model.model == demo.DEMO_MODEL:
+        demo.register_demo(b.registry, b.info)
+    return Services(b.core, b.info, b.tokenizer, b.metrics, b.registry, FeatureReadout(b.steering.resources))
+
+
+def create_server_app(config: Config, built: BuiltEngine | None = None):
+    """The FastAPI app of `steerserve serve`: the engine is built at start-up unless one is given."""
+    return create_app(config, lambda: start_services(config, built))

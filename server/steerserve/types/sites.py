@@ -1,6 +1,6 @@
 """Sites: where in the model an intervention acts, `(layer, hook)`, named as in TransformerLens / SAELens.
 
-Per decoder layer L, in forward order (runner/model_sites.py says which module each is, per architecture):
+Per decoder layer L, in forward order (runner/model_adapter.py says which module each is, per architecture):
   resid_pre       blocks.L.hook_resid_pre        the layer's input (the residual stream)
   attn_out        blocks.L.hook_attn_out         what attention adds to the residual (after Gemma-2's
                                                  post-attention norm)

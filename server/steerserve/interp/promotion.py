@@ -2,7 +2,7 @@
 
 A feature's effect on token t relative to its effect on the whole vocabulary is the z-score
 `z_f(t) = (u_t - mean u) . n_f / sqrt(n_f^T C n_f)`, with `n_f = N(W_dec[f]) - N(0)` the normalised
-direction (steering/resources.py), `u_t` the unembedding row of t, and `C` the covariance of the
+direction (runner/steering/resources.py), `u_t` the unembedding row of t, and `C` the covariance of the
 unembedding rows. `C` (d x d) is computed once per model, so every feature of an SAE is scored with
 two matrix products instead of materialising its `[d_sae, V]` effect table.
 """
@@ -13,9 +13,9 @@ import threading
 
 import torch
 
-from steerserve.runner.model_sites import model_sites
-from steerserve.steering.resources import SteeringResources
-from steerserve.steering.spec import SAERef
+from steerserve.runner.model_adapter import model_adapter
+from steerserve.runner.steering.resources import SteeringResources
+from steerserve.types.steering import SAERef
 
 
 class PromotionIndex:
@@ -27,7 +27,7 @@ class PromotionIndex:
 
     def _unembedding_stats(self):
         if self._stats is None:
-            U = model_sites(self.resources.model).unembedding().weight.detach().float()  # [V, d]
+            U = model_adapter(self.resources.model).unembedding().weight.detach().float()  # [V, d]
             mean = U.mean(0)
             centered = U - mean
             self._stats = (U, mean, centered.t() @ centered / U.shape[0])
@@ -36,8 +36,8 @@ class PromotionIndex:
     def _normed_directions(self, ref: SAERef) -> torch.Tensor:
         n = self._normed.get(ref.uid)
         if n is None:
-            W_dec = self.resources.sae(ref).W_dec.float()  # [d_sae, d]
-            norm = model_sites(self.resources.model).final_norm()
+            W_dec = self.resources.load_sae(ref).W_dec.float()  # [d_sae, d]
+            norm = model_adapter(self.resources.model).final_norm()
             dtype = next(norm.parameters()).dtype if any(True for _ in norm.parameters()) else W_dec.dtype
             rows = []
             for chunk in W_dec.split(4096):

@@ -6,25 +6,36 @@ request with the same fingerprint, cleared when the last one finishes. Per step 
 call `apply()` at the sites any live row uses. No live row at a site = no hook there = no cost.
 
 Banks are keyed by (site, gate number): k = -1 holds the ungated interventions, k >= 0 those gated by
-the row's gate k (steering/gates.py). At a site, in order: what transcoder edits read earlier in this
-pass write here (steering/banks.py), the gates read there, the ungated bank, then the gated banks in
+the row's gate k (runner/steering/gates.py). At a site, in order: what transcoder edits read earlier in this
+pass write here (runner/steering/banks.py), the gates read there, the ungated bank, then the gated banks in
 gate order. A transcoder feature's `add` goes to the bank of the site where it writes (`write_site`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from steerserve.config import SteeringConfig
 from steerserve.registry import SAEWeights
-from steerserve.sites import Site
-from steerserve.steering.banks import SiteBank
-from steerserve.steering.gates import GateTable, StopHit
-from steerserve.steering.resources import SteeringResources
-from steerserve.steering.spec import Intervention, SteeringSpec
+from steerserve.runner.steering.banks import SiteBank
+from steerserve.runner.steering.gates import GateTable, StopHit
+from steerserve.runner.steering.resources import SteeringResources
+from steerserve.types.sites import Site
+from steerserve.types.steering import (
+    FeatureAblate,
+    FeatureAdd,
+    FeatureClamp,
+    FeatureEdit,
+    FeatureScale,
+    Intervention,
+    SteeringSpec,
+    VectorAdd,
+    VectorProject,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +46,6 @@ class _Row:
     refs: int
     spec: SteeringSpec
     has_logit_bias: bool
-
-
-def _feature_add_coeff(iv: Intervention, w_dec_row: torch.Tensor) -> float:
-    if iv.scale == "unit":
-        return iv.value / float(w_dec_row.norm())
-    if iv.scale == "max_activation":
-        return iv.value * float(iv.max_activation)
-    return iv.value
 
 
 class SteeringRows:
@@ -109,28 +112,16 @@ class SteeringRows:
 
     def _write(self, row: int, spec: SteeringSpec) -> None:
         res = self.resources
-        refs = [iv.sae for iv in spec.interventions if iv.sae is not None] + [g.sae for g in spec.gates()]
+        writers = [_writer(iv) for iv in spec.interventions]  # NOTE: an unknown type fails before a write
+        refs = [iv.sae for iv in spec.interventions if isinstance(iv, FeatureAdd | FeatureEdit)]
         saes: dict[str, SAEWeights] = {}
-        for ref in refs:  # NOTE: one registry lookup per SAE, not per intervention
+        for ref in refs + [g.sae for g in spec.gates()]:  # NOTE: one registry lookup per SAE
             if ref.uid not in saes:
                 saes[ref.uid] = res.sae(ref)
         self.gates.write(row, spec, saes)
-        for iv in spec.interventions:
+        for iv, write in zip(spec.interventions, writers, strict=True):
             k = -1 if iv.gate is None else self.gates.gate_number(row, iv.gate)
-            site = saes[iv.sae.uid].write_site if iv.kind == "feature_add" else iv.site
-            bank = self._bank(site, k)
-            if iv.kind == "feature_add":
-                w_dec = saes[iv.sae.uid].W_dec[iv.index]  # [d]
-                bank.add_vector(row, iv.positions, _feature_add_coeff(iv, w_dec) * w_dec.float())
-            elif iv.kind == "vector_add":
-                bank.add_vector(
-                    row, iv.positions, iv.value * res.vector(iv.vector_id, iv.vector_uid, iv.site)
-                )
-            elif iv.kind == "vector_project":
-                v = res.vector(iv.vector_id, iv.vector_uid, iv.site)
-                bank.add_projection(row, iv.positions, v / v.norm(), iv.lo, iv.hi)
-            else:
-                bank.add_edit(row, iv.positions, iv.sae.uid, saes[iv.sae.uid], iv.index, iv.kind, iv.value)
+            write(self, row, k, iv, saes)
         if spec.logit_biases:
             if self._logit_bank is None:
                 self._logit_bank = torch.zeros(
@@ -141,6 +132,25 @@ class SteeringRows:
             for term, effect in zip(spec.logit_biases, effects, strict=True):
                 total += term.strength * effect
             self._logit_bank[row] = total
+
+    # -- one writer per intervention type (WRITERS) ----------------------------------------------
+    def _feature_add(self, row: int, k: int, iv: FeatureAdd, saes: dict[str, SAEWeights]) -> None:
+        w = saes[iv.sae.uid]
+        w_dec = w.W_dec[iv.index]  # [d]
+        vec = iv.coefficient(float(w_dec.norm())) * w_dec.float()
+        self._bank(w.write_site, k).add_vector(row, iv.positions, vec)  # a transcoder's: at its site_out
+
+    def _feature_edit(self, row: int, k: int, iv: FeatureEdit, saes: dict[str, SAEWeights]) -> None:
+        bank = self._bank(iv.site, k)
+        bank.add_edit(row, iv.positions, iv.sae.uid, saes[iv.sae.uid], iv.index, iv.kind, iv.value)
+
+    def _vector_add(self, row: int, k: int, iv: VectorAdd, saes: dict[str, SAEWeights]) -> None:
+        vec = self.resources.vector(iv.vector, iv.site)
+        self._bank(iv.site, k).add_vector(row, iv.positions, iv.strength * vec)
+
+    def _vector_project(self, row: int, k: int, iv: VectorProject, saes: dict[str, SAEWeights]) -> None:
+        v = self.resources.vector(iv.vector, iv.site)
+        self._bank(iv.site, k).add_projection(row, iv.positions, v / v.norm(), iv.lo, iv.hi)
 
     def _clear(self, row: int, spec: SteeringSpec) -> None:
         self.gates.clear_row(row)
@@ -213,13 +223,31 @@ class SteeringRows:
     def stop_hits(self) -> list[StopHit | None]:
         return self.gates.stop_hits()
 
-    def logit_bias(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(dense_bank [R, V], dense_idx [n, 1], dense_scale [n, 1]) for sampled rows; None when unused."""
+    def logit_bias(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(dense_bank [R, V], dense_idx [n, 1]: each sampled row's bank row, -1 = none); None when unused."""
         if self._logit_bank is None:
             return None
         with_bias = {r.index for r in self._rows.values() if r.has_logit_bias}
         if not any(r in with_bias for r in rows):
             return None
         idx = torch.tensor([[r if r in with_bias else -1] for r in rows], dtype=torch.int64)
-        scale = torch.ones((len(rows), 1), dtype=torch.float32)
-        return self._logit_bank, idx.to(self.device), scale.to(self.device)
+        return self._logit_bank, idx.to(self.device)
+
+
+_Writer = Callable[[SteeringRows, int, int, Intervention, dict[str, SAEWeights]], None]
+# each intervention type's writer into the banks: a new mode is one entry here (plus its bank and kernel)
+WRITERS: dict[type, _Writer] = {
+    FeatureAdd: SteeringRows._feature_add,
+    FeatureClamp: SteeringRows._feature_edit,
+    FeatureScale: SteeringRows._feature_edit,
+    FeatureAblate: SteeringRows._feature_edit,
+    VectorAdd: SteeringRows._vector_add,
+    VectorProject: SteeringRows._vector_project,
+}
+
+
+def _writer(iv: Intervention) -> _Writer:
+    write = WRITERS.get(type(iv))
+    if write is None:  # NOTE: compile (steering/compile.py), the only producer, makes only these types
+        raise TypeError(f"no device writer for intervention type {type(iv).__name__}")
+    return write

@@ -1,36 +1,13 @@
-"""Frozen hand-off types of the engine: what crosses from the API to the engine and back.
-
-They hold no tensors and no callables, so the loop could move to its own process.
-"""
+"""What a generation request is and what it reports back: frozen, no tensors, no callables (the loop could
+move to its own process)."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from steerserve.sites import HOOKS, Site
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What the rest of the server may know about the served model (no tensors)."""
-
-    name: str
-    architecture: str
-    d_model: int
-    n_layers: int
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-    has_chat_template: bool = False
-    hooks: tuple[str, ...] = HOOKS  # the hooks its architecture has (runner/model_sites.py)
-    # hook_mlp_out is a post-MLP norm's output (Gemma-2/3), not the MLP module's raw output
-    mlp_out_after_norm: bool = False
-
-    def check_site(self, site: Site) -> Site:
-        """`site` if the model has it, else SiteError saying which layers and hooks it has."""
-        return site.check(self.n_layers, self.hooks)
+from steerserve.types.sites import Site
+from steerserve.types.steering import SteeringSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +51,7 @@ class FeatureCapture:
 class HiddenCapture:
     """Report the residual stream at `site` (after any steering there) for the prompt's tokens."""
 
-    site: object  # steerserve.sites.Site
+    site: Site
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +72,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
-    steering: object | None = None  # a SteeringSpec; None = unsteered
+    steering: SteeringSpec | None = None  # None = unsteered
     arrival_time: float = 0.0
     capture: FeatureCapture | HiddenCapture | None = None
     deadline: float | None = None  # time.monotonic() past which the engine aborts it; None: none
@@ -145,17 +122,3 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutput:
-    """What one step produced for one request: new tokens, and the finish if it finished."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    error: str | None = None
-    extra: dict = field(default_factory=dict)

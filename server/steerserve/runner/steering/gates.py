@@ -2,7 +2,7 @@
 
 Row r's gates are `spec.gates()` in order, numbered k = 0..G-1 (G = `max_gates`). A gate is read at its
 SAE's site from the hidden state as it arrives there, before any intervention at that site; the banks of
-gate k (steering/rows.py) then act only on the tokens where `open[:, k]` is set. Requests without gates
+gate k (runner/steering/rows.py) then act only on the tokens where `open[:, k]` is set. Requests without gates
 pay nothing: with no live gated row none of this runs.
 
 Per step, in order:
@@ -24,9 +24,9 @@ import torch
 
 import steerkernels
 from steerserve.registry import SAEWeights
-from steerserve.sites import Site
-from steerserve.steering.banks import topk_token_threshold
-from steerserve.steering.spec import Gate, SteeringSpec
+from steerserve.runner.steering.banks import topk_token_threshold
+from steerserve.types.sites import Site
+from steerserve.types.steering import Gate, SteeringSpec
 
 
 @dataclass
