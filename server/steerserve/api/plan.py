@@ -18,7 +18,7 @@ from steerserve.api.protocol import SamplingFields
 from steerserve.registry import NotFound
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import FeatureCapture, FeatureStop, GenerationRequest
-from steerserve.types.steering import SteeringSpec
+from steerserve.types.steering import Positions, SteeringSpec
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class CallPlan:
 
 
 def feature_capture(
-    registry, info, sae_id: str, top_k: int, positions: str, param: str = "return_features.sae"
+    registry, info, sae_id: str, top_k: int, positions: Positions, param: str = "return_features.sae"
 ) -> FeatureCapture:
     """A validated FeatureCapture of SAE `sae_id`; 404 for an unknown SAE."""
     try:
@@ -135,7 +135,7 @@ async def plan_call(
             info,
             body.return_features.sae,
             body.return_features.top_k,
-            "generated",
+            Positions.GENERATED,
         )
     pin = None
     if spec is not None or capture is not None:

@@ -38,6 +38,7 @@ from steerserve.types.requests import (
     TokenHidden,
 )
 from steerserve.types.sites import Site, SiteError, parse_site
+from steerserve.types.steering import Positions
 
 router = APIRouter()
 
@@ -155,7 +156,7 @@ async def contrast_features(body: FeatureContrastRequest, request: Request):
     ]
     prompts = await run_in(GENERATION_POOL, _encode_all, state.tokenizer, named)
     capture = await run_in(
-        GENERATION_POOL, feature_capture, state.registry, info, body.sae, _CAPTURE_K, "all", "sae"
+        GENERATION_POOL, feature_capture, state.registry, info, body.sae, _CAPTURE_K, Positions.ALL, "sae"
     )
     record = await _run(state.registry.get_sae, body.sae)
     for i, ids in enumerate(prompts):

@@ -23,7 +23,7 @@ from steerserve.registry import NotFound
 from steerserve.registry.storable import is_uint
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import GenerationRequest, SamplingParams
-from steerserve.types.steering import SAERef
+from steerserve.types.steering import Positions, SAERef
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 TOP_LOGITS = 10
@@ -52,7 +52,14 @@ async def inspect(body: InspectRequest, request: Request):
         param = "sae" if k == 0 else f"saes[{(body.saes or []).index(sae_id)}]"
         captures.append(
             await run_in(
-                GENERATION_POOL, feature_capture, state.registry, info, sae_id, body.top_k, "all", param
+                GENERATION_POOL,
+                feature_capture,
+                state.registry,
+                info,
+                sae_id,
+                body.top_k,
+                Positions.ALL,
+                param,
             )
         )
     spec, max_tokens = None, 1

@@ -20,7 +20,14 @@ from steerserve.api.feed import CallFeed
 from steerserve.api.jsonsafe import dumps
 from steerserve.engine.admission import QueueFullError
 from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
-from steerserve.types.requests import NON_FINITE_LOGITS, FinishReason, GenerationRequest, TokenLogprob
+from steerserve.types.requests import (
+    NON_FINITE_LOGITS,
+    FeatureStop,
+    FinishReason,
+    GenerationRequest,
+    TokenFeatures,
+    TokenLogprob,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -36,8 +43,8 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    features: list = field(default_factory=list)  # TokenFeatures captured for this choice
-    feature_stop: object = None  # FeatureStop when a stop_when condition ended the choice
+    features: list[TokenFeatures] = field(default_factory=list)  # captured for this choice
+    feature_stop: FeatureStop | None = None  # the stop_when condition that ended the choice
 
 
 def finish_reason_text(reason: FinishReason | None) -> str | None:

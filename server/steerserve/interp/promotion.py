@@ -37,12 +37,10 @@ class PromotionIndex:
         n = self._normed.get(ref.uid)
         if n is None:
             W_dec = self.resources.load_sae(ref).W_dec.float()  # [d_sae, d]
-            norm = model_adapter(self.resources.model).final_norm()
-            dtype = next(norm.parameters()).dtype if any(True for _ in norm.parameters()) else W_dec.dtype
-            rows = []
-            for chunk in W_dec.split(4096):
-                x = chunk.to(dtype)
-                rows.append((norm(x) - norm(torch.zeros_like(x[:1]))).float())
+            adapter = model_adapter(self.resources.model)
+            params = list(adapter.final_norm().parameters())
+            dtype = params[0].dtype if params else W_dec.dtype
+            rows = [adapter.normed(chunk, dtype).float() for chunk in W_dec.split(4096)]
             n = self._normed[ref.uid] = torch.cat(rows)
         return n
 

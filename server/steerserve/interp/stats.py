@@ -23,6 +23,7 @@ from steerserve.engine.tokenizer import encode_prompt
 from steerserve.registry import FeatureInfo, Registry
 from steerserve.types.model import ModelInfo
 from steerserve.types.requests import FeatureCapture, GenerationRequest, SamplingParams, TokenFeatures
+from steerserve.types.steering import Positions
 
 logger = logging.getLogger(__name__)
 MAX_K = 256
@@ -52,7 +53,7 @@ def feature_stats(
     record = built.registry.get_sae(sae_id)
     k = min(record.d_sae, MAX_K, record.k or MAX_K)
     bounded = k in (record.d_sae, record.k)  # no token can have more than k active features
-    capture = FeatureCapture(record.id, record.uid, k, "all")
+    capture = FeatureCapture(record.id, record.uid, k, Positions.ALL)
     core, info = built.core, built.info
     max_act = torch.zeros(record.d_sae)
     active = torch.zeros(record.d_sae)

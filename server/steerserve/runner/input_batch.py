@@ -17,6 +17,7 @@ import torch
 from steerserve.runner.attention import AttentionMetadata, RequestSpan
 from steerserve.sampling.sampler import SamplingBatch
 from steerserve.types.requests import SamplingParams
+from steerserve.types.steering import SteeringSpec
 from steerserve.types.step import ScheduledRequest, is_run
 
 
@@ -29,7 +30,7 @@ class CachedRequest:
     generator: torch.Generator | None
     prompt_token_set: frozenset[int]
     output_counts: Counter = field(default_factory=Counter)
-    steering: object | None = None  # SteeringSpec
+    steering: SteeringSpec | None = None
     row: int = -1  # steering row on the device; -1 = unsteered
     gate_state: torch.Tensor | None = None  # [G] bool: gates that fired in earlier steps (latches)
 

@@ -207,6 +207,22 @@ class ModelAdapter:
     def unembedding(self) -> torch.nn.Module:
         return self._unembedding
 
+    def normed(self, directions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`N(x) - N(0)` of [n, d] directions computed in `dtype`: a direction as the final norm passes
+        it on when it dominates the residual (the norm's bias cancels)."""
+        norm = self.final_norm()
+        x = directions.to(dtype)
+        return norm(x) - norm(torch.zeros_like(x[:1]))
+
+    def direct_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """[n, d] directions -> [n, V] float32 logits they write through the final norm and the
+        unembedding, without biases: `U(N(x) - N(0))` with U = `lm_head(.) - lm_head(0)`."""
+        head = self.unembedding()
+        x = self.normed(directions, head.weight.dtype)
+        zero = torch.zeros_like(x[:1])
+        out = head(torch.cat([x, zero]))  # NOTE: one pass over the unembedding
+        return (out[:-1] - out[-1:]).float()
+
     @property
     def vocab_size(self) -> int:
         return self.unembedding().weight.shape[0]

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from steerserve.types.sites import Site
-from steerserve.types.steering import SteeringSpec
+from steerserve.types.steering import Positions, SteeringSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class FeatureCapture:
     sae_id: str
     sae_uid: str
     top_k: int
-    positions: str = "generated"  # prompt | generated | all
+    positions: Positions = Positions.GENERATED
 
 
 @dataclass(frozen=True, slots=True)

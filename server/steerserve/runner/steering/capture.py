@@ -21,7 +21,7 @@ from steerserve.registry import SAEWeights
 from steerserve.runner.steering.resources import SteeringResources
 from steerserve.types.requests import FeatureCapture, HiddenCapture, TokenFeatures, TokenHidden
 from steerserve.types.sites import Site
-from steerserve.types.steering import SAERef
+from steerserve.types.steering import Positions, SAERef
 
 
 @dataclass
@@ -82,7 +82,7 @@ class FeatureCapturer:
             for k in range(n):
                 pos = start + k
                 generated = pos >= n_prompt
-                if cap.positions == "all" or (cap.positions == "generated") == generated:
+                if cap.positions == Positions.ALL or (cap.positions == Positions.GENERATED) == generated:
                     group.rows.append(q_start + k)
                     group.owners.append((rid, pos))
 

@@ -238,13 +238,7 @@ class SteeringResources:
 
     def readout(self, directions: torch.Tensor) -> torch.Tensor:
         """[n, d] directions -> [n, V] logits through the final norm and the unembedding (no biases)."""
-        sites = model_adapter(self.model)
-        norm, head = sites.final_norm(), sites.unembedding()
-        dtype = head.weight.dtype
-        x = directions.to(dtype)
-        zero = torch.zeros_like(x[:1])
-        out = head(torch.cat([norm(x) - norm(zero), zero]))  # NOTE: one pass over the unembedding
-        return (out[:-1] - out[-1:]).float()
+        return model_adapter(self.model).direct_logits(directions)
 
 
 def _effect_key(uid: str, index: int) -> str:
