@@ -9,9 +9,9 @@ it, so any OpenAI-compatible tool can use steering without knowing about it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-import httpx
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
     p.add_argument("--variant", default="example-variant")
     args = p.parse_args()
 
-    base = args.base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"}
+    # NOTE: the registry calls go through the SDK's own raw-request methods: no other HTTP library needed
+    client = OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key=args.api_key)
     variant = {
         "id": args.variant,
         "steering": [
@@ -33,11 +33,10 @@ def main() -> None:
              "strength": args.strength, "scale": "unit"},
         ],
     }  # fmt: skip
-    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
-        http.delete(f"/v1/variants/{args.variant}")  # start clean: 404 when it does not exist yet
-        http.post("/v1/variants", json=variant).raise_for_status()
+    with contextlib.suppress(NotFoundError):  # start clean: a 404 when it does not exist yet
+        client.delete(f"/variants/{args.variant}", cast_to=object)
+    client.post("/variants", body=variant, cast_to=object)
 
-    client = OpenAI(base_url=base + "/v1", api_key=args.api_key)
     names = [m.id for m in client.models.list().data]
     base_model = names[0]
     steered_model = f"{base_model}:{args.variant}"

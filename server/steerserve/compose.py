@@ -22,6 +22,7 @@ from steerserve.engine.scheduler import Scheduler
 from steerserve.interp.readout import FeatureReadout
 from steerserve.metrics import EngineMetrics, MetricSources
 from steerserve.registry import Registry
+from steerserve.runner.grammar import GrammarCache, GrammarRows
 from steerserve.runner.model_adapter import model_adapter
 from steerserve.runner.model_loader import load_model
 from steerserve.runner.model_runner import ModelRunner, kv_cache_dtype, plan_kv_cache
@@ -41,6 +42,7 @@ class BuiltEngine:
     metrics: EngineMetrics
     registry: Registry
     steering: SteeringRows
+    grammars: GrammarCache | None = None
 
 
 def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngine:
@@ -78,6 +80,7 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
     runner = ModelRunner(
         model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed, steering
     )
+    runner.grammars = GrammarRows(GrammarCache(tokenizer, info.vocab_size, info.eos_token_ids))
     logger.info(
         "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens (%s)",
         name,
@@ -92,7 +95,7 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
         kv_dtype,
     )
     core = EngineCore(scheduler, runner, tokenizer, metrics)
-    return BuiltEngine(core, info, tokenizer, model, metrics, registry, steering)
+    return BuiltEngine(core, info, tokenizer, model, metrics, registry, steering, runner.grammars.cache)
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
@@ -109,7 +112,9 @@ def start_services(config: Config, built: BuiltEngine | None = None) -> Services
     b = built or build_engine(config)
     if config.model.model == demo.DEMO_MODEL:
         demo.register_demo(b.registry, b.info)
-    return Services(b.core, b.info, b.tokenizer, b.metrics, b.registry, FeatureReadout(b.steering.resources))
+    return Services(
+        b.core, b.info, b.tokenizer, b.metrics, b.registry, FeatureReadout(b.steering.resources), b.grammars
+    )
 
 
 def create_server_app(config: Config, built: BuiltEngine | None = None):

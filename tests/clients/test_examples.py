@@ -33,8 +33,17 @@ def run_example(*cmd: str) -> str:
     return proc.stdout
 
 
+# NOTE: the openai examples must run on what `pip install openai` brings: httpx is not among it (openai
+# 3.x uses httpx2), so they run with `import httpx` failing, whatever this environment has installed
+_WITHOUT_HTTPX = (
+    "import runpy, sys; sys.modules['httpx'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def example(name: str, live_server, *args: str) -> str:
-    return run_example(sys.executable, str(EXAMPLES / name), "--base-url", live_server.url, *args)
+    launch = [sys.executable, "-c", _WITHOUT_HTTPX] if name.startswith("openai_") else [sys.executable]
+    return run_example(*launch, str(EXAMPLES / name), "--base-url", live_server.url, *args)
 
 
 def test_openai_steering(live_server, example_sae):

@@ -204,7 +204,7 @@ EMPTY = [  # every route that tokenizes a text: one that renders to no token is 
     # prompt is BOS here, a valid prompt; where it is no token at all: tests/e2e/test_bad_requests.py)
     (CHAT, {"messages": [{"role": "user", "content": ""}]}, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages"),
+     "messages[0].content"),  # not text: refused before rendering (api/protocol.py ChatMessage)
     (CHAT, {"messages": [{"role": "system", "content": None}]}, "messages"),
     ("/v1/inspect", {"messages": [{"role": "user", "content": ""}], "sae": "demo-sae"}, "messages"),
     ("/v1/inspect", {"text": "", "sae": "demo-sae"}, "text"),

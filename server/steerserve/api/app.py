@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from steerserve.api import routes_contrast, routes_generate, routes_interp, routes_openai, routes_registry
 from steerserve.api.auth import require_api_key
-from steerserve.api.errors import document_errors, error_body, install_error_handlers
+from steerserve.api.errors import APIError, document_errors, error_body, install_error_handlers
 from steerserve.api.executors import REGISTRY_POOL, run_in
 from steerserve.api.jsonsafe import SafeJSONResponse
 from steerserve.api.limits import RequestLimits
@@ -20,6 +20,9 @@ from steerserve.api.services import Services
 from steerserve.config import Config
 from steerserve.engine.admission import Admission
 from steerserve.engine.engine import AsyncEngine
+from steerserve.registry import NotFound
+from steerserve.registry.records import VariantRecord
+from steerserve.types.model import ModelInfo
 
 logger = logging.getLogger(__name__)
 service = APIRouter()
@@ -45,32 +48,50 @@ async def metrics(request: Request):
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _base_model_card(info: ModelInfo) -> dict:
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "steerserve",
+        "max_model_len": info.max_model_len,
+    }
+
+
+def _variant_card(info: ModelInfo, variant: VariantRecord) -> dict:
+    return {
+        "id": f"{info.name}:{variant.id}",
+        "object": "model",
+        "created": int(variant.created),
+        "owned_by": "steerserve",
+        "parent": info.name,
+    }
+
+
 @service.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def models(request: Request):
     info = request.app.state.model_info
     variants = await run_in(REGISTRY_POOL, request.app.state.registry.list_variants)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": info.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "steerserve",
-                "max_model_len": info.max_model_len,
-            },
-            *(
-                {
-                    "id": f"{info.name}:{v.id}",
-                    "object": "model",
-                    "created": int(v.created),
-                    "owned_by": "steerserve",
-                    "parent": info.name,
-                }
-                for v in variants
-            ),
-        ],
-    }
+    return {"object": "list", "data": [_base_model_card(info), *(_variant_card(info, v) for v in variants)]}
+
+
+@service.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+async def retrieve_model(model_id: str, request: Request):
+    """One entry of the list (`client.models.retrieve`): the served model or `<model>:<variant>`."""
+    info = request.app.state.model_info
+    if model_id == info.name:
+        return _base_model_card(info)
+    prefix = info.name + ":"
+    if model_id.startswith(prefix):
+        try:
+            variant = await run_in(
+                REGISTRY_POOL, request.app.state.registry.get_variant, model_id[len(prefix) :]
+            )
+        except NotFound:
+            pass
+        else:
+            return _variant_card(info, variant)
+    raise APIError(404, f"model {model_id!r} does not exist: see GET /v1/models", "model", "model_not_found")
 
 
 def create_app(config: Config, start: Callable[[], Services]) -> FastAPI:
@@ -81,6 +102,7 @@ def create_app(config: Config, start: Callable[[], Services]) -> FastAPI:
         services = start()
         app.state.registry = services.registry
         app.state.readout = services.readout
+        app.state.grammars = services.grammars
         adm = config.admission
         per_call = adm.max_queued_per_call or config.scheduler.max_num_seqs
         engine = AsyncEngine(

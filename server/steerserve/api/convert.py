@@ -65,17 +65,32 @@ def encode_text(tokenizer, text: str, param: str) -> list[int]:
     return ids
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt(
+    messages: list[ChatMessage],
+    tokenizer,
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
+) -> list[int]:
     """The chat's prompt ids (OpenAI content parts: the text ones); 400 on `messages` when the
     template renders them to no token at all (an empty message, only non-text parts)."""
-    rendered = [{"role": m.role, "content": m.text()} for m in messages]
+    rendered = [_message(m) for m in messages]
     try:
-        ids = apply_chat_template(tokenizer, rendered, add_generation_prompt)
+        ids = apply_chat_template(tokenizer, rendered, add_generation_prompt, tools)
     except ChatTemplateError as exc:
         raise bad(str(exc), "messages", "chat_template_missing") from None
     if not ids:
         raise bad("messages render to an empty prompt: give some text content", "messages")
     return ids
+
+
+def _message(m: ChatMessage) -> dict:
+    """A message as chat templates take it; an assistant's tool calls and a tool's call id kept."""
+    out = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _stop_list(stop) -> tuple[str, ...]:
@@ -101,7 +116,12 @@ def sampling_params(
             "context_length_exceeded",
         )
     room = info.max_model_len - prompt_len
-    if room <= 0:
+    if max_tokens == 0 and not (isinstance(body, CompletionRequest) and body.echo):
+        # NOTE: as vLLM: 0 tokens is the scoring call (echo: the prompt's logprobs), else there is no output
+        raise bad(
+            "max_tokens=0 is only allowed with echo=true (score the prompt, generate nothing)", "max_tokens"
+        )
+    if room < 0 or (room == 0 and max_tokens != 0):
         raise bad(
             f"prompt is {prompt_len} tokens; the context holds {info.max_model_len}, leaving no room to generate",
             "prompt",
@@ -144,6 +164,7 @@ def sampling_params(
         parsed_bias.append((tok, float(value)))
     if logprobs is not None and logprobs > limits.max_top_logprobs:
         raise bad(f"logprobs={logprobs} is above the limit of {limits.max_top_logprobs}", "logprobs")
+    prompt_logprobs = _prompt_logprobs(body, logprobs, limits)
     if body.min_tokens > max_tokens:
         raise bad(f"min_tokens={body.min_tokens} is above max_tokens={max_tokens}", "min_tokens")
     return SamplingParams(
@@ -162,7 +183,18 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         min_tokens=body.min_tokens,
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def _prompt_logprobs(body: SamplingFields, logprobs: int | None, limits: LimitsConfig) -> int | None:
+    """The top k the prompt's tokens are scored with: `prompt_logprobs`, and echo's `logprobs`."""
+    k = body.prompt_logprobs
+    if k is not None and k > limits.max_top_logprobs:
+        raise bad(f"prompt_logprobs={k} is above the limit of {limits.max_top_logprobs}", "prompt_logprobs")
+    if isinstance(body, CompletionRequest) and body.echo and logprobs is not None:
+        k = max(k or 0, logprobs)
+    return k
 
 
 def check_steering_counts(body, limits, prefix: str = "") -> None:

@@ -3,6 +3,7 @@ prompts x n choices (plus unsteered twins) into GenerationRequests."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -15,6 +16,7 @@ from steerserve.api.errors import APIError
 from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.features_json import FeatureLabels, token_features_json
 from steerserve.api.protocol import SamplingFields
+from steerserve.api.structured import GrammarRequest, compile_grammar
 from steerserve.registry import NotFound
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import FeatureCapture, FeatureStop, GenerationRequest
@@ -113,13 +115,21 @@ def call_deadline(timeout: float | None, server_timeout: float | None, now: floa
 
 
 async def plan_call(
-    request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens, logprobs, call_id: str
+    request: Request,
+    body: SamplingFields,
+    prompts: list[list[int]],
+    max_tokens,
+    logprobs,
+    call_id: str,
+    grammar: GrammarRequest | None = None,  # structured output (api/structured.py)
 ) -> CallPlan:
     state = request.app.state
     info = state.model_info
     variant = resolve_variant(body, info.name)
     check_model(body.model if variant is None or body.model == info.name else info.name, info)
     check_steering_counts(body, state.config.steering)
+    if grammar is not None:  # before steering: a bad schema is the cheaper 400
+        await compile_grammar(state, grammar)
     spec = None
     if body.steering or body.feature_logit_bias or body.stop_when or variant:
         spec = await run_in(
@@ -159,6 +169,8 @@ async def plan_call(
                 limits=state.config.limits,
                 seed=child_seed(seed, index) if body.n > 1 else seed,
             )
+            if grammar is not None:
+                sp = dataclasses.replace(sp, grammar=grammar.spec)
             steered.append(
                 GenerationRequest(f"{call_id}-{index}", tuple(ids), sp, spec, now, capture, deadline)
             )

@@ -9,11 +9,12 @@ SQLite raise on it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from steerserve.api.steering_schema import LogitBiasItems, SteeringItems, StopItems
+from steerserve.api.unsupported import Route, refuse_unsupported
 
 INT32_MAX = 2**31 - 1  # counts and sizes: far above every configured limit, far below any C overflow
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -71,8 +72,59 @@ class ReturnFeatures(_Body):
     top_k: int = Field(5, ge=1, le=64)
 
 
+class JsonSchemaFormat(_Body):
+    name: Name = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")  # NOTE: `schema` would shadow BaseModel's
+    strict: bool | None = None  # output always follows the schema (strict or not)
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format` (api/structured.py)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutput(_Body):
+    """/generate's native constraint: exactly one of these (api/structured.py)."""
+
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None  # EBNF (GBNF style) with a `root` rule
+
+
+class FunctionDef(_Body):
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: Name
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class SamplingFields(_Body):
     """Fields shared by all three generation routes."""
+
+    openai_route: ClassVar[Route | None] = None  # the route whose unsupported OpenAI fields are refused
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_fields(cls, data: Any) -> Any:  # an OpenAI field we do not implement is a 400 naming it
+        return data if cls.openai_route is None else refuse_unsupported(cls.openai_route, data)
 
     model: Name | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -100,19 +152,23 @@ class SamplingFields(_Body):
     stop_when: StopItems = None
     return_unsteered: bool = False
     return_features: ReturnFeatures | None = None
+    # vLLM's extension: each prompt token's logprob (under the steering) plus the top k (API.md)
+    prompt_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
     # seconds from arrival after which the request is aborted (408); capped by --request-timeout
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
 
 
 class CompletionRequest(SamplingFields):
+    openai_route = Route.COMPLETIONS
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)  # 0: with echo only (score, don't generate)
     logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
     echo: bool = False
+    response_format: ResponseFormat | None = None
 
 
 class ContentPart(_Body):
-    """An OpenAI content part; only `text` parts reach the prompt (others are ignored)."""
+    """An OpenAI content part; only `text` parts are implemented (ChatMessage refuses the others)."""
 
     type: Name
     text: str | None = None
@@ -122,6 +178,17 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: Name | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls, for the chat template
+    tool_call_id: Name | None = None  # a `tool` message: the call it answers
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # NOTE: a 400, not a dropped part: an answer without the image would answer a different question
+        for i, part in enumerate(value if isinstance(value, list) else ()):
+            if part.type != "text":
+                raise ValueError(f"part {i} is of type {part.type!r}: only 'text' parts are supported")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -130,18 +197,25 @@ class ChatMessage(_Body):
 
 
 class ChatCompletionRequest(SamplingFields):
+    openai_route = Route.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
     add_generation_prompt: bool = True
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class GenerateRequest(SamplingFields):
+    openai_route = Route.GENERATE
     prompt: str | list[int]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
+    structured: StructuredOutput | None = None
 
 
 class InspectGenerate(_Body):

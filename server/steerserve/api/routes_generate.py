@@ -9,6 +9,7 @@ from steerserve.api.convert import bad, check_token_ids, completion_prompts
 from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.plan import plan_call
 from steerserve.api.protocol import CompletionRequest, GenerateRequest
+from steerserve.api.scoring_json import prompt_logprobs_extra
 from steerserve.api.serving import (
     collect,
     event_stream,
@@ -17,6 +18,7 @@ from steerserve.api.serving import (
     until_disconnect,
     usage,
 )
+from steerserve.api.structured import native_request
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -40,8 +42,10 @@ async def generate(body: GenerateRequest, request: Request):
             GENERATION_POOL, completion_prompts, as_completion, state.tokenizer, state.model_info,
             state.config.limits,
         )  # fmt: skip
-    plan = await plan_call(request, body, prompts, body.max_tokens, body.logprobs, new_id("gen"))
+    grammar = native_request(body.structured)
+    plan = await plan_call(request, body, prompts, body.max_tokens, body.logprobs, new_id("gen"), grammar)
     reqs = plan.requests
+    tok = state.tokenizer
     n_prompt = len(prompts[0])
 
     if body.stream:
@@ -64,6 +68,8 @@ async def generate(body: GenerateRequest, request: Request):
                 if out.logprobs:
                     event["logprobs"] = _logprobs_json([out.logprobs[k]])
                 events.append(event)
+            if out.prompt_logprobs:  # the first output of a choice carries them all
+                events.insert(0, {"index": index, **prompt_logprobs_extra(body, tok, out.prompt_logprobs)})
             if out.finish_reason is not None:
                 tail = {
                     "index": index,
@@ -86,6 +92,7 @@ async def generate(body: GenerateRequest, request: Request):
         "usage": usage(n_prompt, sum(r.num_output_tokens for r in results)),
         **plan.features(0, first.features, first.token_ids),
         **plan.stop_extra(first.feature_stop),
+        **prompt_logprobs_extra(body, tok, first.prompt_logprobs),
     }
     if body.logprobs is not None:
         response["logprobs"] = _logprobs_json(first.logprobs)
@@ -95,6 +102,7 @@ async def generate(body: GenerateRequest, request: Request):
             "text": twin.text,
             "token_ids": twin.token_ids,
             "finish_reason": twin.finish_reason,
+            **prompt_logprobs_extra(body, tok, twin.prompt_logprobs),
         }
     if len(results) > 1:
         response["choices"] = [
@@ -104,6 +112,7 @@ async def generate(body: GenerateRequest, request: Request):
                 "token_ids": r.token_ids,
                 "finish_reason": r.finish_reason,
                 **plan.choice_extra(r.index, r.feature_stop),
+                **prompt_logprobs_extra(body, tok, r.prompt_logprobs),
             }
             for r in results
         ]

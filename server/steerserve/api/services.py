@@ -15,6 +15,7 @@ import torch
 from steerserve.engine.engine import EngineCore
 from steerserve.metrics import EngineMetrics
 from steerserve.registry import Registry, SAEWeights
+from steerserve.types.grammar import GrammarSpec
 from steerserve.types.model import ModelInfo
 from steerserve.types.requests import FeatureCapture
 from steerserve.types.steering import SAERef, SteeringSpec
@@ -31,6 +32,11 @@ class FeatureReadout(Protocol):
     def promotion_scores(self, ref: SAERef, token_id: int) -> torch.Tensor: ...
 
 
+class GrammarCompiler(Protocol):
+    def compile(self, spec: GrammarSpec) -> object:
+        """Compile `spec` into the runner's grammar cache (raises GrammarError); a blocking call."""
+
+
 @dataclass
 class Services:
     core: EngineCore
@@ -39,3 +45,4 @@ class Services:
     metrics: EngineMetrics
     registry: Registry
     readout: FeatureReadout
+    grammars: GrammarCompiler | None = None  # structured output; None: not served

@@ -45,6 +45,7 @@ class ChoiceResult:
     num_output_tokens: int = 0
     features: list[TokenFeatures] = field(default_factory=list)  # captured for this choice
     feature_stop: FeatureStop | None = None  # the stop_when condition that ended the choice
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (0 has none)
 
 
 def finish_reason_text(reason: FinishReason | None) -> str | None:
@@ -57,6 +58,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def chunk_head(call_id: str, obj: str, created: int, model: str, include_usage: bool) -> dict:
+    """The fields every streamed chunk of an OpenAI call starts with. With `include_usage`, every
+    chunk carries `"usage": null` and the last one (choices empty) the counts, as OpenAI sends them."""
+    head = {"id": call_id, "object": obj, "created": created, "model": model}
+    return head | {"usage": None} if include_usage else head
 
 
 def output_error(out: RequestOutput, retry_after_s: int = 1, steered: bool = False) -> APIError:
@@ -134,6 +142,7 @@ async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> lis
             r.token_ids.extend(out.token_ids)
             r.logprobs.extend(out.logprobs)
             r.features.extend(out.features)
+            r.prompt_logprobs.extend(out.prompt_logprobs)
             r.num_prompt_tokens = out.num_prompt_tokens
             r.num_output_tokens = out.num_output_tokens
             if out.finish_reason is not None:

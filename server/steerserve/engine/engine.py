@@ -57,6 +57,7 @@ class RequestOutput:
     error: str | None = None
     features: tuple[TokenFeatures, ...] = ()  # captured since the previous output (FeatureCapture)
     feature_stop: FeatureStop | None = None  # the stop_when condition that ended the request
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens scored since the previous output
 
 
 class EngineDeadError(RuntimeError):
@@ -115,10 +116,10 @@ class EngineCore:
         except Exception as exc:
             result = isolate(sched, exc, self._execute, self._probe)
         # NOTE: before update(), which forgets the requests it finishes: every scheduled one is found here
-        for rid, feats in result.features.items():
+        for rid in result.features.keys() | result.prompt_logprobs.keys():
             state = self.scheduler.requests.get(rid)
             if state is not None:
-                state.pending_features.extend(feats)
+                state.add_pending(result.features.get(rid, ()), result.prompt_logprobs.get(rid, ()))
         advanced = self.scheduler.update(sched, result.sampled)
         now = time.monotonic()
         for rid, message in result.failed.items():
@@ -131,6 +132,9 @@ class EngineCore:
                 outputs.append(self._finish_output(state, None, (), (), feature_stop=stop))
         for state in advanced:
             rid = state.request_id
+            if state.request.sampling.max_tokens == 0:  # scored its prompt; finished without a token
+                outputs.append(self._finish_output(state, None, (), ()))
+                continue
             try:
                 outputs.append(self._emit(state, result.logprobs.get(rid), now))
             except Exception as exc:  # one request's bad state must not stop the batch
@@ -157,8 +161,12 @@ class EngineCore:
         faults.check("emit", (state.request.sampling.seed,))
         token = state.output_token_ids[-1]
         detok = state.detok
-        if detok.add(token) and state.finish_reason is None:
-            self.scheduler.finish(rid, FinishReason.STOP)
+        if detok.add(token):
+            if state.finish_reason is None:
+                self.scheduler.finish(rid, FinishReason.STOP)
+            elif state.finish_reason == FinishReason.LENGTH:
+                # the stop string completed on the last allowed token: it stopped, as OpenAI says
+                state.finish_reason = FinishReason.STOP
         if self.metrics is not None:
             last = state.last_token_time
             if last is None:
@@ -169,11 +177,12 @@ class EngineCore:
         lps = (logprob,) if logprob is not None else ()
         if state.finish_reason is not None:
             return self._finish_output(state, None, (token,), lps)
-        features, state.pending_features = tuple(state.pending_features), []
+        features, scored = state.take_pending()
         n_out = len(state.output_token_ids)
         return RequestOutput(
-            rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, n_out, None, features
-        )
+            rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, n_out, None, features,
+            prompt_logprobs=scored,
+        )  # fmt: skip
 
     def _finish_output(
         self, state: RequestState, text, token_ids, lps, error=None, feature_stop=None
@@ -189,7 +198,7 @@ class EngineCore:
         if self.metrics is not None and arrival is not None:
             queued = None if state.first_scheduled_time is None else state.first_scheduled_time - arrival
             self.metrics.observe_finish(state, reason, time.monotonic() - arrival, queued)
-        features, state.pending_features = tuple(state.pending_features), []
+        features, scored = state.take_pending()
         return RequestOutput(
             state.request_id,
             text,
@@ -201,6 +210,7 @@ class EngineCore:
             error,
             features,
             feature_stop,
+            scored,
         )
 
     def fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> list[RequestOutput]:

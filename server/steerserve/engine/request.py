@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from steerserve.engine.kv_cache import BlockTable
 from steerserve.engine.tokenizer import Detokenizer
-from steerserve.types.requests import FinishReason, GenerationRequest, TokenFeatures
+from steerserve.types.requests import FinishReason, GenerationRequest, TokenFeatures, TokenLogprob
 
 
 class RequestStatus(enum.Enum):
@@ -38,6 +38,17 @@ class RequestState:
     arrival_time: float | None = None  # time.monotonic() when the engine took the request
     last_token_time: float | None = None
     pending_features: list[TokenFeatures] = field(default_factory=list)  # captured, not yet handed out
+    pending_prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored, not handed out
+
+    def add_pending(self, features, prompt_logprobs) -> None:
+        self.pending_features.extend(features)
+        self.pending_prompt_logprobs.extend(prompt_logprobs)
+
+    def take_pending(self) -> tuple[tuple[TokenFeatures, ...], tuple[TokenLogprob, ...]]:
+        """(captured features, scored prompt tokens) not handed out yet; both are emptied."""
+        out = tuple(self.pending_features), tuple(self.pending_prompt_logprobs)
+        self.pending_features, self.pending_prompt_logprobs = [], []
+        return out
 
     @property
     def request_id(self) -> str:

@@ -134,7 +134,8 @@ class Scheduler:
             token_ids=tuple(state.tokens(start, start + n)),
             start=start,
             block_ids=tuple(state.blocks.block_ids),
-            sample=start + n == state.num_tokens,
+            # NOTE: max_tokens 0 (echo: score, don't generate) prefills and never samples
+            sample=start + n == state.num_tokens and req.sampling.max_tokens > 0,
             num_prompt_tokens=state.num_prompt_tokens,
             prompt_token_ids=req.prompt_token_ids,
             sampling=req.sampling,
@@ -178,7 +179,8 @@ class Scheduler:
 
     # -- after the forward pass -----------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestState]:
-        """Advance the scheduled requests; returns those that got a new token (finished or not)."""
+        """Advance the scheduled requests; returns those that got a new token (finished or not), and
+        those with max_tokens 0 whose prompt is now computed (finished, no token)."""
         advanced = []
         for item in output.scheduled:
             state = self.requests.get(item.request_id)
@@ -187,6 +189,10 @@ class Scheduler:
             state.num_computed_tokens += len(item.token_ids)
             token = sampled.get(item.request_id)
             if token is None:
+                if state.request.sampling.max_tokens == 0 and state.num_computed_tokens >= state.num_tokens:
+                    self.running.remove(state)  # scored its prompt: done, with no token
+                    self._release(state, FinishReason.LENGTH)
+                    advanced.append(state)
                 continue
             state.output_token_ids.append(token)
             reason = self._check_stop(state, token)

@@ -15,14 +15,16 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             "this model's tokenizer has no chat template: use /v1/completions, or serve a model with one"
         )
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
+    )  # NOTE: a template that does not use `tools` ignores them
     # NOTE: templates already write BOS; encoding without special tokens avoids a double BOS.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

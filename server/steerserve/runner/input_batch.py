@@ -50,11 +50,36 @@ class ForwardInputs:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
     attn: AttentionMetadata
-    logits_rows: torch.Tensor  # [R] rows of the packed batch whose logits are sampled
-    sample_ids: list[str]  # request ids of those rows, in order
+    # [R + K] rows of the packed batch that reach the LM head: the R sampled rows first, then the K
+    # prompt rows scored for prompt_logprobs
+    logits_rows: torch.Tensor
+    sample_ids: list[str]  # request ids of the R sampled rows, in order
     pos_class: torch.Tensor  # [T] int8: 0 prompt token, 1 generated token
     token_row: torch.Tensor | None  # [T] int64 steering row per token (-1 none); None = nobody steers
     num_tokens: int
+    prompt_rows: list[PromptRows] = field(default_factory=list)  # the K scored rows, per request
+    prompt_targets: torch.Tensor | None = None  # [K] int64: the prompt token each scored row predicts
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRows:
+    """`count` consecutive scored rows of one request: positions `first..first+count-1` each score the
+    prompt token after them."""
+
+    request_id: str
+    first: int
+    count: int
+    k: int  # top logprobs asked
+
+
+def prompt_rows(item: ScheduledRequest) -> tuple[int, int]:
+    """(first, count): the positions of this chunk whose next token is a prompt token, less those
+    reported before a preemption (a recomputed chunk must not report a position twice)."""
+    if item.sampling.prompt_logprobs is None:
+        return item.start, 0
+    first = max(item.start, item.num_reported)
+    end = min(item.start + len(item.token_ids), item.num_prompt_tokens - 1)
+    return first, max(0, end - first)
 
 
 def _to_device(values, dtype, device) -> torch.Tensor:
@@ -75,6 +100,9 @@ def build_forward_inputs(
     logits_rows: list[int] = []
     sample_ids: list[str] = []
     pos_class: list[np.ndarray] = []
+    scored: list[PromptRows] = []
+    scored_rows: list[int] = []
+    targets: list[int] = []
     for item in scheduled:
         n = len(item.token_ids)
         q_start = len(ids)
@@ -93,15 +121,22 @@ def build_forward_inputs(
         if item.sample:
             logits_rows.append(q_start + n - 1)
             sample_ids.append(item.request_id)
+        first, count = prompt_rows(item)
+        if count:
+            scored.append(PromptRows(item.request_id, first, count, item.sampling.prompt_logprobs))
+            scored_rows.extend(range(q_start + first - item.start, q_start + first - item.start + count))
+            targets.extend(item.prompt_token_ids[first + 1 : first + 1 + count])
     return ForwardInputs(
         input_ids=_to_device(ids, torch.int64, device).unsqueeze(0),
         position_ids=_to_device(np.concatenate(positions), torch.int64, device).unsqueeze(0),
         attn=AttentionMetadata(spans, _to_device(np.concatenate(slots), torch.int64, device)),
-        logits_rows=_to_device(logits_rows, torch.int64, device),
+        logits_rows=_to_device(logits_rows + scored_rows, torch.int64, device),
         sample_ids=sample_ids,
         pos_class=_to_device(np.concatenate(pos_class), torch.int8, device),
         token_row=_token_rows(scheduled, rows, device),
         num_tokens=len(ids),
+        prompt_rows=scored,
+        prompt_targets=_to_device(targets, torch.int64, device) if targets else None,
     )
 
 

@@ -4,8 +4,9 @@ Steps of `execute()`, in order:
   1. forget requests that finished; remember new ones (generator, penalty state);
   2. pack all scheduled tokens of all requests into one `[1, T]` batch (input_batch.py);
   3. run the transformers model with our attention (attention.py) and keep only the logits of rows
-     that sample (`logits_to_keep`);
-  4. sample, and copy the tokens to the host: the step's one host-device sync.
+     that sample, and of the prompt rows scored for `prompt_logprobs` (`logits_to_keep`);
+  4. sample, and copy the tokens to the host: the step's one host-device sync (a second one when
+     prompt rows were scored).
 What one request brings is checked where it can fail: admission (`failed`: its SAE vanished, ...), and
 the sampler (a row whose logits are not finite ends its request alone). Anything else that raises fails
 the whole call; the engine then finds the request responsible (engine.py) and `probe()` tells a failing
@@ -33,7 +34,7 @@ from steerserve.runner.model_adapter import model_adapter
 from steerserve.runner.model_loader import resolve_dtype
 from steerserve.runner.site_hooks import SiteHooks
 from steerserve.runner.steering.capture import FeatureCapturer
-from steerserve.sampling.sampler import Sampler, bounded
+from steerserve.sampling.sampler import Sampler, bounded, prompt_scores
 from steerserve.types.requests import (
     NON_FINITE_LOGITS,
     FeatureStop,
@@ -107,6 +108,7 @@ class ModelRunner:
         self.steering = steering  # SteeringRows, or None when the server cannot steer
         self.capturer = FeatureCapturer(steering.resources) if steering is not None else None
         self.site_hooks = SiteHooks(model_adapter(model), self._on_site)
+        self.grammars = None  # runner/grammar.py GrammarRows (compose.py): structured output
 
     def _on_site(self, site, h) -> None:
         self.steering.apply(site, h)  # steering first: a capture sees the steered state
@@ -139,6 +141,10 @@ class ModelRunner:
         if sampling is not item.sampling:
             item = dataclasses.replace(item, sampling=sampling)
         req = new_cached_request(item, self.device, self._rng)
+        if item.sampling.grammar is not None:  # first: nothing else to undo when it fails
+            if self.grammars is None:
+                raise RuntimeError("this server was started without structured output")
+            self.grammars.admit(item.request_id, item.sampling.grammar)
         if self.capturer is not None and item.capture is not None:
             self.capturer.admit(item.request_id, item.capture)
         if item.steering is not None:
@@ -146,6 +152,8 @@ class ModelRunner:
                 req.row = self.steering.acquire(item.steering)
             except Exception:
                 self.capturer.forget(item.request_id)
+                if self.grammars is not None:
+                    self.grammars.forget(item.request_id)
                 raise
         return req
 
@@ -155,6 +163,8 @@ class ModelRunner:
             self.steering.release(req.steering)
         if self.capturer is not None:
             self.capturer.forget(request_id)
+        if self.grammars is not None:
+            self.grammars.forget(request_id)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -196,22 +206,47 @@ class ModelRunner:
         finally:
             if self.steering is not None:
                 sample_rows = [self.requests[rid].row for rid in inputs.sample_ids]
-                states = self.steering.end_step(inputs.logits_rows, sample_rows)
+                states = self.steering.end_step(inputs.logits_rows[: len(sample_rows)], sample_rows)
         if states is not None:  # NOTE: only after a forward that ran: a failed step may be run again
             for i, item in enumerate(scheduled):
                 self.requests[item.request_id].gate_state = states[i]
         features = self.capturer.results() if self.capturer is not None else {}
-        if not inputs.sample_ids:
-            return RunnerOutput({}, failed=failed, features=features)
-        logits = out.logits[0]  # [R, V]
+        n_sample = len(inputs.sample_ids)
+        scored = self._prompt_logprobs(inputs, out.logits[0, n_sample:])
+        if not n_sample:
+            return RunnerOutput({}, failed=failed, features=features, prompt_logprobs=scored)
+        logits = out.logits[0, :n_sample]  # [R, V]
         reqs = [self.requests[rid] for rid in inputs.sample_ids]
         dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
         batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
+        if self.grammars is not None:
+            batch.grammar_bitmask = self.grammars.bitmask(scheduled, inputs.sample_ids, self.device)
         result = self.sampler(logits, batch)
         output = self._to_host(reqs, result, failed, features, scheduled)
+        output.prompt_logprobs.update(scored)
         if gated:
             self._apply_stops(output, scheduled)
         return output
+
+    def _prompt_logprobs(self, inputs, logits: torch.Tensor) -> dict[str, list[TokenLogprob]]:
+        """The scored prompt rows' logprobs (raw, like sampled ones), per request; `logits` [K, V] are
+        the rows after the sampled ones, computed in the same forward pass (so under the steering)."""
+        if inputs.prompt_targets is None:
+            return {}
+        scores = prompt_scores(logits, inputs.prompt_targets, max(r.k for r in inputs.prompt_rows))
+        chosen, ranks = scores.logprobs.tolist(), scores.ranks.tolist()
+        top_ids = scores.top_ids.tolist() if scores.top_ids is not None else None
+        top_lp = scores.top_logprobs.tolist() if scores.top_logprobs is not None else None
+        targets = inputs.prompt_targets.tolist()
+        out: dict[str, list[TokenLogprob]] = {}
+        i = 0
+        for rows in inputs.prompt_rows:
+            lps = out.setdefault(rows.request_id, [])
+            for j in range(i, i + rows.count):
+                top = tuple(zip(top_ids[j][: rows.k], top_lp[j][: rows.k], strict=True)) if top_ids else ()
+                lps.append(TokenLogprob(targets[j], chosen[j], top, ranks[j]))
+            i += rows.count
+        return out
 
     def _forward(self, inputs):
         return self.model(

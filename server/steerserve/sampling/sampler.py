@@ -34,11 +34,12 @@ def bounded(sp: SamplingParams, vocab: int) -> SamplingParams:
     min_p = min(sp.min_p, 1.0) if sp.min_p > 0.0 else 0.0  # NaN: off
     temperature = 0.0 if sp.temperature < GREEDY_BELOW else sp.temperature
     logprobs = None if sp.logprobs is None else min(max(sp.logprobs, 0), vocab)
+    prompt_logprobs = None if sp.prompt_logprobs is None else min(max(sp.prompt_logprobs, 0), vocab)
     seed = None if sp.seed is None else sp.seed % 2**64
     logit_bias = tuple((t, b) for t, b in sp.logit_bias if 0 <= t < vocab)  # ids a tensor can hold
     new = dict(
         top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature, logprobs=logprobs, seed=seed,
-        logit_bias=logit_bias,
+        logit_bias=logit_bias, prompt_logprobs=prompt_logprobs,
     )  # fmt: skip
     changed = {k: v for k, v in new.items() if v != getattr(sp, k)}
     return dataclasses.replace(sp, **changed) if changed else sp
@@ -65,6 +66,9 @@ class SamplingBatch:
     presence_penalty: torch.Tensor  # [R] fp32
     frequency_penalty: torch.Tensor  # [R] fp32
     max_logprobs: int  # largest top_logprobs asked in the batch; -1 = nobody wants logprobs
+    # [R, ceil(V/32)] int32, bit j of word w allows token 32w+j (runner/grammar.py); None: no row is
+    # constrained
+    grammar_bitmask: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +77,60 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [R] fp32, the sampled tokens' logprobs
     top_ids: torch.Tensor | None  # [R, max_logprobs] int64
     top_logprobs: torch.Tensor | None  # [R, max_logprobs] fp32
+
+
+@dataclass(slots=True)
+class TokenScores:
+    """Raw logprobs of given tokens, one per row (the model's distribution: before bias, penalties and
+    temperature), with the rows' top k and, when asked, each token's rank."""
+
+    logprobs: torch.Tensor  # [R] fp32, finite
+    top_ids: torch.Tensor | None  # [R, k] int64; None when k = 0
+    top_logprobs: torch.Tensor | None  # [R, k] fp32, finite
+    ranks: torch.Tensor | None  # [R] int64: 1 + tokens strictly more likely
+
+
+def score_tokens(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, k: int, ranks: bool = False
+) -> TokenScores:
+    """`token_ids`' rows of the log-softmaxed `raw_logprobs` [R, V]: what the sampled tokens report, and
+    what each scored prompt token reports (`prompt_logprobs`, echo)."""
+    chosen = raw_logprobs.gather(-1, token_ids.clamp(min=0).unsqueeze(-1))  # [R, 1]; -1: a failed row
+    k = min(k, raw_logprobs.shape[-1])
+    top = raw_logprobs.topk(k, dim=-1) if k > 0 else None
+    rank = (raw_logprobs > chosen).sum(-1) + 1 if ranks else None
+    return TokenScores(
+        _finite(chosen.squeeze(-1)),
+        None if top is None else top.indices,
+        None if top is None else _finite(top.values),
+        rank,
+    )
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """A reported logprob is finite (JSON has no -inf or NaN)."""
+    return x.nan_to_num(nan=_LOGPROB_FLOOR).clamp(min=_LOGPROB_FLOOR)
+
+
+_SCORE_BLOCK = 1 << 24  # logits scored at a time: a [K, V] fp32 copy of a long prompt would be GBs
+
+
+def prompt_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> TokenScores:
+    """Prompt logprobs: row i of `logits` [K, V] scores token `targets[i]`, raw like sampled logprobs;
+    in blocks of rows, so the log-softmax copy stays small (2x faster on CPU than one [K, V] pass)."""
+    rows = max(1, _SCORE_BLOCK // logits.shape[-1])
+    parts = [
+        score_tokens(logits[i : i + rows].float().log_softmax(-1), targets[i : i + rows], k, ranks=True)
+        for i in range(0, logits.shape[0], rows)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return TokenScores(
+        torch.cat([p.logprobs for p in parts]),
+        None if parts[0].top_ids is None else torch.cat([p.top_ids for p in parts]),
+        None if parts[0].top_logprobs is None else torch.cat([p.top_logprobs for p in parts]),
+        torch.cat([p.ranks for p in parts]),
+    )
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
@@ -89,6 +147,25 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def _apply_grammar(x: torch.Tensor, bitmask: torch.Tensor, owned: bool) -> torch.Tensor:
+    """Structured output: the tokens a row's grammar does not allow get -inf. `owned`: `x` may be
+    written in place (it is not the caller's logits)."""
+    if x.device.type == "cpu":  # NOTE: xgrammar's CPU kernel: ~4x faster than the shifts below
+        import xgrammar  # NOTE: here, so that a process that never constrains never loads it
+
+        x = x if owned else x.clone()
+        xgrammar.apply_token_bitmask_inplace(x, bitmask)
+        return x
+    return _mask_by_shifts(x, bitmask)
+
+
+def _mask_by_shifts(x: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Bit j of word w of a row allows token 32w + j; a new tensor."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, : x.shape[-1]]
+    return x.masked_fill(allowed == 0, float("-inf"))
 
 
 def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -124,6 +201,8 @@ class Sampler:
                 batch.frequency_penalty,
                 validate=False,  # convert.py bounds-checked every id; the kernel masks them again
             )
+        if batch.grammar_bitmask is not None:  # after biases and penalties, before any draw
+            x = _apply_grammar(x, batch.grammar_bitmask, x.data_ptr() != logits.data_ptr())
         tokens = steerkernels.argmax_rows(x)
         # NOTE: argmax takes a NaN as the largest, so the argmax value is finite iff the row has no NaN,
         # no +inf and is not all -inf: the check costs R reads, not another pass over [R, V]
@@ -141,12 +220,7 @@ class Sampler:
             tokens = tokens.index_copy(0, rows, _draw(sub.softmax(-1), batch.generators))
         if raw_logprobs is None:
             return SamplerOutput(torch.where(finite, tokens, -1), None, None, None)
-        chosen = raw_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp(min=_LOGPROB_FLOOR)
-        k = min(batch.max_logprobs, raw_logprobs.shape[-1])
-        top = raw_logprobs.topk(k, dim=-1) if k > 0 else None
+        scores = score_tokens(raw_logprobs, tokens, batch.max_logprobs)
         return SamplerOutput(
-            torch.where(finite, tokens, -1),
-            chosen,
-            None if top is None else top.indices,
-            None if top is None else top.values.clamp(min=_LOGPROB_FLOOR),
+            torch.where(finite, tokens, -1), scores.logprobs, scores.top_ids, scores.top_logprobs
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from steerserve.types.grammar import GrammarSpec
 from steerserve.types.sites import Site
 from steerserve.types.steering import Positions, SteeringSpec
 
@@ -27,6 +28,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the top k
     min_tokens: int = 0
+    # None: none; k: each prompt token's logprob (under the request's steering) plus the top k; with
+    # max_tokens 0 the request only scores its prompt (echo)
+    prompt_logprobs: int | None = None
+    grammar: GrammarSpec | None = None  # structured output: only what it allows is sampled
 
     @property
     def greedy(self) -> bool:
@@ -122,3 +127,4 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens were more likely (prompt logprobs only)

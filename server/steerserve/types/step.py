@@ -48,3 +48,6 @@ class RunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why it cannot run
     features: dict[str, list[TokenFeatures]] = field(default_factory=dict)  # captured, per request
     stopped: dict[str, FeatureStop] = field(default_factory=dict)  # stop_when held; not in `sampled`
+    # prompt tokens scored this step (SamplingParams.prompt_logprobs), in position order; the entry for
+    # prompt token i (i >= 1) comes from row i - 1, each reported once even across preemptions
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
