@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
-from steerserve.types.requests import FinishReason, GenerationRequest
+from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError
+from steerserve.types.requests import FinishReason, GenerationRequest, RequestOutput
 
 
 class CallFeed:

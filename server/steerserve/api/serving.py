@@ -19,12 +19,13 @@ from steerserve.api.errors import APIError, ClientGone, error_body
 from steerserve.api.feed import CallFeed
 from steerserve.api.jsonsafe import dumps
 from steerserve.engine.admission import QueueFullError
-from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError, RequestOutput
+from steerserve.engine.engine import AsyncEngine, DrainingError, EngineDeadError
 from steerserve.types.requests import (
     NON_FINITE_LOGITS,
     FeatureStop,
     FinishReason,
     GenerationRequest,
+    RequestOutput,
     TokenFeatures,
     TokenLogprob,
 )

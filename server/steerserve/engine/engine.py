@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TypeVar
 
 from steerserve.engine import faults
@@ -33,31 +32,15 @@ from steerserve.engine.scheduler import Scheduler
 from steerserve.engine.tokenizer import Detokenizer
 from steerserve.metrics import EngineMetrics
 from steerserve.types.requests import (
-    FeatureStop,
     FinishReason,
     GenerationRequest,
-    TokenFeatures,
+    RequestOutput,
     TokenLogprob,
 )
 from steerserve.types.step import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    request_id: str
-    text: str  # new text since the previous output
-    token_ids: tuple[int, ...]  # new tokens since the previous output
-    logprobs: tuple[TokenLogprob, ...]
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    error: str | None = None
-    features: tuple[TokenFeatures, ...] = ()  # captured since the previous output (FeatureCapture)
-    feature_stop: FeatureStop | None = None  # the stop_when condition that ended the request
-    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens scored since the previous output
 
 
 class EngineDeadError(RuntimeError):

@@ -128,3 +128,20 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     rank: int | None = None  # 1 + how many tokens were more likely (prompt logprobs only)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What the engine hands the API for one request after a step: what is new since the last one."""
+
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: tuple[int, ...]  # new tokens since the previous output
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+    features: tuple[TokenFeatures, ...] = ()  # captured since the previous output (FeatureCapture)
+    feature_stop: FeatureStop | None = None  # the stop_when condition that ended the request
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens scored since the previous output
