@@ -11,7 +11,7 @@ from steerserve.api.convert import chat_prompt, completion_prompts
 from steerserve.api.executors import GENERATION_POOL, run_in
 from steerserve.api.plan import plan_call
 from steerserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from steerserve.api.scoring_json import echo_head, joined, prompt_logprobs_extra
+from steerserve.api.scoring_json import echo_head, joined, logprobs_block, prompt_logprobs_extra, token_text
 from steerserve.api.serving import (
     ChoiceResult,
     chunk_head,
@@ -35,25 +35,10 @@ from steerserve.types.requests import TokenLogprob
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
 def completion_logprobs(tokenizer, lps: list[TokenLogprob], offset: int = 0) -> dict:
-    tokens, token_logprobs, top, text_offset = [], [], [], []
-    for lp in lps:
-        text = _token_text(tokenizer, lp.token_id)
-        tokens.append(text)
-        token_logprobs.append(lp.logprob)
-        top.append({_token_text(tokenizer, t): v for t, v in lp.top} if lp.top else None)
-        text_offset.append(offset)
-        offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top,
-        "text_offset": text_offset,
-    }
+    tokens = [token_text(tokenizer, lp.token_id) for lp in lps]
+    tops = [{token_text(tokenizer, t): v for t, v in lp.top} if lp.top else None for lp in lps]
+    return logprobs_block(tokens, [lp.logprob for lp in lps], tops, offset)
 
 
 def next_text_offset(lp: dict, offset: int) -> int:
@@ -65,7 +50,7 @@ def next_text_offset(lp: dict, offset: int) -> int:
 
 def chat_logprobs(tokenizer, lps: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        text = _token_text(tokenizer, token_id)
+        text = token_text(tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {

@@ -11,8 +11,17 @@ from steerserve.api.protocol import CompletionRequest
 from steerserve.types.requests import TokenLogprob
 
 
-def _text(tokenizer, token_id: int) -> str:
+def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
+
+
+def logprobs_block(tokens: list[str], logprobs: list, tops: list, offset: int = 0) -> dict:
+    """A completion's `logprobs` object; `text_offset` counts on from `offset`, token by token."""
+    text_offset = []
+    for text in tokens:
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": text_offset}
 
 
 def prompt_logprobs_json(tokenizer, lps: list[TokenLogprob], k: int) -> list[dict | None]:
@@ -22,8 +31,8 @@ def prompt_logprobs_json(tokenizer, lps: list[TokenLogprob], k: int) -> list[dic
     for lp in lps:
         entry = {}
         for rank, (t, v) in enumerate(lp.top[:k], start=1):
-            entry[str(t)] = {"logprob": v, "rank": rank, "decoded_token": _text(tokenizer, t)}
-        own = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": _text(tokenizer, lp.token_id)}
+            entry[str(t)] = {"logprob": v, "rank": rank, "decoded_token": token_text(tokenizer, t)}
+        own = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": token_text(tokenizer, lp.token_id)}
         entry[str(lp.token_id)] = own
         out.append(entry)
     return out
@@ -42,27 +51,14 @@ def echo_prompt_text(body: CompletionRequest, tokenizer, prompt_ids, prompt_inde
 def echo_logprobs(tokenizer, prompt_ids, lps: list[TokenLogprob], k: int) -> dict:
     """The prompt's part of a completion's `logprobs` (the sampled tokens' part follows, its offsets
     from the end of the echoed text): `top_logprobs` hold the token itself and the top k, as vLLM's."""
-    tokens, token_logprobs, top, text_offset = [], [], [], []
-    offset = 0
-    scored = [None, *lps]
-    for token_id, lp in zip(prompt_ids, scored, strict=False):
-        text = _text(tokenizer, token_id)
-        tokens.append(text)
-        text_offset.append(offset)
-        offset += len(text)
-        if lp is None:
-            token_logprobs.append(None)
-            top.append(None)
-            continue
-        token_logprobs.append(lp.logprob)
-        entry = {_text(tokenizer, t): v for t, v in lp.top[:k]}
-        top.append(entry | {text: lp.logprob})
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top,
-        "text_offset": text_offset,
-    }
+    n = min(len(prompt_ids), len(lps) + 1)
+    tokens = [token_text(tokenizer, t) for t in prompt_ids[:n]]
+    scored = [None, *lps][:n]
+    tops = [
+        None if lp is None else {token_text(tokenizer, t): v for t, v in lp.top[:k]} | {text: lp.logprob}
+        for lp, text in zip(scored, tokens, strict=True)
+    ]
+    return logprobs_block(tokens, [None if lp is None else lp.logprob for lp in scored], tops)
 
 
 def joined(first: dict, then: dict) -> dict:
