@@ -10,6 +10,9 @@ Public ops (this module owns their signatures, argument checks and backend dispa
   sae_topk_threshold per-token rank threshold of a TopK SAE   (new [T] tensor; for the two above;
                    in topk_threshold.py with the SAE-encoder argument checks, re-exported here)
   argmax_rows      greedy token of each row                 (new [R] int64 tensor)
+  resample_draw    per-token random draws of resampled columns (new [T, F] tensor; sae_edit's /
+                   project_clamp's token_value), from the counter-based stream `reference.resample_bits`
+                   (in resample.py with the token_value check, re-exported here)
 
 Index convention shared by the residual-stream ops:
   slot_of_token [T] int32/int64: per token its row in the per-slot banks; -1 = not steered (untouched).
@@ -18,10 +21,11 @@ Index convention shared by the residual-stream ops:
 
 Backends: `reference` (pure torch, the spec; runs on any device), Triton (`triton_*` modules,
 imported lazily so this package imports without triton) and `cpu` (C++ for CPU tensors, `cpu.py`:
-the residual ops, apply_logit_bias and argmax_rows; the rest run the reference). Each op takes `backend=None|"auto"|
-"torch"|"triton"|"cpu"`; None reads env STEERKERNELS_BACKEND (default auto: Triton on CUDA tensors or
-under TRITON_INTERPRET=1, else `cpu` when its library builds here, else the reference). `validate=True` also range-checks index/value tensors
-(one device sync each); with False the kernels still mask bad ids, so nothing is written out of bounds.
+the residual ops, apply_logit_bias, argmax_rows and resample_draw; the rest run the reference). Each op
+takes `backend=None|"auto"|"torch"|"triton"|"cpu"`; None reads env STEERKERNELS_BACKEND (default auto:
+Triton on CUDA tensors or under TRITON_INTERPRET=1, else `cpu` when its library builds here, else the
+reference). `validate=True` also range-checks index/value tensors (one device sync each); with False the
+kernels still mask bad ids, so nothing is written out of bounds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 
 from steerkernels import _checks as C
 from steerkernels import reference
+from steerkernels.resample import check_token_value as _check_token_value
+from steerkernels.resample import resample_draw
 from steerkernels.topk_threshold import check_k as _check_k
 from steerkernels.topk_threshold import encoder_args as _encoder_args
 from steerkernels.topk_threshold import encoder_input as _encoder_input
@@ -40,6 +46,7 @@ __all__ = [
     "argmax_rows",
     "project_clamp",
     "reference",
+    "resample_draw",
     "sae_edit",
     "sae_encode_topk",
     "sae_feature_acts",
@@ -108,6 +115,7 @@ def project_clamp(
     hi: torch.Tensor,
     dir_count: torch.Tensor,
     *,
+    token_value: torch.Tensor | None = None,
     backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -119,6 +127,9 @@ def project_clamp(
     lo, hi         [S, K] fp32, lo <= hi, may be -inf/+inf; lo = hi = 0 removes the direction (project_out).
     dir_count      [S] int in [0, K]: directions k < dir_count[slot] apply, sequentially in k order:
                    c = h . u_k;  h += (clamp(c, lo, hi) - c) * u_k   (fp32, rounded to h's dtype at the end).
+    token_value    [T, K] fp32 or None: a per-token target; where token_value[t, k] is not NaN, direction
+                   k of token t is set to it (lo = hi = token_value[t, k]); NaN keeps the slot's lo/hi.
+                   (Resampled projections: `resample_draw`'s output.) Finite or NaN.
     """
     h = _hidden("h", h)
     T, d = h.shape
@@ -132,8 +143,9 @@ def project_clamp(
         C.ids_in("dir_count", dir_count, 0, K + 1, f"K={K} directions per slot")
         C.values_ok("lo", lo, ~torch.isnan(lo), "must not be NaN")
         C.values_ok("hi", hi, lo <= hi, "must be >= lo (and not NaN)")
+    _check_token_value(token_value, T, K, "T, K", h.device, validate)
     impl = _impl("project_clamp", backend, h.device)
-    return impl.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count)
+    return impl.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value)
 
 
 def sae_edit(
@@ -150,10 +162,11 @@ def sae_edit(
     value: torch.Tensor,
     *,
     token_threshold: torch.Tensor | None = None,
+    token_value: torch.Tensor | None = None,
     backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Clamp / scale / ablate the SAE features each steered token's slot touches, in place.
+    """Clamp / scale / ablate / resample the SAE features each steered token's slot touches, in place.
 
     h              [T, d] fp32/bf16/fp16, edited in place and returned.
     slot_of_token  [T] int, -1 = not steered.
@@ -165,11 +178,14 @@ def sae_edit(
     value          [S, F] fp32.
     token_threshold [T] fp32 or None: TopK SAEs, from `sae_topk_threshold` on the same h (NaN: no
                    feature of that token is active).
+    token_value    [T, F] fp32 or None: per-token targets (resampling: `resample_draw`'s output); where
+                   token_value[t, j] is not NaN it is column j's new activation whatever mode[s, j] says;
+                   NaN keeps the slot's mode/value. Finite or NaN.
 
     For every touched feature f of token t, from the UNEDITED h[t] (SAELens' encode()):
       pre = (h[t] - b_dec * apply_b_dec_to_input) . W_enc[:, f] + b_enc[f]
       a   = relu(pre) * (pre > threshold[f]) * (pre > token_threshold[t])   (each factor when given)
-      new = value (modes 0, 2) or a * value (mode 1)
+      new = token_value[t, j] if given and not NaN, else value (modes 0, 2) or a * value (mode 1)
     then h[t] += sum_f (new - a) * W_dec[f] (fp32). Duplicate ids in a row apply twice. A TopK feature
     outside the token's top k has a = 0: clamp to v adds v * W_dec[f], scale changes nothing.
     NOTE: the rank test needs every pre-activation of the token (the full encoder), which a slot-local
@@ -194,10 +210,11 @@ def sae_edit(
     if validate:
         C.ids_in("feat_idx", feat_idx, -1, d_sae, f"-1 = padding, d_sae={d_sae} features")
         C.ids_in("mode", mode, 0, 3, "0=clamp, 1=scale, 2=ablate")
+    _check_token_value(token_value, T, F, "T, F", h.device, validate)
     impl = _impl("sae_edit", backend, h.device)
     return impl.sae_edit(
         h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold,
-        bool(apply_b_dec_to_input), mode, value, token_threshold,
+        bool(apply_b_dec_to_input), mode, value, token_threshold, token_value,
     )  # fmt: skip
 
 

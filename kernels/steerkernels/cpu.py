@@ -1,4 +1,5 @@
-"""The CPU backend: steer_add, project_clamp, sae_edit, apply_logit_bias, argmax_rows in C++ (csrc/).
+"""The CPU backend: steer_add, project_clamp, sae_edit, apply_logit_bias, argmax_rows, resample_draw in C++
+(csrc/).
 
 Same signatures and math as `reference` (the spec), for CPU tensors. Hidden states in fp32 or bf16;
 weights, banks and values are read as fp32 (other dtypes are converted, an extra copy per call) and
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from steerkernels import _cbuild, reference
+from steerkernels import _cbuild, _util, reference
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_steer.cpp"
-ABI_VERSION = 4  # NOTE: 4: the position-rule and dense-scale arguments are gone
-OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "argmax_rows")  # the rest: the reference
+ABI_VERSION = 5  # NOTE: 5: per-token targets (token_value) and resample_draw
+OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "argmax_rows", "resample_draw")
 _H_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or None once it failed
@@ -48,7 +49,7 @@ class ClampArgs(ctypes.Structure):
     _fields_ = [
         ("dirs", _ptr), ("dirs_s0", _i64), ("dirs_s1", _i64), ("dirs_s2", _i64),
         ("lo", _ptr), ("lo_s0", _i64), ("lo_s1", _i64), ("hi", _ptr), ("hi_s0", _i64), ("hi_s1", _i64),
-        ("count", _ptr), ("count_s", _i64), ("K", _i64),
+        ("count", _ptr), ("count_s", _i64), ("K", _i64), ("tv", _ptr), ("tv_s0", _i64), ("tv_s1", _i64),
     ]  # fmt: skip
 
 
@@ -60,6 +61,18 @@ class EditArgs(ctypes.Structure):
         ("threshold", _ptr), ("thr_s", _i64), ("apply_b_dec", ctypes.c_int32),
         ("mode", _ptr), ("mode_s0", _i64), ("mode_s1", _i64),
         ("value", _ptr), ("value_s0", _i64), ("value_s1", _i64), ("tok_thr", _ptr), ("tok_thr_s", _i64),
+        ("tv", _ptr), ("tv_s0", _i64), ("tv_s1", _i64),
+    ]  # fmt: skip
+
+
+class ResampleArgs(ctypes.Structure):
+    _fields_ = [
+        ("out", _ptr), ("out_row", _i64), ("T", _i64), ("S", _i64), ("F", _i64), ("N", _i64),
+        ("slot", _ptr), ("slot_s", _i64), ("key", _ptr), ("key_s", _i64), ("pos", _ptr), ("pos_s", _i64),
+        ("stream", _ptr), ("stream_s0", _i64), ("stream_s1", _i64),
+        ("density", _ptr), ("dens_s0", _i64), ("dens_s1", _i64),
+        ("count", _ptr), ("count_s0", _i64), ("count_s1", _i64),
+        ("samples", _ptr), ("smp_s0", _i64), ("smp_s1", _i64), ("smp_s2", _i64),
     ]  # fmt: skip
 
 
@@ -100,6 +113,7 @@ def _setup(lib) -> None:
         ("ss_project_clamp", (TokenArgs, ClampArgs)),
         ("ss_sae_edit", (TokenArgs, EditArgs)),
         ("ss_apply_logit_bias", (LogitArgs,)),
+        ("ss_resample_draw", (ResampleArgs,)),
     ):
         getattr(lib, name).argtypes = [ctypes.POINTER(a) for a in args]
     lib.ss_argmax_rows.argtypes = [_ptr, _i64, _i64, _i64, _ptr, ctypes.c_int32]
@@ -123,6 +137,11 @@ def _tokens(h, slot_of_token, num_slots, keep: list) -> TokenArgs:
     return a
 
 
+def _token_value(tv) -> tuple:
+    """(pointer or None, stride 0, stride 1) of an optional [T, width] fp32 target tensor."""
+    return (None, 0, 0) if tv is None else (tv.data_ptr(), *tv.stride())
+
+
 def _run(fn, *args) -> None:
     if fn(*(ctypes.byref(a) for a in args)) != 0:
         raise RuntimeError(f"{fn.__name__}: unsupported arguments")
@@ -139,16 +158,16 @@ def steer_add(h, slot_of_token, slot_vectors):
     return h
 
 
-def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value=None):
     """See `steerkernels.project_clamp`."""
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
-        return reference.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count)
+        return reference.project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value)
     keep = [dirs := _f32(slot_dirs), lo := _f32(lo), hi := _f32(hi), count := _long(dir_count)]
     tokens = _tokens(h, slot_of_token, dirs.shape[0], keep)
     args = ClampArgs(
         dirs.data_ptr(), *dirs.stride(), lo.data_ptr(), *lo.stride(), hi.data_ptr(), *hi.stride(),
-        count.data_ptr(), count.stride(0), dirs.shape[1],
+        count.data_ptr(), count.stride(0), dirs.shape[1], *_token_value(token_value),
     )  # fmt: skip
     _run(lib.ss_project_clamp, tokens, args)
     return h
@@ -156,14 +175,14 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
 
 def sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
-    token_threshold=None,
+    token_threshold=None, token_value=None,
 ):  # fmt: skip
     """See `steerkernels.sae_edit`."""
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
         return reference.sae_edit(
             h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
-            mode, value, token_threshold,
+            mode, value, token_threshold, token_value,
         )  # fmt: skip
     feat, enc, benc, dec, bdec = _long(feat_idx), _f32(W_enc), _f32(b_enc), _f32(W_dec), _f32(b_dec)
     md, val = _long(mode), _f32(value)
@@ -178,6 +197,7 @@ def sae_edit(
         None if thr is None else thr.data_ptr(), 0 if thr is None else thr.stride(0),
         int(bool(apply_b_dec_to_input)), md.data_ptr(), *md.stride(), val.data_ptr(), *val.stride(),
         None if tthr is None else tthr.data_ptr(), 0 if tthr is None else tthr.stride(0),
+        *_token_value(token_value),
     )  # fmt: skip
     _run(lib.ss_sae_edit, tokens, args)
     return h
@@ -214,6 +234,28 @@ def apply_logit_bias(
     )  # fmt: skip
     _run(lib.ss_apply_logit_bias, args)
     return logits
+
+
+def resample_draw(slot_of_token, token_key, token_pos, stream, density, samples, sample_count):
+    """See `steerkernels.resample_draw`."""
+    lib = load()
+    if lib is None:
+        return reference.resample_draw(
+            slot_of_token, token_key, token_pos, stream, density, samples, sample_count
+        )  # fmt: skip
+    T = slot_of_token.shape[0]
+    S, F, N = samples.shape
+    out = _util.empty((T, F), torch.float32, samples.device)
+    slot, count = _long(slot_of_token), _long(sample_count)
+    keep = [slot, count]  # noqa: F841 (alive during the call)
+    args = ResampleArgs(
+        out.data_ptr(), out.stride(0), T, S, F, N, slot.data_ptr(), slot.stride(0),
+        token_key.data_ptr(), token_key.stride(0), token_pos.data_ptr(), token_pos.stride(0),
+        stream.data_ptr(), *stream.stride(), density.data_ptr(), *density.stride(),
+        count.data_ptr(), *count.stride(), samples.data_ptr(), *samples.stride(),
+    )  # fmt: skip
+    _run(lib.ss_resample_draw, args)
+    return out
 
 
 def argmax_rows(logits):

@@ -47,8 +47,9 @@ def steer_add(h, slot_of_token, slot_vectors):
     return h
 
 
-def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
-    """Clip h[t] . u_k to [lo, hi] for the slot's directions in k order; see `steerkernels.project_clamp`."""
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value=None):
+    """Clip h[t] . u_k to [lo, hi] for the slot's directions in k order (to token_value[t, k] where that is
+    not NaN); see `steerkernels.project_clamp`."""
     S, K, _ = slot_dirs.shape
     steered = steered_tokens(slot_of_token, S)
     slot = slot_of_token.long().clamp(0, max(S - 1, 0))  # [T]
@@ -58,10 +59,15 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
         return h
     s, count = slot[rows], count[rows]  # [n]
     x = h.index_select(0, rows).float()  # [n, d]
+    tv = token_value.float()[rows] if token_value is not None else None  # [n, K]
     for k in range(K):
         u = slot_dirs[s, k].float()  # [n, d]
         c = (x * u).sum(-1)  # [n]
-        clipped = torch.clamp(c, min=lo[s, k].float(), max=hi[s, k].float())
+        lo_k, hi_k = lo[s, k].float(), hi[s, k].float()
+        if tv is not None:  # a per-token target: lo = hi = token_value
+            lo_k = torch.where(tv[:, k].isnan(), lo_k, tv[:, k])
+            hi_k = torch.where(tv[:, k].isnan(), hi_k, tv[:, k])
+        clipped = torch.clamp(c, min=lo_k, max=hi_k)
         step = torch.where(k < count, clipped - c, torch.zeros_like(c))
         x = x + step[:, None] * u
     h.index_copy_(0, rows, x.to(h.dtype))
@@ -81,8 +87,10 @@ def sae_edit(
     mode,
     value,
     token_threshold=None,
+    token_value=None,
 ):
-    """Set/scale/ablate the slot's SAE features of each steered token; see `steerkernels.sae_edit`."""
+    """Set/scale/ablate the slot's SAE features of each steered token (set to token_value[t, j] where that
+    is not NaN); see `steerkernels.sae_edit`."""
     S, Fmax = feat_idx.shape
     d_sae = W_enc.shape[1]
     steered = steered_tokens(slot_of_token, S)
@@ -102,6 +110,7 @@ def sae_edit(
     tthr = token_threshold.float()[rows, None] if token_threshold is not None else None  # [n, 1]
     scale = mode[s] == 1  # [n, F]
     val = value.float()[s]  # [n, F]
+    tv = token_value.float()[rows] if token_value is not None else None  # [n, F]
     cols, col_of = _encoder_columns(W_enc, f)
     chunk = max(1, _GATHER_BUDGET // max(1, Fmax * x.shape[1]))
     out = torch.empty_like(x)
@@ -110,6 +119,8 @@ def sae_edit(
         fc = f[sl]  # [c, F]
         a = _feature_acts(xin[sl], fc, cols, col_of[sl], b_enc, _part(thr, sl), _part(tthr, sl))  # [c, F]
         new = torch.where(scale[sl], a * val[sl], val[sl])
+        if tv is not None:
+            new = torch.where(tv[sl].isnan(), new, tv[sl])
         coef = torch.where(ok[sl], new - a, torch.zeros_like(a))  # [c, F]
         w_dec = W_dec[fc].float()  # [c, F, d]
         out[sl] = x[sl] + (coef[:, :, None] * w_dec).sum(1)
@@ -256,6 +267,67 @@ def sae_topk_threshold(x, W_enc, b_enc, b_dec, apply_b_dec_to_input, k, rows=Non
             xin = xin - b_dec.float()
         top = torch.topk(torch.addmm(bias, xin, W), k + 1, dim=1).values  # [c, k + 1]
         out[r] = 0.5 * (top[:, k - 1] + top[:, k])
+    return out
+
+
+# -- resampling: a counter-based random stream --------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for x in [0, 2**32) held in int64, without int64 overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c) & 0xFFFF) * 65536) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 on uint32 values held in int64 (a bijection of [0, 2**32))."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def resample_bits(key: torch.Tensor, pos: torch.Tensor, stream: torch.Tensor):
+    """(h1, h2): two uint32 words (in int64 tensors) of the counter-based stream at (key, pos, stream).
+
+    key, pos [T] int64 (key two's complement: both halves are used); stream [T, F] or anything that
+    broadcasts against [T, 1, ...] (key and pos get trailing unit dims up to stream's rank). All mod 2**32:
+      base = mix32(mix32(mix32(pos & M) ^ (stream & M)) ^ key_lo) ^ key_hi
+      h1 = mix32(base);  h2 = mix32(base ^ 0x9E3779B9)
+    NOTE: counter-based, not a generator: a draw depends only on (request key, token position, stream),
+    so it is the same whatever shares the batch and when a preempted request's tokens are recomputed.
+    """
+    key, pos, stream = key.long(), pos.long(), stream.long()
+    extra = max(0, stream.dim() - key.dim())
+    key = key.reshape(*key.shape, *([1] * extra))
+    pos = pos.reshape(*pos.shape, *([1] * extra))
+    key_lo, key_hi = key & _M32, (key >> 32) & _M32  # NOTE: >> is arithmetic; the mask keeps 32 bits
+    base = mix32(mix32(mix32(pos & _M32) ^ (stream & _M32)) ^ key_lo) ^ key_hi
+    return mix32(base), mix32(base ^ 0x9E3779B9)
+
+
+def resample_draw(slot_of_token, token_key, token_pos, stream, density, samples, sample_count):
+    """[T, F] fp32 draws of each token's resampled columns, NaN where none; see `steerkernels.resample_draw`.
+    Out-of-range counts are clamped to [0, N] (only reachable with validate=False)."""
+    T = slot_of_token.shape[0]
+    S, F, N = samples.shape
+    out = torch.full((T, F), float("nan"), dtype=torch.float32, device=samples.device)
+    slot = slot_of_token.long()
+    rows = ((slot >= 0) & (slot < S)).nonzero().squeeze(1)  # [n]
+    if rows.numel() == 0 or F == 0:
+        return out
+    s = slot[rows]  # [n]
+    st = stream.long()[s]  # [n, F]
+    h1, h2 = resample_bits(token_key.long()[rows], token_pos.long()[rows], st)
+    u = (h1 >> 8).float() * 2.0**-24  # NOTE: 24 bits: exact in fp32, in [0, 1)
+    count = sample_count.long()[s].clamp(0, N)  # [n, F]
+    active = (u < density.float()[s]) & (count > 0)
+    idx = ((h2 * count) >> 32).clamp(max=max(N - 1, 0))  # [n, F]: < count; h2 * count < 2**63
+    picked = samples.float()[s[:, None], torch.arange(F, device=s.device)[None, :], idx] if N else 0.0
+    drawn = torch.where(active, picked, torch.zeros((), device=out.device))
+    out[rows] = torch.where(st >= 0, drawn, float("nan"))
     return out
 
 

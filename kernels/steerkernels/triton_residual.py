@@ -1,5 +1,5 @@
-"""Triton kernels of the residual-stream ops: `steer_add`, `project_clamp`, `sae_edit`, and the gates'
-`sae_feature_acts` (reads h, writes a new [T, F] tensor).
+"""Triton kernels of the residual-stream ops: `steer_add`, `project_clamp`, `sae_edit` (both with optional
+per-token targets, `token_value`), and the gates' `sae_feature_acts` (reads h, writes a new [T, F] tensor).
 
 Each kernel edits `h [T, d]` in place, one program per token (steer_add: per token and d-block). A
 token whose slot is -1 / out of range loads nothing and stores nothing, so unsteered tokens cost one
@@ -49,7 +49,7 @@ def _steer_add_kernel(
 def _project_clamp_kernel(
     h_ptr, stride_h, slot_ptr, T,
     dir_ptr, stride_ds, stride_dk, lo_ptr, hi_ptr, stride_ls, stride_hs, cnt_ptr, S, K, d,
-    BLOCK_D: tl.constexpr,
+    tv_ptr, stride_tv, HAS_TV: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     slot, ok = _token_slot(slot_ptr, t, T, S)
@@ -64,6 +64,10 @@ def _project_clamp_kernel(
         c = tl.sum(x * u, axis=0)
         lo = tl.load(lo_ptr + slot * stride_ls + k)
         hi = tl.load(hi_ptr + slot * stride_hs + k)
+        if HAS_TV:  # a per-token target (not NaN): lo = hi = it
+            tv = tl.load(tv_ptr + t.to(tl.int64) * stride_tv + k)
+            lo = tl.where(tv != tv, lo, tv)
+            hi = tl.where(tv != tv, hi, tv)
         x += (tl.minimum(tl.maximum(c, lo), hi) - c) * u
     tl.store(row + offs, x.to(h_ptr.dtype.element_ty), mask=m)
 
@@ -96,7 +100,7 @@ def _sae_edit_kernel(
     h_ptr, stride_h, slot_ptr, T,
     feat_ptr, stride_fs, mode_ptr, stride_ms, val_ptr, stride_vs, S, F,
     wenc_ptr, stride_ed, stride_ef, benc_ptr, wdec_ptr, stride_df, stride_dd, bdec_ptr, thr_ptr, tthr_ptr,
-    d_sae, d, HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr,
+    tv_ptr, stride_tv, d_sae, d, HAS_THR: tl.constexpr, HAS_TTHR: tl.constexpr, HAS_TV: tl.constexpr,
     APPLY_B_DEC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # NOTE: one program per token, also at prefill sizes: a 16-token tl.dot variant for blocks of one slot
@@ -124,6 +128,9 @@ def _sae_edit_kernel(
         )  # fmt: skip
         v = tl.load(val_ptr + slot * stride_vs + j, mask=fv, other=0.0)
         new = tl.where(tl.load(mode_ptr + slot * stride_ms + j, mask=fv, other=0) == 1, a * v, v)
+        if HAS_TV:  # a per-token target (not NaN) overrides the slot's mode/value
+            tv = tl.load(tv_ptr + t.to(tl.int64) * stride_tv + j, mask=fv, other=float("nan"))
+            new = tl.where(tv != tv, new, tv)
         coef = tl.where(fv, new - a, 0.0)
         wd = tl.load(wdec_ptr + f * stride_df + offs64 * stride_dd, mask=mf, other=0.0).to(tl.float32)
         delta += coef * wd
@@ -176,7 +183,7 @@ def steer_add(h, slot_of_token, slot_vectors):
     return h
 
 
-def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
+def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value=None):
     T, d = h.shape
     S, K, _ = slot_dirs.shape
     if T == 0 or d == 0 or S == 0 or K == 0:
@@ -186,17 +193,19 @@ def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
     # NOTE: directions must be contiguous along d for coalesced loads; [S, K] banks are tiny to copy.
     slot_dirs = slot_dirs if slot_dirs.stride(2) == 1 else slot_dirs.contiguous()
     lo, hi, dir_count = lo.contiguous(), hi.contiguous(), dir_count.contiguous()
+    has_tv = token_value is not None
+    tv = token_value.contiguous() if has_tv else lo  # a stand-in pointer, never read
     _project_clamp_kernel[(T,)](
         h, h.stride(0), slot, T, slot_dirs, slot_dirs.stride(0), slot_dirs.stride(1),
-        lo, hi, lo.stride(0), hi.stride(0), dir_count, S, K, d,
-        BLOCK_D=block, num_warps=_warps(block),
+        lo, hi, lo.stride(0), hi.stride(0), dir_count, S, K, d, tv, tv.stride(0),
+        HAS_TV=has_tv, BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h
 
 
 def sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
-    mode, value, token_threshold=None,
+    mode, value, token_threshold=None, token_value=None,
 ):  # fmt: skip
     T, d = h.shape
     S, F = feat_idx.shape
@@ -209,13 +218,15 @@ def sae_edit(
     threshold = threshold.contiguous() if has_thr else b_enc  # a stand-in pointer, never read
     has_tthr = token_threshold is not None
     tok_thr = token_threshold.contiguous() if has_tthr else b_enc  # likewise
+    has_tv = token_value is not None
+    tv = token_value.contiguous() if has_tv else value  # likewise
     block = next_pow2(d)
     _sae_edit_kernel[(T,)](
         h, h.stride(0), slot, T,
         feat_idx, feat_idx.stride(0), mode, mode.stride(0), value, value.stride(0), S, F,
         W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, W_dec, W_dec.stride(0), W_dec.stride(1),
-        b_dec, threshold, tok_thr, W_enc.shape[1], d,
-        HAS_THR=has_thr, HAS_TTHR=has_tthr, APPLY_B_DEC=bool(apply_b_dec_to_input),
+        b_dec, threshold, tok_thr, tv, tv.stride(0), W_enc.shape[1], d,
+        HAS_THR=has_thr, HAS_TTHR=has_tthr, HAS_TV=has_tv, APPLY_B_DEC=bool(apply_b_dec_to_input),
         BLOCK_D=block, num_warps=_warps(block),
     )  # fmt: skip
     return h

@@ -149,13 +149,15 @@ def serve(config: Config, threads: int | None = None) -> None:
 
 
 def registry_stats(args: argparse.Namespace) -> int:
-    """`steerserve registry stats`: feature statistics through an engine (interp/stats.py), stored as
-    the SAE's annotations."""
+    """`steerserve registry stats`: an SAE's feature statistics (interp/stats.py) or a vector's projection
+    samples (interp/vector_stats.py) through an engine, stored in the registry."""
     from pathlib import Path
 
     from steerserve.compose import build_engine
     from steerserve.interp.stats import feature_stats, store_feature_stats
+    from steerserve.interp.vector_stats import store_vector_stats, vector_stats
     from steerserve.registry import InvalidInput
+    from steerserve.registry.cli import stats_kind
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
@@ -168,12 +170,18 @@ def registry_stats(args: argparse.Namespace) -> int:
     )
     built = build_engine(config)
     try:
-        stats = feature_stats(built, args.sae, texts, batch=args.batch)
-        n = store_feature_stats(built, args.sae, stats)
+        if stats_kind(built.registry, args) == "vector":
+            vstats = vector_stats(built, args.id, texts, batch=args.batch, seed=args.seed)
+            n = store_vector_stats(built, args.id, vstats)
+            sizes = ", ".join(f"{s.hook_name}: {len(v)}" for s, v in vstats.samples.items())
+            print(f"{args.id}: projection samples at {n} sites over {vstats.num_tokens} tokens ({sizes})")
+            return 0
+        stats = feature_stats(built, args.id, texts, batch=args.batch, seed=args.seed)
+        n = store_feature_stats(built, args.id, stats)
     finally:
         built.registry.close()
     print(
-        f"{args.sae}: {n} features over {stats.num_tokens} tokens; "
+        f"{args.id}: {n} features over {stats.num_tokens} tokens; "
         f"{int((stats.density > 0).sum())} ever active; {stats.saturated} tokens saturated the top-k capture"
     )
     return 0

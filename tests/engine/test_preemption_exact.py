@@ -23,7 +23,7 @@ from steerserve.api.plan import feature_capture
 from steerserve.config import SteeringConfig
 from steerserve.demo.shipped import DEMO_SAE_ID, model_path, register_demo
 from steerserve.engine.kv_cache import BlockAllocator, BlockTable
-from steerserve.registry import SteeringVector
+from steerserve.registry import FeatureInfo, SteeringVector
 from steerserve.runner import cpu_attention
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import GenerationRequest, SamplingParams
@@ -63,6 +63,14 @@ STEERING = (  # (steering, variant, stop_when) as a request carries them
         None,
     ),
     (None, "hot", None),
+    (  # resample ablation (#27): draws keyed by the token's position, so a recompute draws the same
+        [
+            {"feature": _feature(82), "mode": "ablate", "to": "resample"},
+            {"vector": VECTOR_ID, "mode": "project_out", "to": "resample", "positions": "generated"},
+        ],
+        None,
+        None,
+    ),
     (
         [{"vector": VECTOR_ID, "mode": "add", "strength": -2.0}],
         None,
@@ -99,6 +107,10 @@ class Engines:
         g = torch.Generator().manual_seed(5)
         vec = torch.randn(info.d_model, generator=g) * 0.5
         reg.add_vector(SteeringVector.of({Site(2, "resid_post"): vec}), vector_id=VECTOR_ID, model=info.name)
+        reg.put_features(
+            DEMO_SAE_ID, [FeatureInfo(index=82, density=0.35, active_sample=(0.4, 1.2, 2.5, 5.0))]
+        )
+        reg.put_vector_stats(VECTOR_ID, {Site(2, "resid_post"): (-2.0, -0.5, 0.3, 1.1, 3.0)})
         self.specs = [compile_steering(reg, info, steering, s, None, v, stop) for s, v, stop in STEERING]
         self.capture = feature_capture(reg, info, DEMO_SAE_ID, 4, "generated")
         self._stress: dict[int, object] = {}
@@ -192,11 +204,16 @@ def _run_stress(core, calls, rng: random.Random) -> tuple[dict[str, Outcome], di
     return got, seen
 
 
+def _resamples(spec) -> bool:
+    return spec is not None and any(str(iv.kind).endswith("_resample") for iv in spec.interventions)
+
+
 def _run_alone(core, request: GenerationRequest, memo: dict) -> Outcome:
     sp = request.sampling
     key = (
         request.prompt_token_ids,
-        dataclasses.replace(sp, seed=None) if sp.greedy else sp,  # greedy n > 1 choices are one run
+        # greedy n > 1 choices are one run, unless they resample (each choice's seed is its draws' key)
+        dataclasses.replace(sp, seed=None) if sp.greedy and not _resamples(request.steering) else sp,
         None if request.steering is None else request.steering.fingerprint,
         request.capture,
     )

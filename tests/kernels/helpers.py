@@ -57,7 +57,8 @@ def naive_steer_add(h, slot_of_token, slot_vectors):
     return out
 
 
-def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
+def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value=None):
+    """A plain loop; `token_value` [T, K]: per-token targets where not NaN."""
     out = h.double().clone()
     for t in range(h.shape[0]):
         s = int(slot_of_token[t])
@@ -66,7 +67,9 @@ def naive_project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count):
         for k in range(min(int(dir_count[s]), slot_dirs.shape[1])):
             u = slot_dirs[s, k].double()
             c = float(out[t] @ u)
-            out[t] += (min(max(c, float(lo[s, k])), float(hi[s, k])) - c) * u
+            target = float("nan") if token_value is None else float(token_value[t, k])
+            new = target if target == target else min(max(c, float(lo[s, k])), float(hi[s, k]))
+            out[t] += (new - c) * u
     return out
 
 
@@ -82,8 +85,9 @@ def library_acts(x, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk=N
 
 def naive_sae_edit(
     h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value,
-    topk=None,
+    topk=None, token_value=None,
 ):  # fmt: skip
+    """A plain loop; `token_value` [T, F]: per-token targets where not NaN."""
     out = h.double().clone()
     acts = library_acts(h, W_enc, b_enc, b_dec, threshold, apply_b_dec_to_input, topk)  # [T, d_sae]
     for t in range(h.shape[0]):
@@ -96,6 +100,8 @@ def naive_sae_edit(
                 continue
             a = float(acts[t, f])
             new = a * float(value[s, j]) if int(mode[s, j]) == 1 else float(value[s, j])
+            target = float("nan") if token_value is None else float(token_value[t, j])
+            new = target if target == target else new
             out[t] += (new - a) * W_dec[f].double()
     return out
 
@@ -126,3 +132,21 @@ def naive_logit_bias(logits, temp, sids, sbias, bank, didx, pids, pcounts, rep, 
 def naive_encode(x, W_enc, b_enc, b_dec, thr, apply_b_dec, topk=None):
     """[T, d_sae] float64 activations (SAELens' encode())."""
     return library_acts(x, W_enc, b_enc, b_dec, thr, apply_b_dec, topk)
+
+
+M32 = 0xFFFFFFFF
+
+
+def py_mix32(x: int) -> int:
+    """Wellons' lowbias32 on a Python int: the hash of the resample stream, written from its spec."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def py_bits(key: int, pos: int, stream: int) -> tuple[int, int]:
+    """The resample stream's (h1, h2) on Python ints (negative keys: two's complement by & and >>)."""
+    base = py_mix32(py_mix32(py_mix32(pos & M32) ^ (stream & M32)) ^ (key & M32)) ^ ((key >> 32) & M32)
+    return py_mix32(base), py_mix32(base ^ 0x9E3779B9)

@@ -8,6 +8,8 @@ import functools
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
+from tests.kernels.helpers import py_bits
+
 
 def activation(x, sae, f):
     """Feature f's activation on hidden states x [..., d] (relu or jumprelu, as SAELens' encode())."""
@@ -19,9 +21,28 @@ def activation(x, sae, f):
     return torch.relu(pre)
 
 
-def edit(x, items, is_generated, gate_open=None):
+def resample_value(key: int, pos: int, stream: int, density: float, sample) -> float:
+    """The draw of one token, from the request's key, the token's position and the intervention's
+    stream id: 0 with probability 1 - density, else sample[i] for a uniform i (Python ints only)."""
+    h1, h2 = py_bits(key, pos, stream)
+    u = (h1 >> 8) * 2.0**-24
+    if not sample or not u < float(torch.tensor(density, dtype=torch.float32)):
+        return 0.0
+    return float(sample[(h2 * len(sample)) >> 32])
+
+
+def _draws(it, positions) -> torch.Tensor:
+    """[T] the resample item's draws at absolute `positions` (its "key", "stream", "density", "sample")."""
+    return torch.tensor(
+        [resample_value(it["key"], int(p), it["stream"], it["density"], it["sample"]) for p in positions],
+        dtype=torch.float32,
+    )
+
+
+def edit(x, items, is_generated, gate_open=None, positions=None):
     """x [T, d]: apply `items` (dicts) at one site in order: feature edits, projections, additions.
-    An item with "gate": name acts only where `gate_open[name]` [T] is true."""
+    An item with "gate": name acts only where `gate_open[name]` [T] is true. Resample items need the
+    tokens' absolute `positions` [T]."""
     x0 = x.clone()
     delta = torch.zeros_like(x)
 
@@ -31,22 +52,28 @@ def edit(x, items, is_generated, gate_open=None):
 
     for it in items:
         mask = _positions(it["positions"], is_generated, it)
-        if it["kind"] in ("clamp", "scale", "ablate"):
+        if it["kind"] in ("clamp", "scale", "ablate", "resample"):
             sae, f = it["sae"], it["index"]
             a = activation(x0, sae, f)
-            new = {
-                "clamp": torch.full_like(a, it.get("value", 0.0)),
-                "scale": a * it.get("value", 1.0),
-                "ablate": torch.zeros_like(a),
-            }[it["kind"]]
+            if it["kind"] == "resample":
+                new = _draws(it, positions).to(a.dtype)
+            else:
+                new = {
+                    "clamp": torch.full_like(a, it.get("value", 0.0)),
+                    "scale": a * it.get("value", 1.0),
+                    "ablate": torch.zeros_like(a),
+                }[it["kind"]]
             delta += ((new - a) * mask)[:, None] * sae["W_dec"][f]
     x = x0 + delta
     for it in items:
-        if it["kind"] == "project":
+        if it["kind"] in ("project", "project_resample"):
             mask = _positions(it["positions"], is_generated, it)
             u = it["vector"] / it["vector"].norm()
             p = x @ u
-            clipped = p.clamp(it["lo"], it["hi"])
+            if it["kind"] == "project_resample":
+                clipped = _draws(it, positions).to(p.dtype)
+            else:
+                clipped = p.clamp(it["lo"], it["hi"])
             x = x + ((clipped - p) * mask)[:, None] * u
     for it in items:
         if it["kind"] == "add":
@@ -206,9 +233,8 @@ def steered_generate(model_dir, prompt, max_tokens, by_site, logit_bias=None, ga
     gate_open, latched = {}, {}
     gates = gates or {}
 
-    def generated_mask(t):
-        pos = torch.arange(state["start"], state["start"] + t)
-        return pos >= n_prompt
+    def token_positions(t):
+        return torch.arange(state["start"], state["start"] + t)
 
     handles = [
         _register(model, *g["site"], _gate_reader(name, g, gate_open, latched)) for name, g in gates.items()
@@ -219,10 +245,10 @@ def steered_generate(model_dir, prompt, max_tokens, by_site, logit_bias=None, ga
         ]
 
         def fn(h, groups=groups):
-            mask = generated_mask(h.shape[0])
+            pos = token_positions(h.shape[0])
             for group in groups:
                 if group:
-                    h = edit(h, group, mask, gate_open)
+                    h = edit(h, group, pos >= n_prompt, gate_open, pos)
             return h
 
         handles.append(_register(model, layer, hook, fn))

@@ -30,7 +30,9 @@ def test_every_type_has_an_entry_in_every_table():
     assert set(WRITERS) == TYPES
     assert set(FINITE_CHECKS) == TYPES
     assert set(EDIT_MODES) == {t.kind for t in TYPES if issubclass(t, FeatureEdit)}
-    assert sorted(EDIT_MODES.values()) == [0, 1, 2]  # steerkernels.sae_edit's clamp / scale / ablate
+    # steerkernels.sae_edit's clamp / scale / ablate; a resample is an ablate column whose per-token
+    # draw (sae_edit's token_value) overrides its value
+    assert sorted(EDIT_MODES.values()) == [0, 1, 2, 2] and EDIT_MODES["feature_resample"] == 2
     assert set(INTERVENTION_MODES) == {*INTERVENTION_TYPES, "feature_logit_bias"}
     assert EDIT_MODES["feature_clamp"] == 0, "plain strings find the StrEnum keys"
 

@@ -3,7 +3,7 @@
     Steering.feature("res-l0", 12).add(4.0)               {"feature": {...}, "mode": "add", "strength": 4.0, ...}
     Steering.feature("res-l0", 12).clamp(10)              set the feature's activation to 10
     Steering.feature("res-l0", 12).scale(0.5)             multiply the feature's activation
-    Steering.feature("res-l0", 12).ablate()               activation -> 0 (`to="mean"`: to its mean)
+    Steering.feature("res-l0", 12).ablate()               activation -> 0 (`to="mean"` / `"resample"`)
     Steering.feature("res-l0", 12).logit_bias(2.0)        a `feature_logit_bias` entry
     Steering.vector("honesty").add(1.5)                   h += 1.5 * v
     Steering.vector("honesty").project_out()              remove h's component along v
@@ -148,11 +148,14 @@ class FeatureRef:
         """Multiply the feature's activation by `factor`."""
         return self._make("scale", {"factor": _finite(factor, "factor")}, positions)
 
-    def ablate(self, to: Literal["zero", "mean"] = "zero", positions: Positions = "all") -> Intervention:
-        """Set the feature's activation to 0 (or to its mean with `to="mean"`)."""
-        if to not in ("zero", "mean"):
-            raise ValueError(f"to must be 'zero' or 'mean', got {to!r}")
-        return self._make("ablate", {"to": "mean"} if to == "mean" else {}, positions)
+    def ablate(
+        self, to: Literal["zero", "mean", "resample"] = "zero", positions: Positions = "all"
+    ) -> Intervention:
+        """Set the feature's activation to 0, to its mean (`to="mean"`), or to a draw per token from its
+        recorded activation distribution (`to="resample"`; a seeded request draws reproducibly)."""
+        if to not in ("zero", "mean", "resample"):
+            raise ValueError(f"to must be 'zero', 'mean' or 'resample', got {to!r}")
+        return self._make("ablate", {} if to == "zero" else {"to": to}, positions)
 
     def logit_bias(self, strength: float) -> FeatureLogitBias:
         """A `feature_logit_bias` entry: bias the output by what this feature promotes."""
@@ -191,9 +194,14 @@ class VectorRef:
         """h += strength * v."""
         return self._make("add", {"strength": _finite(strength, "strength")}, positions)
 
-    def project_out(self, positions: Positions = "all") -> Intervention:
-        """Remove h's component along v."""
-        return self._make("project_out", {}, positions)
+    def project_out(
+        self, to: Literal["zero", "resample"] = "zero", positions: Positions = "all"
+    ) -> Intervention:
+        """Remove h's component along v, or (`to="resample"`) set it to a draw per token from its recorded
+        distribution."""
+        if to not in ("zero", "resample"):
+            raise ValueError(f"to must be 'zero' or 'resample', got {to!r}")
+        return self._make("project_out", {} if to == "zero" else {"to": to}, positions)
 
     def clamp(self, lo: float, hi: float, positions: Positions = "all") -> Intervention:
         """Clip h's projection on the unit vector to [lo, hi]."""

@@ -1,4 +1,5 @@
-// The CPU backend of steerkernels' ops: steer_add, project_clamp, sae_edit, apply_logit_bias, argmax_rows.
+// The CPU backend of steerkernels' ops: steer_add, project_clamp, sae_edit, apply_logit_bias, argmax_rows,
+// resample_draw.
 //
 // Same math as reference.py (the spec), fused per token (per row for logits) so that a decode step's
 // edit is one pass over the steered rows instead of a dozen torch ops. Plain C ABI over raw pointers
@@ -67,7 +68,7 @@ inline void axpy(float* y, float a, Vec x, int64_t n) {
 
 extern "C" {
 
-int ss_steer_abi_version() { return 4; }  // cpu.py's ABI_VERSION
+int ss_steer_abi_version() { return 5; }  // cpu.py's ABI_VERSION
 
 // Which tokens a call edits, and the hidden states they live in. Index arrays are int64.
 struct TokenArgs {
@@ -94,6 +95,8 @@ struct ClampArgs {
   int64_t hi_s0, hi_s1;
   const int64_t* count;  // [S] stride count_s
   int64_t count_s, K;
+  const float* tv;  // [T, K] strides (tv_s0, tv_s1), or null: per-token targets, NaN = the slot's lo/hi
+  int64_t tv_s0, tv_s1;
 };
 
 struct EditArgs {
@@ -116,6 +119,27 @@ struct EditArgs {
   int64_t value_s0, value_s1;
   const float* tok_thr;  // [T] stride tok_thr_s, or null: TopK's per-token rank threshold
   int64_t tok_thr_s;
+  const float* tv;  // [T, F] strides (tv_s0, tv_s1), or null: per-token targets, NaN = the slot's mode
+  int64_t tv_s0, tv_s1;
+};
+
+struct ResampleArgs {
+  float* out;  // [T, F] row stride out_row
+  int64_t out_row, T, S, F, N;
+  const int64_t* slot;  // [T] stride slot_s, -1 = none
+  int64_t slot_s;
+  const int64_t* key;  // [T] stride key_s
+  int64_t key_s;
+  const int64_t* pos;  // [T] stride pos_s
+  int64_t pos_s;
+  const int64_t* stream;  // [S, F] strides (stream_s0, stream_s1), < 0 = not resampled
+  int64_t stream_s0, stream_s1;
+  const float* density;  // [S, F] strides (dens_s0, dens_s1)
+  int64_t dens_s0, dens_s1;
+  const int64_t* count;  // [S, F] strides (count_s0, count_s1)
+  int64_t count_s0, count_s1;
+  const float* samples;  // [S, F, N] strides (smp_s0, smp_s1, smp_s2)
+  int64_t smp_s0, smp_s1, smp_s2;
 };
 
 }  // extern "C"
@@ -173,12 +197,16 @@ int ss_steer_add(const TokenArgs* a, const AddArgs* v) {
 int ss_project_clamp(const TokenArgs* a, const ClampArgs* c) {
   if (a->h_dtype != 0 && a->h_dtype != 1) return 1;
   const int64_t d = a->d;
-  for_tokens(*a, d * c->K, [&](int64_t s, int64_t, float* x) {
+  for_tokens(*a, d * c->K, [&](int64_t s, int64_t t, float* x) {
     int64_t n = c->count[s * c->count_s];
     n = n < 0 ? 0 : (n > c->K ? c->K : n);
     for (int64_t k = 0; k < n; ++k) {
       Vec u{c->dirs + s * c->dirs_s0 + k * c->dirs_s1, c->dirs_s2};
       float lo = c->lo[s * c->lo_s0 + k * c->lo_s1], hi = c->hi[s * c->hi_s0 + k * c->hi_s1];
+      if (c->tv) {  // a per-token target (not NaN): lo = hi = it
+        const float tv = c->tv[t * c->tv_s0 + k * c->tv_s1];
+        if (tv == tv) lo = hi = tv;
+      }
       float proj = dot(x, u, d);
       float clipped = proj < lo ? lo : (proj > hi ? hi : proj);  // NOTE: NaN stays NaN, as torch.clamp
       axpy(x, clipped - proj, u, d);
@@ -210,12 +238,57 @@ int ss_sae_edit(const TokenArgs* a, const EditArgs* e) {
       if (e->tok_thr) act *= pre > tok_thr ? 1.f : 0.f;
       float value = e->value[s * e->value_s0 + j * e->value_s1];
       float target = e->mode[s * e->mode_s0 + j * e->mode_s1] == 1 ? act * value : value;
+      if (e->tv) {  // a per-token target (not NaN) overrides the slot's mode/value
+        const float tv = e->tv[t * e->tv_s0 + j * e->tv_s1];
+        if (tv == tv) target = tv;
+      }
       axpy(delta.data(), target - act, Vec{e->W_dec + f * e->dec_s0, e->dec_s1}, d);
     }
     if (!any) return false;
     for (int64_t i = 0; i < d; ++i) x[i] += delta[i];
     return true;
   });
+  return 0;
+}
+
+// Wellons' lowbias32 (reference.mix32).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// out[t, j]: reference.resample_draw, cell by cell (same bits: integer hash, exact u, integer index).
+int ss_resample_draw(const ResampleArgs* a) {
+  const float nan = std::nanf("");
+  for (int64_t t = 0; t < a->T; ++t) {
+    float* out = a->out + t * a->out_row;
+    const int64_t s = a->slot[t * a->slot_s];
+    if (s < 0 || s >= a->S) {
+      for (int64_t j = 0; j < a->F; ++j) out[j] = nan;
+      continue;
+    }
+    const uint64_t key = uint64_t(a->key[t * a->key_s]);
+    const uint32_t pos = uint32_t(uint64_t(a->pos[t * a->pos_s]));
+    for (int64_t j = 0; j < a->F; ++j) {
+      const int64_t st = a->stream[s * a->stream_s0 + j * a->stream_s1];
+      if (st < 0) {
+        out[j] = nan;
+        continue;
+      }
+      const uint32_t base = mix32(mix32(mix32(pos) ^ uint32_t(st)) ^ uint32_t(key)) ^ uint32_t(key >> 32);
+      const uint32_t h1 = mix32(base), h2 = mix32(base ^ 0x9E3779B9u);
+      const float u = float(h1 >> 8) * 0x1p-24f;
+      int64_t n = a->count[s * a->count_s0 + j * a->count_s1];
+      n = n < 0 ? 0 : (n > a->N ? a->N : n);
+      const bool active = u < a->density[s * a->dens_s0 + j * a->dens_s1] && n > 0;
+      const int64_t idx = int64_t((uint64_t(h2) * uint64_t(n)) >> 32);
+      out[j] = active ? a->samples[s * a->smp_s0 + j * a->smp_s1 + idx * a->smp_s2] : 0.f;
+    }
+  }
   return 0;
 }
 

@@ -234,7 +234,7 @@ async def put_features(request: Request, sae_id: str) -> dict:
 @router.get("/v1/saes/{sae_id}/features/{index}", dependencies=_reader)
 async def get_feature(request: Request, sae_id: str, index: int) -> dict:
     info = await _run(_registry(request).get_feature, sae_id, index)
-    out = {"object": "feature", **info.to_json(sae_id)}
+    out = {"object": "feature", **info.to_json(sae_id, sample=True)}
     if getattr(request.app.state, "readout", None) is not None:  # needs the served model
         from steerserve.api.routes_interp import feature_top_logits
 

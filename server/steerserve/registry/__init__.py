@@ -10,9 +10,11 @@ from steerserve.registry.errors import Conflict, InvalidInput, NotFound, Registr
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.registry import Registry
 from steerserve.registry.sae import SAEWeights
+from steerserve.registry.samples import ACTIVE_SAMPLE_SIZE, SAMPLE_SIZE
 from steerserve.registry.vector import SteeringVector
 
 __all__ = [
+    "ACTIVE_SAMPLE_SIZE",
     "Conflict",
     "FeatureHit",
     "FeatureInfo",
@@ -20,6 +22,7 @@ __all__ = [
     "NotFound",
     "Registry",
     "RegistryError",
+    "SAMPLE_SIZE",
     "SAERecord",
     "SAEWeights",
     "SteeringVector",

@@ -1,8 +1,10 @@
 """`steerserve registry import|list|rm`: the registry from the command line, through the same
 loaders (`formats`) and the same `Registry` methods as the HTTP routes.
 
-`stats SAE --texts FILE --model M` (added by steerserve/cli.py, which may build an engine) computes each
-feature's max activation, density and mean through the engine (interp/stats.py) and stores them.
+`stats ID --texts FILE --model M` (added by steerserve/cli.py, which may build an engine) computes, for an
+SAE, each feature's max activation, density, mean and sample of nonzero activations (interp/stats.py),
+or for a steering vector a sample of its projection at each of its sites (interp/vector_stats.py),
+through the engine, and stores them (`--kind` when an SAE and a vector share the id).
 
 `import` takes a local path, or `--hub REPO_ID --path PATH` fetched with huggingface_hub (its cache,
 HF_HUB_CACHE and HF_HUB_OFFLINE are honoured). What is imported is decided by `--kind` or guessed:
@@ -24,7 +26,7 @@ from pathlib import Path
 from steerserve.config import RegistryConfig
 from steerserve.registry import formats
 from steerserve.registry.blobs import BlobStoreError
-from steerserve.registry.errors import InvalidInput, RegistryError
+from steerserve.registry.errors import InvalidInput, NotFound, RegistryError
 from steerserve.registry.formats.common import site_of
 from steerserve.registry.formats.neuronpedia import parse_features
 from steerserve.registry.registry import Registry
@@ -109,9 +111,15 @@ def add_registry_commands(subparsers, stats_command=None) -> argparse.ArgumentPa
 
 def _add_stats(sub, command) -> None:
     st = sub.add_parser(
-        "stats", help="compute each feature's max activation, density and mean activation over a text file"
+        "stats",
+        help="compute an SAE's feature statistics (max, density, mean, activation sample) or a vector's "
+        "projection sample over a text file",
     )
-    st.add_argument("sae", help="SAE id")
+    st.add_argument("id", help="SAE or vector id")
+    st.add_argument("--kind", choices=("auto", "sae", "vector"), default="auto")
+    st.add_argument(
+        "--seed", type=int, default=0, help="seed of the samples (the same seed, the same sample)"
+    )
     st.add_argument("--texts", required=True, help="text file, one document per line")
     st.add_argument("--model", required=True, help="the served model (path, HF id or random:<arch>)")
     st.add_argument("--dtype", default="auto")
@@ -119,6 +127,21 @@ def _add_stats(sub, command) -> None:
     st.add_argument("--batch", type=int, default=32, help="documents per engine batch")
     add_registry_arguments(st)
     st.set_defaults(func=_reporting(command))
+
+
+def stats_kind(registry: Registry, args: argparse.Namespace) -> str:
+    """`sae` or `vector`: what `stats ID` is about (--kind, else whichever exists; both: ask for --kind)."""
+    if args.kind != "auto":
+        return args.kind
+    found = []
+    for kind, get in (("sae", registry.get_sae), ("vector", registry.get_vector)):
+        with contextlib.suppress(NotFound):
+            get(args.id)
+            found.append(kind)
+    if len(found) != 1:
+        what = "both an SAE and a vector" if found else "no SAE or vector"
+        raise (InvalidInput if found else NotFound)(f"{args.id!r} names {what}; give --kind", param="id")
+    return found[0]
 
 
 def _reporting(command):

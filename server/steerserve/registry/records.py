@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from steerserve.registry.errors import InvalidInput
+from steerserve.registry.samples import check_sample
 from steerserve.registry.storable import check_float, check_int, check_json, check_text
 from steerserve.types.sites import Site
 
@@ -89,6 +90,8 @@ class VectorRecord:
     size_bytes: int
     created: float
     meta: dict = field(default_factory=dict)
+    # sites with a stored projection sample (Registry.put_vector_stats) -> its size; read with the row
+    projection_sample_sizes: dict[Site, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("id", "uid", "model", "source", "blob_sha256"):
@@ -115,9 +118,15 @@ class VectorRecord:
             "model": self.model,
             "d": self.d,
             "sites": [
-                {"site": s.hook_name, "layer": s.layer, "hook": s.hook, "norm": self.norms[s]}
+                {
+                    "site": s.hook_name,
+                    "layer": s.layer,
+                    "hook": s.hook,
+                    "norm": self.norms[s],
+                    "projection_sample_size": self.projection_sample_sizes.get(s),
+                }
                 for s in self.sites
-            ],
+            ],  # fmt: skip
             "source": self.source,
             "sha256": self.blob_sha256,
             "size_bytes": self.size_bytes,
@@ -126,7 +135,8 @@ class VectorRecord:
         }
         if len(self.norms) == 1:
             (site,) = self.norms
-            out.update(site=site.hook_name, layer=site.layer, hook=site.hook, norm=self.norms[site])
+            out.update(site=site.hook_name, layer=site.layer, hook=site.hook, norm=self.norms[site],
+                       projection_sample_size=self.projection_sample_sizes.get(site))  # fmt: skip
         return out
 
 
@@ -147,7 +157,18 @@ class VariantRecord:
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """What is known about one feature; None = unknown (and, in an update, = keep the stored value)."""
+    """What is known about one feature; None = unknown (and, in an update, = keep the stored value).
+
+    `active_sample` (resample ablation): a uniform random sample, without replacement, of up to
+    ACTIVE_SAMPLE_SIZE (256) of the feature's NONZERO activations over the stats corpus, sorted
+    ascending (float32 values: registry/samples.py). With `density` it defines the distribution a
+    resample draws from: (1 - density) * delta_0 + density * Uniform(active_sample).
+    NOTE: why nonzero values only: features are zero-inflated (a feature off 95% of the time would
+    leave ~13 nonzero values in a 256-value reservoir of all tokens), so the mass at zero comes exactly
+    from `density` over the whole corpus and every slot holds an active value. Why a reservoir rather
+    than quantiles: it is an exact sample of the empirical distribution, built in one streaming pass,
+    and two reservoirs merge (interp/reservoir.py). `()`: computed, and the feature never fired.
+    """
 
     index: int
     label: str | None = None
@@ -155,6 +176,7 @@ class FeatureInfo:
     max_activation: float | None = None
     density: float | None = None
     mean_activation: float | None = None  # over every token of a corpus, zeros included
+    active_sample: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_int(self.index, "index")
@@ -164,9 +186,14 @@ class FeatureInfo:
         for name in ("max_activation", "density", "mean_activation"):
             if getattr(self, name) is not None:
                 check_float(getattr(self, name), name)
+        if self.active_sample is not None:  # normalised: float32-exact, sorted (frozen: set directly)
+            object.__setattr__(
+                self, "active_sample", check_sample(self.active_sample, "active_sample", positive=True)
+            )
 
-    def to_json(self, sae_id: str) -> dict:
-        return {
+    def to_json(self, sae_id: str, sample: bool = False) -> dict:
+        """`sample`: include the values of `active_sample` (single-feature reads; lists carry its size)."""
+        out = {
             "sae": sae_id,
             "index": self.index,
             "label": self.label,
@@ -174,7 +201,11 @@ class FeatureInfo:
             "max_activation": self.max_activation,
             "density": self.density,
             "mean_activation": self.mean_activation,
+            "active_sample_size": None if self.active_sample is None else len(self.active_sample),
         }
+        if sample:
+            out["active_sample"] = None if self.active_sample is None else list(self.active_sample)
+        return out
 
 
 @dataclass(frozen=True)

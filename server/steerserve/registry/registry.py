@@ -27,10 +27,11 @@ import torch
 from steerserve.registry import store
 from steerserve.registry.blobs import BlobStore, LocalBlobStore, clean_stray_temp, open_blob_store
 from steerserve.registry.db import Database, Tx
-from steerserve.registry.errors import InvalidInput, NotFound
+from steerserve.registry.errors import Conflict, InvalidInput, NotFound
 from steerserve.registry.formats.common import LoadedSAE, Source
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.sae import SAEWeights
+from steerserve.registry.samples import check_site_samples
 from steerserve.registry.schema import MIGRATIONS
 from steerserve.registry.storable import check_int
 from steerserve.registry.tensors import read_safetensors, write_safetensors
@@ -319,6 +320,38 @@ class Registry:
         self._collect([rec.blob_sha256, *owned])
         self._deleted("vector", vector_id)
         return rec
+
+    def put_vector_stats(
+        self, vector_id: str, samples: dict[Site, tuple[float, ...]], uid: str | None = None
+    ) -> None:
+        """Store, per site of the vector, a sample of its projections h . u (u = v / |v|) over a corpus:
+        up to 256 values (all tokens: zeros are not special here), uniform without replacement, stored
+        sorted as float32 (registry/samples.py). Replaces the given sites' samples, keeps the others';
+        all or nothing. The stats belong to the stored vector: deleting or replacing it drops them; `uid`:
+        the vector they were computed for (a 409 if it was replaced meanwhile)."""
+        checked = check_site_samples(samples)
+        with self.db.write() as tx:
+            rec = store.get_vector(tx, vector_id)
+            if rec is None:
+                raise NotFound(f"no vector with id {vector_id!r}", param="id")
+            if uid is not None and rec.uid != uid:
+                raise Conflict(f"vector {vector_id!r} was replaced while its stats were computed", "id")
+            if stray := [site.hook_name for site in checked if site not in rec.norms]:
+                raise InvalidInput(
+                    f"vector {vector_id!r} does not act at {', '.join(stray)}; its sites: "
+                    f"{', '.join(s.hook_name for s in rec.sites)}",
+                    param="site",
+                )
+            store.put_vector_stats(tx, rec, checked)
+
+    def get_vector_stats(self, vector_id: str) -> dict[Site, tuple[float, ...]]:
+        """Per site, the stored projection sample (sorted); {} when none was computed. 404: no vector."""
+        with self.db.read() as tx:
+            rec = store.get_vector(tx, vector_id)
+            stats = store.get_vector_stats(tx, rec) if rec is not None else None
+        if stats is None:
+            raise NotFound(f"no vector with id {vector_id!r}", param="id")
+        return stats
 
     # ---- variants -----------------------------------------------------------------------------
 

@@ -99,6 +99,21 @@ _POSTGRES_SEARCH = [
     "CREATE INDEX features_tsv ON features USING GIN (tsv)",
 ]
 
+
+def _samples(blob: str) -> list[str]:
+    return [
+        f"ALTER TABLE features ADD COLUMN active_sample {blob}",
+        f"""CREATE TABLE vector_stats (
+            vector_id TEXT NOT NULL,
+            vector_uid TEXT NOT NULL,
+            layer INTEGER NOT NULL,
+            hook TEXT NOT NULL,
+            sample {blob} NOT NULL,
+            PRIMARY KEY (vector_id, layer, hook)
+        )""",
+    ]
+
+
 MIGRATIONS: list[tuple[int, dict[str, list[str]]]] = [
     (1, {"all": _CORE}),
     (2, {"sqlite": _SQLITE_SEARCH, "postgresql": _POSTGRES_SEARCH}),
@@ -106,4 +121,8 @@ MIGRATIONS: list[tuple[int, dict[str, list[str]]]] = [
     (3, {"all": ["CREATE TABLE registry_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]}),
     # a feature's mean activation over a corpus (zeros counted), for `ablate` with "to": "mean"
     (4, {"all": ["ALTER TABLE features ADD COLUMN mean_activation DOUBLE PRECISION"]}),
+    # resample ablation (registry/samples.py): samples as float32 little-endian bytes; a feature's
+    # nonzero activations, and per vector site its projections, keyed by the vector's uid so that a
+    # replaced vector never reads its predecessor's stats (delete_vector also removes them)
+    (5, {"sqlite": _samples("BLOB"), "postgresql": _samples("BYTEA")}),
 ]

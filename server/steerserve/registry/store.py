@@ -12,12 +12,14 @@ import uuid
 from steerserve.registry.db import Tx
 from steerserve.registry.errors import Conflict
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
+from steerserve.registry.samples import pack, unpack
 from steerserve.registry.storable import dumps
 from steerserve.types.sites import Site
 
 _EXACT_LABEL_BONUS = 1000.0
 # FeatureInfo's fields besides `index`, each a column of `features` of the same name
-_FEATURE_FIELDS = ("label", "explanation", "max_activation", "density", "mean_activation")
+_FEATURE_FIELDS = ("label", "explanation", "max_activation", "density", "mean_activation", "active_sample")
+_PACKED = {"active_sample"}  # float32 bytes in the database (samples.py), a tuple in the record
 _SAE_COLUMNS = (
     "id, uid, model, layer, hook, d_in, d_sae, architecture, has_threshold, k, apply_b_dec_to_input, "
     "dtype, blob_sha256, size_bytes, meta, created"
@@ -89,8 +91,13 @@ def upsert_features(tx: Tx, sae_id: str, infos: list[FeatureInfo]) -> None:
         f"INSERT INTO features (sae_id, idx, {', '.join(_FEATURE_FIELDS)}) "
         f"VALUES (?, ?, {', '.join('?' * len(_FEATURE_FIELDS))}) "
         f"ON CONFLICT (sae_id, idx) DO UPDATE SET {merge}",
-        [(sae_id, f.index, *(getattr(f, c) for c in _FEATURE_FIELDS)) for f in infos],
+        [(sae_id, f.index, *(_column(f, c) for c in _FEATURE_FIELDS)) for f in infos],
     )
+
+
+def _column(info: FeatureInfo, name: str):
+    value = getattr(info, name)
+    return pack(value) if name in _PACKED else value
 
 
 def get_feature(tx: Tx, sae_id: str, index: int) -> FeatureInfo | None:
@@ -100,7 +107,7 @@ def get_feature(tx: Tx, sae_id: str, index: int) -> FeatureInfo | None:
     )
     if row is None:
         return None
-    return FeatureInfo(row["idx"], **{c: row[c] for c in _FEATURE_FIELDS})
+    return FeatureInfo(row["idx"], **{c: unpack(row[c]) if c in _PACKED else row[c] for c in _FEATURE_FIELDS})
 
 
 def count_features(tx: Tx, sae_id: str) -> int:
@@ -150,14 +157,21 @@ _VEC_COLUMNS = "id, uid, model, d, source, blob_sha256, size_bytes, meta, create
 
 def _vectors(tx: Tx, rows: list[dict]) -> list[VectorRecord]:
     norms: dict[str, dict[Site, float]] = {r["id"]: {} for r in rows}
+    sizes: dict[str, dict[Site, int]] = {r["id"]: {} for r in rows}
     if rows:
         marks = ", ".join("?" * len(rows))
+        ids = [r["id"] for r in rows]
         for s in tx.all(f"SELECT vector_id, layer, hook, norm FROM vector_sites WHERE vector_id IN ({marks})",
-                        [r["id"] for r in rows]):  # fmt: skip
+                        ids):  # fmt: skip
             norms[s["vector_id"]][Site(s["layer"], s["hook"])] = s["norm"]
+        uids = {r["id"]: r["uid"] for r in rows}
+        for s in tx.all(f"SELECT vector_id, vector_uid, layer, hook, length(sample) AS n FROM vector_stats "
+                        f"WHERE vector_id IN ({marks})", ids):  # fmt: skip
+            if s["vector_uid"] == uids[s["vector_id"]]:
+                sizes[s["vector_id"]][Site(s["layer"], s["hook"])] = s["n"] // 4  # float32 bytes
     return [
         VectorRecord(r["id"], r["uid"], r["model"], r["d"], norms[r["id"]], r["source"], r["blob_sha256"],
-                     r["size_bytes"], r["created"], json.loads(r["meta"]))
+                     r["size_bytes"], r["created"], json.loads(r["meta"]), sizes[r["id"]])
         for r in rows
     ]  # fmt: skip
 
@@ -189,9 +203,30 @@ def delete_vector(tx: Tx, vector_id: str) -> VectorRecord | None:
     rec = get_vector(tx, vector_id)
     if rec is not None:
         tx.execute("DELETE FROM vector_sites WHERE vector_id = ?", (vector_id,))
+        tx.execute("DELETE FROM vector_stats WHERE vector_id = ?", (vector_id,))
         tx.execute("DELETE FROM blob_cache WHERE owner = ?", (f"vector:{vector_id}",))
         tx.execute("DELETE FROM vectors WHERE id = ?", (vector_id,))
     return rec
+
+
+def put_vector_stats(tx: Tx, rec: VectorRecord, samples: dict[Site, tuple[float, ...]]) -> None:
+    """Replace the projection samples of the given sites of `rec` (other sites keep theirs)."""
+    tx.executemany(
+        "DELETE FROM vector_stats WHERE vector_id = ? AND layer = ? AND hook = ?",
+        [(rec.id, site.layer, site.hook) for site in samples],
+    )
+    tx.executemany(
+        "INSERT INTO vector_stats (vector_id, vector_uid, layer, hook, sample) VALUES (?, ?, ?, ?, ?)",
+        [(rec.id, rec.uid, site.layer, site.hook, pack(sample)) for site, sample in samples.items()],
+    )
+
+
+def get_vector_stats(tx: Tx, rec: VectorRecord) -> dict[Site, tuple[float, ...]]:
+    rows = tx.all(
+        "SELECT layer, hook, sample FROM vector_stats WHERE vector_id = ? AND vector_uid = ?",
+        (rec.id, rec.uid),
+    )
+    return {Site(r["layer"], r["hook"]): unpack(r["sample"]) for r in rows}
 
 
 # ---- variants -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from steerserve.runner.attention import AttentionMetadata, RequestSpan
+from steerserve.runner.steering.resample import DrawContext, request_key
 from steerserve.sampling.sampler import SamplingBatch
 from steerserve.types.requests import SamplingParams
 from steerserve.types.steering import SteeringSpec
@@ -33,6 +34,7 @@ class CachedRequest:
     steering: SteeringSpec | None = None
     row: int = -1  # steering row on the device; -1 = unsteered
     gate_state: torch.Tensor | None = None  # [G] bool: gates that fired in earlier steps (latches)
+    resample_key: int = 0  # int64 key of its resample draws (runner/steering/resample.py)
 
 
 def new_cached_request(item: ScheduledRequest, device: torch.device, rng: random.Random) -> CachedRequest:
@@ -42,7 +44,8 @@ def new_cached_request(item: ScheduledRequest, device: torch.device, rng: random
         gen = torch.Generator(device=device)
         gen.manual_seed(sp.seed if sp.seed is not None else rng.getrandbits(63))
     prompt = frozenset(item.prompt_token_ids) if sp.uses_penalties else frozenset()
-    return CachedRequest(item.request_id, sp, gen, prompt, steering=item.steering)
+    key = request_key(sp.seed, rng.getrandbits(63))
+    return CachedRequest(item.request_id, sp, gen, prompt, steering=item.steering, resample_key=key)
 
 
 @dataclass(slots=True)
@@ -145,6 +148,13 @@ def _token_rows(scheduled, rows: list[int], device) -> torch.Tensor | None:
         return None
     counts = [len(item.token_ids) for item in scheduled]
     return _to_device(np.repeat(np.asarray(rows, dtype=np.int64), counts), torch.int64, device)
+
+
+def draw_context(scheduled, reqs: list[CachedRequest], inputs: ForwardInputs, device) -> DrawContext:
+    """Each token's request key and position, for the resample draws of this step."""
+    counts = [len(item.token_ids) for item in scheduled]
+    keys = np.repeat(np.asarray([r.resample_key for r in reqs], dtype=np.int64), counts)
+    return DrawContext(_to_device(keys, torch.int64, device), inputs.position_ids[0])
 
 
 def _padded(rows: list[list], fill, dtype, device) -> torch.Tensor:

@@ -28,6 +28,7 @@ from steerserve.runner.input_batch import (
     CachedRequest,
     build_forward_inputs,
     build_sampling_batch,
+    draw_context,
     new_cached_request,
 )
 from steerserve.runner.model_adapter import model_adapter
@@ -191,13 +192,17 @@ class ModelRunner:
         inputs = build_forward_inputs(scheduled, rows, self.block_size, self.device)
         gated = self.steering is not None and self.steering.gated and inputs.token_row is not None
         if self.steering is not None:
+            draws = None
+            if self.steering.resamples and inputs.token_row is not None:
+                reqs = [self.requests[item.request_id] for item in scheduled]
+                draws = draw_context(scheduled, reqs, inputs, self.device)
             if gated:
                 self.steering.begin_step(
                     inputs.token_row, inputs.pos_class, [len(item.token_ids) for item in scheduled],
-                    self._gate_states(scheduled),
+                    self._gate_states(scheduled), draws,
                 )  # fmt: skip
             else:
-                self.steering.begin_step(inputs.token_row, inputs.pos_class)
+                self.steering.begin_step(inputs.token_row, inputs.pos_class, draws=draws)
             self._plan_captures(scheduled)
             self.site_hooks.sync(self.steering.sites() | self.capturer.sites())
         states = None

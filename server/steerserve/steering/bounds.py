@@ -27,6 +27,7 @@ from steerserve.types.steering import (
     FeatureAdd,
     FeatureClamp,
     FeatureEdit,
+    FeatureResample,
     FeatureScale,
     Intervention,
     Positions,
@@ -34,6 +35,7 @@ from steerserve.types.steering import (
     SteeringSpec,
     VectorAdd,
     VectorProject,
+    VectorResample,
 )
 
 logger = logging.getLogger(__name__)
@@ -144,6 +146,17 @@ class _FiniteCheck:
             param = f"{iv.source}.{'value' if isinstance(iv, FeatureClamp) else 'to'}"
             _finite(iv.value * row, param, "the target times the feature's decoder row")
 
+    def feature_resample(self, iv: FeatureResample) -> None:
+        """What a resample adds at most while the feature is inactive: its largest draw times its row."""
+        largest = max(iv.sample, key=abs, default=0.0)
+        row = self.look.decoder_row(iv) if largest else None
+        if row is not None:
+            _finite(
+                largest * row,
+                f"{iv.source}.to",
+                "the largest resampled value times the feature's decoder row",
+            )
+
     def feature_scale(self, iv: FeatureScale) -> None:
         """Nothing to prove: a scale's effect depends on the activation."""
 
@@ -172,6 +185,8 @@ FINITE_CHECKS: dict[type, Callable[[_FiniteCheck, Intervention], None]] = {
     FeatureScale: _FiniteCheck.feature_scale,
     VectorAdd: _FiniteCheck.vector_add,
     VectorProject: _FiniteCheck.vector_project,
+    FeatureResample: _FiniteCheck.feature_resample,
+    VectorResample: _FiniteCheck.vector_project,
 }
 
 

@@ -28,6 +28,7 @@ from steerserve.types.steering import (
     FeatureAblate,
     FeatureAdd,
     FeatureClamp,
+    FeatureResample,
     FeatureScale,
     Gate,
     Intervention,
@@ -37,6 +38,7 @@ from steerserve.types.steering import (
     VectorAdd,
     VectorProject,
     VectorRef,
+    VectorResample,
 )
 
 
@@ -85,7 +87,8 @@ class _Compiler:
         return record, ref.index
 
     def recorded(self, record, index: int, stat: str, param: str, how: str = "") -> float:
-        """The feature's stored `stat` (max_activation, mean_activation); 400 on `param` when unknown."""
+        """The feature's stored `stat` (max_activation, mean_activation, density, active_sample); 400 on
+        `param` when unknown."""
         value = getattr(self.registry.get_feature(record.id, index), stat)
         if value is None:
             what = stat.replace("_", " ")
@@ -146,9 +149,19 @@ class _Compiler:
 
     def feature_ablate(self, item: it.FeatureAblateItem, param: str) -> list[Intervention]:
         record, common = self.feature_common(item, param)
+        how = f'compute them with `steerserve registry stats {record.id}`, or use "to": "zero"'
+        if item.to == "resample":
+            density = self.recorded(record, common["index"], "density", f"{param}.to", how)
+            sample = self.recorded(record, common["index"], "active_sample", f"{param}.to", how)
+            if density > 0 and not sample:
+                raise invalid(
+                    f"{param}.to",
+                    f"feature {common['index']} of SAE {record.id!r} has density {density:g} but no "
+                    f"recorded active activations to draw from: {how}",
+                )
+            return [FeatureResample(density=density, sample=tuple(sample), **common)]
         value = 0.0
         if item.to == "mean":
-            how = f'compute them with `steerserve registry stats {record.id}`, or use "to": "zero"'
             value = self.recorded(record, common["index"], "mean_activation", f"{param}.to", how)
         return [FeatureAblate(value=value, **common)]
 
@@ -188,7 +201,17 @@ class _Compiler:
 
     def vector_project_out(self, item: it.VectorProjectOutItem, param: str) -> list[Intervention]:
         common, sites = self.vector(item, param)
-        return [VectorProject(site=s, lo=0.0, hi=0.0, **common) for s in sites]
+        if item.to != "resample":
+            return [VectorProject(site=s, lo=0.0, hi=0.0, **common) for s in sites]
+        stats = self.registry.get_vector_stats(item.vector)
+        missing = [s.hook_name for s in sites if not stats.get(s)]
+        if missing:
+            raise invalid(
+                f"{param}.to",
+                f"vector {item.vector!r} has no recorded projection distribution at {', '.join(missing)}: "
+                f'compute it with `steerserve registry stats {item.vector}`, or use "to": "zero"',
+            )
+        return [VectorResample(site=s, sample=tuple(stats[s]), **common) for s in sites]
 
     def vector_clamp(self, item: it.VectorClampItem, param: str) -> list[Intervention]:
         common, sites = self.vector(item, param)

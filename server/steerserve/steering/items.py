@@ -147,17 +147,22 @@ class FeatureScaleItem(_FeatureItem):
 
 
 class FeatureAblateItem(_FeatureItem):
-    """Set the feature's activation to 0, or to its recorded mean activation (`"to": "mean"`)."""
+    """Set the feature's activation to 0, to its recorded mean activation (`"to": "mean"`), or to a
+    fresh draw per token from its recorded activation distribution (`"to": "resample"`)."""
 
     mode: Literal["ablate"]
-    to: Literal["zero", "mean", 0] = "zero"
+    to: Literal["zero", "mean", "resample", 0] = "zero"
 
     @field_validator("to", mode="before")
     @classmethod
     def _not_a_bool(cls, value: object) -> object:
-        if isinstance(value, bool):  # NOTE: False == 0 to a Literal; JSON false is not the number 0
-            raise ValueError(f'must be "zero", "mean" or 0, got {value!r}')
-        return value
+        return _not_bool(value, '"zero", "mean", "resample" or 0')
+
+
+def _not_bool(value: object, allowed: str) -> object:
+    if isinstance(value, bool):  # NOTE: False == 0 to a Literal; JSON false is not the number 0
+        raise ValueError(f"must be {allowed}, got {value!r}")
+    return value
 
 
 class VectorAddItem(_VectorItem):
@@ -168,9 +173,16 @@ class VectorAddItem(_VectorItem):
 
 
 class VectorProjectOutItem(_VectorItem):
-    """Remove h's component along the unit vector."""
+    """Remove h's component along the unit vector (`"to": "zero"`), or replace it by a fresh draw per
+    token from its recorded distribution (`"to": "resample"`)."""
 
     mode: Literal["project_out"]
+    to: Literal["zero", "resample", 0] = "zero"
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        return _not_bool(value, '"zero", "resample" or 0')
 
 
 class VectorClampItem(_VectorItem):

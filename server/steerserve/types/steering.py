@@ -46,8 +46,10 @@ class InterventionKind(enum.StrEnum):
     FEATURE_CLAMP = "feature_clamp"
     FEATURE_SCALE = "feature_scale"
     FEATURE_ABLATE = "feature_ablate"
+    FEATURE_RESAMPLE = "feature_resample"
     VECTOR_ADD = "vector_add"
     VECTOR_PROJECT = "vector_project"
+    VECTOR_RESAMPLE = "vector_resample"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,20 @@ class FeatureAblate(FeatureEdit):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FeatureResample(FeatureEdit):
+    """a'_f = a fresh draw per token from the feature's activation distribution over the stats corpus:
+    0 with probability 1 - density, else uniform over `sample` (a uniform sample of its nonzero
+    activations; registry FeatureInfo.active_sample). Draws come from the request's counter-based
+    stream (steerkernels.resample_draw), so they depend only on the request's key, the token's
+    position and the intervention's place in the spec."""
+
+    kind: ClassVar[InterventionKind] = InterventionKind.FEATURE_RESAMPLE
+    value: float = 0.0  # unused: the target is drawn per token
+    density: float
+    sample: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VectorAdd(_Intervention):
     """h += strength * v (v: the vector's direction at this site)."""
 
@@ -200,10 +216,38 @@ class VectorProject(_Intervention):
     gate: Gate | None = None
 
 
-Intervention = FeatureAdd | FeatureClamp | FeatureScale | FeatureAblate | VectorAdd | VectorProject
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VectorResample(VectorProject):
+    """h . u = a fresh draw per token from the projection's distribution over the stats corpus
+    (uniform over `sample`; registry vector stats), from the request's stream as FeatureResample."""
+
+    kind: ClassVar[InterventionKind] = InterventionKind.VECTOR_RESAMPLE
+    sample: tuple[float, ...]
+
+
+Intervention = (
+    FeatureAdd
+    | FeatureClamp
+    | FeatureScale
+    | FeatureAblate
+    | FeatureResample
+    | VectorAdd
+    | VectorProject
+    | VectorResample
+)
 # each kind's type: the runner dispatches on these (runner/steering/rows.py), metrics count them
 INTERVENTION_TYPES: dict[InterventionKind, type] = {
-    t.kind: t for t in (FeatureAdd, FeatureClamp, FeatureScale, FeatureAblate, VectorAdd, VectorProject)
+    t.kind: t
+    for t in (
+        FeatureAdd,
+        FeatureClamp,
+        FeatureScale,
+        FeatureAblate,
+        FeatureResample,
+        VectorAdd,
+        VectorProject,
+        VectorResample,
+    )
 }
 
 

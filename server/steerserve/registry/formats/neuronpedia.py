@@ -8,6 +8,7 @@ Accepted entries (the first spelling found wins):
     max_activation: max_activation | maxActApprox | maxActivation
     density:        density | frac_nonzero | fracNonzero
     mean_activation: mean_activation | meanActivation   (over a corpus, zeros included)
+    active_sample:  active_sample | activationSample    (up to 256 nonzero activations > 0: records.py)
 A document may be a list, `{"features"|"explanations"|"data": [...]}`, or one object per line, as
 bytes possibly gzipped (Neuronpedia's exports are `.jsonl.gz`). Several entries for one index merge:
 the first value of each field wins, and EVERY distinct explanation is kept, in order, joined by a
@@ -22,6 +23,7 @@ import zlib
 
 from steerserve.registry.errors import InvalidInput, TooLarge
 from steerserve.registry.records import FeatureInfo
+from steerserve.registry.samples import check_sample
 from steerserve.registry.storable import is_uint, parse_json_or_lines, parse_uint
 
 _MAX_TEXT = 8192
@@ -152,6 +154,9 @@ def parse_features(data: object) -> list[FeatureInfo]:
                 _first(entry, "mean_activation", "meanActivation"), f"{p}.mean_activation"
             ),
         }
+        sample = _first(entry, "active_sample", "activationSample")
+        if sample is not None:
+            fields["active_sample"] = check_sample(sample, f"{p}.active_sample", positive=True)
         if fields["density"] is not None and not 0.0 <= fields["density"] <= 1.0:
             raise InvalidInput(
                 f"{p}.density must be in [0, 1], got {fields['density']}", param=f"{p}.density"

@@ -6,6 +6,7 @@ known from its row and position class. At one site, in order:
   1. SAE feature edits (clamp / scale / ablate), one `sae_edit` call per SAE used there;
   2. projections / clamps along vector directions (`project_clamp`);
   3. additive steering, summed per slot at admission (`steer_add`);
+  (a resample's column draws its per-token target first: runner/steering/resample.py)
   4. transcoder feature edits: a transcoder reads here and writes at its `site_out` (registry/sae.py), so
      its edit runs on a float32 scratch copy of h as it stands after 1-3 (what the MLP reads) and the
      change, `(a'_f - a_f) * W_dec[f]` per token, is returned for the rows to add at `site_out`
@@ -18,6 +19,7 @@ import torch
 
 import steerkernels
 from steerserve.registry import SAEWeights
+from steerserve.runner.steering.resample import DrawContext, ResampleColumns
 from steerserve.types.sites import Site
 from steerserve.types.steering import InterventionKind, Positions
 
@@ -27,7 +29,10 @@ EDIT_MODES = {
     InterventionKind.FEATURE_CLAMP: 0,
     InterventionKind.FEATURE_SCALE: 1,
     InterventionKind.FEATURE_ABLATE: 2,
+    InterventionKind.FEATURE_RESAMPLE: 2,  # its per-token draw (sae_edit's token_value) overrides value
 }
+# a resampling column: (stream id, density, sample); see ResampleColumns.set
+Resample = tuple[int, float, tuple[float, ...]]
 
 
 def topk_token_threshold(weights: SAEWeights, h: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -66,6 +71,7 @@ class SAEEdits:
         self.max_width = max_width
         self.device = device
         self.count = [0] * num_slots
+        self.resample: ResampleColumns | None = None  # created by the first resampling edit
         self._resize(1)
 
     def _resize(self, cap: int) -> None:
@@ -87,8 +93,12 @@ class SAEEdits:
         local = torch.arange(S, device=dev)[:, None] * cap + col  # [S, cap]
         counts = torch.tensor(self.count, device=dev)[:, None]
         self.local_idx = torch.where(col < counts, local, -1)  # -1 = padding
+        if self.resample is not None:
+            self.resample.resize(cap)
 
-    def add(self, slot: int, index: int, kind: InterventionKind | str, value: float) -> None:
+    def add(
+        self, slot: int, index: int, kind: InterventionKind | str, value: float, resample: Resample | None
+    ) -> None:
         k = self.count[slot]
         if k >= self.max_width:
             raise ValueError(f"more than {self.max_width} feature edits of one SAE at one site")
@@ -105,24 +115,31 @@ class SAEEdits:
         self.mode[slot, k], self.value[slot, k] = EDIT_MODES[kind], value
         self.local_idx[slot, k] = slot * cap + k
         self.count[slot] = k + 1
+        if resample is not None:
+            if self.resample is None:
+                self.resample = ResampleColumns(len(self.count), cap, self.device)
+            self.resample.set(slot, k, *resample)
 
     def clear_row(self, row: int) -> None:
         self.rows.discard(row)
         for slot in (2 * row, 2 * row + 1):
             self.local_idx[slot].fill_(-1)
             self.count[slot] = 0
+            if self.resample is not None:
+                self.resample.clear_slot(slot)
 
-    def delta(self, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def delta(self, h: torch.Tensor, slots: torch.Tensor, ctx: DrawContext | None) -> torch.Tensor:
         """A transcoder's edit of `h` [T, d] as the float32 [T, d] change it makes at its output."""
         read = h.float()
         scratch = read.clone()
-        self.apply(scratch, slots)
+        self.apply(scratch, slots, ctx)
         return scratch.sub_(read)
 
-    def apply(self, h: torch.Tensor, slots: torch.Tensor) -> None:
+    def apply(self, h: torch.Tensor, slots: torch.Tensor, ctx: DrawContext | None) -> None:
         w = self.weights
         S, cap, d = self.enc.shape
         width = max(self.count)  # NOTE: only as wide as the busiest slot: the kernels loop per column
+        drawn = None if self.resample is None else self.resample.draw(slots, ctx, width)
         token_threshold = None
         if w.architecture == "topk":
             work = (self.local_idx[:, :width] >= 0).any(1)  # [S] slots with edits of this SAE
@@ -132,7 +149,7 @@ class SAEEdits:
             self.dec.view(S * cap, d), w.b_dec,
             self.threshold.view(-1) if w.architecture == "jumprelu" else None,
             w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width],
-            token_threshold=token_threshold, validate=False,
+            token_threshold=token_threshold, token_value=drawn, validate=False,
         )  # fmt: skip
 
 
@@ -155,6 +172,7 @@ class SiteBank:
         self.add_rows: set[int] = set()  # rows with additive / projection work: skip idle kernels
         self.proj_rows: set[int] = set()
         self.proj_count = [0] * s
+        self.proj_resample: ResampleColumns | None = None  # created by the first resampled projection
 
     @property
     def idle(self) -> bool:
@@ -167,13 +185,25 @@ class SiteBank:
         self.add_rows.add(row)
 
     def add_projection(
-        self, row: int, positions: Positions | str, unit: torch.Tensor, lo: float, hi: float
+        self,
+        row: int,
+        positions: Positions | str,
+        unit: torch.Tensor,
+        lo: float,
+        hi: float,
+        resample: Resample | None = None,
     ) -> None:
         for slot in slots_for(row, positions):
             k = self.proj_count[slot]
             if k >= self.dirs.shape[1]:
                 raise ValueError(f"more than {self.dirs.shape[1]} projection directions at one site")
             self.dirs[slot, k], self.lo[slot, k], self.hi[slot, k] = unit, lo, hi
+            if resample is not None:
+                if self.proj_resample is None:
+                    self.proj_resample = ResampleColumns(
+                        len(self.proj_count), self.dirs.shape[1], self.device
+                    )
+                self.proj_resample.set(slot, k, *resample)
             self.proj_count[slot] = k + 1
             self.dir_count[slot] = k + 1
         self.proj_rows.add(row)
@@ -187,8 +217,10 @@ class SiteBank:
         index: int,
         kind: InterventionKind | str,
         value: float,
+        resample: Resample | None = None,
     ) -> None:
-        """Edit `kind` (a key of EDIT_MODES) of feature `index` of SAE `uid` to `value`."""
+        """Edit `kind` (a key of EDIT_MODES) of feature `index` of SAE `uid` to `value` (a resample: to
+        its per-token draw)."""
         edits = self.edits.get(uid)
         if edits is None:
             edits = self.edits[uid] = SAEEdits(
@@ -196,13 +228,16 @@ class SiteBank:
             )
         edits.rows.add(row)
         for slot in slots_for(row, positions):
-            edits.add(slot, index, kind, value)
+            edits.add(slot, index, kind, value, resample)
 
     def clear_row(self, row: int) -> None:
         self.add[2 * row : 2 * row + 2].zero_()
         self.has_add[row] = False
         self.dir_count[2 * row : 2 * row + 2] = 0
         self.proj_count[2 * row] = self.proj_count[2 * row + 1] = 0
+        if self.proj_resample is not None:
+            self.proj_resample.clear_slot(2 * row)
+            self.proj_resample.clear_slot(2 * row + 1)
         self.add_rows.discard(row)
         self.proj_rows.discard(row)
         for uid, edits in list(self.edits.items()):
@@ -215,7 +250,9 @@ class SiteBank:
         """The sites where this bank's transcoder edits write."""
         return {e.weights.site_out for e in self.edits.values() if e.weights.site_out is not None}
 
-    def apply(self, h: torch.Tensor, token_slot: torch.Tensor) -> list[tuple[Site, torch.Tensor]]:
+    def apply(
+        self, h: torch.Tensor, token_slot: torch.Tensor, ctx: DrawContext | None = None
+    ) -> list[tuple[Site, torch.Tensor]]:
         """Edit `h` [T, d] in place for the tokens whose slots act here (token_slot -1 = none); return
         the transcoder edits' changes as (site_out, [T, d] float32 delta) for the rows to add there.
 
@@ -224,16 +261,18 @@ class SiteBank:
         """
         for edits in self.edits.values():
             if edits.weights.site_out is None:
-                edits.apply(h, token_slot)
+                edits.apply(h, token_slot, ctx)
         if self.proj_rows:
+            K = self.dirs.shape[1]
+            drawn = None if self.proj_resample is None else self.proj_resample.draw(token_slot, ctx, K)
             steerkernels.project_clamp(
-                h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, validate=False
+                h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, token_value=drawn, validate=False
             )
         if self.add_rows:
             slots = torch.where(self.has_add[token_slot.clamp(min=0) // 2], token_slot, -1)
             steerkernels.steer_add(h, slots, self.add, validate=False)
         return [
-            (e.weights.site_out, e.delta(h, token_slot))
+            (e.weights.site_out, e.delta(h, token_slot, ctx))
             for e in self.edits.values()
             if e.weights.site_out is not None
         ]

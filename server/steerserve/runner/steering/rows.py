@@ -23,6 +23,7 @@ from steerserve.config import SteeringConfig
 from steerserve.registry import SAEWeights
 from steerserve.runner.steering.banks import SiteBank
 from steerserve.runner.steering.gates import GateTable, StopHit
+from steerserve.runner.steering.resample import DrawContext
 from steerserve.runner.steering.resources import SteeringResources
 from steerserve.types.sites import Site
 from steerserve.types.steering import (
@@ -30,11 +31,13 @@ from steerserve.types.steering import (
     FeatureAdd,
     FeatureClamp,
     FeatureEdit,
+    FeatureResample,
     FeatureScale,
     Intervention,
     SteeringSpec,
     VectorAdd,
     VectorProject,
+    VectorResample,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class _Row:
     refs: int
     spec: SteeringSpec
     has_logit_bias: bool
+    resamples: bool  # draws per token: the runner passes each token's request key (begin_step)
 
 
 class SteeringRows:
@@ -62,6 +66,7 @@ class SteeringRows:
         self._logit_bank: torch.Tensor | None = None  # [R, V], allocated on first use
         self._token_row: torch.Tensor | None = None  # [T] this step
         self._token_slot: torch.Tensor | None = None  # [T]
+        self._draws: DrawContext | None = None  # this step's request keys and positions, when resampling
         self._gated = False  # this step evaluates gates
         self._pending: dict[Site, torch.Tensor] = {}  # transcoder edits' [T, d] deltas, by write site
 
@@ -90,7 +95,8 @@ class SteeringRows:
             self._clear(index, spec)
             self._free.append(index)
             raise
-        self._rows[spec.fingerprint] = _Row(index, 1, spec, bool(spec.logit_biases))
+        resamples = any(isinstance(iv, FeatureResample | VectorResample) for iv in spec.interventions)
+        self._rows[spec.fingerprint] = _Row(index, 1, spec, bool(spec.logit_biases), resamples)
         return index
 
     def release(self, spec: SteeringSpec) -> None:
@@ -119,9 +125,9 @@ class SteeringRows:
             if ref.uid not in saes:
                 saes[ref.uid] = res.sae(ref)
         self.gates.write(row, spec, saes)
-        for iv, write in zip(spec.interventions, writers, strict=True):
+        for stream, (iv, write) in enumerate(zip(spec.interventions, writers, strict=True)):
             k = -1 if iv.gate is None else self.gates.gate_number(row, iv.gate)
-            write(self, row, k, iv, saes)
+            write(self, row, k, iv, saes, stream)
         if spec.logit_biases:
             if self._logit_bank is None:
                 self._logit_bank = torch.zeros(
@@ -133,24 +139,32 @@ class SteeringRows:
                 total += term.strength * effect
             self._logit_bank[row] = total
 
-    # -- one writer per intervention type (WRITERS) ----------------------------------------------
-    def _feature_add(self, row: int, k: int, iv: FeatureAdd, saes: dict[str, SAEWeights]) -> None:
+    # -- one writer per intervention type (WRITERS); `stream`: iv's place in its spec ----------------
+    def _feature_add(
+        self, row: int, k: int, iv: FeatureAdd, saes: dict[str, SAEWeights], stream: int
+    ) -> None:
         w = saes[iv.sae.uid]
         w_dec = w.W_dec[iv.index]  # [d]
         vec = iv.coefficient(float(w_dec.norm())) * w_dec.float()
         self._bank(w.write_site, k).add_vector(row, iv.positions, vec)  # a transcoder's: at its site_out
 
-    def _feature_edit(self, row: int, k: int, iv: FeatureEdit, saes: dict[str, SAEWeights]) -> None:
+    def _feature_edit(
+        self, row: int, k: int, iv: FeatureEdit, saes: dict[str, SAEWeights], stream: int
+    ) -> None:
+        resample = (stream, iv.density, iv.sample) if isinstance(iv, FeatureResample) else None
         bank = self._bank(iv.site, k)
-        bank.add_edit(row, iv.positions, iv.sae.uid, saes[iv.sae.uid], iv.index, iv.kind, iv.value)
+        bank.add_edit(row, iv.positions, iv.sae.uid, saes[iv.sae.uid], iv.index, iv.kind, iv.value, resample)
 
-    def _vector_add(self, row: int, k: int, iv: VectorAdd, saes: dict[str, SAEWeights]) -> None:
+    def _vector_add(self, row: int, k: int, iv: VectorAdd, saes: dict[str, SAEWeights], stream: int) -> None:
         vec = self.resources.vector(iv.vector, iv.site)
         self._bank(iv.site, k).add_vector(row, iv.positions, iv.strength * vec)
 
-    def _vector_project(self, row: int, k: int, iv: VectorProject, saes: dict[str, SAEWeights]) -> None:
+    def _vector_project(
+        self, row: int, k: int, iv: VectorProject, saes: dict[str, SAEWeights], stream: int
+    ) -> None:
         v = self.resources.vector(iv.vector, iv.site)
-        self._bank(iv.site, k).add_projection(row, iv.positions, v / v.norm(), iv.lo, iv.hi)
+        resample = (stream, 1.0, iv.sample) if isinstance(iv, VectorResample) else None  # no mass at 0
+        self._bank(iv.site, k).add_projection(row, iv.positions, v / v.norm(), iv.lo, iv.hi, resample)
 
     def _clear(self, row: int, spec: SteeringSpec) -> None:
         self.gates.clear_row(row)
@@ -181,11 +195,16 @@ class SteeringRows:
             self.gates.evaluate(site, h)  # before any intervention at this site
         for k, bank in self.banks.get(site, {}).items():
             slots = self._token_slot if k < 0 else self.gates.token_slots(k, self._token_slot)
-            for site_out, delta in bank.apply(h, slots):
+            for site_out, delta in bank.apply(h, slots, self._draws):
                 have = self._pending.get(site_out)
                 self._pending[site_out] = delta if have is None else have + delta
 
     # -- per step -------------------------------------------------------------------------------
+    @property
+    def resamples(self) -> bool:
+        """Some live row resamples: the runner then passes each token's request key to begin_step."""
+        return any(r.resamples for r in self._rows.values())
+
     @property
     def gated(self) -> bool:
         """Some live row has gates or stop conditions: the runner then passes their per-request state."""
@@ -197,11 +216,14 @@ class SteeringRows:
         pos_class: torch.Tensor,
         counts: list[int] | None = None,
         gate_state: torch.Tensor | None = None,
+        draws: DrawContext | None = None,
     ) -> None:
         """token_row [T] int64 (-1 = unsteered), pos_class [T] int8 for the coming forward pass; with
-        gates, `counts` (tokens per scheduled request) and `gate_state` [N, G] (see GateTable)."""
+        gates, `counts` (tokens per scheduled request) and `gate_state` [N, G] (see GateTable); with
+        resampling rows, `draws` (each token's request key and position)."""
         self._gated = False
         self._pending = {}
+        self._draws = draws
         if token_row is None or not (self.banks or self.gates.active):
             self._token_row = self._token_slot = None
             return
@@ -215,6 +237,7 @@ class SteeringRows:
         """Forget the step; with gates, the requests' new gate state [N, G] (stop hits: `stop_hits()`)."""
         self._token_row = self._token_slot = None
         self._pending = {}
+        self._draws = None
         if not self._gated:
             return None
         self._gated = False
@@ -234,15 +257,17 @@ class SteeringRows:
         return self._logit_bank, idx.to(self.device)
 
 
-_Writer = Callable[[SteeringRows, int, int, Intervention, dict[str, SAEWeights]], None]
+_Writer = Callable[[SteeringRows, int, int, Intervention, dict[str, SAEWeights], int], None]
 # each intervention type's writer into the banks: a new mode is one entry here (plus its bank and kernel)
 WRITERS: dict[type, _Writer] = {
     FeatureAdd: SteeringRows._feature_add,
     FeatureClamp: SteeringRows._feature_edit,
     FeatureScale: SteeringRows._feature_edit,
     FeatureAblate: SteeringRows._feature_edit,
+    FeatureResample: SteeringRows._feature_edit,
     VectorAdd: SteeringRows._vector_add,
     VectorProject: SteeringRows._vector_project,
+    VectorResample: SteeringRows._vector_project,
 }
 
 

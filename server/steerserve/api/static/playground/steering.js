@@ -16,7 +16,7 @@ const VECTOR_MODES = { add: [-20, 20, 4], project_out: null };
 const MODE_TEXT = { logit_bias: "logit bias", project_out: "project out" };
 const POSITIONS = ["all", "prompt", "generated"];
 const ADD_SCALES = ["raw", "unit", "max_activation"];
-const ABLATE_TO = ["zero", "mean"];
+const ABLATE_TO = ["zero", "mean", "resample"];
 
 export class SteeringPanel {
   constructor(listEl, emptyEl, { onChange, openCard }) {
@@ -179,7 +179,7 @@ function featureIntervention(item) {
   if (item.mode === "add" && item.scale && item.scale !== "raw") out.scale = item.scale;
   if (item.mode === "clamp") out.value = item.value;
   if (item.mode === "scale") out.factor = item.value;
-  if (item.mode === "ablate" && item.to === "mean") out.to = "mean";
+  if (item.mode === "ablate" && item.to && item.to !== "zero") out.to = item.to;
   return withOptions(out, item);
 }
 
