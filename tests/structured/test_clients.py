@@ -114,12 +114,58 @@ def test_tool_result_turn_renders(client):
     assert out.choices[0].message.tool_calls is None
 
 
-def test_stream_with_tools_is_400(demo_server):
-    r = httpx.post(
-        demo_server.url + "/v1/chat/completions",
-        json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "stream": True},
-    )
-    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+def _streamed_calls(chunks) -> tuple[list[dict], str | None, str]:
+    """(calls, finish_reason, content) accumulated from streamed chunks as OpenAI clients do: deltas of
+    one `index` append to its arguments; the first names it."""
+    calls: dict[int, dict] = {}
+    finish, content = None, ""
+    for c in chunks:
+        if not c.choices:
+            continue
+        choice = c.choices[0]
+        content += choice.delta.content or ""
+        for d in choice.delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = d.id or call["id"]
+            if d.function is not None:
+                call["name"] = d.function.name or call["name"]
+                call["arguments"] += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish, content
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [{"type": "function", "function": {"name": "get_weather"}}, "required"],
+    ids=["named", "required"],
+)
+def test_streamed_tool_calls_equal_the_unstreamed_ones(client, choice):
+    """Streamed tool calls (OpenAI `delta.tool_calls`) join to the calls of the same seeded call
+    unstreamed: same names, same arguments, finish `tool_calls`; each call has an id."""
+    kw = dict(model="demo", messages=MESSAGES, tools=TOOLS, tool_choice=choice, max_tokens=100, seed=5)
+    if choice == "required":
+        kw["parallel_tool_calls"] = False
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls, finish, content = _streamed_calls(client.chat.completions.create(stream=True, **kw))
+    assert finish == whole.finish_reason == "tool_calls"
+    assert content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (t.function.name, t.function.arguments) for t in whole.message.tool_calls
+    ]
+    assert all(c["id"] and c["id"].startswith("call_") for c in calls)
+    _args_valid(whole.message.tool_calls[0])
+
+
+def test_streamed_tool_calls_through_the_sdk_stream_helper(client):
+    """The SDK's own accumulator (`chat.completions.stream`) reads our deltas into a final message."""
+    with client.chat.completions.stream(
+        model="demo", messages=MESSAGES, tools=TOOLS, max_tokens=100, seed=2,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    ) as stream:  # fmt: skip
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    _args_valid(call)
 
 
 def test_auto_tool_choice(demo_server):
@@ -133,6 +179,14 @@ def test_auto_tool_choice(demo_server):
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] and "tool_calls" not in choice["message"]
     assert choice["finish_reason"] in ("stop", "length")
+
+
+def test_streamed_auto_text_is_content(client):
+    """`auto` text that is no call streams as content from its first piece, equal to the unstreamed."""
+    kw = dict(model="demo", messages=MESSAGES, tools=TOOLS, max_tokens=12, seed=1)
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls, finish, content = _streamed_calls(client.chat.completions.create(stream=True, **kw))
+    assert calls == [] and content == whole.message.content and finish == whole.finish_reason
 
 
 def test_streamed_json_schema(client):

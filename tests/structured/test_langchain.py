@@ -47,3 +47,14 @@ def test_bind_tools_required(llm):
     msg = llm.bind_tools([Weather], tool_choice="any", parallel_tool_calls=False).invoke("Weather?")
     assert len(msg.tool_calls) == 1
     Weather.model_validate(msg.tool_calls[0]["args"])
+
+
+def test_bind_tools_streamed(llm):
+    """LangChain's streaming accumulates our tool-call deltas into the same call as invoke()."""
+    bound = llm.bind_tools([Weather], tool_choice="Weather")
+    total = None
+    for chunk in bound.stream("Weather in Paris?"):
+        total = chunk if total is None else total + chunk
+    assert [c["name"] for c in total.tool_calls] == ["Weather"]
+    assert total.tool_calls[0]["args"] == bound.invoke("Weather in Paris?").tool_calls[0]["args"]
+    Weather.model_validate(total.tool_calls[0]["args"])

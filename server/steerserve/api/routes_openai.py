@@ -24,12 +24,12 @@ from steerserve.api.serving import (
 )
 from steerserve.api.structured import compile_grammar, response_format_request
 from steerserve.api.structured_tools import (
-    check_stream,
     parse_tool_calls,
     template_tools,
     tool_grammar,
     tool_grammar_params,
 )
+from steerserve.api.tool_stream import ToolStream
 from steerserve.types.requests import TokenLogprob
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -162,7 +162,6 @@ def _chat_message(body: ChatCompletionRequest, r: ChoiceResult) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state
-    check_stream(body)
     grammar = tool_grammar(body) or response_format_request(body.response_format)
     for tool_params in tool_grammar_params(body):  # a bad schema is named by its tool's index
         await compile_grammar(state, tool_params)
@@ -188,9 +187,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         head = chunk_head(call_id, "chat.completion.chunk", created, model, include_usage)
         started: set[int] = set()
         outputs: dict[int, list[int]] = {}
+        streams: dict[int, ToolStream] = {}  # per choice: its text as content or as tool-call deltas
 
         def render(index, out):
             outputs.setdefault(index, []).extend(out.token_ids)
+            stream = streams.setdefault(index, ToolStream(body))
             events = []
             if index not in started:  # the first chunk of each choice carries the role
                 started.add(index)
@@ -207,13 +208,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         ]
                     }
                 )
-            delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+            delta = stream.feed(out.text, out.finish_reason is not None) or {}
             lp = chat_logprobs(tok, list(out.logprobs)) if logprobs is not None else None
             choice = {
                 "index": index,
                 "delta": delta,
                 "logprobs": lp,
-                "finish_reason": finish_reason_text(out.finish_reason),
+                "finish_reason": stream.finish_reason(finish_reason_text(out.finish_reason)),
                 **plan.choice_extra(index, out.feature_stop),
                 **plan.features(index, out.features, outputs[index]),
                 **(prompt_logprobs_extra(body, tok, out.prompt_logprobs) if out.prompt_logprobs else {}),

@@ -9,7 +9,7 @@ What the model writes (vLLM's format, so prompts written for vLLM work here):
   - `auto`: unconstrained text; when the whole text is a call in the `required` shape (an object or an
     array of them, naming known tools), it is returned as `tool_calls`, else as `content`;
   - `none`: no tool call (the tools are still shown to the chat template).
-Streaming with tools (other than `none`) is a 400 naming `stream`.
+Streamed, the same calls arrive as OpenAI `delta.tool_calls` (api/tool_stream.py).
 """
 
 from __future__ import annotations
@@ -76,17 +76,13 @@ def tool_grammar_params(body: ChatCompletionRequest) -> list[GrammarRequest]:
     ]
 
 
-def check_stream(body: ChatCompletionRequest) -> None:
-    if body.stream and tool_mode(body) != "none":
-        raise bad("streaming is not supported with tools (tool_choice other than none)", "stream")
-
-
 def template_tools(body: ChatCompletionRequest) -> list[dict] | None:
     """The tools as the chat template takes them (apply_chat_template(tools=...))."""
     return [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
 
 
-def _call(name: str, arguments: Any) -> dict:
+def new_call(name: str, arguments: Any) -> dict:
+    """One OpenAI tool call with a fresh id; `arguments` as JSON text (a value is serialized)."""
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
     return {
         "id": f"call_{secrets.token_hex(12)}",
@@ -106,7 +102,7 @@ def parse_tool_calls(body: ChatCompletionRequest, text: str) -> list[dict] | Non
     except ValueError:
         return None  # cut short (max_tokens), or `auto` text
     if isinstance(mode, NamedToolChoice):
-        return [_call(mode.function.name, text.strip())] if isinstance(value, dict) else None
+        return [new_call(mode.function.name, text.strip())] if isinstance(value, dict) else None
     names = {t.function.name for t in body.tools or []}
     items = value if isinstance(value, list) else [value]
     calls = []
@@ -116,5 +112,5 @@ def parse_tool_calls(body: ChatCompletionRequest, text: str) -> list[dict] | Non
         args = item.get("parameters", item.get("arguments", {}))
         if not isinstance(args, dict | str):
             return None
-        calls.append(_call(item["name"], args))
+        calls.append(new_call(item["name"], args))
     return calls or None
