@@ -1,0 +1,229 @@
+"""Where a serving step's time goes (issue #26): the 64-request workload through EngineCore (no HTTP), with
+every step's wall time split into exclusive parts, for prefill and decode steps, unsteered and steered,
+beside the machine's own bf16 matmul rate measured in the same process.
+
+    python benchmarks/bench_breakdown.py [--num-requests 64] [--threads 2]
+
+How it measures: timers wrap the engine's phases from outside (scheduler, input packing, forward,
+sampler, steering at the sites, the rest of the runner, the rest of the engine step) and forward hooks
+time the model's modules (each linear layer, attention, norms, the MLP around its linears, embeddings).
+Each timer counts its EXCLUSIVE time (minus the timers nested in it), so the parts add up to the wall
+time; the overhead of the timers themselves (~2 us a call) lands in the parts that call them most. A step
+is a prefill step when any scheduled request runs more than one token. Achieved GFLOP/s counts 2 x the
+non-embedding parameters per token run, 2 x d x vocab per LM-head row and the attention score/value
+products (4 x layers x d x context per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch
+from bench_serving import make_workload
+from steered_workload import add_saes, steering_for
+
+from steerserve.compose import build_engine
+from steerserve.config import Config, ModelConfig, RegistryConfig, SchedulerConfig
+from steerserve.runner import model_runner as mr
+from steerserve.runner.steering import rows as steering_rows
+from steerserve.steering.compile import compile_steering
+from steerserve.types.requests import GenerationRequest, SamplingParams
+
+
+class Clock:
+    """Exclusive time per (phase, part): a stack of open timers, each minus its children."""
+
+    def __init__(self):
+        self.total: dict[tuple[str, str], float] = defaultdict(float)
+        self.stack: list[list] = []  # [part, start, children]
+        self.phase = "decode"
+
+    def enter(self, part: str) -> None:
+        self.stack.append([part, time.perf_counter(), 0.0])
+
+    def exit(self) -> None:
+        part, start, children = self.stack.pop()
+        spent = time.perf_counter() - start
+        self.total[(self.phase, part)] += spent - children
+        if self.stack:
+            self.stack[-1][2] += spent
+
+    def wrap(self, obj, name: str, part: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            self.enter(part)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit()
+
+        setattr(obj, name, timed)
+
+
+def module_part(name: str, module: torch.nn.Module) -> str | None:
+    kind = type(module).__name__
+    if name.endswith("lm_head"):
+        return "LM head GEMM"
+    if kind in ("Linear", "Conv1D"):
+        return "GEMMs (linear layers)"
+    if kind.endswith("Attention"):
+        return "attention (core, reshapes)"
+    if "Norm" in kind:
+        return "norms"
+    if kind.endswith("MLP"):
+        return "MLP activation"
+    if kind == "Embedding":
+        return "embeddings"
+    if kind.endswith("Block") or kind.endswith("DecoderLayer"):
+        return "block glue (residual adds, hooks)"
+    return None
+
+
+def instrument(built, clock: Clock) -> None:
+    core, runner = built.core, built.core.runner
+
+    def on_schedule(fn):
+        def schedule():
+            clock.enter("scheduler")
+            try:
+                out = fn()
+            finally:
+                clock.exit()
+            clock.phase = "prefill" if any(len(i.token_ids) > 1 for i in out.scheduled) else "decode"
+            return out
+
+        return schedule
+
+    core.step = _outermost(core.step, clock, "engine other (outputs, detokenize)")
+    core.scheduler.schedule = on_schedule(core.scheduler.schedule)
+    clock.wrap(core.scheduler, "update", "scheduler")
+    clock.wrap(runner, "execute", "runner other (admission, logprobs, to host)")
+    clock.wrap(runner, "_forward", "forward other (model glue)")
+    clock.wrap(runner, "sampler", "sampler")
+    clock.wrap(mr, "build_forward_inputs", "input packing")
+    clock.wrap(mr, "build_sampling_batch", "input packing")
+    clock.wrap(steering_rows.SteeringRows, "apply", "steering at sites")
+    for name, module in runner.model.named_modules():
+        part = module_part(name, module)
+        if part is not None:
+            module.register_forward_pre_hook(lambda m, a, part=part: clock.enter(part))
+            module.register_forward_hook(lambda m, a, o: clock.exit())
+
+
+def _outermost(fn, clock: Clock, part: str):
+    def timed(*args, **kwargs):
+        clock.enter(part)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock.exit()
+
+    return timed
+
+
+def matmul_rate(threads: int) -> float:
+    """GFLOP/s of plain bf16 matmuls of the model's shapes ([rows x 768] x [768 x 3072])."""
+    torch.set_num_threads(threads)
+    w = torch.randn(768, 3072, dtype=torch.bfloat16)
+    rates = []
+    for rows in (64, 256, 1024, 2048):
+        x = torch.randn(rows, 768, dtype=torch.bfloat16)
+        for _ in range(3):
+            torch.matmul(x, w)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            torch.matmul(x, w)
+            n += 1
+        rates.append(2 * rows * 768 * 3072 * n / (time.perf_counter() - t0) / 1e9)
+    return sum(rates) / len(rates)
+
+
+def run(core, wl, specs, clock: Clock, info) -> dict:
+    clock.total.clear()
+    for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True)):
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        core.add(GenerationRequest(f"b{i}-{time.monotonic()}", tuple(p), sp, specs[i] if specs else None))
+    t0, tokens, steps = time.perf_counter(), 0, defaultdict(int)
+    wall = defaultdict(float)
+    while core.has_work():
+        s0 = time.perf_counter()
+        tokens += sum(len(o.token_ids) for o in core.step())
+        wall[clock.phase] += time.perf_counter() - s0
+        steps[clock.phase] += 1
+    elapsed = time.perf_counter() - t0
+    ctx = [len(p) + n for p, n in zip(wl.prompts, wl.output_lens, strict=True)]
+    run_tokens = sum(ctx)
+    d, layers, vocab = info["d"], info["layers"], info["vocab"]
+    flops = 2 * info["params"] * run_tokens + 2 * d * vocab * sum(wl.output_lens)
+    flops += sum(4 * layers * d * c * c / 2 for c in ctx)  # scores and values over the causal context
+    return {"tok_s": tokens / elapsed, "secs": elapsed, "wall": dict(wall), "steps": dict(steps),
+            "parts": dict(clock.total), "gflops": flops / elapsed / 1e9}  # fmt: skip
+
+
+def print_table(name: str, r: dict, peak: float) -> None:
+    print(f"\n{name}: {r['tok_s']:.1f} tok/s, {r['secs']:.1f} s, {r['gflops']:.0f} GFLOP/s "
+          f"= {r['gflops'] / peak:.0%} of the matmul rate ({peak:.0f})")  # fmt: skip
+    parts = sorted(
+        {p for _, p in r["parts"]}, key=lambda p: -sum(r["parts"].get((ph, p), 0) for ph in r["wall"])
+    )
+    print(f"{'part':<44}" + "".join(f"{ph + ' s':>11}{'%':>7}" for ph in r["wall"]))
+    for part in parts:
+        row = f"{part:<44}"
+        for ph, wall in r["wall"].items():
+            t = r["parts"].get((ph, part), 0.0)
+            row += f"{t:>11.2f}{t / wall:>7.1%}"
+        print(row)
+    print(f"{'(steps)':<44}" + "".join(f"{r['steps'][ph]:>11}{'':>7}" for ph in r["wall"]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--d-sae", type=int, default=24576)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    peak = matmul_rate(args.threads)
+    data_dir = tempfile.mkdtemp(prefix="bench-breakdown-")
+    model_name = "random:gpt2-small"
+    add_saes(data_dir, 768, args.d_sae, model_name)
+    cfg = Config(
+        model=ModelConfig(model=model_name, dtype="bfloat16"),
+        scheduler=SchedulerConfig(max_num_seqs=64),
+        registry=RegistryConfig(data_dir=data_dir),
+    )
+    built = build_engine(cfg)
+    mc = built.core.runner.model.config
+    params = sum(
+        p.numel() for n, p in built.core.runner.model.named_parameters() if "wte" not in n and "wpe" not in n
+    )
+    info = {"d": mc.hidden_size, "layers": mc.num_hidden_layers, "vocab": mc.vocab_size, "params": params}
+    wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
+    specs = [
+        compile_steering(
+            built.registry, built.info, cfg.steering, **steering_for(i, args.d_sae, args.seed), variant=None
+        )
+        for i in range(args.num_requests)
+    ]
+    clock = Clock()
+    instrument(built, clock)
+    run(built.core, make_workload(4, 99, 4.0, 50257), None, clock, info)  # warm-up
+    print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, "
+          f"{params / 1e6:.0f}M non-embedding parameters")  # fmt: skip
+    for name, s in (("unsteered", None), ("steered", specs)):
+        print_table(name, run(built.core, wl, s, clock, info), peak)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
