@@ -25,6 +25,7 @@ from steerserve.registry.formats.common import site_of
 from steerserve.registry.formats.neuronpedia import parse_features
 from steerserve.registry.formats.vectors import from_json as vector_from_json
 from steerserve.registry.registry import Registry
+from steerserve.registry.samples import parse_vector_stats
 from steerserve.registry.storable import (
     INT64_MAX,
     check_int,
@@ -310,6 +311,27 @@ async def list_vectors(request: Request) -> dict:
 @router.get("/v1/vectors/{vector_id}", dependencies=_reader)
 async def get_vector(request: Request, vector_id: str) -> dict:
     return (await _run(_registry(request).get_vector, vector_id)).to_json()
+
+
+@router.put("/v1/vectors/{vector_id}/stats", dependencies=_admin)
+async def put_vector_stats(request: Request, vector_id: str) -> dict:
+    """Upload the projection samples `project_out` with `"to": "resample"` draws from (what
+    `steerserve registry stats` computes)."""
+    registry, body = _registry(request), await _json(request)
+
+    def put() -> dict:
+        samples = parse_vector_stats(body)
+        if None in samples:  # the one-site shortcut
+            sites = registry.get_vector(vector_id).sites
+            if len(sites) != 1:
+                raise InvalidInput(
+                    f'vector {vector_id!r} has {len(sites)} sites: give "sites"', param="sites"
+                )
+            samples = {sites[0]: samples[None]}
+        registry.put_vector_stats(vector_id, samples)
+        return registry.get_vector(vector_id).to_json()
+
+    return await _run(put)
 
 
 @router.delete("/v1/vectors/{vector_id}", dependencies=_admin)

@@ -16,6 +16,7 @@ import numbers
 import numpy as np
 
 from steerserve.registry.errors import InvalidInput
+from steerserve.registry.formats.common import site_of
 from steerserve.types.sites import Site
 
 SAMPLE_SIZE = 256  # ACTIVE_SAMPLE_SIZE (features) and the projection sample size (vectors)
@@ -55,6 +56,36 @@ def check_site_samples(samples: object) -> dict[Site, tuple[float, ...]]:
         out[site] = check_sample(values, f"samples[{site.hook_name}]", positive=False)
         if not out[site]:
             raise InvalidInput(f"samples[{site.hook_name}] is empty", param=f"samples[{site.hook_name}]")
+    return out
+
+
+def parse_vector_stats(body: object) -> dict[Site, object]:
+    """`PUT /v1/vectors/{id}/stats`: `{"sites": [{"site": <hook name | layer | {layer, hook}>,
+    "projection_sample": [numbers]}]}`, or `{"projection_sample": [...]}` for a one-site vector (site
+    None: the caller fills it in). Values are checked by check_site_samples."""
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object", param="body")
+    if "sites" not in body:
+        if "projection_sample" not in body:
+            raise InvalidInput('give "sites": [{"site", "projection_sample"}]', param="sites")
+        sample = check_sample(body["projection_sample"], "projection_sample", positive=False)
+        if not sample:
+            raise InvalidInput("projection_sample is empty", param="projection_sample")
+        return {None: sample}
+    entries = body["sites"]
+    if not isinstance(entries, list) or not entries:
+        raise InvalidInput("sites must be a non-empty list", param="sites")
+    out: dict = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "site" not in entry or "projection_sample" not in entry:
+            raise InvalidInput('each entry needs "site" and "projection_sample"', param=f"sites[{i}]")
+        site = site_of(entry["site"], f"sites[{i}].site")
+        if site in out:
+            raise InvalidInput(f"{site.hook_name} is given twice", param=f"sites[{i}].site")
+        param = f"sites[{i}].projection_sample"
+        out[site] = check_sample(entry["projection_sample"], param, positive=False)
+        if not out[site]:
+            raise InvalidInput(f"{param} is empty", param=param)
     return out
 
 
