@@ -91,7 +91,7 @@ RANDOM_GPT2 = Scenario(
     query="cold",
     feature="cold (sae0 #4)",
     strength=8.0,
-    prompt="The weather today is",
+    prompt="It was a",  # the page's default prompt (test_core_task runs at the page's defaults)
 )
 
 DEMO_COLD_FEATURE = 230  # one of the "cold (weather)" features the demo's `cold` variant adds

@@ -28,6 +28,12 @@ async def playground_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=_HEADERS)
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    # browsers ask for /favicon.ico whatever the page declares: the page's own icon, not a 404
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml", headers=_HEADERS)
+
+
 def install_playground(app: FastAPI) -> None:
     """Serve the page at `/` and its assets at `/playground/...`."""
     app.include_router(router)

@@ -68,6 +68,10 @@ export async function postJSON(path, body) {
   return (await send("POST", path, body)).json();
 }
 
+export async function deleteJSON(path) {
+  return (await send("DELETE", path)).json();
+}
+
 // POST `body` with stream: true; calls onEvent(obj) per `data:` event until [DONE].
 export async function postStream(path, body, onEvent) {
   const resp = await send("POST", path, { ...body, stream: true });

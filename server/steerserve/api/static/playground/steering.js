@@ -1,53 +1,96 @@
-// The steering panel: the current set of interventions, feature search, stored vectors and variants,
-// and saving the set as a variant. It only builds request fields; main.js sends them.
+// The steering panel: the current set of interventions as editable rows (a loaded variant as one
+// collapsible group), and the request fields they make. It only builds request fields; main.js sends them.
 
-import { getJSON, postJSON } from "./api.js";
+import { getJSON } from "./api.js";
 import { el, featureName } from "./dom.js";
 
-// mode -> [slider min, slider max, default]; the number box beside the slider takes any value.
-const FEATURE_MODES = {
-  add: [-20, 20, 4],
-  clamp: [0, 50, 5],
-  scale: [-5, 10, 2],
-  ablate: null,
-  logit_bias: [-20, 20, 5],
+// [slider min, slider max, slider step, default]; the number box beside the slider takes any value.
+// An added feature's strength follows its `scale`: in units of its recorded max activation by default,
+// so one number suits every feature (4 x max activation: measured on the demo, see tests/playground).
+const ADD_RANGE = {
+  max_activation: [-10, 10, 0.25, 4],
+  raw: [-20, 20, 0.5, 4],
+  unit: [-20, 20, 0.5, 4],
 };
-const VECTOR_MODES = { add: [-20, 20, 4], project_out: null };
+const FEATURE_MODES = {
+  add: ADD_RANGE.raw,
+  clamp: [0, 50, 0.5, 5],
+  scale: [-5, 10, 0.25, 2],
+  ablate: null,
+  logit_bias: [-20, 20, 0.5, 5],
+};
+const VECTOR_MODES = { add: [-20, 20, 0.5, 4], project_out: null };
 const MODE_TEXT = { logit_bias: "logit bias", project_out: "project out" };
 const POSITIONS = ["all", "prompt", "generated"];
 const ADD_SCALES = ["raw", "unit", "max_activation"];
 const ABLATE_TO = ["zero", "mean", "resample"];
+export const DEFAULT_SCALE = "max_activation";
+
+let nextUid = 1; // each row's stable id: focus and highlight survive a re-render
 
 export class SteeringPanel {
-  constructor(listEl, emptyEl, { onChange, openCard }) {
+  constructor(listEl, emptyEl, noteEl, { onChange, openCard }) {
     this.listEl = listEl;
     this.emptyEl = emptyEl;
+    this.noteEl = noteEl;
     this.items = [];
+    this.multiplier = 1; // the global strength multiplier (add strengths and logit biases)
+    this.openGroups = new Set(); // variant groups the user unfolded: a re-render keeps them open
     this.onChange = onChange;
     this.openCard = openCard;
   }
 
-  addFeature(sae, index, label, mode = "add") {
-    const [, , value] = FEATURE_MODES[mode] || [0, 0, 0];
-    this.items.push({ kind: "feature", sae, index, label, mode, value, positions: "all", scale: "raw", to: "zero" });
-    this.render();
+  // Add feature `index` of `sae` in `mode`. `info` is its card (GET .../features/{index}) when the
+  // caller has it; else it is fetched, for the max activation the default strength is scaled by.
+  async addFeature(sae, index, label, info = null, mode = "add") {
+    const same = this.items.find((i) => i.kind === "feature" && !i.group && i.sae === sae && i.index === index && i.mode === mode);
+    if (same) {
+      this.note(`${featureName(same)} is already in the set (${mode}): its row is highlighted; change its strength there.`);
+      this.render(null, same.uid); // the focus stays on the Add pressed: several can be added in a row
+      return same;
+    }
+    if (!info) {
+      try {
+        info = await getJSON(featurePath(sae, index));
+      } catch (_) {
+        info = {}; // unknown feature: the server says so on Generate
+      }
+    }
+    const maxAct = info.max_activation ?? null;
+    const scale = mode === "add" && maxAct ? DEFAULT_SCALE : "raw";
+    const [, , , value] = mode === "add" ? ADD_RANGE[scale] : FEATURE_MODES[mode] || [0, 0, 0, 0];
+    const item = { uid: nextUid++, kind: "feature", sae, index, label: label ?? info.label ?? null, mode, value, positions: "all", scale, to: "zero", maxAct };
+    this.items.push(item);
+    this.note(mode === "add" && !maxAct ? `${featureName(item)} has no recorded max activation: its strength is raw (x decoder row).` : "");
+    this.render(null, item.uid);
+    return item;
   }
 
-  addVector(id, mode = "add", value = VECTOR_MODES.add[2]) {
-    this.items.push({ kind: "vector", id, mode, value, positions: "all" });
-    this.render();
+  addVector(id, mode = "add", value = VECTOR_MODES.add[3]) {
+    const item = { uid: nextUid++, kind: "vector", id, mode, value, positions: "all" };
+    this.items.push(item);
+    this.note("");
+    this.render(null, item.uid);
   }
 
-  // A variant's stored spec -> rows; what the panel has no controls for stays as a raw row.
-  load(spec) {
+  // A variant's stored spec -> one group of rows (replacing the set); what the panel has no controls
+  // for stays as a raw row.
+  load(spec, name) {
     this.items = [];
-    for (const s of spec.steering || []) this.items.push(rowOf(s));
+    for (const s of spec.steering || []) this.items.push({ ...rowOf(s), uid: nextUid++, group: name });
     for (const b of spec.feature_logit_bias || []) {
       const f = b.feature || {};
-      this.items.push({ kind: "feature", sae: f.sae, index: f.index, label: null, mode: "logit_bias", value: b.strength });
+      this.items.push({ uid: nextUid++, kind: "feature", sae: f.sae, index: f.index, label: null, mode: "logit_bias", value: b.strength, group: name });
     }
+    this.note(`Loaded variant "${name}" (${this.items.length} interventions) as one group; open it to edit its rows.`);
     this.render();
     this.fetchLabels();
+  }
+
+  // Replace the whole set (a run restored from its link).
+  restore(items) {
+    this.items = items.map((i) => ({ ...i, uid: nextUid++ }));
+    this.render();
   }
 
   async fetchLabels() {
@@ -58,6 +101,7 @@ export class SteeringPanel {
         const info = await getJSON(featurePath(item.sae, item.index));
         changed ||= Boolean(info.label);
         item.label = info.label;
+        item.maxAct = info.max_activation ?? null;
       } catch (_) {
         // no label: the row keeps "sae #index"
       }
@@ -65,15 +109,17 @@ export class SteeringPanel {
     if (changed) this.render(); // only then: a re-render would drop the focus of a control in use
   }
 
-  // {steering, feature_logit_bias} of the current set (only the non-empty ones).
+  // {steering, feature_logit_bias} of the current set (only the non-empty ones), add strengths and
+  // logit biases times the global multiplier.
   request() {
     const steering = [];
     const bias = [];
+    const m = this.multiplier;
     for (const item of this.items) {
       if (item.kind === "raw") steering.push(item.json);
-      else if (item.kind === "vector") steering.push(vectorIntervention(item));
-      else if (item.mode === "logit_bias") bias.push({ feature: ref(item), strength: item.value });
-      else steering.push(featureIntervention(item));
+      else if (item.kind === "vector") steering.push(vectorIntervention(item, m));
+      else if (item.mode === "logit_bias") bias.push({ feature: ref(item), strength: item.value * m });
+      else steering.push(featureIntervention(item, m));
     }
     const out = {};
     if (steering.length) out.steering = steering;
@@ -85,54 +131,102 @@ export class SteeringPanel {
     return this.items.filter((i) => i.kind === "feature");
   }
 
-  render() {
-    this.listEl.replaceChildren(...this.items.map((item, k) => this.row(item, k)));
-    this.emptyEl.hidden = this.items.length > 0;
-    this.onChange();
+  note(text) {
+    this.noteEl.textContent = text;
+    this.noteEl.hidden = !text;
   }
 
-  row(item, k) {
-    const remove = el("button", { type: "button", className: "small", onclick: () => this.remove(k) }, "Remove");
+  // Re-render; then focus the control `focusKey` ("uid:what") and flash row `flashUid` into view.
+  render(focusKey = null, flashUid = null) {
+    const nodes = [];
+    for (let k = 0; k < this.items.length; k++) {
+      const group = this.items[k].group;
+      if (!group) {
+        nodes.push(this.row(this.items[k]));
+        continue;
+      }
+      let end = k;
+      while (end + 1 < this.items.length && this.items[end + 1].group === group) end++;
+      nodes.push(this.groupRow(group, this.items.slice(k, end + 1)));
+      k = end;
+    }
+    this.listEl.replaceChildren(...nodes);
+    this.emptyEl.hidden = this.items.length > 0;
+    this.onChange();
+    if (flashUid !== null) {
+      const row = this.listEl.querySelector(`[data-uid="${flashUid}"]`);
+      if (row) {
+        row.classList.add("flash");
+        row.scrollIntoView({ block: "nearest" });
+      }
+    }
+    if (focusKey) {
+      const target = this.listEl.querySelector(`[data-focus="${focusKey}"]`);
+      if (target) target.focus();
+    }
+  }
+
+  groupRow(name, items) {
+    const removeAll = el("button", {
+      type: "button", className: "small", "aria-label": `Remove variant group ${name}`,
+      onclick: () => this.removeWhere((i) => items.includes(i)),
+    }, "Remove group");
+    const details = el("details", { open: this.openGroups.has(name) },
+        el("summary", {}, `variant ${name}: ${items.length} interventions`),
+        el("ul", { className: "steering-list" }, ...items.map((i) => this.row(i))));
+    details.addEventListener("toggle", () => (details.open ? this.openGroups.add(name) : this.openGroups.delete(name)));
+    return el("li", { className: "steer-group" }, details, removeAll);
+  }
+
+  row(item) {
+    const uid = item.uid;
+    const remove = el("button", { type: "button", className: "small", "data-focus": `${uid}:remove`, onclick: () => this.removeWhere((i) => i === item) }, "Remove");
     if (item.kind === "raw") {
-      return el("li", { className: "steer-row" }, el("code", {}, JSON.stringify(item.json)), remove);
+      remove.setAttribute("aria-label", `Remove ${JSON.stringify(item.json)}`);
+      return el("li", { className: "steer-row", "data-uid": uid }, el("code", {}, JSON.stringify(item.json)), remove);
     }
     const name = item.kind === "vector" ? `vector ${item.id}` : featureName(item);
     remove.setAttribute("aria-label", `Remove ${name}`);
     const modes = item.kind === "vector" ? VECTOR_MODES : FEATURE_MODES;
     const select = el(
       "select",
-      { "aria-label": `mode of ${name}`, onchange: () => this.setMode(item, select.value) },
+      { "aria-label": `mode of ${name}`, "data-focus": `${uid}:mode`, onchange: () => this.setMode(item, select.value) },
       ...Object.keys(modes).map((m) => el("option", { value: m, selected: m === item.mode }, MODE_TEXT[m] || m)),
     );
-    const head = el("div", { className: "row" }, el("strong", { className: "grow" }, name));
+    const head = el("div", { className: "row" }, el("strong", { className: "grow name" }, name));
     if (item.kind === "feature") {
       const card = () => this.openCard(item.sae, item.index);
       head.append(el("button", { type: "button", className: "small", "aria-label": `Card of ${name}`, onclick: card }, "Card"));
     }
     head.append(remove);
     const controls = el("div", { className: "row" }, select);
-    const range = modes[item.mode];
+    const range = item.kind === "feature" && item.mode === "add" ? ADD_RANGE[item.scale] || ADD_RANGE.raw : modes[item.mode];
     if (range) controls.append(...this.valueInputs(item, range, name));
     const options = el("div", { className: "row" });
     if (item.mode !== "logit_bias") options.append(this.choice(item, "positions", POSITIONS, name));
     if (item.kind === "feature" && item.mode === "add") options.append(this.choice(item, "scale", ADD_SCALES, name));
     if (item.kind === "feature" && item.mode === "ablate") options.append(this.choice(item, "to", ABLATE_TO, name));
-    return el("li", { className: "steer-row" }, head, controls, options);
+    const basis = item.kind === "feature" && item.mode === "add" ? scaleBasis(item) : null;
+    return el("li", { className: "steer-row", "data-uid": uid }, head, controls, options,
+      basis && el("p", { className: "muted basis" }, basis));
   }
 
   // A labelled select of one option of the row (positions, add scale, ablate target).
   choice(item, key, values, name) {
     const select = el(
       "select",
-      { "aria-label": `${key} of ${name}`, onchange: () => (item[key] = select.value) },
+      { "aria-label": `${key} of ${name}`, "data-focus": `${item.uid}:${key}`, onchange: () => {
+        item[key] = select.value;
+        if (key === "scale") this.render(`${item.uid}:scale`); // the slider's range follows the scale
+      } },
       ...values.map((v) => el("option", { value: v, selected: v === item[key] }, v.replace("_", " "))),
     );
     return el("label", { className: "muted" }, `${key} `, select);
   }
 
-  valueInputs(item, [min, max], name) {
+  valueInputs(item, [min, max, step], name) {
     const what = { add: "strength", clamp: "value", scale: "factor", logit_bias: "strength" }[item.mode];
-    const slider = el("input", { type: "range", min, max, step: 0.1, value: item.value, "aria-label": `${what} of ${name}` });
+    const slider = el("input", { type: "range", min, max, step, value: item.value, "aria-label": `${what} of ${name}`, "data-focus": `${item.uid}:value` });
     const box = el("input", { type: "number", step: "any", value: item.value, className: "num", "aria-label": `${what} of ${name} (number)` });
     slider.oninput = () => {
       item.value = Number(slider.value);
@@ -148,15 +242,31 @@ export class SteeringPanel {
 
   setMode(item, mode) {
     item.mode = mode;
-    const range = (item.kind === "vector" ? VECTOR_MODES : FEATURE_MODES)[mode];
-    if (range) item.value = range[2];
-    this.render();
+    const range = mode === "add" && item.kind === "feature" ? ADD_RANGE[item.scale] : (item.kind === "vector" ? VECTOR_MODES : FEATURE_MODES)[mode];
+    if (range) item.value = range[3];
+    this.render(`${item.uid}:mode`); // keep the focus on the mode menu the user just changed
   }
 
-  remove(k) {
-    this.items.splice(k, 1);
-    this.render();
+  // Remove the rows `pred` picks; the focus moves to the next row's Remove (else the previous one's,
+  // else the search box), never to the page's top.
+  removeWhere(pred) {
+    const first = this.items.findIndex(pred);
+    this.items = this.items.filter((i) => !pred(i));
+    this.note("");
+    const next = this.items[first] || this.items[first - 1];
+    this.render(next ? `${next.uid}:remove` : null);
+    if (!this.listEl.contains(document.activeElement)) document.getElementById("feature-query").focus();
   }
+}
+
+// What an add row's strength is in units of, as the row says it.
+function scaleBasis(item) {
+  if (item.scale === "max_activation") {
+    if (!item.maxAct) return "x its recorded max activation (none recorded: the server will refuse this)";
+    return `x its recorded max activation ${Number(item.maxAct).toPrecision(4)} (= ${(item.value * item.maxAct).toPrecision(3)} x decoder row)`;
+  }
+  if (item.scale === "unit") return "x the unit decoder direction";
+  return "x the raw decoder row";
 }
 
 function ref(item) {
@@ -173,9 +283,9 @@ function withOptions(out, item) {
   return out;
 }
 
-function featureIntervention(item) {
+function featureIntervention(item, multiplier = 1) {
   const out = { feature: ref(item), mode: item.mode };
-  if (item.mode === "add") out.strength = item.value;
+  if (item.mode === "add") out.strength = item.value * multiplier;
   if (item.mode === "add" && item.scale && item.scale !== "raw") out.scale = item.scale;
   if (item.mode === "clamp") out.value = item.value;
   if (item.mode === "scale") out.factor = item.value;
@@ -183,9 +293,9 @@ function featureIntervention(item) {
   return withOptions(out, item);
 }
 
-function vectorIntervention(item) {
+function vectorIntervention(item, multiplier = 1) {
   const out = { vector: item.id, mode: item.mode };
-  if (item.mode === "add") out.strength = item.value;
+  if (item.mode === "add") out.strength = item.value * multiplier;
   return withOptions(out, item);
 }
 
@@ -211,61 +321,4 @@ function rowOf(s) {
     return { kind: "vector", id: s.vector, mode: s.mode, value: s.strength ?? 0, positions };
   }
   return { kind: "raw", json: s };
-}
-
-// The search box, the by-index form, the vector and variant pickers, and the save form.
-// `run(asyncFn)` runs a handler and shows what it throws.
-export function wireRegistry(panel, ui, { onSaved, run }) {
-  const on = (form, handler) =>
-    form.addEventListener("submit", (ev) => {
-      ev.preventDefault();
-      run(handler);
-    });
-  on(ui.searchForm, async () => {
-    const q = ui.query.value.trim();
-    if (!q) throw new Error("type part of a feature label to search for");
-    const hits = (await getJSON(`/v1/features/search?q=${encodeURIComponent(q)}&limit=20`)).data;
-    const items = hits.map((h) => {
-      const add = () => panel.addFeature(h.sae, h.index, h.label);
-      const name = featureName(h);
-      return el("li", {}, el("span", { className: "grow" }, name),
-        el("button", { type: "button", className: "small", "aria-label": `Add ${name}`, onclick: add }, "Add"));
-    });
-    if (!items.length) items.push(el("li", { className: "muted" }, `no feature label matches "${q}"`));
-    ui.results.replaceChildren(...items);
-  });
-  on(ui.indexForm, async () => {
-    if (!ui.indexSae.value) throw new Error("no SAE is registered on this server");
-    panel.addFeature(ui.indexSae.value, Number(ui.indexNumber.value), null);
-    await panel.fetchLabels();
-  });
-  on(ui.vectorForm, async () => {
-    if (!ui.vectorSelect.value) throw new Error("no steering vector is stored on this server");
-    panel.addVector(ui.vectorSelect.value);
-  });
-  on(ui.variantLoadForm, async () => {
-    if (!ui.variantSelect.value) throw new Error("no variant is stored on this server");
-    panel.load(await getJSON(`/v1/variants/${encodeURIComponent(ui.variantSelect.value)}`));
-  });
-  on(ui.saveForm, async () => {
-    const id = ui.variantId.value.trim();
-    if (!id) throw new Error("give the variant an id");
-    const saved = await postJSON("/v1/variants", { id, ...panel.request() });
-    ui.saved.textContent = `Saved variant "${saved.id}"; it is served as a model now.`;
-    await onSaved(saved.id);
-  });
-}
-
-// Fill the SAE, vector and variant pickers from the registry.
-export async function refreshRegistry(ui) {
-  const [saes, vectors, variants] = await Promise.all([
-    getJSON("/v1/saes"), getJSON("/v1/vectors"), getJSON("/v1/variants"),
-  ]);
-  const options = (sel, data, text) => {
-    sel.replaceChildren(...data.map((d) => el("option", { value: d.id }, text(d))));
-    sel.disabled = data.length === 0;
-  };
-  options(ui.indexSae, saes.data, (s) => `${s.id} (${s.site}, ${s.d_sae})`);
-  options(ui.vectorSelect, vectors.data, (v) => v.id);
-  options(ui.variantSelect, variants.data, (v) => v.id);
 }
