@@ -28,14 +28,14 @@ from steerserve.registry import store
 from steerserve.registry.blobs import BlobStore, LocalBlobStore, clean_stray_temp, open_blob_store
 from steerserve.registry.db import Database, Tx
 from steerserve.registry.errors import Conflict, InvalidInput, NotFound
-from steerserve.registry.formats.common import LoadedSAE, Source
+from steerserve.registry.formats.common import LoadedSAE
 from steerserve.registry.records import FeatureHit, FeatureInfo, SAERecord, VariantRecord, VectorRecord
 from steerserve.registry.sae import SAEWeights
 from steerserve.registry.samples import check_site_samples
 from steerserve.registry.schema import MIGRATIONS
 from steerserve.registry.storable import check_int
 from steerserve.registry.tensors import read_safetensors, write_safetensors
-from steerserve.registry.validate import check_fits, check_id, search_terms
+from steerserve.registry.validate import check_fits, check_id, check_raw_mlp_writer, search_terms
 from steerserve.registry.vector import FORMAT as VECTOR_FORMAT
 from steerserve.registry.vector import SteeringVector
 from steerserve.types.model import ModelInfo
@@ -166,7 +166,7 @@ class Registry:
             check_id(sae_id)
         if fit is not None:
             check_fits(w.site, w.d_in, fit, "the SAE")
-            _check_raw_mlp_writer(loaded, fit)
+            check_raw_mlp_writer(loaded, fit)
         model_name = fit.name if fit is not None else (model or loaded.model_name or "unknown")
         meta = {**loaded.meta, **({"model_name": loaded.model_name} if loaded.model_name else {})}
         # NOTE: the record is built (and so checked: records.py) before the blob is written; the insert
@@ -398,21 +398,3 @@ class Registry:
             return read_safetensors(self.blobs.local_path(sha), f"cache {key}")[0]
         except FileNotFoundError:  # replaced or dropped meanwhile
             return None
-
-
-def _check_raw_mlp_writer(loaded: LoadedSAE, fit: ModelInfo) -> None:
-    """sparsify transcoders write the MLP module's raw output; where hook_mlp_out is the output of a
-    post-MLP norm (Gemma-2/3) an edit there would not be the transcoder's edit: refuse, never approximate."""
-    w = loaded.weights
-    if (
-        w.site_out is not None
-        and fit.mlp_out_after_norm
-        and loaded.meta.get("format") == Source.SPARSIFY.value
-    ):
-        raise InvalidInput(
-            f"this sparsify transcoder writes the raw MLP output of layer {w.site_out.layer}, but in model "
-            f"{fit.name!r} ({fit.architecture}) blocks.L.hook_mlp_out is the output of the post-MLP norm, "
-            "so its edits cannot be applied exactly here; transcoders saved by SAELens against this "
-            "model's hook names are accepted",
-            param="site",
-        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from steerserve.registry.errors import InvalidInput
+from steerserve.registry.formats.common import LoadedSAE, Source
 from steerserve.types.model import ModelInfo
 from steerserve.types.sites import Site, SiteError
 
@@ -56,3 +57,21 @@ def search_terms(q: object) -> list[str]:
             f"q has {len(terms)} distinct words; at most {MAX_QUERY_TERMS} (every word must match)", param="q"
         )
     return terms
+
+
+def check_raw_mlp_writer(loaded: LoadedSAE, fit: ModelInfo) -> None:
+    """sparsify transcoders write the MLP module's raw output; where hook_mlp_out is the output of a
+    post-MLP norm (Gemma-2/3) an edit there would not be the transcoder's edit: refuse, never approximate."""
+    w = loaded.weights
+    if (
+        w.site_out is not None
+        and fit.mlp_out_after_norm
+        and loaded.meta.get("format") == Source.SPARSIFY.value
+    ):
+        raise InvalidInput(
+            f"this sparsify transcoder writes the raw MLP output of layer {w.site_out.layer}, but in model "
+            f"{fit.name!r} ({fit.architecture}) blocks.L.hook_mlp_out is the output of the post-MLP norm, "
+            "so its edits cannot be applied exactly here; transcoders saved by SAELens against this "
+            "model's hook names are accepted",
+            param="site",
+        )
