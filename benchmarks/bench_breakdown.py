@@ -31,7 +31,7 @@ from bench_serving import make_workload
 from steered_workload import add_saes, steering_for
 
 from steerserve.compose import build_engine
-from steerserve.config import Config, ModelConfig, RegistryConfig, SchedulerConfig
+from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
 from steerserve.runner import model_runner as mr
 from steerserve.runner.steering import rows as steering_rows
 from steerserve.steering.compile import compile_steering
@@ -201,6 +201,7 @@ def main(argv=None) -> int:
         model=ModelConfig(model=model_name, dtype="bfloat16"),
         scheduler=SchedulerConfig(max_num_seqs=64),
         registry=RegistryConfig(data_dir=data_dir),
+        cache=CacheConfig(enable_prefix_caching=False),  # NOTE: the runs repeat the same prompts
     )
     built = build_engine(cfg)
     mc = built.core.runner.model.config

@@ -185,8 +185,12 @@ def start_server(model_dir: str, threads: int, extra: list[str], data_dir: str):
     from tests.server_process import ServerProcess
 
     log = os.path.join(tempfile.mkdtemp(), "server.log")
+    # NOTE: prefix caching off unless `extra` turns it on: the runs repeat the same prompts, and the peer
+    # (vLLM's CPU build) is measured with --no-enable-prefix-caching (benchmarks/bench_prefix_cache.py
+    # measures the cache)
     args = ["--model", model_dir, "--served-model-name", MODEL_NAME, "--threads", str(threads),
-            "--max-num-seqs", "64", "--log-level", "warning", "--data-dir", data_dir, *extra]  # fmt: skip
+            "--max-num-seqs", "64", "--log-level", "warning", "--data-dir", data_dir,
+            "--no-enable-prefix-caching", *extra]  # fmt: skip
     return ServerProcess(args, log).wait_healthy(timeout=300)
 
 

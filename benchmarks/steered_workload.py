@@ -123,3 +123,28 @@ def hf_hooks_one_at_a_time(model_dir: str, saes: dict[str, SAEWeights], wl, n: i
     nan = float("nan")
     return {"tok_s": tokens / elapsed, "tokens": tokens, "elapsed": elapsed, "ttft_p50": nan, "ttft_p99": nan,
             "itl_p50": nan, "itl_p99": nan}  # fmt: skip
+
+
+def ablations_for(i: int, d_sae: int, to: str, seed: int = 0) -> dict:
+    """Request i's ablation of 2 features per SAE (4 in all), all to `to` ("zero" or "resample")."""
+    rng = random.Random(seed * 1000 + 500 + i)
+    steering = [
+        {"feature": {"sae": SAE_IDS[k % 2], "index": rng.randrange(d_sae)}, "mode": "ablate", "to": to}
+        for k in range(4)
+    ]
+    return {"steering": steering, "feature_logit_bias": None}
+
+
+def add_resample_stats(registry: Registry, d_sae: int, seed: int = 0) -> None:
+    """Seeded synthetic distributions (density 0.02-0.3, 256 activations) for every feature of the
+    benchmark SAEs: what `registry stats` would store, without running a corpus."""
+    from steerserve.registry import FeatureInfo
+
+    g = torch.Generator().manual_seed(seed + 7)
+    for sae_id in SAE_IDS:
+        density = (torch.rand(d_sae, generator=g) * 0.28 + 0.02).tolist()
+        samples = (torch.rand(d_sae, 256, generator=g) * 5 + 0.01).tolist()
+        registry.put_features(
+            sae_id,
+            [FeatureInfo(index=f, density=density[f], active_sample=tuple(samples[f])) for f in range(d_sae)],
+        )

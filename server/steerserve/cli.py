@@ -49,6 +49,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-fraction", type=float, default=c.kv_cache_fraction)
     p.add_argument("--kv-cache-dtype", default=c.kv_cache_dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=c.enable_prefix_caching,
+        help="reuse the KV of prompt blocks computed before when provably the same (steering-aware)",
+    )
+    p.add_argument(
         "--api-key", action="append", help="accepted bearer key (repeatable; env STEERSERVE_API_KEY)"
     )
     p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
@@ -104,7 +110,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
             served_model_name=a.served_model_name,
             seed=a.seed,
         ),
-        cache=CacheConfig(a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction, a.kv_cache_dtype),
+        cache=CacheConfig(
+            a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction, a.kv_cache_dtype, a.enable_prefix_caching
+        ),
         scheduler=SchedulerConfig(
             a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.long_prefill_token_threshold
         ),

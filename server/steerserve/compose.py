@@ -62,7 +62,7 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
     name = config.model.served_model_name or config.model.model
     info = adapter.info(tokenizer, name, max_len)
     metrics = EngineMetrics(name)
-    allocator = BlockAllocator(num_blocks, config.cache.block_size)
+    allocator = BlockAllocator(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
     scheduler = Scheduler(
         config.scheduler, allocator, max_len, info.eos_token_ids, config.steering.max_steering_rows
     )

@@ -44,6 +44,9 @@ class CacheConfig:
     """auto | float32 | bfloat16 | float16 | float64. auto: the model's dtype on CUDA; on CPU the model's
     dtype when steerserve's CPU attention kernel runs it (fp32, bf16), else float32 (PyTorch's CPU SDPA
     runs 2-3x slower on bf16 than on fp32 at decode)."""
+    enable_prefix_caching: bool = True
+    """Reuse computed prompt KV blocks across requests when provably the same KV (engine/prefix_cache.py);
+    on by default, as in vLLM."""
 
 
 @dataclass(frozen=True)

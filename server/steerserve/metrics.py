@@ -58,6 +58,13 @@ class EngineMetrics:
         self.num_preemptions = counter(
             "num_preemptions", "Requests preempted (their KV dropped, recomputed)."
         )
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Tokens of the requests looked up in the prefix cache."
+        )
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Tokens of prefix_cache_queries found cached (their KV not recomputed)."
+        )
+        self._prefix_seen = (0, 0)
         self.steered_requests = counter("steered_requests", "Finished requests that carried steering.")
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
@@ -134,6 +141,11 @@ class EngineMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.num_preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        if (queries, hits) != self._prefix_seen:
+            self.prefix_cache_queries.inc(queries - self._prefix_seen[0])
+            self.prefix_cache_hits.inc(hits - self._prefix_seen[1])
+            self._prefix_seen = (queries, hits)
 
     def observe_finish(self, state, reason, e2e_seconds: float, queue_seconds: float | None = None) -> None:
         self.prompt_tokens.inc(state.num_prompt_tokens)

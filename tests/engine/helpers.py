@@ -22,6 +22,7 @@ def tiny_engine(
     data_dir=None,
     steering=None,
     registry=None,
+    prefix_caching=True,
 ):
     """An engine over `model`; `registry` (e.g. an instrumented one) instead of one in `data_dir`."""
     cfg = Config(
@@ -32,7 +33,9 @@ def tiny_engine(
             max_model_len=max_model_len,
             long_prefill_token_threshold=chunk,
         ),
-        cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_gb),
+        cache=CacheConfig(
+            block_size=block_size, kv_cache_memory_gb=kv_gb, enable_prefix_caching=prefix_caching
+        ),
         registry=RegistryConfig(data_dir=data_dir or tempfile.mkdtemp(prefix="steerserve-test-")),
         **({"steering": steering} if steering is not None else {}),
     )

@@ -121,6 +121,7 @@ class Engines:
                 str(model_path()), max_num_seqs=24, block_size=block_size,
                 kv_gb=CACHE_TOKENS * KV_BYTES_PER_TOKEN / 2**30, max_model_len=CACHE_TOKENS,
                 data_dir=self.tmp_dir, steering=SteeringConfig(max_steering_rows=4),
+                prefix_caching=False,  # NOTE: sharing saves blocks, and this run must preempt a lot
             )  # fmt: skip
         return self._stress[block_size]
 

@@ -14,6 +14,7 @@ OPEN = {("GET", "/health"), ("GET", "/metrics")}
 ADMIN = {
     ("POST", "/v1/saes"), ("DELETE", "/v1/saes/{sae_id}"), ("PUT", "/v1/saes/{sae_id}/features"),
     ("POST", "/v1/vectors"), ("DELETE", "/v1/vectors/{vector_id}"), ("POST", "/v1/vectors/contrast"),
+    ("PUT", "/v1/vectors/{vector_id}/stats"),
     ("POST", "/v1/variants"), ("DELETE", "/v1/variants/{variant_id}"),
 }  # fmt: skip
 

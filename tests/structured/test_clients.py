@@ -198,3 +198,16 @@ def test_streamed_json_schema(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
     Weather.model_validate_json(text)
+
+
+def test_a_complete_structured_output_ends_despite_min_tokens(client):
+    """Once the schema's value is complete only EOS is allowed: min_tokens (and ignore_eos) yield to the
+    grammar, and the call ends `stop` with the valid value instead of failing."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": Weather.model_json_schema()}}
+    out = client.chat.completions.create(
+        model="demo", messages=MESSAGES, response_format=fmt, max_tokens=200, seed=4,
+        extra_body={"min_tokens": 190, "ignore_eos": True},
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and out.usage.completion_tokens < 190
+    Weather.model_validate_json(choice.message.content)

@@ -227,15 +227,6 @@ def test_generate_regex_and_grammar(random_server):
             },
             "tool_choice",
         ),
-        (
-            "/v1/chat/completions",
-            {
-                "tools": [{"type": "function", "function": {"name": "a"}}],
-                "tool_choice": "required",
-                "stream": True,
-            },
-            "stream",
-        ),
         ("/generate", {"structured": {"grammar": "root ::= ("}}, "structured.grammar"),
         ("/generate", {"structured": {"regex": "a(b"}}, "structured.regex"),
         ("/generate", {"structured": {"regex": "a", "grammar": 'root ::= "a"'}}, "structured"),

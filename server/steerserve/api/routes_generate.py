@@ -78,7 +78,7 @@ async def generate(body: GenerateRequest, request: Request):
                 }
                 if not out.token_ids and out.text:
                     tail["text"] = out.text
-                events.append(tail | {"usage": usage(n_prompt, out.num_output_tokens)})
+                events.append(tail | {"usage": usage(n_prompt, out.num_output_tokens, out.num_cached_tokens)})
             return events
 
         return event_stream(state.engine, reqs, render)
@@ -89,7 +89,7 @@ async def generate(body: GenerateRequest, request: Request):
         "text": first.text,
         "token_ids": first.token_ids,
         "finish_reason": first.finish_reason,
-        "usage": usage(n_prompt, sum(r.num_output_tokens for r in results)),
+        "usage": usage(n_prompt, sum(r.num_output_tokens for r in results), first.num_cached_tokens),
         **plan.features(0, first.features, first.token_ids),
         **plan.stop_extra(first.feature_stop),
         **prompt_logprobs_extra(body, tok, first.prompt_logprobs),

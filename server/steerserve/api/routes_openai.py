@@ -60,8 +60,9 @@ def chat_logprobs(tokenizer, lps: list[TokenLogprob]) -> dict:
     }
 
 
-def _usage_of(results: list[ChoiceResult], prompts: list[list[int]]) -> dict:
-    return usage(sum(len(p) for p in prompts), sum(r.num_output_tokens for r in results))
+def _usage_of(results: list[ChoiceResult], prompts: list[list[int]], n: int) -> dict:
+    cached = sum(results[p * n].num_cached_tokens for p in range(len(prompts)))  # each prompt's first choice
+    return usage(sum(len(p) for p in prompts), sum(r.num_output_tokens for r in results), cached)
 
 
 @router.post("/v1/completions")
@@ -83,9 +84,11 @@ async def completions(body: CompletionRequest, request: Request):
         head = chunk_head(call_id, "text_completion", created, model, include_usage)
         outputs: dict[int, list[int]] = {}
         offsets: dict[int, int] = {}  # choice -> text_offset of its next token, cumulative as non-streamed
+        cached: dict[int, int] = {}  # choice -> prompt tokens found in the prefix cache
 
         def render(index, out):
             first = index not in outputs
+            cached[index] = out.num_cached_tokens
             outputs.setdefault(index, []).extend(out.token_ids)
             prefix, head_lp = "", None
             if body.echo and first:  # the first output of a choice carries all its prompt's logprobs
@@ -109,7 +112,17 @@ async def completions(body: CompletionRequest, request: Request):
 
         def final(n_out):
             return (
-                [head | {"choices": [], "usage": usage(sum(len(p) for p in prompts), n_out)}]
+                [
+                    head
+                    | {
+                        "choices": [],
+                        "usage": usage(
+                            sum(len(p) for p in prompts),
+                            n_out,
+                            sum(cached.get(p * body.n, 0) for p in range(len(prompts))),
+                        ),
+                    }
+                ]
                 if include_usage
                 else []
             )
@@ -145,7 +158,7 @@ async def completions(body: CompletionRequest, request: Request):
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": _usage_of(results, prompts),
+        "usage": _usage_of(results, prompts, body.n),
         **plan.response_extra(),
     }
 
@@ -189,8 +202,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         outputs: dict[int, list[int]] = {}
         streams: dict[int, ToolStream] = {}  # per choice: its text as content or as tool-call deltas
 
+        cached: dict[int, int] = {}  # choice -> prompt tokens found in the prefix cache
+
         def render(index, out):
             outputs.setdefault(index, []).extend(out.token_ids)
+            cached[index] = out.num_cached_tokens
             stream = streams.setdefault(index, ToolStream(body))
             events = []
             if index not in started:  # the first chunk of each choice carries the role
@@ -222,7 +238,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             return [*events, head | {"choices": [choice]}]
 
         def final(n_out):
-            return [head | {"choices": [], "usage": usage(len(prompt), n_out)}] if include_usage else []
+            if not include_usage:
+                return []
+            return [head | {"choices": [], "usage": usage(len(prompt), n_out, cached.get(0, 0))}]
 
         return event_stream(state.engine, reqs, render, final)
 
@@ -244,6 +262,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": usage(len(prompt), sum(r.num_output_tokens for r in results)),
+        "usage": usage(len(prompt), sum(r.num_output_tokens for r in results), results[0].num_cached_tokens),
         **plan.response_extra(),
     }

@@ -47,18 +47,25 @@ class ChoiceResult:
     features: list[TokenFeatures] = field(default_factory=list)  # captured for this choice
     feature_stop: FeatureStop | None = None  # the stop_when condition that ended the choice
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (0 has none)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
 
 
 def finish_reason_text(reason: FinishReason | None) -> str | None:
     return None if reason is None else reason.value
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage; `cached_tokens`: the prompt tokens served from the prefix cache, reported as
+    `prompt_tokens_details.cached_tokens` (each prompt's first choice: a prompt computed once and shared
+    by its other choices counts as computed)."""
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def chunk_head(call_id: str, obj: str, created: int, model: str, include_usage: bool) -> dict:
@@ -146,6 +153,7 @@ async def collect(engine: AsyncEngine, requests: list[GenerationRequest]) -> lis
             r.prompt_logprobs.extend(out.prompt_logprobs)
             r.num_prompt_tokens = out.num_prompt_tokens
             r.num_output_tokens = out.num_output_tokens
+            r.num_cached_tokens = out.num_cached_tokens
             if out.finish_reason is not None:
                 r.finish_reason = finish_reason_text(out.finish_reason)
                 r.feature_stop = out.feature_stop

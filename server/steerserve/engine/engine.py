@@ -103,7 +103,7 @@ class EngineCore:
             state = self.scheduler.requests.get(rid)
             if state is not None:
                 state.add_pending(result.features.get(rid, ()), result.prompt_logprobs.get(rid, ()))
-        advanced = self.scheduler.update(sched, result.sampled)
+        advanced = self.scheduler.update(sched, result.sampled, result.failed)
         now = time.monotonic()
         for rid, message in result.failed.items():
             state = self.scheduler.finish(rid, FinishReason.ERROR)
@@ -164,7 +164,7 @@ class EngineCore:
         n_out = len(state.output_token_ids)
         return RequestOutput(
             rid, detok.take(False), (token,), lps, None, state.num_prompt_tokens, n_out, None, features,
-            prompt_logprobs=scored,
+            prompt_logprobs=scored, num_cached_tokens=state.num_cached_tokens,
         )  # fmt: skip
 
     def _finish_output(
@@ -194,6 +194,7 @@ class EngineCore:
             features,
             feature_stop,
             scored,
+            state.num_cached_tokens,
         )
 
     def fail_all(self, message: str, reason: FinishReason = FinishReason.ERROR) -> list[RequestOutput]:

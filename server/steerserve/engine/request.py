@@ -39,6 +39,14 @@ class RequestState:
     last_token_time: float | None = None
     pending_features: list[TokenFeatures] = field(default_factory=list)  # captured, not yet handed out
     pending_prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored, not handed out
+    # prefix caching (engine/prefix_cache.py): keys of its prompt / generated blocks (None: not shared),
+    # whether it may skip cached prompt blocks, its full blocks' hashes so far, how many of its blocks are
+    # registered, and the prompt tokens its first schedule found cached (usage's cached_tokens)
+    cache_keys: tuple[bytes | None, bytes | None] = (None, None)
+    may_skip: bool = False
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_published_blocks: int = 0
+    num_cached_tokens: int = 0
 
     def add_pending(self, features, prompt_logprobs) -> None:
         self.pending_features.extend(features)

@@ -8,16 +8,23 @@ One step, in order:
 `update()` then takes the runner's sampled tokens, applies the stop rules that need no text (EOS, stop
 token ids, max_tokens, context length) and frees the blocks of finished requests. Stop strings need
 text: the engine finishes those through `finish()`.
+
+With prefix caching (the allocator's `enable_caching`; prefix_cache.py says what may be shared), a
+request admitted with nothing computed starts with the cached blocks of its longest cached prefix and
+skips them (never its last token: the logits); `update()` registers every full block a step computed.
+A waiting request whose next block a running request is computing waits a step to share it (`n > 1`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from steerserve.config import SchedulerConfig
 from steerserve.engine.kv_cache import BlockAllocator
+from steerserve.engine.prefix_cache import extend_hashes, must_compute_prompt, steering_keys
 from steerserve.engine.request import RequestState, RequestStatus
 from steerserve.types.requests import FinishReason, GenerationRequest
 from steerserve.types.step import ScheduledRequest, SchedulerOutput
@@ -31,6 +38,8 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_waiting_for_row: int = 0
     num_steering_rows: int = 0
+    prefix_cache_queries: int = 0  # tokens of the requests looked up, so far
+    prefix_cache_hits: int = 0  # of those, tokens found cached
 
 
 class Scheduler:
@@ -57,12 +66,17 @@ class Scheduler:
         self.max_steering_rows = max_steering_rows
         self._row_refs: Counter[str] = Counter()
         self.num_waiting_for_row = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # -- intake ---------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         state = RequestState(request)
+        if self.allocator.enable_caching:
+            state.cache_keys = steering_keys(request.steering, request.sampling.seed)
+            state.may_skip = state.cache_keys[0] is not None and not must_compute_prompt(request)
         self.requests[request.request_id] = state
         self.waiting.append(state)
 
@@ -100,27 +114,51 @@ class Scheduler:
             budget -= n
             i += 1
 
-        skipped: list[RequestState] = []  # waiting for a steering row; keep their place in line
+        skipped: list[RequestState] = []  # waiting for a steering row or a block; keep their place in line
+        waiting_for_row = 0
+        inflight: set[bytes] | None = None  # hashes of blocks running requests have yet to compute
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             state = self.waiting[0]
             if not self._row_available(state):
                 skipped.append(self.waiting.popleft())
+                waiting_for_row += 1
                 continue
+            hits: list[int] = []
+            if state.num_computed_tokens == 0 and state.cache_keys[0] is not None:
+                if inflight is None:
+                    inflight = {h for r in self.running for h in self._uncomputed_hashes(r)}
+                hits = self._lookup(state, inflight)
+                if hits is None:  # its next block is being computed: share it next step
+                    skipped.append(self.waiting.popleft())
+                    continue
+                if hits:
+                    self.allocator.take_cached(state.blocks, hits)
+                    state.num_published_blocks = len(hits)
+                    state.num_computed_tokens = len(hits) * self.allocator.block_size
             n = min(state.num_tokens - state.num_computed_tokens, budget, chunk_cap)
             target = state.num_computed_tokens + n
             if not self.allocator.allocate(state.blocks, target, expected_tokens=state.expected_total_tokens):
+                if hits:  # back to the cache, as they were
+                    self.allocator.free(state.blocks)
+                    state.num_computed_tokens = state.num_published_blocks = 0
                 break
+            if state.may_skip:
+                self.prefix_cache_queries += state.num_tokens
+                self.prefix_cache_hits += state.num_computed_tokens
+            if inflight is not None:
+                inflight.update(self._uncomputed_hashes(state))
             self.waiting.popleft()
             self._hold_row(state)
             state.status = RequestStatus.RUNNING
             if state.first_scheduled_time is None:
                 state.first_scheduled_time = time.monotonic()
+                state.num_cached_tokens = state.num_computed_tokens
             self.running.append(state)
             plan.append((state, n))
             budget -= n
 
         self.waiting.extendleft(reversed(skipped))
-        self.num_waiting_for_row = len(skipped)
+        self.num_waiting_for_row = waiting_for_row
         scheduled = tuple(self._scheduled(state, n) for state, n in plan)
         finished, self._finished_since_last_step = tuple(self._finished_since_last_step), []
         return SchedulerOutput(scheduled, finished, self.config.max_num_batched_tokens - budget)
@@ -143,6 +181,35 @@ class Scheduler:
             capture=req.capture,
             num_reported=state.num_reported_tokens,
         )
+
+    # -- prefix cache -----------------------------------------------------------------------------
+    def _lookup(self, state: RequestState, inflight: set[bytes]) -> list[int] | None:
+        """The cached blocks `state` (nothing computed yet) may start with; None when it should wait a
+        step for a running request to compute its next block. Hashes every full block it knows."""
+        bs = self.allocator.block_size
+        extend_hashes(state, bs, state.num_tokens)
+        if not state.may_skip:
+            return []
+        max_blocks = min((state.num_tokens - 1) // bs, len(state.block_hashes))  # the last token runs
+        hits = self.allocator.lookup(state.block_hashes, max_blocks)
+        if len(hits) < max_blocks and state.block_hashes[len(hits)] in inflight:
+            return None
+        return hits
+
+    def _uncomputed_hashes(self, state: RequestState) -> list[bytes]:
+        return state.block_hashes[state.num_computed_tokens // self.allocator.block_size :]
+
+    def _publish(self, state: RequestState) -> None:
+        """Register the full blocks of `state` computed so far (prefix_cache.py decides which may be)."""
+        if state.cache_keys[0] is None:
+            return
+        bs = self.allocator.block_size
+        extend_hashes(state, bs, state.num_computed_tokens)
+        full = min(state.num_computed_tokens // bs, len(state.block_hashes))
+        ids = state.blocks.block_ids
+        for j in range(state.num_published_blocks, full):
+            self.allocator.cache_block(ids[j], state.block_hashes[j])
+        state.num_published_blocks = max(state.num_published_blocks, full)
 
     def _fingerprint(self, state: RequestState) -> str | None:
         spec = state.request.steering
@@ -169,24 +236,29 @@ class Scheduler:
 
     def _preempt(self, state: RequestState) -> None:
         self.running.remove(state)
-        self.allocator.free(state.blocks)
+        self.allocator.free(state.blocks)  # NOTE: its registered blocks stay cached: the recompute may hit
         state.num_reported_tokens = max(state.num_reported_tokens, state.num_computed_tokens)
-        state.num_computed_tokens = 0
+        state.num_computed_tokens = state.num_published_blocks = 0
         state.status = RequestStatus.PREEMPTED
         state.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(state)
 
     # -- after the forward pass -----------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestState]:
+    def update(
+        self, output: SchedulerOutput, sampled: dict[str, int], failed: Collection[str] = ()
+    ) -> list[RequestState]:
         """Advance the scheduled requests; returns those that got a new token (finished or not), and
-        those with max_tokens 0 whose prompt is now computed (finished, no token)."""
+        those with max_tokens 0 whose prompt is now computed (finished, no token). `failed`: requests
+        whose step did not run (nothing they were to compute is registered in the prefix cache)."""
         advanced = []
         for item in output.scheduled:
             state = self.requests.get(item.request_id)
             if state is None or state.status != RequestStatus.RUNNING:
                 continue  # finished (aborted) while the step ran
             state.num_computed_tokens += len(item.token_ids)
+            if item.request_id not in failed:
+                self._publish(state)
             token = sampled.get(item.request_id)
             if token is None:
                 if state.request.sampling.max_tokens == 0 and state.num_computed_tokens >= state.num_tokens:
@@ -205,6 +277,10 @@ class Scheduler:
     def _check_stop(self, state: RequestState, token: int) -> FinishReason | None:
         sp = state.request.sampling
         n_out = len(state.output_token_ids)
+        if sp.grammar is not None and token in self.eos_ids:
+            # NOTE: a grammar allows EOS only once its output is complete, and nothing after it: a
+            # complete structured output ends the request whatever min_tokens / ignore_eos say
+            return FinishReason.STOP
         if n_out >= sp.min_tokens:
             if not sp.ignore_eos and token in self.eos_ids:
                 return FinishReason.STOP
@@ -236,4 +312,6 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_waiting_for_row=self.num_waiting_for_row,
             num_steering_rows=len(self._row_refs),
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
         )

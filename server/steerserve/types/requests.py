@@ -145,3 +145,4 @@ class RequestOutput:
     features: tuple[TokenFeatures, ...] = ()  # captured since the previous output (FeatureCapture)
     feature_stop: FeatureStop | None = None  # the stop_when condition that ended the request
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens scored since the previous output
+    num_cached_tokens: int = 0  # prompt tokens its first schedule found in the prefix cache (not computed)
