@@ -216,7 +216,8 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
         args.steered = True  # NOTE: --gated compares against the ungated steered run
         steer = lambda i: steering_for(i, args.d_sae, args.seed)  # noqa: E731
         gated = lambda i: steering_for(i, args.d_sae, args.seed, gated=True)  # noqa: E731
-    server = start_server(model_dir, args.threads, ["--dtype", args.dtype], args.data_dir)
+    caching = ["--enable-prefix-caching"] if args.prefix_caching else []
+    server = start_server(model_dir, args.threads, ["--dtype", args.dtype, *caching], args.data_dir)
     runs = [(f"steerserve {{}} {args.dtype}", None)]
     if steer is not None:
         runs.append(("  steered {}", steer))
@@ -259,6 +260,12 @@ def main(argv=None) -> int:
     ap.add_argument("--d-sae", type=int, default=24576, help="features per SAE for --steered")
     ap.add_argument("--hf-hooks-requests", type=int, default=4, help="steered requests through HF + hooks")
     ap.add_argument("--data-dir", default=None, help="registry directory (default: a temp dir)")
+    ap.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="steerserve with its prefix cache on (start vLLM without --no-enable-prefix-caching); with "
+        "--repeat 2 the second run of the same prompts is the cached one, for both servers",
+    )
     args = ap.parse_args(argv)
     args.data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench-registry-")
 
@@ -275,10 +282,10 @@ def main(argv=None) -> int:
     if not args.skip_steerserve:
         rows += run_steerserve(args, model_dir, wl)
     if args.vllm_url:
-        print("vLLM, all at once ...", flush=True)
-        rows.append(
-            ("vLLM burst", asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False)))
-        )
+        for rep in range(args.repeat):
+            print(f"vLLM, all at once (repeat {rep + 1}) ...", flush=True)
+            result = asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False))
+            rows.append(("vLLM burst" + (f" #{rep + 1}" if args.repeat > 1 else ""), result))
     baseline = None
     if args.steered and args.hf_hooks_requests > 0:
         print(
