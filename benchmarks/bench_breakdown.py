@@ -56,8 +56,8 @@ class Clock:
         if self.stack:
             self.stack[-1][2] += spent
 
-    def wrap(self, obj, name: str, part: str) -> None:
-        fn = getattr(obj, name)
+    def timed(self, fn, part: str):
+        """`fn` with its calls counted under `part`."""
 
         def timed(*args, **kwargs):
             self.enter(part)
@@ -66,7 +66,10 @@ class Clock:
             finally:
                 self.exit()
 
-        setattr(obj, name, timed)
+        return timed
+
+    def wrap(self, obj, name: str, part: str) -> None:
+        setattr(obj, name, self.timed(getattr(obj, name), part))
 
 
 def module_part(name: str, module: torch.nn.Module) -> str | None:
@@ -103,7 +106,7 @@ def instrument(built, clock: Clock) -> None:
 
         return schedule
 
-    core.step = _outermost(core.step, clock, "engine other (outputs, detokenize)")
+    clock.wrap(core, "step", "engine other (outputs, detokenize)")
     core.scheduler.schedule = on_schedule(core.scheduler.schedule)
     clock.wrap(core.scheduler, "update", "scheduler")
     clock.wrap(runner, "execute", "runner other (admission, logprobs, to host)")
@@ -117,17 +120,6 @@ def instrument(built, clock: Clock) -> None:
         if part is not None:
             module.register_forward_pre_hook(lambda m, a, part=part: clock.enter(part))
             module.register_forward_hook(lambda m, a, o: clock.exit())
-
-
-def _outermost(fn, clock: Clock, part: str):
-    def timed(*args, **kwargs):
-        clock.enter(part)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            clock.exit()
-
-    return timed
 
 
 def matmul_rate(threads: int) -> float:

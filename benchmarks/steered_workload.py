@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from steerserve.registry import Registry, SAEWeights
+from steerserve.registry import FeatureInfo, Registry, SAEWeights
 from steerserve.types.sites import Site
 
 SITES = (Site(4, "resid_post"), Site(8, "resid_post"))
@@ -138,8 +138,6 @@ def ablations_for(i: int, d_sae: int, to: str, seed: int = 0) -> dict:
 def add_resample_stats(registry: Registry, d_sae: int, seed: int = 0) -> None:
     """Seeded synthetic distributions (density 0.02-0.3, 256 activations) for every feature of the
     benchmark SAEs: what `registry stats` would store, without running a corpus."""
-    from steerserve.registry import FeatureInfo
-
     g = torch.Generator().manual_seed(seed + 7)
     for sae_id in SAE_IDS:
         density = (torch.rand(d_sae, generator=g) * 0.28 + 0.02).tolist()

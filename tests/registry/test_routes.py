@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save
 
 from steerserve.config import RegistryConfig
+from steerserve.types.sites import Site
 from tests.registry.app_process import ThreadServer, make_app
 from tests.registry.helpers import D_IN, rand_state, saelens_cfg, write_gguf
 
@@ -285,3 +286,32 @@ def test_a_2gb_upload_is_refused_at_the_default_limit_without_being_read(data_di
         assert status.startswith(b"HTTP/1.1 413"), reply[:300]
         assert b"upload limit of 2147483648 bytes" in body
         nothing_stored(s)
+
+
+def test_upload_vector_stats(local_client, local_server):
+    """`PUT /v1/vectors/{id}/stats`: the projection samples a vector's `project_out` with `"to": "resample"`
+    draws from; bad input is a 400 naming the field and stores nothing."""
+    client = local_client
+    reg = local_server.app.state.registry
+    vec = np.random.default_rng(0).standard_normal(D_IN).tolist()
+    assert client.post("/v1/vectors", json={"id": "one", "layer": 1, "vector": vec}).status_code == 201
+    r = client.put("/v1/vectors/one/stats", json={"projection_sample": [2.5, -1.0, 0.25]})
+    assert r.status_code == 200, r.text
+    assert r.json()["projection_sample_size"] == 3
+    assert reg.get_vector_stats("one") == {Site(1, "resid_post"): (-1.0, 0.25, 2.5)}
+    body = {"sites": [{"site": "blocks.1.hook_resid_post", "projection_sample": [0.5, 1.5]}]}
+    assert client.put("/v1/vectors/one/stats", json=body).status_code == 200
+    assert reg.get_vector_stats("one") == {Site(1, "resid_post"): (0.5, 1.5)}
+
+    before = reg.get_vector_stats("one")
+    error(
+        client.put("/v1/vectors/one/stats", json={"projection_sample": [1.0, "x"]}), 400, "projection_sample"
+    )
+    error(client.put("/v1/vectors/one/stats", json={"projection_sample": []}), 400, "projection_sample")
+    error(client.put("/v1/vectors/one/stats", json={"sites": []}), 400, "sites")
+    bad_site = {"sites": [{"site": "blocks.0.hook_resid_pre", "projection_sample": [1.0]}]}
+    error(client.put("/v1/vectors/one/stats", json=bad_site), 400, "site")
+    nan = {"sites": [{"site": 1, "projection_sample": [1e39]}]}
+    error(client.put("/v1/vectors/one/stats", json=nan), 400, "sites[0].projection_sample")
+    error(client.put("/v1/vectors/nope/stats", json={"projection_sample": [1.0]}), 404)
+    assert reg.get_vector_stats("one") == before  # nothing a refused call carried was stored

@@ -27,7 +27,7 @@ class ToolStream:
         self.body = body
         self.mode = tool_mode(body)
         self.held = ""  # text not sent yet
-        self.holding = isinstance(self.mode, NamedToolChoice) or self.mode in ("required", "auto")
+        self.holding = self.mode in ("required", "auto")  # a named function streams at once (_named)
         self.named_started = False
         self.called = False  # the choice's text was sent as tool calls
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from dataclasses import asdict
 
 from steerserve.types.requests import FeatureCapture, GenerationRequest
-from steerserve.types.steering import FeatureResample, Positions, SteeringSpec, VectorResample
+from steerserve.types.steering import FeatureResample, Positions, SteeringSpec, VectorResample, canonical
 
 ROOT = bytes(32)  # the parent hash of a request's first block
 _RESAMPLES = (FeatureResample, VectorResample)
@@ -42,17 +41,11 @@ def steering_keys(spec: SteeringSpec | None, seed: int | None) -> tuple[bytes | 
         return None, None
     # NOTE: the intervention's index stays in the key: a resample draw depends on it, and the order of
     # edits at one site changes the result
-    body = [[i, type(iv).__name__, _canonical(iv)] for i, iv in acting]
+    body = [[i, canonical(iv)] for i, iv in acting]  # canonical() names the kind
     if resamples:
         body.append(["seed", seed])
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).digest()
     return digest, None
-
-
-def _canonical(iv) -> dict:
-    d = asdict(iv)
-    d.pop("source", None)  # where it came from does not change what it does
-    return d
 
 
 def must_compute_prompt(request: GenerationRequest) -> bool:

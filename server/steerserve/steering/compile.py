@@ -86,16 +86,19 @@ class _Compiler:
             )
         return record, ref.index
 
-    def recorded(self, record, index: int, stat: str, param: str, how: str = "") -> float:
-        """The feature's stored `stat` (max_activation, mean_activation, density, active_sample); 400 on
-        `param` when unknown."""
-        value = getattr(self.registry.get_feature(record.id, index), stat)
-        if value is None:
-            what = stat.replace("_", " ")
-            raise invalid(
-                param, f"feature {index} of SAE {record.id!r} has no recorded {what}" + (how and f": {how}")
-            )
-        return value
+    def recorded(self, record, index: int, stats: tuple[str, ...], param: str, how: str = "") -> tuple:
+        """The feature's stored `stats` (max_activation, mean_activation, density, active_sample), from one
+        registry read; 400 on `param` naming the first one unknown."""
+        info = self.registry.get_feature(record.id, index)
+        values = tuple(getattr(info, stat) for stat in stats)
+        for stat, value in zip(stats, values, strict=True):
+            if value is None:
+                what = stat.replace("_", " ")
+                raise invalid(
+                    param,
+                    f"feature {index} of SAE {record.id!r} has no recorded {what}" + (how and f": {how}"),
+                )
+        return values
 
     def gate(self, cond: it.Condition, param: str) -> Gate:
         """A `when` gate or a `stop_when` entry (a stop's `latch` is refused by its model)."""
@@ -135,7 +138,7 @@ class _Compiler:
         record, common = self.feature_common(item, param)
         max_act = None
         if item.scale is AddScale.MAX_ACTIVATION:
-            max_act = self.recorded(record, common["index"], "max_activation", f"{param}.scale")
+            (max_act,) = self.recorded(record, common["index"], ("max_activation",), f"{param}.scale")
         strength = self.number(item.strength, f"{param}.strength")
         return [FeatureAdd(strength=strength, scale=item.scale, max_activation=max_act, **common)]
 
@@ -151,8 +154,8 @@ class _Compiler:
         record, common = self.feature_common(item, param)
         how = f'compute them with `steerserve registry stats {record.id}`, or use "to": "zero"'
         if item.to == "resample":
-            density = self.recorded(record, common["index"], "density", f"{param}.to", how)
-            sample = self.recorded(record, common["index"], "active_sample", f"{param}.to", how)
+            stats = ("density", "active_sample")
+            density, sample = self.recorded(record, common["index"], stats, f"{param}.to", how)
             if density > 0 and not sample:
                 raise invalid(
                     f"{param}.to",
@@ -162,7 +165,7 @@ class _Compiler:
             return [FeatureResample(density=density, sample=tuple(sample), **common)]
         value = 0.0
         if item.to == "mean":
-            value = self.recorded(record, common["index"], "mean_activation", f"{param}.to", how)
+            (value,) = self.recorded(record, common["index"], ("mean_activation",), f"{param}.to", how)
         return [FeatureAblate(value=value, **common)]
 
     def vector(self, item, param: str) -> tuple[dict, list[Site]]:

@@ -270,8 +270,8 @@ class SteeringSpec:
     @classmethod
     def build(cls, interventions, logit_biases, variant=None, stops=()) -> SteeringSpec:
         body = {
-            "i": [_canonical(i) for i in interventions],
-            "b": [_canonical(b) for b in logit_biases],
+            "i": [canonical(i) for i in interventions],
+            "b": [canonical(b) for b in logit_biases],
             "s": [asdict(g) for g in stops],
         }
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -300,7 +300,9 @@ class SteeringSpec:
         return out
 
 
-def _canonical(item) -> dict:
+def canonical(item) -> dict:
+    """What an intervention (or a logit-bias term) does, as plain data: its fields and kind, without
+    where it came from (the fingerprint's and the prefix cache's key material)."""
     d = asdict(item)
     d.pop("source", None)  # where an intervention came from does not change what it does
     d["kind"] = str(getattr(item, "kind", ""))  # FeatureClamp and FeatureScale have the same fields
