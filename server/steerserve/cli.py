@@ -187,7 +187,7 @@ def registry_stats(args: argparse.Namespace) -> int:
         stats = feature_stats(built, args.id, texts, batch=args.batch, seed=args.seed)
         n = store_feature_stats(built, args.id, stats)
     finally:
-        built.registry.close()
+        built.close()
     print(
         f"{args.id}: {n} features over {stats.num_tokens} tokens; "
         f"{int((stats.density > 0).sum())} ever active; {stats.saturated} tokens saturated the top-k capture"

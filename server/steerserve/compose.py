@@ -44,6 +44,11 @@ class BuiltEngine:
     steering: SteeringRows
     grammars: GrammarCache | None = None
 
+    def close(self) -> None:
+        """Once the engine thread has stopped: finish the pending cache writes, then close the registry."""
+        self.steering.resources.close()
+        self.registry.close()
+
 
 def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngine:
     """The engine; `registry` (opened from config.registry when None) backs its steering."""
@@ -113,7 +118,14 @@ def start_services(config: Config, built: BuiltEngine | None = None) -> Services
     if config.model.model == demo.DEMO_MODEL:
         demo.register_demo(b.registry, b.info)
     return Services(
-        b.core, b.info, b.tokenizer, b.metrics, b.registry, FeatureReadout(b.steering.resources), b.grammars
+        b.core,
+        b.info,
+        b.tokenizer,
+        b.metrics,
+        b.registry,
+        FeatureReadout(b.steering.resources),
+        b.close,
+        b.grammars,
     )
 
 

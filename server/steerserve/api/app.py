@@ -118,7 +118,7 @@ def create_app(config: Config, start: Callable[[], Services]) -> FastAPI:
             yield
         finally:
             engine.shutdown()
-            app.state.registry.close()
+            services.close()
 
     app = FastAPI(
         title="steerserve", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse

@@ -6,7 +6,7 @@ The API sees the engine core and plain types; the model, the runner and its devi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,4 +45,5 @@ class Services:
     metrics: EngineMetrics
     registry: Registry
     readout: FeatureReadout
+    close: Callable[[], None]  # after the engine stopped: drain background writers, close the registry
     grammars: GrammarCompiler | None = None  # structured output; None: not served

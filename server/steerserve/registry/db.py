@@ -100,35 +100,41 @@ class Database:
 
         return psycopg.connect(self.url, autocommit=True)
 
-    def _conn(self):
+    def _conn(self) -> tuple:
+        """This thread's (connection, in-use lock), connected on first use."""
         if self._closed:
             raise RuntimeError("the registry database is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self.dialect == "postgresql" and (conn.closed or conn.broken):
-            conn = None
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
+        held = getattr(self._local, "conn", None)
+        if held is not None and self.dialect == "postgresql" and (held[0].closed or held[0].broken):
+            held = None
+        if held is None:
+            held = (self._connect(), threading.RLock())  # re-entrant: PostgreSQL nests as savepoints
+            self._local.conn = held
             with self._lock:
-                self._all.append(conn)
-        return conn
+                self._all.append(held)
+        return held
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[Tx]:
-        conn = self._conn()
-        if self.dialect == "postgresql":
-            with conn.transaction():
-                if write:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
+        conn, in_use = self._conn()
+        # NOTE: close() takes this lock before closing: a connection closed mid-statement by another
+        # thread is a use-after-free inside the sqlite3 module (a segfault, not an exception)
+        with in_use:
+            if self._closed:
+                raise RuntimeError("the registry database is closed")
+            if self.dialect == "postgresql":
+                with conn.transaction():
+                    if write:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
+                    yield Tx(conn, self.dialect)
+                return
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
                 yield Tx(conn, self.dialect)
-            return
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield Tx(conn, self.dialect)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def read(self):
         """A read transaction (a consistent snapshot)."""
@@ -162,10 +168,18 @@ class Database:
                 )
         return latest
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 60.0) -> None:
+        """Close every thread's connection once its transaction ends; new transactions are refused.
+        A connection still busy after `wait_s` is left open (leaked) rather than closed under its user."""
         self._closed = True
         with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            with contextlib.suppress(Exception):  # best effort: another thread may be mid-statement
-                conn.close()
+            held, self._all = self._all, []
+        deadline = time.monotonic() + wait_s
+        for conn, in_use in held:
+            if not in_use.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            try:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            finally:
+                in_use.release()

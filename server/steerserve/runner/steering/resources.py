@@ -96,6 +96,10 @@ class SteeringResources:
         self.effect_misses = 0  # logit effects computed
         self.step_misses = 0  # registry reads inside a step: what `load` had made resident was evicted
 
+    def close(self) -> None:
+        """Wait for the queued cache writes (they use the registry, which is closed next)."""
+        self._writer.shutdown(wait=True)
+
     # -- API threads ----------------------------------------------------------------------------
     def load(self, spec: SteeringSpec | None, saes: Iterable[SAERef] = ()) -> SteeringPin:
         """Make resident what `spec` (and the SAEs `saes`, e.g. a capture's) needs in a step, and pin it.
