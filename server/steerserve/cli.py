@@ -6,6 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
+from dataclasses import replace
 
 from steerserve.config import (
     AdmissionConfig,
@@ -13,6 +16,7 @@ from steerserve.config import (
     Config,
     LimitsConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     ServerConfig,
 )
@@ -60,7 +64,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-key", action="append", help="key for registry writes (env STEERSERVE_ADMIN_KEY)")
     add_registry_arguments(p)
     add_admission_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per rank (default: the cores / the ranks on this machine)")  # fmt: skip
+    par = ParallelConfig()
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=par.tensor_parallel_size,
+                   help="shard the model over this many ranks (one process each; torchrun's variables, when "
+                   "set, say where the others are, else this command starts them here)")  # fmt: skip
+    p.add_argument("--distributed-timeout-s", type=float, default=par.distributed_timeout_s,
+                   help="a rank that does not answer within this many seconds stops the server")  # fmt: skip
     p.add_argument("--log-level", default="info")
 
 
@@ -126,10 +137,12 @@ def config_from_args(a: argparse.Namespace) -> Config:
             log_level=a.log_level,
         ),
         registry=registry_config_from_args(a),
+        parallel=ParallelConfig(a.tensor_parallel_size, a.distributed_timeout_s),
     )
 
 
-def serve(config: Config, threads: int | None = None) -> None:
+def serve(config: Config, threads: int | None = None, argv: list[str] | None = None) -> int:
+    """Run the server until it stops; the exit status (1: a tensor-parallel rank was lost)."""
     import torch
     import uvicorn
 
@@ -138,9 +151,22 @@ def serve(config: Config, threads: int | None = None) -> None:
     from steerserve.api.timeouts import timed_protocol
     from steerserve.compose import create_server_app
 
+    ranks, local, stop = None, None, _StopOnRankFailure()
+    tp = config.parallel.tensor_parallel_size
+    if tp < 1:
+        raise SystemExit(f"--tensor-parallel-size must be at least 1, got {tp}")
+    if tp > 1:
+        from steerserve.engine.ranks import LocalRanks, in_torchrun, join_group
+
+        if not in_torchrun():
+            local = LocalRanks(tp, argv if argv is not None else sys.argv[1:])
+        config, threads = _rank_placement(config, threads)
+        ranks = join_group(tp, config.parallel.distributed_timeout_s, config.model.device.startswith("cuda"))
+        if ranks.rank != 0:
+            return _follow_rank(config, ranks, threads)
     if threads:
         torch.set_num_threads(threads)
-    app = create_server_app(config)
+    app = create_server_app(config, ranks=ranks, on_rank_failure=stop)
     adm = config.admission
     server_config = uvicorn.Config(
         app,
@@ -153,7 +179,82 @@ def serve(config: Config, threads: int | None = None) -> None:
         http=timed_protocol(adm.header_timeout_s, adm.body_timeout_s, adm.body_min_rate),
     )
     access_log.install()  # NOTE: after uvicorn.Config, which configures the loggers
-    GracefulServer(server_config, app, adm.drain_timeout_s).run()
+    server = GracefulServer(server_config, app, adm.drain_timeout_s)
+    stop.server, stop.app = server, app
+    if local is not None:
+        local.watch(stop)
+    try:
+        server.run()
+    finally:
+        if local is not None:
+            local.stop()
+    return 1 if stop.reason else 0
+
+
+class _StopOnRankFailure:
+    """Rank 0, when a rank is lost: the engine dies (requests in flight end with the reason, /health
+    503), then the server exits with status 1: the group cannot be mended, its supervisor restarts it."""
+
+    def __init__(self):
+        self.server, self.app, self.reason = None, None, None
+        self._lock = threading.Lock()
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+        threading.Thread(target=self._stop, name="steerserve-rank-failure", daemon=True).start()
+
+    def _stop(self) -> None:
+        logging.getLogger(__name__).error("stopping the server: %s", self.reason)
+        from steerserve.engine.distributed import DistributedRunner
+
+        engine = getattr(self.app.state, "engine", None) if self.app is not None else None
+        if engine is not None:
+            if isinstance(engine.core.runner, DistributedRunner):
+                engine.core.runner.mark_broken(self.reason)  # no STOP to send at shutdown: none can answer
+            engine.fail(self.reason)
+        time.sleep(1.0)  # NOTE: the failed requests reach their clients; /health answers 503 meanwhile
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+def _rank_placement(config: Config, threads: int | None) -> tuple[Config, int | None]:
+    """This rank's device (cuda:LOCAL_RANK) and CPU threads (the machine's cores split between its ranks)."""
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", config.parallel.tensor_parallel_size))
+    device = config.model.device
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    elif device == "auto":
+        device = "cpu"
+    if threads is None and device == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+    return replace(config, model=replace(config.model, device=device)), threads
+
+
+def _follow_rank(config: Config, ranks, threads: int | None) -> int:
+    """Ranks 1..N-1: no HTTP server; run each step rank 0 sends on this rank's shard until it stops."""
+    import torch
+
+    from steerserve.compose import build_engine
+    from steerserve.engine.distributed import RankFailure, follow
+
+    if threads:
+        torch.set_num_threads(threads)
+    built = build_engine(config, ranks=ranks)
+    try:
+        follow(built.core.runner, built.channel)
+        return 0
+    except RankFailure as exc:
+        logging.getLogger(__name__).error("rank %d stops: %s", ranks.rank, exc)
+        return 1
+    finally:
+        built.close()
 
 
 def registry_stats(args: argparse.Namespace) -> int:
@@ -207,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
-        serve(config_from_args(args), args.threads)
-        return 0
+        return serve(config_from_args(args), args.threads, argv)
     return args.func(args)
 
 

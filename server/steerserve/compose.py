@@ -8,6 +8,7 @@ else receives the parts it needs; nothing below imports this module (pyproject's
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,8 +17,10 @@ from steerserve.api.app import create_app
 from steerserve.api.services import Services
 from steerserve.config import Config, ModelConfig
 from steerserve.demo import shipped as demo
+from steerserve.engine.distributed import CommandChannel, DistributedRunner, command_group
 from steerserve.engine.engine import EngineCore
 from steerserve.engine.kv_cache import BlockAllocator
+from steerserve.engine.ranks import RankInfo
 from steerserve.engine.scheduler import Scheduler
 from steerserve.interp.readout import FeatureReadout
 from steerserve.metrics import EngineMetrics, MetricSources
@@ -43,17 +46,33 @@ class BuiltEngine:
     registry: Registry
     steering: SteeringRows
     grammars: GrammarCache | None = None
+    channel: CommandChannel | None = None  # tensor parallelism: to the other ranks (rank 0) or from 0
 
     def close(self) -> None:
-        """Once the engine thread has stopped: finish the pending cache writes, then close the registry."""
+        """Once the engine thread has stopped: release the other ranks, finish the pending cache writes,
+        then close the registry."""
+        if isinstance(self.core.runner, DistributedRunner):
+            self.core.runner.close()
         self.steering.resources.close()
         self.registry.close()
 
 
-def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngine:
-    """The engine; `registry` (opened from config.registry when None) backs its steering."""
+def build_engine(
+    config: Config,
+    registry: Registry | None = None,
+    ranks: RankInfo | None = None,
+    on_rank_failure: Callable[[str], None] | None = None,
+) -> BuiltEngine:
+    """The engine; `registry` (opened from config.registry when None) backs its steering. With `ranks`
+    (a joined tensor-parallel group, engine/ranks.py) the weights are this rank's shard; rank 0's runner
+    broadcasts each step (`on_rank_failure(why)` when the group breaks), the others' is run by `follow`."""
     registry = registry or Registry.from_config(config.registry)
-    model, tokenizer, device, dtype = load_model(resolve_model(config.model))
+    channel, shard = None, None
+    if ranks is not None:
+        from steerserve.runner.tensor_parallel import shard_model  # NOTE: only tensor-parallel ranks
+
+        channel, shard = CommandChannel(command_group()), shard_model
+    model, tokenizer, device, dtype = load_model(resolve_model(config.model), shard)
     if device.type == "cuda":
         # NOTE: cuDNN SDPA builds a plan per new shape (~3 ms of CPU each); every request's context length
         # is new each step, so it would dominate the step. Flash / memory-efficient kernels have no plans.
@@ -61,9 +80,12 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
     adapter = model_adapter(model)
     max_len = min(config.scheduler.max_model_len or adapter.max_positions, adapter.max_positions)
     kv_dtype = kv_cache_dtype(config.cache, device, dtype)
-    num_blocks, max_len, layout = plan_kv_cache(
-        model, config.cache, config.scheduler, max_len, device, kv_dtype
-    )
+    cache_cfg = config.cache
+    if ranks is not None:  # ranks on one machine share its memory
+        cache_cfg = replace(cache_cfg, kv_cache_fraction=cache_cfg.kv_cache_fraction / ranks.local_world_size)
+    num_blocks, max_len, layout = plan_kv_cache(model, cache_cfg, config.scheduler, max_len, device, kv_dtype)
+    if channel is not None:  # the scheduler on rank 0 hands out blocks every rank must hold
+        num_blocks, max_len = channel.agree_min(num_blocks, max_len)
     name = config.model.served_model_name or config.model.model
     info = adapter.info(tokenizer, name, max_len)
     metrics = EngineMetrics(name)
@@ -99,8 +121,17 @@ def build_engine(config: Config, registry: Registry | None = None) -> BuiltEngin
         config.cache.block_size,
         kv_dtype,
     )
-    core = EngineCore(scheduler, runner, tokenizer, metrics)
-    return BuiltEngine(core, info, tokenizer, model, metrics, registry, steering, runner.grammars.cache)
+    core_runner = runner
+    if channel is not None:
+        runner.consensus = channel.union
+        if channel.rank == 0:
+            core_runner = DistributedRunner(
+                runner, channel, config.parallel.heartbeat_s, on_rank_failure or logger.error
+            )
+    core = EngineCore(scheduler, core_runner, tokenizer, metrics)
+    return BuiltEngine(
+        core, info, tokenizer, model, metrics, registry, steering, runner.grammars.cache, channel
+    )
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
@@ -129,6 +160,15 @@ def start_services(config: Config, built: BuiltEngine | None = None) -> Services
     )
 
 
-def create_server_app(config: Config, built: BuiltEngine | None = None):
-    """The FastAPI app of `steerserve serve`: the engine is built at start-up unless one is given."""
-    return create_app(config, lambda: start_services(config, built))
+def create_server_app(
+    config: Config,
+    built: BuiltEngine | None = None,
+    ranks: RankInfo | None = None,
+    on_rank_failure: Callable[[str], None] | None = None,
+):
+    """The FastAPI app of `steerserve serve`: the engine is built at start-up unless one is given (rank 0
+    of a tensor-parallel group with `ranks`)."""
+    return create_app(
+        config,
+        lambda: start_services(config, built or build_engine(config, None, ranks, on_rank_failure)),
+    )

@@ -138,6 +138,16 @@ class SteeringConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks the model's weights are sharded over (one process each; torch.distributed)."""
+    distributed_timeout_s: float = 300.0
+    """A collective that waits longer breaks the group: the engine is dead and the server exits."""
+    heartbeat_s: float = 10.0
+    """While idle, rank 0 tells the other ranks it is alive this often (well under the timeout)."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -175,3 +185,4 @@ class Config:
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -224,6 +224,7 @@ class AsyncEngine:
         # no job is queued after the last sweep of the inbox (none can hang)
         self._jobs_lock = threading.Lock()
         self._closed: str | None = None
+        self._fatal: str | None = None  # set by fail(), from any thread
         self._jobs: deque[Job] = deque()  # taken from the inbox, not run yet (engine thread only)
 
     def start(self) -> None:
@@ -284,6 +285,12 @@ class AsyncEngine:
                 self._inbox.put(("job", job))
         return job.future
 
+    def fail(self, reason: str) -> None:
+        """From any thread: the engine can never run a step again (a tensor-parallel rank was lost). Every
+        request ends with `reason` and the engine is dead, also when it was idle."""
+        self._fatal = reason
+        self._inbox.put(("wake", None))
+
     def begin_drain(self) -> None:
         """Stop admitting (SIGTERM): requests in flight go on."""
         self.draining = True
@@ -332,6 +339,9 @@ class AsyncEngine:
             outputs = self._drain_inbox(block)
             if self._stop.is_set():
                 break
+            if self._fatal is not None:
+                self._die(self._fatal, outputs)
+                return
             if self._jobs:  # NOTE: one per step, so a burst of readouts delays each step by one at most
                 self._jobs.popleft().run()
             if self.core.has_work():
@@ -339,19 +349,22 @@ class AsyncEngine:
                     outputs.extend(self.core.step())
                 except Exception as exc:
                     logger.exception("engine step failed; the engine is now dead")
-                    self.dead = f"engine step failed: {type(exc).__name__}: {exc}"
-                    outputs.extend(self.core.fail_all(self.dead))
-                    self._deliver_threadsafe(outputs)
-                    if self._loop is not None and not self._loop.is_closed():
-                        # NOTE: submit() checks `dead` on the loop thread, so this sweep, queued after
-                        # `dead` was set, answers every request handed over before it saw it
-                        self._loop.call_soon_threadsafe(self._fail_streams)
-                    self.core.publish_stats()
+                    self._die(f"engine step failed: {type(exc).__name__}: {exc}", outputs)
                     return
             else:
                 self.core.publish_stats()  # aborts and arrivals change the gauges without a step
             if outputs:
                 self._deliver_threadsafe(outputs)
+
+    def _die(self, reason: str, outputs: list[RequestOutput]) -> None:
+        self.dead = reason
+        outputs.extend(self.core.fail_all(self.dead))
+        self._deliver_threadsafe(outputs)
+        if self._loop is not None and not self._loop.is_closed():
+            # NOTE: submit() checks `dead` on the loop thread, so this sweep, queued after
+            # `dead` was set, answers every request handed over before it saw it
+            self._loop.call_soon_threadsafe(self._fail_streams)
+        self.core.publish_stats()
 
     def _drain_inbox(self, block: bool) -> list[RequestOutput]:
         outputs = []

@@ -26,6 +26,7 @@ from enum import Enum
 
 import torch
 
+from steerserve.runner.tensor_parallel import tp_world_size
 from steerserve.types.model import ModelInfo
 from steerserve.types.sites import RESID_HOOKS, Hook, Site
 
@@ -191,11 +192,12 @@ class ModelAdapter:
         return 2048
 
     def kv_geometry(self) -> tuple[int, int, int]:
-        """(layers, key/value heads, head dim) of its attention: the KV cache's shape."""
+        """(layers, key/value heads, head dim) of its attention: the KV cache's shape. Under tensor
+        parallelism the heads are this rank's (runner/tensor_parallel.py splits them evenly)."""
         cfg = self._config
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_hidden_layers, n_kv, head_dim
+        return cfg.num_hidden_layers, n_kv // tp_world_size(self.base), head_dim
 
     def final_norm(self) -> torch.nn.Module:
         for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):

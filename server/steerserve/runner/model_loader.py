@@ -9,6 +9,7 @@ tokenizer, so tests and benchmarks need no download. `save_random_model()` write
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -52,6 +53,19 @@ def _tiny_config(arch: str):
         return GPT2Config(vocab_size=50257, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     if arch == "llama":
         return LlamaConfig(**llama_like)
+    if arch == "llama-small":  # GPT-2 small's size as a Llama, which tensor parallelism can shard
+        return LlamaConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            max_position_embeddings=1024,
+            vocab_size=50257,
+            bos_token_id=256,
+            eos_token_id=257,
+            pad_token_id=258,
+        )
     if arch == "qwen2":
         return Qwen2Config(**llama_like)
     if arch == "qwen3":
@@ -66,7 +80,7 @@ def _tiny_config(arch: str):
             **llama_like,
         )
     raise ValueError(
-        f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, qwen2, qwen3, gemma2"
+        f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, llama-small, qwen2, qwen3, gemma2"
     )
 
 
@@ -140,8 +154,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         ) from None
 
 
-def load_model(cfg: ModelConfig):
-    """(model on its device with our attention, tokenizer, device, dtype)."""
+def load_model(cfg: ModelConfig, shard: Callable[[torch.nn.Module], None] | None = None):
+    """(model on its device with our attention, tokenizer, device, dtype); `shard` (tensor parallelism)
+    cuts its weights to this rank's share before the CPU path packs them."""
     register_attention()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -159,6 +174,8 @@ def load_model(cfg: ModelConfig):
             cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code
         )
     model.set_attn_implementation(ATTENTION_NAME)
+    if shard is not None:  # NOTE: before the move, so a device never holds more than this rank's share
+        shard(model)
     model.to(device)
     model.requires_grad_(False)
     if dtype in (torch.bfloat16, torch.float16):

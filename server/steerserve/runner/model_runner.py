@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -110,6 +111,9 @@ class ModelRunner:
         self.capturer = FeatureCapturer(steering.resources) if steering is not None else None
         self.site_hooks = SiteHooks(model_adapter(model), self._on_site)
         self.grammars = None  # runner/grammar.py GrammarRows (compose.py): structured output
+        # tensor parallelism: every rank's refused admissions -> all of them (engine/distributed.py), so
+        # that all ranks run the same rows through the forward's collectives
+        self.consensus: Callable[[dict[str, str]], dict[str, str]] | None = None
 
     def _on_site(self, site, h) -> None:
         self.steering.apply(site, h)  # steering first: a capture sees the steered state
@@ -184,6 +188,11 @@ class ModelRunner:
             except Exception as exc:  # this request cannot run; the batch goes on without it
                 logger.warning("request %s failed at admission: %s", item.request_id, exc)
                 failed[item.request_id] = f"{type(exc).__name__}: {exc}"
+        if self.consensus is not None:
+            agreed = self.consensus(failed)
+            for rid in agreed.keys() - failed.keys():
+                self._forget(rid)  # admitted here, refused on another rank
+            failed = agreed
         scheduled = tuple(item for item in sched.scheduled if item.request_id not in failed)
         if not scheduled:
             return RunnerOutput({}, failed=failed)

@@ -1,0 +1,147 @@
+"""The command channel between tensor-parallel ranks (engine/wire.py, engine/distributed.py): a step's
+SchedulerOutput, steering and grammars included, arrives whole on the other rank; every rank's refusals
+are merged identically; and the receiving side builds only steerserve's plain types (a forged payload
+naming anything else is refused, never run)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import traceback
+
+import pytest
+
+from steerserve.engine.distributed import CommandChannel, forward_share
+from steerserve.engine.wire import Command, WireError, decode, encode
+from steerserve.types.grammar import GrammarKind, GrammarSpec
+from steerserve.types.requests import FeatureCapture, SamplingParams
+from steerserve.types.sites import Site
+from steerserve.types.steering import (
+    FeatureAdd,
+    FeatureClamp,
+    Gate,
+    LogitBiasTerm,
+    Positions,
+    SAERef,
+    SteeringSpec,
+    VectorAdd,
+    VectorProject,
+    VectorRef,
+)
+from steerserve.types.step import ScheduledRequest, SchedulerOutput
+from tests.server_process import free_port
+
+
+def a_step(n: int = 7) -> SchedulerOutput:
+    a, v = SAERef("a", "uid-a"), VectorRef("v", "uid-v")
+    s0, s1 = Site(0, "resid_post"), Site(1, "resid_pre")
+    spec = SteeringSpec.build(
+        [
+            FeatureAdd(site=s0, positions=Positions.ALL, sae=a, index=3, strength=4.5),
+            FeatureClamp(site=s0, positions=Positions.GENERATED, sae=a, index=5, value=-2.25),
+            VectorAdd(
+                site=s0, positions=Positions.ALL, vector=v, strength=3.0, gate=Gate(a, 1, s0, above=0.5)
+            ),
+            VectorProject(site=s1, positions=Positions.PROMPT, vector=v, lo=-0.5, hi=0.5),
+        ],
+        [LogitBiasTerm(a, 7, 5.0)],
+    )
+    items = []
+    for i in range(n):
+        prompt = tuple(range(i, i + 5 + i))
+        sampling = SamplingParams(
+            max_tokens=9, temperature=0.7, stop=("\n\n", "é✓"), seed=i,
+            grammar=GrammarSpec(GrammarKind.JSON_SCHEMA, '{"type": "object"}') if i % 3 == 0 else None,
+        )  # fmt: skip
+        items.append(
+            ScheduledRequest(
+                request_id=f"req-{i}",
+                token_ids=prompt[-1:],
+                start=len(prompt) - 1,
+                block_ids=(i, i + 1),
+                sample=True,
+                num_prompt_tokens=len(prompt),
+                prompt_token_ids=prompt,
+                sampling=sampling,
+                steering=spec if i % 2 else None,
+                capture=FeatureCapture("a", "uid-a", 4, "all") if i == 1 else None,
+            )  # fmt: skip
+        )
+    return SchedulerOutput(tuple(items), ("gone-1", "gone-2"), sum(len(x.token_ids) for x in items))
+
+
+def test_a_step_round_trips_whole():
+    step = a_step()
+    assert decode(encode((Command.STEP, step))) == (Command.STEP, step)
+
+
+def test_the_other_ranks_step_drops_only_captures_and_grammars():
+    step = a_step()
+    shared = forward_share(step)
+    assert all(x.capture is None and x.sampling.grammar is None for x in shared.scheduled)
+    assert any(x.capture is not None for x in step.scheduled)
+    for full, share in zip(step.scheduled, shared.scheduled, strict=True):
+        assert (share.token_ids, share.start, share.block_ids, share.steering, share.sampling.seed) == (
+            full.token_ids, full.start, full.block_ids, full.steering, full.sampling.seed,
+        )  # fmt: skip
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(Boom()),
+        pickle.dumps(Boom(), protocol=2),
+        pickle.dumps(traceback.format_exc),  # a function, not a type
+        pickle.dumps(pytest.approx),
+    ],
+)
+def test_forged_payloads_are_refused(payload):
+    with pytest.raises(WireError):
+        decode(payload)
+
+
+def _rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        ch = CommandChannel()
+        step = a_step()
+        if rank == 0:
+            ch.send((Command.STEP, step))
+            ch.send((Command.NOOP, None))
+        else:
+            assert ch.recv() == (Command.STEP, step)
+            assert ch.recv() == (Command.NOOP, None)
+        refused = {"req-1": "NotFound: sae a"} if rank == 0 else {"req-1": "other", "req-4": "gone"}
+        merged = ch.union(refused)
+        blocks = ch.agree_min(100 + rank * 7, 2048 - rank)
+        out.put((rank, merged, blocks))
+        dist.destroy_process_group()
+    except BaseException as exc:
+        out.put((rank, f"{type(exc).__name__}: {exc}", None))
+
+
+def test_two_ranks_send_receive_merge_and_agree():
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict((r, (m, b)) for r, m, b in (out.get(timeout=60) for _ in procs))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    expected = {"req-1": "NotFound: sae a", "req-4": "rank 1: gone"}
+    assert results[0] == (expected, (100, 2047)), results
+    assert results[1] == (expected, (100, 2047)), results
