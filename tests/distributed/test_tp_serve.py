@@ -35,8 +35,9 @@ def pair(request, tmp_path_factory):
     """(TP=1 server, TP=2 server) on the same random weights, each with the same SAEs and vectors."""
     one = start(tmp_path_factory, request.param, 1)
     two = start(tmp_path_factory, request.param, 2)
+    ranks = children(two.proc.pid)
     try:
-        assert len(children(two.proc.pid)) == 1  # rank 1, started by the server
+        assert len(ranks) == 1  # rank 1, started by the server
         assert "tensor-parallel rank 0 of 2 joined" in two.log_tail(20000)
         for server in (one, two):
             register(server)
@@ -44,6 +45,7 @@ def pair(request, tmp_path_factory):
     finally:
         one.stop()
         two.stop()
+    assert two.proc.returncode == 0 and not any(alive(pid) for pid in ranks)  # SIGTERM: both ranks end
 
 
 def register(server: ServerProcess) -> None:
@@ -211,3 +213,52 @@ def test_tp2_batched_requests_equal_tp1_alone(pair):
     with ThreadPoolExecutor(len(cases)) as pool:
         together = list(pool.map(lambda c: run(two, c), cases))
     assert together == alone
+
+
+def test_two_torchrun_nodes_serve_what_tp1_serves(tmp_path):
+    """The multi-machine launch: two torchrun agents (as on two nodes, here on loopback; static
+    rendezvous at rank 0's address) each start one rank; rank 0 serves HTTP. A normal stop (SIGTERM to
+    rank 0's agent) ends both ranks."""
+    import subprocess
+    import sys
+
+    from tests.server_process import free_port
+
+    port, master = free_port(), free_port()
+    serve = ["-m", "steerserve.cli", "serve", "--model", "random:llama", "-tp", "2", *COMMON,
+             "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    agents, logs = [], []
+    for node in (1, 0):
+        logs.append(open(tmp_path / f"node{node}.log", "w"))  # noqa: SIM115 -- closed below
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(master), *serve]  # fmt: skip
+        agents.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
+    one = ServerProcess(["--model", "random:llama", *COMMON], str(tmp_path / "tp1.log")).wait_healthy()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            assert all(a.poll() is None for a in agents), (tmp_path / "node0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        for prompt in PROMPTS:
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            got = httpx.post(url + "/generate", json=body, timeout=60).json()["token_ids"]
+            assert got == generate(one, prompt)["token_ids"]
+        ranks = [c for a in agents for c in children(a.pid)]
+        assert len(ranks) == 2
+        agents[1].send_signal(signal.SIGTERM)  # rank 0's agent: it passes SIGTERM on, rank 0 drains
+        for a in agents:
+            a.wait(60)
+        assert not any(alive(pid) for pid in ranks)
+    finally:
+        one.stop()
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+                a.wait()
+        for f in logs:
+            f.close()
