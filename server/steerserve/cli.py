@@ -187,7 +187,7 @@ def serve(config: Config, threads: int | None = None, argv: list[str] | None = N
         server.run()
     finally:
         if local is not None:
-            local.stop()
+            local.stop(timeout=2.0 if stop.reason else 15.0)  # a lost group: its ranks get no STOP
     return 1 if stop.reason else 0
 
 

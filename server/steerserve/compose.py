@@ -125,9 +125,9 @@ def build_engine(
     if channel is not None:
         runner.consensus = channel.union
         if channel.rank == 0:
-            core_runner = DistributedRunner(
-                runner, channel, config.parallel.heartbeat_s, on_rank_failure or logger.error
-            )
+            par = config.parallel  # NOTE: idle ranks wait in a collective: beat well inside its timeout
+            heartbeat = min(par.heartbeat_s, par.distributed_timeout_s / 4)
+            core_runner = DistributedRunner(runner, channel, heartbeat, on_rank_failure or logger.error)
     core = EngineCore(scheduler, core_runner, tokenizer, metrics)
     return BuiltEngine(
         core, info, tokenizer, model, metrics, registry, steering, runner.grammars.cache, channel

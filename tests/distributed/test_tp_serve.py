@@ -262,3 +262,34 @@ def test_two_torchrun_nodes_serve_what_tp1_serves(tmp_path):
                 a.wait()
         for f in logs:
             f.close()
+
+
+def test_a_hung_rank_stops_the_server_after_the_timeout(tmp_path_factory):
+    """Rank 1 frozen (SIGSTOP): the next step's collective waits --distributed-timeout-s, then the
+    request fails, /health is 503 and the server exits non-zero; the frozen rank is killed, not left."""
+    log = tmp_path_factory.mktemp("tp-hang") / "server.log"
+    server = ServerProcess(
+        ["--model", "random:llama", "-tp", "2", "--distributed-timeout-s", "4", *COMMON], str(log)
+    ).wait_healthy()
+    try:
+        (rank1,) = children(server.proc.pid)
+        time.sleep(3)  # idle longer than half the timeout: the heartbeats keep rank 1 waiting, not failing
+        assert generate(server, "Hello")["finish_reason"] == "length"
+        os.kill(rank1, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = httpx.post(server.url + "/generate", json={"prompt": "Hello", "max_tokens": 8}, timeout=60)
+        assert r.status_code >= 500 and "error" in r.json(), r.text
+        assert time.monotonic() - t0 >= 3.5  # it waited for the timeout, no sooner
+        saw_503 = False
+        deadline = time.monotonic() + 60
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                saw_503 |= httpx.get(server.url + "/health", timeout=1).status_code == 503
+            time.sleep(0.05)
+        assert server.proc.poll() not in (None, 0), server.log_tail()
+        assert saw_503
+        assert not alive(rank1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank1, signal.SIGCONT)
+        server.stop()
