@@ -145,3 +145,23 @@ def test_two_ranks_send_receive_merge_and_agree():
     expected = {"req-1": "NotFound: sae a", "req-4": "rank 1: gone"}
     assert results[0] == (expected, (100, 2047)), results
     assert results[1] == (expected, (100, 2047)), results
+
+
+def test_prompts_travel_once_and_are_put_back():
+    """Rank 0 sends a request's prompt, sampling and steering with its first step only; the other ranks
+    put them back in every later one (captures stay rank 0's), and forget them when it finishes."""
+    from steerserve.engine.distributed import with_known_prompts, without_known_prompts
+
+    step = a_step()
+    sent, held = set(), {}
+    first = without_known_prompts(step, sent)
+    assert first == step  # all new: everything goes
+    assert with_known_prompts(decode(encode(first)), held) == step
+    later = without_known_prompts(step, sent)
+    assert all(x.prompt_token_ids == () and x.steering is None for x in later.scheduled)
+    assert len(encode(later)) < len(encode(step)) / 2
+    restored = with_known_prompts(decode(encode(later)), held)
+    assert forward_share(restored) == forward_share(step)
+    done = SchedulerOutput(step.scheduled[1:], ("req-0",), 1)
+    assert forward_share(with_known_prompts(without_known_prompts(done, sent), held)) == forward_share(done)
+    assert "req-0" not in sent and "req-0" not in held

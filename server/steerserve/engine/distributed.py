@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from steerserve.engine.wire import Command, decode, encode
+from steerserve.types.requests import SamplingParams
 from steerserve.types.step import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class DistributedRunner:
         self._last = time.monotonic()
         self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
+        self._sent: set[str] = set()  # requests whose prompt the other ranks hold (sent once)
         self._heart = threading.Thread(target=self._beat, name="steerserve-tp-heartbeat", daemon=True)
         self._heart.start()
 
@@ -106,7 +108,7 @@ class DistributedRunner:
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         with self._lock:
-            self._send((Command.STEP, sched))
+            self._send((Command.STEP, without_known_prompts(sched, self._sent)))
             try:
                 return self.runner.execute(sched)
             finally:
@@ -179,8 +181,46 @@ def forward_share(sched: SchedulerOutput) -> SchedulerOutput:
     )
 
 
+# what a running request's later steps carry instead of its sampling parameters (pickled once per step)
+_HELD_SAMPLING = SamplingParams()
+
+
+def without_known_prompts(sched: SchedulerOutput, sent: set[str]) -> SchedulerOutput:
+    """Rank 0: `sched` with what the other ranks already hold left out: a request's prompt, sampling
+    parameters and steering travel with its first step only (every step would otherwise carry every
+    running request's whole prompt). Updates `sent`."""
+    sent.difference_update(sched.finished_ids)
+    items = []
+    for item in sched.scheduled:
+        if item.request_id in sent:
+            item = dataclasses.replace(
+                item, prompt_token_ids=(), sampling=_HELD_SAMPLING, steering=None, capture=None
+            )
+        else:
+            sent.add(item.request_id)
+        items.append(item)
+    return dataclasses.replace(sched, scheduled=tuple(items))
+
+
+def with_known_prompts(sched: SchedulerOutput, held: dict[str, tuple]) -> SchedulerOutput:
+    """The other ranks: `sched` with what was left out put back from `held` (updated here). A prompt is
+    never empty (the engine refuses those), so an empty one marks a request seen before."""
+    for rid in sched.finished_ids:
+        held.pop(rid, None)
+    items = []
+    for item in sched.scheduled:
+        if item.prompt_token_ids:
+            held[item.request_id] = (item.prompt_token_ids, item.sampling, item.steering)
+        else:
+            prompt, sampling, steering = held[item.request_id]
+            item = dataclasses.replace(item, prompt_token_ids=prompt, sampling=sampling, steering=steering)
+        items.append(item)
+    return dataclasses.replace(sched, scheduled=tuple(items))
+
+
 def follow(runner, channel: CommandChannel) -> None:
     """Every rank but 0: run what rank 0 sends until STOP; raises RankFailure when the group breaks."""
+    held: dict[str, tuple] = {}
     while True:
         try:
             command, arg = channel.recv()
@@ -190,7 +230,7 @@ def follow(runner, channel: CommandChannel) -> None:
             return
         try:
             if command is Command.STEP:
-                runner.execute(forward_share(arg))
+                runner.execute(forward_share(with_known_prompts(arg, held)))
             elif command is Command.PROBE:
                 runner.probe()
         except Exception:  # rank 0 ran the same step and handles its failure (isolation.py)

@@ -188,7 +188,7 @@ class ModelRunner:
             except Exception as exc:  # this request cannot run; the batch goes on without it
                 logger.warning("request %s failed at admission: %s", item.request_id, exc)
                 failed[item.request_id] = f"{type(exc).__name__}: {exc}"
-        if self.consensus is not None:
+        if self.consensus is not None and new:  # NOTE: every rank sees the same `new`: all skip alike
             agreed = self.consensus(failed)
             for rid in agreed.keys() - failed.keys():
                 self._forget(rid)  # admitted here, refused on another rank
