@@ -203,7 +203,7 @@ def bench_broadcast(args) -> None:
     (send, reduces), (recv, _) = results[0], results[1]
     steered = sum(x.steering is not None for x in first.scheduled)
     print(f"\nstep broadcast: {len(step.scheduled)} decode requests ({steered} steered), "
-          f"{len(data) / 1024:.1f} KiB pickled once running ({len(encode(first)) / 1024:.0f} KiB on a step "
+          f"{len(data) / 1024:.1f} KiB encoded once running ({len(encode(first)) / 1024:.0f} KiB on a step "
           f"that also carries their {sum(len(x.prompt_token_ids) for x in first.scheduled)} prompt token "
           f"ids, each request's first); {args.iters} steps, 2 gloo processes on this machine")  # fmt: skip
     print(f"  encode (rank 0)       {t_enc * 1e3:8.2f} ms")

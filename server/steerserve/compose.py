@@ -20,7 +20,7 @@ from steerserve.demo import shipped as demo
 from steerserve.engine.distributed import CommandChannel, DistributedRunner, command_group
 from steerserve.engine.engine import EngineCore
 from steerserve.engine.kv_cache import BlockAllocator
-from steerserve.engine.ranks import RankInfo
+from steerserve.engine.ranks import RankInfo, steady_timeout
 from steerserve.engine.scheduler import Scheduler
 from steerserve.interp.readout import FeatureReadout
 from steerserve.metrics import EngineMetrics, MetricSources
@@ -86,6 +86,7 @@ def build_engine(
     num_blocks, max_len, layout = plan_kv_cache(model, cache_cfg, config.scheduler, max_len, device, kv_dtype)
     if channel is not None:  # the scheduler on rank 0 hands out blocks every rank must hold
         num_blocks, max_len = channel.agree_min(num_blocks, max_len)
+        steady_timeout(config.parallel.distributed_timeout_s, {None, channel.group})
     name = config.model.served_model_name or config.model.model
     info = adapter.info(tokenizer, name, max_len)
     metrics = EngineMetrics(name)

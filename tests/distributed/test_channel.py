@@ -5,10 +5,10 @@ naming anything else is refused, never run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import pickle
-import traceback
 
 import pytest
 
@@ -71,9 +71,24 @@ def a_step(n: int = 7) -> SchedulerOutput:
     return SchedulerOutput(tuple(items), ("gone-1", "gone-2"), sum(len(x.token_ids) for x in items))
 
 
+def same(a, b) -> bool:
+    """Equal, and of the same types all the way down (a StrEnum equals its string: == alone misses it)."""
+    if type(a) is not type(b):
+        return False
+    if dataclasses.is_dataclass(a):
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b or (a != a and b != b)  # NaN
+
+
 def test_a_step_round_trips_whole():
     step = a_step()
-    assert decode(encode((Command.STEP, step))) == (Command.STEP, step)
+    got = decode(encode((Command.STEP, step)))
+    assert got == (Command.STEP, step) and same(got, (Command.STEP, step))
+    assert type(got[1].scheduled[1].steering.interventions[0].site.hook).__name__ == "Hook"
 
 
 def test_the_other_ranks_step_drops_only_captures_and_grammars():
@@ -95,15 +110,28 @@ class Boom:
 @pytest.mark.parametrize(
     "payload",
     [
-        pickle.dumps(Boom()),
-        pickle.dumps(Boom(), protocol=2),
-        pickle.dumps(traceback.format_exc),  # a function, not a type
-        pickle.dumps(pytest.approx),
+        pickle.dumps(Boom()),  # not JSON at all
+        b'{"d": "os.system", "f": ["echo pwned"]}',
+        b'{"d": "subprocess.Popen", "f": [["echo", "pwned"]]}',
+        b'{"e": "builtins.type", "v": 1}',
+        b'{"d": "steerserve.types.sites.Site", "f": [1]}',  # a plain type with a field missing
+        b'{"d": "steerserve.types.step.is_run", "f": []}',  # a function of a plain types module
+        b'{"x": 1}',
+        b'{"t": [1], "s": [2], "m": []}',
     ],
 )
 def test_forged_payloads_are_refused(payload):
     with pytest.raises(WireError):
         decode(payload)
+
+
+def test_values_arrive_exactly():
+    values = [float("nan"), float("inf"), -0.0, 1e-310, 2**70, "\udc80 lone", frozenset({1, 2}),
+              {(1, 2): "tuple key", 3: None}, (Command.NOOP, [1, (2,)])]  # fmt: skip
+    got = decode(encode(values))
+    assert repr(got) == repr(values) and same(got, values)
+    with pytest.raises(WireError):
+        encode(object())
 
 
 def _rank(rank: int, port: int, out) -> None:

@@ -181,7 +181,7 @@ def forward_share(sched: SchedulerOutput) -> SchedulerOutput:
     )
 
 
-# what a running request's later steps carry instead of its sampling parameters (pickled once per step)
+# what a running request's later steps carry instead of its sampling parameters (encoded once per step)
 _HELD_SAMPLING = SamplingParams()
 
 

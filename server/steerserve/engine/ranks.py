@@ -5,8 +5,9 @@ Two ways to start them, as with vLLM and torchrun:
   command line with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
   they die with it (PR_SET_PDEATHSIG) and it watches them;
 - torchrun (any number of machines): those variables are already set; every rank joins them.
-Then every rank calls `torch.distributed.init_process_group` (gloo on CPU, NCCL on CUDA) with the
-operator's timeout: a collective that waits longer fails, and the group is broken for good.
+Then every rank calls `torch.distributed.init_process_group` (gloo on CPU, NCCL on CUDA). Joining and
+loading get STARTUP_TIMEOUT_S; once the engine is built, the operator's timeout applies
+(`steady_timeout`): a collective that waits longer fails, and the group is broken for good.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+STARTUP_TIMEOUT_S = 600.0  # joining the group and loading every rank's shard
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,23 @@ def join_group(world_size: int, timeout_s: float, cuda: bool) -> RankInfo:
         raise ValueError(
             f"--tensor-parallel-size {world_size} but WORLD_SIZE is {env_world}: start one rank per shard"
         )
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    # NOTE: starting takes longer than a step (every rank imports torch and loads the model): the
+    # operator's timeout applies once the engine is built (`steady_timeout`)
+    startup = datetime.timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=startup)
     info = RankInfo(
         dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     )
     logger.info("tensor-parallel rank %d of %d joined", info.rank, info.world_size)
     return info
+
+
+def steady_timeout(timeout_s: float, groups=(None,)) -> None:
+    """From now on a collective of `groups` (None: the default group) that waits `timeout_s` fails."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # NOTE: torch has no public setter
+
+    for group in groups:
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
 
 
 def in_torchrun() -> bool:
