@@ -23,7 +23,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_serving import make_workload, print_table, run_http, start_server
 from steered_workload import SAE_IDS, SITES
+
+from tests.server_process import free_port
 
 MODEL = "random:llama-small"
 SERVED_NAME = "llama-small-random"
@@ -188,9 +189,7 @@ def bench_broadcast(args) -> None:
     for _ in range(20):
         decode(data)
     t_dec = (time.perf_counter() - t0) / 20
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_broadcast_rank, args=(r, port, args.iters, args.num_requests, args.seed, out))

@@ -172,6 +172,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def assert_dies_unhealthy(server: ServerProcess, within: float) -> None:
+    """The server answers /health 503 at least once, then exits non-zero, within `within` seconds."""
+    saw_503 = False
+    deadline = time.monotonic() + within
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            saw_503 |= httpx.get(server.url + "/health", timeout=1).status_code == 503
+        time.sleep(0.05)
+    assert server.proc.poll() not in (None, 0), server.log_tail()
+    assert saw_503, server.log_tail()
+
+
 def test_killing_a_rank_fails_requests_in_flight_and_stops_the_server(tmp_path_factory):
     server = start(tmp_path_factory, "llama", 2)
     try:
@@ -188,14 +200,7 @@ def test_killing_a_rank_fails_requests_in_flight_and_stops_the_server(tmp_path_f
                     os.kill(rank1, signal.SIGKILL)
         assert "error" in events[-1] or "error" in events[-2], events[-3:]
         assert not any(isinstance(e, dict) and e.get("finish_reason") == "length" for e in events)
-        saw_503 = False
-        deadline = time.monotonic() + 30
-        while server.proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                saw_503 |= httpx.get(server.url + "/health", timeout=1).status_code == 503
-            time.sleep(0.05)
-        assert server.proc.poll() not in (None, 0), server.log_tail()
-        assert saw_503, server.log_tail()
+        assert_dies_unhealthy(server, within=30)
         assert "tensor-parallel rank 1 exited" in server.log_tail(1 << 20) or "ranks lost" in server.log_tail(
             1 << 20
         )
@@ -288,14 +293,7 @@ def test_a_hung_rank_stops_the_server_after_the_timeout(tmp_path_factory):
         r = httpx.post(server.url + "/generate", json={"prompt": "Hello", "max_tokens": 8}, timeout=60)
         assert r.status_code >= 500 and "error" in r.json(), r.text
         assert time.monotonic() - t0 >= 3.5  # it waited for the timeout, no sooner
-        saw_503 = False
-        deadline = time.monotonic() + 60
-        while server.proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                saw_503 |= httpx.get(server.url + "/health", timeout=1).status_code == 503
-            time.sleep(0.05)
-        assert server.proc.poll() not in (None, 0), server.log_tail()
-        assert saw_503
+        assert_dies_unhealthy(server, within=60)
         assert not alive(rank1)
     finally:
         with contextlib.suppress(ProcessLookupError):
