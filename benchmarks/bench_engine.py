@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_serving import make_workload
-from steered_workload import ablations_for, add_resample_stats, add_saes, steering_for
+from steered_workload import ablations_for, add_resample_stats, add_saes, compiled_specs
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
@@ -68,13 +68,7 @@ def main(argv=None) -> int:
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
 
     def specs_for(gated: bool):
-        return [
-            compile_steering(
-                built.registry, built.info, cfg.steering,
-                **steering_for(i, args.d_sae, args.seed, gated=gated), variant=None,
-            )
-            for i in range(args.num_requests)
-        ]  # fmt: skip
+        return compiled_specs(built, cfg.steering, args.num_requests, args.d_sae, args.seed, gated)
 
     device = built.core.runner.device
     print(

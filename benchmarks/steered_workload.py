@@ -14,6 +14,7 @@ import time
 import torch
 
 from steerserve.registry import FeatureInfo, Registry, SAEWeights
+from steerserve.steering.compile import compile_steering
 from steerserve.types.sites import Site
 
 SITES = (Site(4, "resid_post"), Site(8, "resid_post"))
@@ -58,6 +59,20 @@ def steering_for(i: int, d_sae: int, seed: int = 0, gated: bool = False) -> dict
     if gated:  # NOTE: drawn after the rest, so the ungated workload keeps its numbers
         steering[-1]["when"] = {"feature": feature(SAE_IDS[0]), "above": rng.uniform(0.0, 0.5)}
     return {"steering": steering, "feature_logit_bias": biases}
+
+
+def compiled_specs(built, steering_cfg, n: int, d_sae: int, seed: int = 0, gated: bool = False) -> list:
+    """`steering_for` of requests 0..n-1, compiled against the engine `built`'s registry."""
+    return [
+        compile_steering(
+            built.registry,
+            built.info,
+            steering_cfg,
+            **steering_for(i, d_sae, seed, gated=gated),
+            variant=None,
+        )
+        for i in range(n)
+    ]
 
 
 class _AddBias:

@@ -13,6 +13,11 @@ Public ops (this module owns their signatures, argument checks and backend dispa
   resample_draw    per-token random draws of resampled columns (new [T, F] tensor; sae_edit's /
                    project_clamp's token_value), from the counter-based stream `reference.resample_bits`
                    (in resample.py with the token_value check, re-exported here)
+  write_kv         each new token's key/value into its paged-cache row (in place on k/v caches)
+  paged_attention  causal varlen attention of a packed step over the paged KV cache: decode and
+                   chunked-prefill rows, GQA, sliding window, softcap (new or given [T, H, hd]; both in
+                   paged_attention.py with their checks, dispatch and reference, re-exported here;
+                   Triton or the reference: "cpu" runs the reference)
 
 Index convention shared by the residual-stream ops:
   slot_of_token [T] int32/int64: per token its row in the per-slot banks; -1 = not steered (untouched).
@@ -34,6 +39,7 @@ import torch
 
 from steerkernels import _checks as C
 from steerkernels import reference
+from steerkernels.paged_attention import paged_attention, write_kv
 from steerkernels.resample import check_token_value as _check_token_value
 from steerkernels.resample import resample_draw
 from steerkernels.topk_threshold import check_k as _check_k
@@ -44,6 +50,7 @@ from steerkernels.topk_threshold import sae_topk_threshold
 __all__ = [
     "apply_logit_bias",
     "argmax_rows",
+    "paged_attention",
     "project_clamp",
     "reference",
     "resample_draw",
@@ -52,6 +59,7 @@ __all__ = [
     "sae_feature_acts",
     "sae_topk_threshold",
     "steer_add",
+    "write_kv",
 ]
 
 # NOTE: the largest k of the Triton top-k (its merge keeps next_pow2(k) candidates in registers).

@@ -19,6 +19,7 @@ from steerserve.config import (
     ParallelConfig,
     SchedulerConfig,
     ServerConfig,
+    StepMode,
 )
 from steerserve.demo.train import add_demo_commands
 from steerserve.registry.cli import add_registry_arguments, add_registry_commands, registry_config_from_args
@@ -42,6 +43,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)"
     )
     p.add_argument("--seed", type=int, default=m.seed)
+    p.add_argument(
+        "--step-mode",
+        type=StepMode,
+        choices=list(StepMode),
+        default=m.step_mode,
+        help="auto (CUDA graphs on CUDA, packed elsewhere) | packed | padded | graphs",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: every step packed and eager (vLLM's flag)",
+    )
+    p.add_argument("--max-graph-batch", type=int, default=m.max_graph_batch)
     p.add_argument("--host", default=ServerConfig.host)
     p.add_argument("--port", type=int, default=ServerConfig.port)
     p.add_argument("--max-num-seqs", type=int, default=s.max_num_seqs)
@@ -120,6 +134,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
             trust_remote_code=a.trust_remote_code,
             served_model_name=a.served_model_name,
             seed=a.seed,
+            step_mode=StepMode.PACKED if a.enforce_eager else a.step_mode,
+            max_graph_batch=a.max_graph_batch,
         ),
         cache=CacheConfig(
             a.block_size, a.kv_cache_memory_gb, a.kv_cache_fraction, a.kv_cache_dtype, a.enable_prefix_caching

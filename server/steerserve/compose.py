@@ -15,7 +15,7 @@ import torch
 
 from steerserve.api.app import create_app
 from steerserve.api.services import Services
-from steerserve.config import Config, ModelConfig
+from steerserve.config import Config, ModelConfig, StepMode
 from steerserve.demo import shipped as demo
 from steerserve.engine.distributed import CommandChannel, DistributedRunner, command_group
 from steerserve.engine.engine import EngineCore
@@ -105,9 +105,15 @@ def build_engine(
         },
         step_loads=lambda: resources.step_misses,
     )
+    bs, mode = config.cache.block_size, config.model.step_mode
+    if ranks is not None and mode in (StepMode.AUTO, StepMode.GRAPHS):
+        mode = StepMode.PADDED if device.type == "cuda" else StepMode.PACKED  # NOTE: no graphs under TP yet
     runner = ModelRunner(
-        model, device, kv_dtype, num_blocks, config.cache.block_size, layout, config.model.seed, steering
-    )
+        model, device, kv_dtype, num_blocks, bs, layout, config.model.seed, steering,
+        step_mode=mode,
+        max_graph_batch=min(config.model.max_graph_batch, config.scheduler.max_num_seqs),
+        max_blocks_per_seq=-(-max_len // bs),
+    )  # fmt: skip
     runner.grammars = GrammarRows(GrammarCache(tokenizer, info.vocab_size, info.eos_token_ids))
     logger.info(
         "model %s (%s) on %s/%s: %d layers, d_model %d, max_model_len %d, KV cache %d blocks x %d tokens (%s)",

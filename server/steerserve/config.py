@@ -7,8 +7,25 @@ config after start-up.
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
+
+
+class StepMode(enum.StrEnum):
+    """How the runner executes a step (`--step-mode`; `--enforce-eager` = packed)."""
+
+    AUTO = "auto"
+    """CUDA: graphs; elsewhere: packed."""
+    PACKED = "packed"
+    """Every step packs its tokens into one `[1, T]` batch, eagerly. Attention: the C++ kernels on CPU,
+    the Triton paged kernel on CUDA."""
+    PADDED = "padded"
+    """Decode steps run through persistent buffers padded to a captured batch size, with the paged
+    attention kernel: the CUDA-graph step, run eagerly (on CPU: to test it; Triton under
+    TRITON_INTERPRET=1, else the kernel's torch reference). Other steps: packed, paged attention."""
+    GRAPHS = "graphs"
+    """PADDED, with each decode step replayed from a CUDA graph (CUDA only)."""
 
 
 @dataclass(frozen=True)
@@ -17,7 +34,7 @@ class ModelConfig:
     """Path or Hugging Face id of a decoder-only model; `demo` for the small GPT-2 shipped in the
     package (trained on the demo corpus; its SAE, feature labels and variants are registered on
     start); or `random:<arch>` for a tiny random-weight model built from a config in code (arch:
-    gpt2, llama, qwen2, qwen3, gemma2, gpt2-small)."""
+    gpt2, llama, qwen2, qwen3, gemma2; full-size shapes: gpt2-small, llama-small, llama-1b)."""
     tokenizer: str | None = None
     """Tokenizer path or id; defaults to the model's."""
     dtype: str = "auto"
@@ -30,6 +47,10 @@ class ModelConfig:
     """Name clients use in `model`; defaults to the model argument."""
     seed: int = 0
     """Seed for random-weight models and for requests that bring no seed of their own."""
+    step_mode: StepMode = StepMode.AUTO
+    """See StepMode. vLLM's `--enforce-eager` is `packed`."""
+    max_graph_batch: int = 64
+    """Largest decode batch replayed from a CUDA graph (capped by max_num_seqs); larger ones run packed."""
 
 
 @dataclass(frozen=True)

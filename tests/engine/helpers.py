@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 
 from steerserve.compose import build_engine
-from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
+from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig, StepMode
 from steerserve.types.requests import GenerationRequest
 
 
@@ -23,10 +23,11 @@ def tiny_engine(
     steering=None,
     registry=None,
     prefix_caching=True,
+    step_mode=StepMode.PACKED,
 ):
     """An engine over `model`; `registry` (e.g. an instrumented one) instead of one in `data_dir`."""
     cfg = Config(
-        model=ModelConfig(model=model, dtype=dtype),
+        model=ModelConfig(model=model, dtype=dtype, step_mode=step_mode),
         scheduler=SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget_tokens,

@@ -5,7 +5,12 @@ we write the new keys and values into our paged KV cache and attend each request
 cached keys. The batch is packed: `[1, T]` tokens of many requests, described by `AttentionMetadata`,
 which reaches us as the forward kwarg `steer_attn`.
 
-On CPU (fp32/bf16), the C++ kernels of cpu_attention.py do the KV write and the attention of all
+Two kinds of metadata: `AttentionMetadata` (per-request spans, built on the host) and `PagedMetadata`
+(block tables and lengths as device tensors only: what a CUDA graph replays). With `PagedMetadata`,
+steerkernels' paged kernels write k/v at the slot mapping and attend every row of every request in one
+launch (Triton on CUDA, or under TRITON_INTERPRET=1; else their torch reference).
+
+With `AttentionMetadata`, on CPU (fp32/bf16), the C++ kernels of cpu_attention.py do the KV write and the attention of all
 requests in one call per layer each for decode rows and prefill chunks, reading keys in place (a
 start row, or a row index for fragmented requests). Elsewhere (CUDA, other dtypes, no compiler):
 PyTorch SDPA per request. NOTE: there, a request whose blocks are contiguous (the usual case, see
@@ -14,14 +19,17 @@ engine/kv_cache.py) is attended to as a view of the cache; only fragmented reque
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import steerkernels
 from steerserve.runner import cpu_attention
 
 ATTENTION_NAME = "steerserve"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -40,6 +48,18 @@ class AttentionMetadata:
     spans: list[RequestSpan]
     slot_mapping: torch.Tensor  # [T] cache row each new token's k/v is written to
     cpu_plan: cpu_attention.StepPlan | None = None  # built by the first layer on the CPU kernel path
+
+
+@dataclass(slots=True)
+class PagedMetadata:
+    """The step as the paged kernels read it (steerkernels.paged_attention): N sequences, T rows."""
+
+    slot_mapping: torch.Tensor  # [T] cache row each new token's k/v is written to; -1 = padding row
+    block_table: torch.Tensor  # [N, max_blocks]
+    seq_lens: torch.Tensor  # [N] keys of each sequence (cached + new); 0 = padding sequence
+    query_start_loc: torch.Tensor  # [N + 1] first row of each sequence in the packed batch
+    token_seq: torch.Tensor  # [T] each row's sequence; -1 = padding row
+    block_size: int
 
 
 class KVCache:
@@ -145,9 +165,13 @@ def steerserve_attention(
         raise RuntimeError("steerserve attention called without batch metadata: use the ModelRunner")
     layer = module.layer_idx
     k_cache, v_cache = steer_cache.keys[layer], steer_cache.values[layer]  # [H_kv, rows, hd]
-    gqa = query.shape[1] != key.shape[1]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if isinstance(steer_attn, PagedMetadata):
+        return _paged_attention(
+            query, key, value, k_cache, v_cache, steer_attn, scaling, sliding_window, softcap
+        )
+    gqa = query.shape[1] != key.shape[1]
     lib = _kernel_for(query, key, value, k_cache, dropout)
     if lib is not None:
         return _kernel_attention(
@@ -189,6 +213,53 @@ def _kernel_attention(lib, query, key, value, k_cache, v_cache, meta, scaling, s
         res = _span_attention(q, k_cache, v_cache, span, scaling, sliding_window, softcap, gqa)
         out[span.q_start : span.q_start + span.q_len] = res[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _paged_attention(
+    query, key, value, k_cache, v_cache, meta: PagedMetadata, scaling, sliding_window, softcap
+):
+    """Every row in one launch of the paged kernels; no host sync (CUDA-graph safe)."""
+    steerkernels.write_kv(
+        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_mapping
+    )
+    q = query[0].transpose(0, 1).to(k_cache.dtype)  # [T, H, hd]; NOTE: attention in the cache's dtype
+    out = steerkernels.paged_attention(
+        q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.token_seq,
+        block_size=meta.block_size, scale=scaling, sliding_window=sliding_window, softcap=softcap,
+    )  # fmt: skip
+    return out.to(query.dtype).unsqueeze(0), None  # [1, T, H, hd]
+
+
+def paged_kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """The paged kernels agree with their torch reference here (two sequences, a decode row and a
+    prefill chunk over scattered blocks, GQA): a start-up check before a server relies on them."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        hk, h, hd, bs = 2, 4, 64, 16
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+        k_cache, v_cache = rand(hk, 8 * bs, hd), rand(hk, 8 * bs, hd)
+        key, value, q = rand(4, hk, hd), rand(4, hk, hd), rand(4, h, hd)
+        table = torch.tensor([[5, 2, 0], [7, 1, 3]], device=device)
+        seq_lens = torch.tensor([20, 35], device=device)
+        qsl = torch.tensor([0, 1, 4], device=device)
+        token_seq = torch.tensor([0, 1, 1, 1], device=device)
+        slots = torch.tensor([2 * bs + 3, 3 * bs, 3 * bs + 1, 3 * bs + 2], device=device)
+        results = []
+        for backend in ("auto", "torch"):
+            kc, vc = k_cache.clone(), v_cache.clone()
+            steerkernels.write_kv(key, value, kc, vc, slots, backend=backend)
+            out = steerkernels.paged_attention(
+                q, kc, vc, table, seq_lens, qsl, token_seq, block_size=bs, scale=hd**-0.5, backend=backend
+            )
+            results.append(out.float())
+        tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+        return bool(torch.allclose(results[0], results[1], atol=tol, rtol=tol))
+    except Exception:
+        logger.exception("paged attention check")
+        return False
 
 
 def register_attention() -> None:

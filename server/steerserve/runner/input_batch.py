@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steerserve.runner.attention import AttentionMetadata, RequestSpan
+from steerserve.runner.attention import AttentionMetadata, PagedMetadata, RequestSpan
 from steerserve.runner.steering.resample import DrawContext, request_key
 from steerserve.sampling.sampler import SamplingBatch
 from steerserve.types.requests import SamplingParams
@@ -52,7 +52,7 @@ def new_cached_request(item: ScheduledRequest, device: torch.device, rng: random
 class ForwardInputs:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    attn: AttentionMetadata
+    attn: AttentionMetadata | PagedMetadata
     # [R + K] rows of the packed batch that reach the LM head: the R sampled rows first, then the K
     # prompt rows scored for prompt_logprobs
     logits_rows: torch.Tensor
@@ -93,9 +93,10 @@ def _to_device(values, dtype, device) -> torch.Tensor:
 
 
 def build_forward_inputs(
-    scheduled: tuple[ScheduledRequest, ...], rows: list[int], block_size: int, device
+    scheduled: tuple[ScheduledRequest, ...], rows: list[int], block_size: int, device, paged: bool = False
 ) -> ForwardInputs:
-    """Pack the step; `rows[k]` is the steering row of scheduled[k] (-1 = unsteered)."""
+    """Pack the step; `rows[k]` is the steering row of scheduled[k] (-1 = unsteered). `paged`: attention
+    metadata for the paged kernels (block tables) instead of per-request spans."""
     ids: list[int] = []
     positions: list[np.ndarray] = []
     slots: list[np.ndarray] = []
@@ -115,12 +116,8 @@ def build_forward_inputs(
         positions.append(pos)
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         pos_class.append((pos >= item.num_prompt_tokens).astype(np.int8))
-        ctx = item.start + n
-        if is_run(item.block_ids):
-            spans.append(RequestSpan(q_start, n, ctx, int(blocks[0]) * block_size, None))
-        else:
-            cache_rows = (blocks[:, None] * block_size + np.arange(block_size)[None, :]).reshape(-1)[:ctx]
-            spans.append(RequestSpan(q_start, n, ctx, -1, _to_device(cache_rows, torch.int64, device)))
+        if not paged:
+            spans.append(_span(item, q_start, blocks, block_size, device))
         if item.sample:
             logits_rows.append(q_start + n - 1)
             sample_ids.append(item.request_id)
@@ -129,10 +126,13 @@ def build_forward_inputs(
             scored.append(PromptRows(item.request_id, first, count, item.sampling.prompt_logprobs))
             scored_rows.extend(range(q_start + first - item.start, q_start + first - item.start + count))
             targets.extend(item.prompt_token_ids[first + 1 : first + 1 + count])
+    slot_mapping = _to_device(np.concatenate(slots), torch.int64, device)
     return ForwardInputs(
         input_ids=_to_device(ids, torch.int64, device).unsqueeze(0),
         position_ids=_to_device(np.concatenate(positions), torch.int64, device).unsqueeze(0),
-        attn=AttentionMetadata(spans, _to_device(np.concatenate(slots), torch.int64, device)),
+        attn=_paged_metadata(scheduled, slot_mapping, block_size, device)
+        if paged
+        else AttentionMetadata(spans, slot_mapping),
         logits_rows=_to_device(logits_rows + scored_rows, torch.int64, device),
         sample_ids=sample_ids,
         pos_class=_to_device(np.concatenate(pos_class), torch.int8, device),
@@ -140,6 +140,31 @@ def build_forward_inputs(
         num_tokens=len(ids),
         prompt_rows=scored,
         prompt_targets=_to_device(targets, torch.int64, device) if targets else None,
+    )
+
+
+def _span(item: ScheduledRequest, q_start: int, blocks: np.ndarray, block_size: int, device) -> RequestSpan:
+    n = len(item.token_ids)
+    ctx = item.start + n
+    if is_run(item.block_ids):
+        return RequestSpan(q_start, n, ctx, int(blocks[0]) * block_size, None)
+    cache_rows = (blocks[:, None] * block_size + np.arange(block_size)[None, :]).reshape(-1)[:ctx]
+    return RequestSpan(q_start, n, ctx, -1, _to_device(cache_rows, torch.int64, device))
+
+
+def _paged_metadata(scheduled, slot_mapping: torch.Tensor, block_size: int, device) -> PagedMetadata:
+    counts = np.asarray([len(item.token_ids) for item in scheduled], dtype=np.int64)
+    table = np.zeros((len(scheduled), max(len(item.block_ids) for item in scheduled)), dtype=np.int64)
+    for i, item in enumerate(scheduled):
+        table[i, : len(item.block_ids)] = item.block_ids
+    seq_lens = [item.start + len(item.token_ids) for item in scheduled]
+    return PagedMetadata(
+        slot_mapping=slot_mapping,
+        block_table=_to_device(table, torch.int64, device),
+        seq_lens=_to_device(seq_lens, torch.int64, device),
+        query_start_loc=_to_device(np.concatenate([[0], np.cumsum(counts)]), torch.int64, device),
+        token_seq=_to_device(np.repeat(np.arange(len(scheduled)), counts), torch.int64, device),
+        block_size=block_size,
     )
 
 

@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tiny_config(arch: str):
+def random_model_config(arch: str):
     from transformers import (
         Gemma2Config,
         GPT2Config,
@@ -66,6 +66,20 @@ def _tiny_config(arch: str):
             eos_token_id=257,
             pad_token_id=258,
         )
+    if arch == "llama-1b":  # Llama-3.2-1B's shape (GQA 32/8 heads of 64, tied embeddings), GPT-2's vocabulary
+        return LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            vocab_size=50257,
+            bos_token_id=256,
+            eos_token_id=257,
+            pad_token_id=258,
+        )
     if arch == "qwen2":
         return Qwen2Config(**llama_like)
     if arch == "qwen3":
@@ -80,7 +94,7 @@ def _tiny_config(arch: str):
             **llama_like,
         )
     raise ValueError(
-        f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, llama-small, qwen2, qwen3, gemma2"
+        f"unknown random architecture {arch!r}: use gpt2, gpt2-small, llama, llama-small, llama-1b, qwen2, qwen3, gemma2"
     )
 
 
@@ -119,7 +133,7 @@ def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
 
 
 def build_random_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    cfg = _tiny_config(arch)
+    cfg = random_model_config(arch)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval(), byte_tokenizer()

@@ -2,9 +2,11 @@
 
 Steps of `execute()`, in order:
   1. forget requests that finished; remember new ones (generator, penalty state);
-  2. pack all scheduled tokens of all requests into one `[1, T]` batch (input_batch.py);
+  2. pack all scheduled tokens of all requests into one `[1, T]` batch (input_batch.py), or, for a
+     decode step with a padded step mode, write them into the persistent buffers (step_buffers.py);
   3. run the transformers model with our attention (attention.py) and keep only the logits of rows
-     that sample, and of the prompt rows scored for `prompt_logprobs` (`logits_to_keep`);
+     that sample, and of the prompt rows scored for `prompt_logprobs` (`logits_to_keep`); a padded
+     decode step in `graphs` mode replays a CUDA graph instead (cuda_graphs.py);
   4. sample, and copy the tokens to the host: the step's one host-device sync (a second one when
      prompt rows were scored).
 What one request brings is checked where it can fail: admission (`failed`: its SAE vanished, ...), and
@@ -22,9 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from steerserve.config import CacheConfig, SchedulerConfig
-from steerserve.runner.attention import KVCache
+from steerserve.config import CacheConfig, SchedulerConfig, StepMode
+from steerserve.runner.attention import KVCache, paged_kernels_work
 from steerserve.runner.cpu_attention import preferred_kv_dtype
+from steerserve.runner.cuda_graphs import DecodeGraphs
 from steerserve.runner.input_batch import (
     CachedRequest,
     build_forward_inputs,
@@ -36,6 +39,7 @@ from steerserve.runner.model_adapter import model_adapter
 from steerserve.runner.model_loader import resolve_dtype
 from steerserve.runner.site_hooks import SiteHooks
 from steerserve.runner.steering.capture import FeatureCapturer
+from steerserve.runner.step_buffers import DecodeBuffers, is_decode_step
 from steerserve.sampling.sampler import Sampler, bounded, prompt_scores
 from steerserve.types.requests import (
     NON_FINITE_LOGITS,
@@ -92,9 +96,28 @@ def plan_kv_cache(model, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, max
     return num_blocks, max_len, (n_layers, n_kv, head_dim)
 
 
+def resolve_step_mode(mode: StepMode, device: torch.device) -> StepMode:
+    if mode is StepMode.AUTO:
+        return StepMode.GRAPHS if device.type == "cuda" else StepMode.PACKED
+    if mode is StepMode.GRAPHS and device.type != "cuda":
+        raise ValueError("--step-mode graphs needs a CUDA device (padded runs the same step eagerly)")
+    return mode
+
+
 class ModelRunner:
     def __init__(
-        self, model, device, dtype, num_blocks: int, block_size: int, layout, seed: int = 0, steering=None
+        self,
+        model,
+        device,
+        dtype,
+        num_blocks: int,
+        block_size: int,
+        layout,
+        seed: int = 0,
+        steering=None,
+        step_mode: StepMode = StepMode.PACKED,
+        max_graph_batch: int = 64,
+        max_blocks_per_seq: int = 0,
     ):
         self.model = model
         self.device = device
@@ -114,6 +137,17 @@ class ModelRunner:
         # tensor parallelism: every rank's refused admissions -> all of them (engine/distributed.py), so
         # that all ranks run the same rows through the forward's collectives
         self.consensus: Callable[[dict[str, str]], dict[str, str]] | None = None
+        self.step_mode = resolve_step_mode(step_mode, device)
+        # the paged kernels attend every step (packed ones too) on CUDA and in the padded modes; on CUDA
+        # they are checked against their reference first, and a failure leaves the eager SDPA path
+        self.paged = self.step_mode is not StepMode.PACKED or device.type == "cuda"
+        if self.paged and device.type == "cuda" and not paged_kernels_work(device, dtype):
+            logger.error("the paged attention kernels failed their start-up check: eager SDPA attention")
+            self.paged, self.step_mode = False, StepMode.PACKED
+        self.decode_buffers = None
+        if self.step_mode in (StepMode.PADDED, StepMode.GRAPHS):
+            self.decode_buffers = DecodeBuffers(max_graph_batch, max_blocks_per_seq, block_size, device)
+        self.graphs = DecodeGraphs(device) if self.step_mode is StepMode.GRAPHS else None
 
     def _on_site(self, site, h) -> None:
         self.steering.apply(site, h)  # steering first: a capture sees the steered state
@@ -198,7 +232,11 @@ class ModelRunner:
             return RunnerOutput({}, failed=failed)
 
         rows = [self.requests[item.request_id].row for item in scheduled]
-        inputs = build_forward_inputs(scheduled, rows, self.block_size, self.device)
+        padded = self._padded_size(scheduled)
+        if padded:
+            inputs = self.decode_buffers.load(scheduled, rows, padded)
+        else:
+            inputs = build_forward_inputs(scheduled, rows, self.block_size, self.device, self.paged)
         gated = self.steering is not None and self.steering.gated and inputs.token_row is not None
         if self.steering is not None:
             draws = None
@@ -216,7 +254,7 @@ class ModelRunner:
             self.site_hooks.sync(self.steering.sites() | self.capturer.sites())
         states = None
         try:
-            out = self._forward(inputs)
+            all_logits = self._logits(inputs, padded)  # [R + K (+ padding rows), V]
         finally:
             if self.steering is not None:
                 sample_rows = [self.requests[rid].row for rid in inputs.sample_ids]
@@ -226,10 +264,10 @@ class ModelRunner:
                 self.requests[item.request_id].gate_state = states[i]
         features = self.capturer.results() if self.capturer is not None else {}
         n_sample = len(inputs.sample_ids)
-        scored = self._prompt_logprobs(inputs, out.logits[0, n_sample:])
+        scored = self._prompt_logprobs(inputs, all_logits[n_sample:])
         if not n_sample:
             return RunnerOutput({}, failed=failed, features=features, prompt_logprobs=scored)
-        logits = out.logits[0, :n_sample]  # [R, V]
+        logits = all_logits[:n_sample]  # [R, V]
         reqs = [self.requests[rid] for rid in inputs.sample_ids]
         dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
         batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
@@ -261,6 +299,32 @@ class ModelRunner:
                 lps.append(TokenLogprob(targets[j], chosen[j], top, ranks[j]))
             i += rows.count
         return out
+
+    def _padded_size(self, scheduled) -> int | None:
+        """The padded batch size when this step runs through the persistent decode buffers."""
+        if self.decode_buffers is None or not is_decode_step(scheduled):
+            return None
+        if self.steering is not None and (self.steering.gated or self.steering.resamples):
+            return None  # NOTE: gates and resample draws take per-step host state: packed steps
+        return self.decode_buffers.padded(len(scheduled))
+
+    def _logits(self, inputs, padded: int | None) -> torch.Tensor:
+        """The kept rows' logits [K, V]: replayed from a CUDA graph when this step has one; a padded step
+        without one runs the same body eagerly."""
+        if not padded:
+            return self._forward(inputs).logits[0]
+        if self.graphs is not None and not self.graphs.disabled:
+            key = ("unsteered",) if inputs.token_row is None else self.steering.graph_layout()
+            if key is not None:
+                return self.graphs.run((padded, key), lambda: self._graph_body(inputs))
+        return self._graph_body(inputs)
+
+    def _graph_body(self, inputs) -> torch.Tensor:
+        """The decode step as a graph records it: the steering's per-token slots are computed inside it,
+        from the persistent buffers (execute() computed them too, outside: those the graph does not read)."""
+        if inputs.token_row is not None:
+            self.steering.begin_step(inputs.token_row, inputs.pos_class)
+        return self._forward(inputs).logits[0]
 
     def _forward(self, inputs):
         return self.model(

@@ -128,6 +128,24 @@ class SAEEdits:
             if self.resample is not None:
                 self.resample.clear_slot(slot)
 
+    def graph_layout(self) -> tuple | None:
+        """What `apply` launches and the addresses it reads (a CUDA graph replays exactly these); None
+        when it cannot be captured: a TopK SAE picks its tokens on the host, a resample draws per step."""
+        w = self.weights
+        if w.architecture == "topk" or self.resample is not None:
+            return None
+        tensors = (
+            self.enc,
+            self.dec,
+            self.b_enc,
+            self.threshold,
+            self.mode,
+            self.value,
+            self.local_idx,
+            w.b_dec,
+        )
+        return (w.architecture, max(self.count), w.apply_b_dec_to_input, *(t.data_ptr() for t in tensors))
+
     def delta(self, h: torch.Tensor, slots: torch.Tensor, ctx: DrawContext | None) -> torch.Tensor:
         """A transcoder's edit of `h` [T, d] as the float32 [T, d] change it makes at its output."""
         read = h.float()
@@ -245,6 +263,19 @@ class SiteBank:
                 edits.clear_row(row)
                 if not edits.rows:
                     del self.edits[uid]
+
+    def graph_layout(self) -> tuple | None:
+        """See SAEEdits.graph_layout: the kernels `apply` launches here and what they read."""
+        if self.proj_resample is not None:
+            return None
+        edits = []
+        for uid, e in self.edits.items():
+            layout = e.graph_layout()
+            if layout is None:
+                return None
+            edits.append((uid, e.weights.site_out, layout))
+        tensors = (self.add, self.has_add, self.dirs, self.lo, self.hi, self.dir_count)
+        return (bool(self.proj_rows), bool(self.add_rows), tuple(edits), *(t.data_ptr() for t in tensors))
 
     def writes(self) -> set[Site]:
         """The sites where this bank's transcoder edits write."""

@@ -199,6 +199,22 @@ class SteeringRows:
                 have = self._pending.get(site_out)
                 self._pending[site_out] = delta if have is None else have + delta
 
+    def graph_layout(self) -> tuple | None:
+        """A key of everything `apply` does in a step whose tokens are steered: the same key means the same
+        kernels on the same tensors, so a CUDA graph captured under it replays this step's steering
+        (whose per-token rows it reads from the runner's persistent buffers). None: not capturable
+        (gates and resampling decide on the host each step)."""
+        if self.gates.active or self.resamples:
+            return None
+        parts = []
+        for site, by_gate in self.banks.items():
+            for k, bank in by_gate.items():
+                layout = bank.graph_layout()
+                if layout is None:
+                    return None
+                parts.append((site, k, layout))
+        return tuple(parts)
+
     # -- per step -------------------------------------------------------------------------------
     @property
     def resamples(self) -> bool:
