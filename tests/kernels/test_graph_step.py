@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from steerserve.config import StepMode
+from steerserve.runner.attention import paged_kernels_work
 from steerserve.types.requests import GenerationRequest, SamplingParams
 from steerserve.types.steering import (
     FeatureAdd,
@@ -115,3 +116,10 @@ def test_graph_step_with_triton_kernels_equals_packed_and_never_syncs(arch, tiny
         recorder.ops & HOST_SYNC_OPS
     )
     assert padded == packed
+
+
+def test_the_start_up_check_of_the_paged_kernels():
+    """What a CUDA server runs before relying on the kernels: Triton against the reference."""
+    cpu = torch.device("cpu")
+    assert paged_kernels_work(cpu, torch.float32) and paged_kernels_work(cpu, torch.bfloat16)
+    assert not paged_kernels_work(cpu, torch.float64)  # a dtype the kernels refuse: the check says no
