@@ -26,9 +26,10 @@ from steerserve.interp.readout import FeatureReadout
 from steerserve.metrics import EngineMetrics, MetricSources
 from steerserve.registry import Registry
 from steerserve.runner.grammar import GrammarCache, GrammarRows
+from steerserve.runner.kv_planning import kv_cache_dtype, plan_kv_cache
 from steerserve.runner.model_adapter import model_adapter
 from steerserve.runner.model_loader import load_model
-from steerserve.runner.model_runner import ModelRunner, kv_cache_dtype, plan_kv_cache
+from steerserve.runner.model_runner import ModelRunner
 from steerserve.runner.steering.resources import SteeringResources
 from steerserve.runner.steering.rows import SteeringRows
 from steerserve.types.model import ModelInfo
