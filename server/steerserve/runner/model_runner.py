@@ -336,7 +336,7 @@ class ModelRunner:
     def _to_host(
         self, reqs: list[CachedRequest], result, failed: dict[str, str], features, scheduled
     ) -> RunnerOutput:
-        tokens = result.token_ids.tolist()  # the one host-device sync of the step
+        tokens, chosen, top_ids, top_lp = _read_back(result)
         sampled = {}
         for req, tok in zip(reqs, tokens, strict=True):
             if tok < 0:  # the sampler found the row's logits not finite
@@ -344,10 +344,7 @@ class ModelRunner:
             else:
                 sampled[req.request_id] = tok
         logprobs = {}
-        if result.logprobs is not None:
-            chosen = result.logprobs.tolist()
-            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-            top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        if chosen is not None:
             for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
                 k = req.sampling.logprobs
                 if k is None or tok < 0:
@@ -359,6 +356,25 @@ class ModelRunner:
             if tok is not None and req.sampling.uses_penalties:
                 req.output_counts[tok] += 1
         return RunnerOutput(sampled, logprobs, failed, features)
+
+
+def _read_back(result) -> tuple[list[int], list[float] | None, list | None, list | None]:
+    """(tokens, chosen logprobs, top ids, top logprobs) on the host, in ONE device->host copy: the step's
+    one sync. With logprobs, the columns travel as one float64 tensor (token ids < 2**53 are exact, and
+    float32 logprobs widen exactly)."""
+    if result.logprobs is None:
+        return result.token_ids.tolist(), None, None, None
+    cols = [result.token_ids[:, None], result.logprobs[:, None]]
+    k = 0
+    if result.top_ids is not None:
+        k = result.top_ids.shape[1]
+        cols += [result.top_ids, result.top_logprobs]
+    rows = torch.cat([c.double() for c in cols], dim=1).tolist()
+    tokens = [int(r[0]) for r in rows]
+    chosen = [r[1] for r in rows]
+    if result.top_ids is None:
+        return tokens, chosen, None, None
+    return tokens, chosen, [[int(t) for t in r[2 : 2 + k]] for r in rows], [r[2 + k :] for r in rows]
 
 
 def _non_finite_message(req: CachedRequest, scheduled) -> str:
