@@ -1,8 +1,10 @@
 """Where a serving step's time goes (issue #26): the 64-request workload through EngineCore (no HTTP), with
 every step's wall time split into exclusive parts, for prefill and decode steps, unsteered and steered,
-beside the machine's own bf16 matmul rate measured in the same process.
+beside the machine's own matmul rate in the same dtype, measured in the same process.
 
-    python benchmarks/bench_breakdown.py [--num-requests 64] [--threads 2]
+    python benchmarks/bench_breakdown.py [--num-requests 64] [--threads 2] [--dtype bfloat16|float32]
+
+(float32 on a CPU without AVX512-BF16 / AMX, where bf16 matmuls are emulated and ~100x slower.)
 
 How it measures: timers wrap the engine's phases from outside (scheduler, input packing, forward,
 sampler, steering at the sites, the rest of the runner, the rest of the engine step) and forward hooks
@@ -122,13 +124,13 @@ def instrument(built, clock: Clock) -> None:
             module.register_forward_hook(lambda m, a, o: clock.exit())
 
 
-def matmul_rate(threads: int) -> float:
-    """GFLOP/s of plain bf16 matmuls of the model's shapes ([rows x 768] x [768 x 3072])."""
+def matmul_rate(threads: int, dtype: torch.dtype) -> float:
+    """GFLOP/s of plain matmuls of the model's shapes ([rows x 768] x [768 x 3072]) in `dtype`."""
     torch.set_num_threads(threads)
-    w = torch.randn(768, 3072, dtype=torch.bfloat16)
+    w = torch.randn(768, 3072, dtype=dtype)
     rates = []
     for rows in (64, 256, 1024, 2048):
-        x = torch.randn(rows, 768, dtype=torch.bfloat16)
+        x = torch.randn(rows, 768, dtype=dtype)
         for _ in range(3):
             torch.matmul(x, w)
         n, t0 = 0, time.perf_counter()
@@ -183,14 +185,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--d-sae", type=int, default=24576)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peak = matmul_rate(args.threads)
+    peak = matmul_rate(args.threads, getattr(torch, args.dtype))
     data_dir = tempfile.mkdtemp(prefix="bench-breakdown-")
     model_name = "random:gpt2-small"
     add_saes(data_dir, 768, args.d_sae, model_name)
     cfg = Config(
-        model=ModelConfig(model=model_name, dtype="bfloat16"),
+        model=ModelConfig(model=model_name, dtype=args.dtype),
         scheduler=SchedulerConfig(max_num_seqs=64),
         registry=RegistryConfig(data_dir=data_dir),
         cache=CacheConfig(enable_prefix_caching=False),  # NOTE: the runs repeat the same prompts
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
     clock = Clock()
     instrument(built, clock)
     run(built.core, make_workload(4, 99, 4.0, 50257), None, clock, info)  # warm-up
-    print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, "
+    print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, {args.dtype}, "
           f"{params / 1e6:.0f}M non-embedding parameters")  # fmt: skip
     for name, s in (("unsteered", None), ("steered", specs)):
         print_table(name, run(built.core, wl, s, clock, info), peak)
