@@ -195,7 +195,9 @@ def load_model(cfg: ModelConfig, shard: Callable[[torch.nn.Module], None] | None
     if dtype in (torch.bfloat16, torch.float16):
         fuse_gelu_tanh(model)
     if device.type == "cpu":
-        from steerserve.runner import cpu_attention, cpu_weights
+        from steerserve.runner import cpu_activation, cpu_attention, cpu_weights
+
+        cpu_activation.block_activations(model)  # bit-identical; fp32 GPT-2's gelu_new 1.8x faster
 
         cpu_attention.load()  # NOTE: build the decode kernel now (once per machine), not on the first request
         steerkernels.cpu.load()  # and the steering kernels, not on the first steered request
