@@ -115,9 +115,8 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 _SCORE_BLOCK = 1 << 24  # logits scored at a time: a [K, V] fp32 copy of a long prompt would be GBs
 # NOTE: on CPU a block's fp32 log-softmax should stay in cache while it is gathered, ranked and top-k'd.
-# 800 x 50257 bf16 rows, one thread: 430 ms in 16M blocks, 127 ms in 2M (L3), 88 ms in 512K (L2). Two
-# threads on two shared cores stall at every op of a small block, so the L3 size: 0.44 -> 0.61 items/s
-# served by benchmarks/bench_scoring.py (with other load), against 0.54 with the L2 size
+# prompt_scores on 800 x 50257 fp32 logits, 2 threads (AVX2 EPYC): 198 ms in 16M blocks, 88 ms in 2M,
+# 89 ms in 512K
 _CPU_SCORE_BLOCK = 1 << 21
 
 
@@ -126,7 +125,7 @@ def prompt_scores(logits: torch.Tensor, targets: torch.Tensor, k: int, ranks: bo
     with the top k and (`ranks`) each token's rank; in blocks of rows, so the log-softmax copy stays
     small (the values are bit-identical to one [K, V] `log_softmax` of the fp32 logits)."""
     n, vocab = logits.shape
-    block = min(_SCORE_BLOCK, _CPU_SCORE_BLOCK) if logits.device.type == "cpu" else _SCORE_BLOCK
+    block = _CPU_SCORE_BLOCK if logits.device.type == "cpu" else _SCORE_BLOCK
     rows = max(1, block // vocab)
     k = min(k, vocab)
     dev = logits.device
