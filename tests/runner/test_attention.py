@@ -110,6 +110,8 @@ def tolerance(q_dtype, kv_dtype):
         (4, 2, 16, 7, 40, 8, 50.0),  # Gemma-2-like: window and softcap
         (4, 4, 80, 3, 1, None, None),  # one key each
         (2, 2, 128, 2, 1100, None, 30.0),  # long contexts, wide heads, softcap alone
+        (6, 3, 36, 11, 90, None, None),  # GQA 2, head dim not a multiple of 8 (AVX2 lane tails)
+        (3, 1, 7, 4, 20, 5, 20.0),  # MQA, head dim 7: every load a tail; window and softcap
     ],
 )
 def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ctx, window, softcap):
@@ -124,6 +126,27 @@ def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ct
         )
         got = out[span.q_start].double()  # [H, hd]
         torch.testing.assert_close(got, ref[0, :, 0], rtol=rtol, atol=atol, msg=f"span {span}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@needs_kernel
+def test_decode_kernel_is_vectorised_where_the_cpu_can():
+    # NOTE: a build that fell back to the flags without -march=native would run scalar loops, correct
+    # but several times slower; the test above cannot tell, this one can
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        assert LIB.decode_isa == 2
+    elif {"avx2", "fma"} <= flags:
+        assert LIB.decode_isa == 1
+    else:
+        pytest.skip("neither AVX-512 nor AVX2 + FMA here")
 
 
 @needs_kernel

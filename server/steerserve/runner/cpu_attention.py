@@ -4,7 +4,8 @@ Per layer and step: one call writes the step's new keys and values into the cach
 decode row (all requests, all heads); one attends every prefill chunk (causal within the chunk, over
 its cached past). Keys are read in place from the `[n_kv_heads, rows, head_dim]` cache (a start row
 when a request's blocks are contiguous, a row index when fragmented). fp32 and bf16 queries and caches;
-GQA, sliding window and soft-capping. Prefill needs AVX-512 (else SDPA does the chunks).
+GQA, sliding window and soft-capping. Decode is vectorised for AVX-512 and for AVX2 + FMA (scalar
+elsewhere); prefill needs AVX-512 (else SDPA does the chunks).
 
 The library is plain C ABI (no torch headers), compiled on first use with the system C++ compiler
 (`-O3 -march=native -fopenmp`, about 1-2 s) into a per-machine cache (steerkernels/_cbuild.py), so a
@@ -27,7 +28,7 @@ from steerkernels import _cbuild
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
-HEADERS = (CSRC / "cpu_attention.h",)
+HEADERS = (CSRC / "cpu_attention.h", CSRC / "cpu_decode_avx2.h")
 ABI_VERSION = 2
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -96,6 +97,7 @@ def _setup(lib) -> None:
     lib.ss_prefill_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_write_kv.argtypes = [ctypes.POINTER(WriteArgs)]
     lib.has_prefill = bool(lib.ss_has_avx512())
+    lib.decode_isa = int(lib.ss_decode_isa())  # 2 AVX-512, 1 AVX2 + FMA, 0 scalar
 
 
 def load():

@@ -1,6 +1,7 @@
 // CPU decode attention and KV-cache writes for steerserve (loaded with ctypes by cpu_attention.py).
 // See cpu_attention.h for layouts and dtypes.
 #include "cpu_attention.h"
+#include "cpu_decode_avx2.h"
 
 namespace {
 
@@ -68,6 +69,9 @@ void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb
       store16(s + h * n + j0, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)), lane_mask(nb));
     }
   }
+#elif defined(SS_AVX2)
+  (void)qb;
+  scores_avx2(qf, G, hd, kb, row, n, scale, s);
 #else
   for (int64_t j = 0; j < n; ++j) {
     const KT* k = kb + row(j);
@@ -142,6 +146,8 @@ void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn 
       if (h < G) pv_tile<1>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
     }
   }
+#elif defined(SS_AVX2)
+  weighted_values_avx2(p, G, hd, vb, row, n, acc);
 #else
   for (int64_t j = 0; j < n; ++j) {
     const KT* v = vb + row(j);
@@ -255,6 +261,17 @@ int ss_abi_version() { return 2; }
 
 int ss_has_avx512() {
 #ifdef SS_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Which vector loops this build's decode kernel has: 2 = AVX-512, 1 = AVX2 + FMA, 0 = scalar.
+int ss_decode_isa() {
+#if defined(SS_AVX512)
+  return 2;
+#elif defined(SS_AVX2)
   return 1;
 #else
   return 0;

@@ -22,6 +22,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SS_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SS_AVX2 1  // decode only (8 lanes); prefill chunks stay on SDPA
 #endif
 
 namespace {
@@ -83,6 +86,77 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#ifdef SS_AVX2
+// NOTE: `left` = elements left in the row; lanes at or past it are neither read nor written.
+inline __m256i lane_mask8(int64_t left) {
+  const int n = int(std::max<int64_t>(0, std::min<int64_t>(left, 8)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load8(const float* p, int64_t left) {
+  return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask8(left));
+}
+inline __m256 load8(const bf16* p, int64_t left) {
+  __m128i h;
+  if (left >= 8) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) bf16 t[8] = {};
+    if (left > 0) std::memcpy(t, p, size_t(left) * sizeof(bf16));
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 x, int64_t left) {
+  if (left >= 8)
+    _mm256_storeu_ps(p, x);
+  else if (left > 0)
+    _mm256_maskstore_ps(p, lane_mask8(left), x);
+}
+inline void store8(bf16* p, __m256 x, int64_t left) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  if (left >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else if (left > 0) {
+    alignas(16) bf16 t[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(t), h);
+    std::memcpy(p, t, size_t(left) * sizeof(bf16));
+  }
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+// exp(x) for x <= 0: the same Cephes polynomial as exp16; 2^n is built in the exponent bits (n >= -126
+// after the clamp, so it stays a normal float).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 // Softmax of s[lo:hi] in place (fp32), after optional tanh soft-capping; unnormalised: returns 1 / sum.
 inline float softmax_range(float* s, int64_t lo, int64_t hi, float softcap) {
   if (softcap > 0.0f)
@@ -99,6 +173,21 @@ inline float softmax_range(float* s, int64_t lo, int64_t hi, float softcap) {
     vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(m, e));
   }
   return 1.0f / _mm512_reduce_add_ps(vs);
+#elif defined(SS_AVX2)
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  __m256 vm = ninf;
+  for (int64_t j = lo; j < hi; j += 8) {
+    const __m256i m = lane_mask8(hi - j);
+    vm = _mm256_max_ps(vm, _mm256_blendv_ps(ninf, load8(s + j, hi - j), _mm256_castsi256_ps(m)));
+  }
+  vm = _mm256_set1_ps(hmax8(vm));
+  __m256 vs = _mm256_setzero_ps();
+  for (int64_t j = lo; j < hi; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(load8(s + j, hi - j), vm));
+    store8(s + j, e, hi - j);
+    vs = _mm256_add_ps(vs, _mm256_and_ps(e, _mm256_castsi256_ps(lane_mask8(hi - j))));
+  }
+  return 1.0f / hsum8(vs);
 #else
   float mx = -INFINITY, sum = 0.0f;
   for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, s[j]);
