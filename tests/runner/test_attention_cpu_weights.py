@@ -1,5 +1,7 @@
-"""Packed bf16 linear weights (runner/cpu_weights.py) change nothing but speed: every layer's output and
-the model's logits are bit-identical to the unpacked model's, and hooks on the layers still fire."""
+"""Packed linear weights (runner/cpu_weights.py). bf16: every layer's output and the model's logits are
+bit-identical to the unpacked model's. fp32 (oneDNN instead of MKL's sgemm): each row's result is the
+same whatever the number of rows in the call, and within fp32 rounding of the unpacked model, whose
+greedy tokens it keeps. Hooks on the layers still fire."""
 
 from __future__ import annotations
 
@@ -37,13 +39,48 @@ def test_packed_model_is_bit_identical(arch):
                 assert torch.equal(m(x), p(x)), name
 
 
-def test_hooks_still_fire_and_fp32_is_left_alone():
-    fp32, _ = build_random_model("llama", seed=0, dtype=torch.float32)
-    assert cpu_weights.pack_linear_weights(fp32) == 0  # on any CPU, before the bf16 part may skip
+def _packed_fp32(arch):
+    model, _ = build_random_model(arch, seed=0, dtype=torch.float32)
+    model.requires_grad_(False)
+    packed = copy.deepcopy(model)
+    if cpu_weights.pack_linear_weights(packed) == 0:
+        pytest.skip("oneDNN could not pack fp32 weights on this CPU")
+    return model, packed
 
-    model, _ = build_random_model("llama", seed=0, dtype=torch.bfloat16)
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fp32_packed_rows_do_not_depend_on_the_batch(arch):
+    _, packed = _packed_fp32(arch)
+    layers = [(n, m) for n, m in packed.named_modules() if hasattr(m, "_ss_packed")]
+    assert layers and any(m is packed.get_output_embeddings() for _, m in layers)  # the LM head too
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, m in layers:
+            x = torch.randn(131, m._ss_in, generator=gen) * 3
+            whole = m(x)
+            for lo, hi in ((0, 1), (5, 8), (17, 30), (64, 131), (3, 4)):
+                assert torch.equal(m(x[lo:hi]), whole[lo:hi]), f"{name}: rows {lo}:{hi} differ alone"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fp32_packed_model_is_within_rounding_and_keeps_greedy_tokens(arch):
+    model, packed = _packed_fp32(arch)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for length in (1, 7, 70):
+            ids = torch.randint(0, 256, (1, length), generator=gen)
+            want, got = model(ids).logits, packed(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+        x = torch.randn(2, 5, 4, packed.config.hidden_size, generator=gen)  # a 4-D input
+        head = packed.get_output_embeddings()
+        torch.testing.assert_close(head(x), model.get_output_embeddings()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_still_fire():
+    model, _ = build_random_model("llama", seed=0, dtype=torch.float32)
     if cpu_weights.pack_linear_weights(model) == 0:
-        pytest.skip("oneDNN could not pack bf16 weights on this CPU")
+        pytest.skip("oneDNN could not pack weights on this CPU")
     seen = []
     layer = model.get_output_embeddings()
     layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))

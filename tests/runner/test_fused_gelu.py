@@ -1,5 +1,5 @@
 """16-bit GPT-2 models get the fused tanh GELU (same formula, one kernel); fp32 models keep transformers'
-own modules so they stay bit-identical to generate()."""
+own activation modules."""
 
 from __future__ import annotations
 

@@ -1,16 +1,22 @@
-"""Pre-packed oneDNN weights for bf16 linear layers on CPU (nn.Linear, and GPT-2's Conv1D).
+"""Pre-packed oneDNN weights for bf16 and fp32 linear layers on CPU (nn.Linear, and GPT-2's Conv1D).
 
 `torch.addmm` / `F.linear` on bf16 CPU tensors go to oneDNN, which reorders the weight into its blocked
 layout on every call. Packing each weight once (`torch.ops.mkldnn._reorder_linear_weight`, what
 inductor's CPU freezing does) skips that: measured 1.1-1.2x at 64 rows, 1.5-2x at 1-8 rows, and the
-outputs are bit-identical to addmm's (the same oneDNN kernels). Each layer's first packed forward is
-checked against its own forward on a probe input; a layer that differs, or any failure, keeps the
-ordinary path.
+outputs are bit-identical to addmm's (the same oneDNN kernels). fp32 `addmm` goes to MKL's sgemm instead,
+whose rows are not batch-invariant (on a 2-core AMD EPYC its path for fewer than 8 rows rounds
+differently from the one for 8 or more, so a request's logits depended on how many others decoded beside
+it), and which is slow at decode sizes (LM head [64 x 768] x [768 x 50257]: 102 GFLOP/s against oneDNN's
+138, 29 against 72 at 8 rows). Packed fp32 layers run oneDNN: each row's result does not depend on the
+rows beside it, and it is within fp32 rounding of MKL's (no longer bit-identical to `generate()`).
+
+Each layer's first packed forward is checked on probe inputs before it is used: bf16 against its own
+forward, bit for bit; fp32 for rows that do not change with the row count and for closeness to its own
+forward. A layer that fails, or any error, keeps the ordinary path.
 
 NOTE: the original parameters stay (steering reads them, tied embeddings share them), so packing costs
 one more copy of the linear weights; it is skipped when that exceeds a quarter of available memory,
-and `STEERSERVE_PACK_WEIGHTS=0` turns it off. Only bf16: for fp32 MKL's sgemm and oneDNN's results
-are not bit-identical.
+and `STEERSERVE_PACK_WEIGHTS=0` turns it off.
 
 `fuse_gelu_epilogue` then moves GPT-2's MLP GELU into its packed `c_fc` (oneDNN's GEMM post-op).
 """
@@ -28,6 +34,7 @@ from transformers.activations import GELUTanh
 logger = logging.getLogger(__name__)
 
 _BATCH_HINT = 64  # rows the blocked layout is chosen for; any row count works
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _conv1d_type():
@@ -39,26 +46,26 @@ def _conv1d_type():
 
 
 def _linear_weight(module, conv1d) -> torch.Tensor | None:
-    """The module's weight as [out, in] when it is a plain bf16 linear layer, else None."""
+    """The module's weight as [out, in] when it is a plain bf16 / fp32 linear layer, else None."""
     if type(module) is torch.nn.Linear:
         w = module.weight
     elif conv1d is not None and type(module) is conv1d:
         w = module.weight.t()  # Conv1D stores [in, out]
     else:
         return None
-    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu":
+    if w.dtype not in PACKED_DTYPES or w.dim() != 2 or w.device.type != "cpu":
         return None
     return w
 
 
 def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
     gelu = getattr(self, "_ss_gelu", False)
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != self._ss_in:
+    if x.dtype != self._ss_packed.dtype or x.device.type != "cpu" or x.shape[-1] != self._ss_in:
         y = type(self).forward(self, x)
         return F.gelu(y, approximate="tanh") if gelu else y
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
     post = ("gelu", "tanh") if gelu else ("none", "")
-    y = torch.ops.mkldnn._linear_pointwise(flat, self._ss_packed, self.bias, post[0], [], post[1])
+    y = _linear(flat, self._ss_packed, self.bias, post)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -74,7 +81,7 @@ def _available_bytes() -> int:
 
 
 def pack_linear_weights(model: torch.nn.Module) -> int:
-    """Give each bf16 linear layer of `model` a packed weight and a forward that uses it; returns how
+    """Give each bf16 / fp32 linear layer of `model` a packed weight and a forward that uses it; returns how
     many layers were packed."""
     if os.environ.get("STEERSERVE_PACK_WEIGHTS", "1") == "0":
         return 0
@@ -85,7 +92,7 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
     extra = sum(w.numel() * w.element_size() for _, w in layers)
     if not layers or extra > _available_bytes() // 4:
         if layers:
-            logger.info("bf16 weight packing skipped: %.0f MiB would not fit", extra / 2**20)
+            logger.info("weight packing skipped: %.0f MiB would not fit", extra / 2**20)
         return 0
     packed = 0
     gen = torch.Generator().manual_seed(0)
@@ -93,20 +100,39 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
         try:
             pw = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _BATCH_HINT)
             with torch.no_grad():
-                for rows in (3, 70):
-                    probe = torch.randn(rows, w.shape[1], generator=gen).to(torch.bfloat16)
-                    want = type(module).forward(module, probe)  # NOTE: the class's forward, no hooks
-                    got = torch.ops.mkldnn._linear_pointwise(probe, pw, module.bias, "none", [], "")
-                    if not torch.equal(got, want):
-                        raise ValueError("packed output differs")
+                _check_packed(module, pw, w.shape[1], gen)
         except Exception as exc:  # an odd layer keeps its own forward
             logger.debug("not packing %s: %s", type(module).__name__, exc)
             continue
         module._ss_packed, module._ss_in = pw, w.shape[1]
         module.forward = types.MethodType(_packed_forward, module)
         packed += 1
-    logger.info("packed %d/%d bf16 linear weights for oneDNN (%.0f MiB)", packed, len(layers), extra / 2**20)
+    logger.info("packed %d/%d linear weights for oneDNN (%.0f MiB)", packed, len(layers), extra / 2**20)
     return packed
+
+
+def _linear(x: torch.Tensor, pw: torch.Tensor, bias, post: tuple[str, str] = ("none", "")) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, pw, bias, post[0], [], post[1])
+
+
+def _check_packed(module, pw: torch.Tensor, width: int, gen: torch.Generator) -> None:
+    """Raise unless the packed weight may replace `module`'s forward (see the module docstring)."""
+    probe = torch.randn(70, width, generator=gen).to(pw.dtype)
+    got = _linear(probe, pw, module.bias)
+    want = type(module).forward(module, probe)  # NOTE: the class's forward, no hooks
+    if pw.dtype == torch.bfloat16:
+        few = probe[:3]
+        if not (
+            torch.equal(got, want)
+            and torch.equal(_linear(few, pw, module.bias), type(module).forward(module, few))
+        ):
+            raise ValueError("packed output differs")
+        return
+    for n in (1, 3, 9):  # NOTE: fewer than 8 rows is where MKL changes path; 9 is a full block and a tail
+        if not torch.equal(_linear(probe[:n], pw, module.bias), got[:n]):
+            raise ValueError(f"packed rows depend on the row count ({n} rows)")
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+        raise ValueError("packed output is not within fp32 rounding of the layer's")
 
 
 @torch.no_grad()

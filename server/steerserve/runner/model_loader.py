@@ -201,8 +201,8 @@ def load_model(cfg: ModelConfig, shard: Callable[[torch.nn.Module], None] | None
 
         cpu_attention.load()  # NOTE: build the decode kernel now (once per machine), not on the first request
         steerkernels.cpu.load()  # and the steering kernels, not on the first steered request
-        if dtype == torch.bfloat16:
-            cpu_weights.pack_linear_weights(model)  # bit-identical outputs, no per-call weight reorder
+        if dtype in cpu_weights.PACKED_DTYPES:
+            cpu_weights.pack_linear_weights(model)  # no per-call reorder; fp32: batch-invariant rows
             cpu_weights.fuse_gelu_epilogue(model)
     return model, tokenizer, device, dtype
 
@@ -214,7 +214,7 @@ def fuse_gelu_tanh(model) -> int:
 
     NOTE: 16-bit models only. There the fused op is closer to the fp32 math (it rounds once) and 3-10x
     faster (on CPU the unfused GELU took ~30% of a bf16 GPT-2 forward); fp32 models keep the modules
-    transformers built, so they stay bit-identical to `generate()`.
+    transformers built.
     """
     swapped = 0
     for parent in list(model.modules()):
