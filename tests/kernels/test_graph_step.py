@@ -110,7 +110,8 @@ def test_graph_step_with_triton_kernels_equals_packed_and_never_syncs(arch, tiny
     recorder = OpRecorder()
     padded, runner = _run(model_dir, StepMode.PADDED, tmp_path / "padded", recorder)
     assert runner.decode_buffers.loads >= 6
-    assert {"aten.linear", "aten.embedding"} <= recorder.ops  # the recorder saw the forward
+    # the recorder saw the forward (on CPU the linear layers run oneDNN's packed weights: runner/cpu_weights)
+    assert "aten.embedding" in recorder.ops and recorder.ops & {"aten.linear", "mkldnn._linear_pointwise"}
     assert "aten.where" in recorder.ops  # and the steering's per-token slots
     assert recorder.ops.isdisjoint(HOST_SYNC_OPS | {"aten.repeat_interleave without output_size"}), sorted(
         recorder.ops & HOST_SYNC_OPS
