@@ -4,6 +4,7 @@ are unchanged and hooks on the activation still fire."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from transformers.activations import FastGELUActivation, NewGELUActivation, Quic
 
 from steerserve.config import ModelConfig
 from steerserve.runner import cpu_activation
-from steerserve.runner.model_loader import build_random_model, load_model
+from steerserve.runner.model_loader import build_random_model, load_model, save_random_model
 
 
 @pytest.fixture
@@ -51,9 +52,13 @@ def test_the_blocks_cover_every_row(small_blocks):
     assert torch.equal(act(x[:, :30]), NewGELUActivation()(x[:, :30]))  # one block: the plain forward
 
 
-def test_the_loader_blocks_fp32_cpu_activations():
-    model, *_ = load_model(ModelConfig(model="random:gpt2", dtype="float32", device="cpu"))
-    acts = [m for m in model.modules() if type(m) is NewGELUActivation]  # still transformers' modules
+def test_the_loader_blocks_fp32_cpu_activations(tmp_path):
+    # NOTE: gelu_fast, since the loader swaps GPT-2's gelu_new for the fused op (test_fused_gelu.py)
+    save_random_model("gpt2", str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "gelu_fast"}))
+    model, *_ = load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu"))
+    acts = [m for m in model.modules() if type(m) is FastGELUActivation]  # still transformers' modules
     assert len(acts) == model.config.n_layer and all("forward" in vars(m) for m in acts)
 
 

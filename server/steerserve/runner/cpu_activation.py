@@ -8,8 +8,9 @@ last < 2 vectors of each thread's share with its scalar loop (std::tanh, not the
 so a value matches only if both ways take it through the vector loop: fp32 only, rows of a multiple of
 64 features and power-of-two blocks of at least 32 rows keep every share a multiple of the vector
 length. Then the output is bit-identical (tests/runner/test_cpu_activation.py checks it against the
-whole-tensor forward); other inputs take the plain forward. 16-bit models do not need this: their GELU
-is one fused op (model_loader.fuse_gelu_tanh).
+whole-tensor forward); other inputs take the plain forward. GPT-2's `gelu_new` itself no longer comes
+here on CPU: the loader swaps it for the fused op (model_loader.fuse_gelu_tanh), faster still; this
+keeps `gelu_fast` and `quick_gelu` models fast.
 """
 
 from __future__ import annotations
