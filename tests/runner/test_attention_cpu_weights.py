@@ -19,14 +19,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and nn.Linear
-def test_packed_model_is_bit_identical(arch):
-    model, _ = build_random_model(arch, seed=0, dtype=torch.bfloat16)
+def _packed(arch, dtype):
+    """(the random model, a packed copy of it); skips where oneDNN cannot pack `dtype` weights."""
+    model, _ = build_random_model(arch, seed=0, dtype=dtype)
     model.requires_grad_(False)
     packed = copy.deepcopy(model)
-    n = cpu_weights.pack_linear_weights(packed)
-    if n == 0:
-        pytest.skip("oneDNN could not pack bf16 weights on this CPU")
+    if cpu_weights.pack_linear_weights(packed) == 0:
+        pytest.skip(f"oneDNN could not pack {dtype} weights on this CPU")
+    return model, packed
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and nn.Linear
+def test_packed_model_is_bit_identical(arch):
+    model, packed = _packed(arch, torch.bfloat16)
     assert all(hasattr(m, "_ss_packed") for m in packed.modules() if type(m) is torch.nn.Linear)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -39,18 +44,9 @@ def test_packed_model_is_bit_identical(arch):
                 assert torch.equal(m(x), p(x)), name
 
 
-def _packed_fp32(arch):
-    model, _ = build_random_model(arch, seed=0, dtype=torch.float32)
-    model.requires_grad_(False)
-    packed = copy.deepcopy(model)
-    if cpu_weights.pack_linear_weights(packed) == 0:
-        pytest.skip("oneDNN could not pack fp32 weights on this CPU")
-    return model, packed
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_fp32_packed_rows_do_not_depend_on_the_batch(arch):
-    _, packed = _packed_fp32(arch)
+    _, packed = _packed(arch, torch.float32)
     layers = [(n, m) for n, m in packed.named_modules() if hasattr(m, "_ss_packed")]
     assert layers and any(m is packed.get_output_embeddings() for _, m in layers)  # the LM head too
     gen = torch.Generator().manual_seed(2)
@@ -64,7 +60,7 @@ def test_fp32_packed_rows_do_not_depend_on_the_batch(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_fp32_packed_model_is_within_rounding_and_keeps_greedy_tokens(arch):
-    model, packed = _packed_fp32(arch)
+    model, packed = _packed(arch, torch.float32)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for length in (1, 7, 70):
@@ -78,9 +74,7 @@ def test_fp32_packed_model_is_within_rounding_and_keeps_greedy_tokens(arch):
 
 
 def test_hooks_still_fire():
-    model, _ = build_random_model("llama", seed=0, dtype=torch.float32)
-    if cpu_weights.pack_linear_weights(model) == 0:
-        pytest.skip("oneDNN could not pack weights on this CPU")
+    _, model = _packed("llama", torch.float32)
     seen = []
     layer = model.get_output_embeddings()
     layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
