@@ -90,6 +90,16 @@ def build(name: str, cxx: str, sources, headers=()) -> Path:
     raise RuntimeError("compilation failed:\n" + "\n".join(errors))
 
 
+def load_once(state: dict, lock, opener: Callable):
+    """`state["lib"]`, set by `opener()` (a library or None) on the first call only: double-checked under
+    `lock`, so concurrent first callers build once. Callers keep `state` as a module global (tests reset it)."""
+    if "lib" not in state:
+        with lock:
+            if "lib" not in state:
+                state["lib"] = opener()
+    return state["lib"]
+
+
 def open_library(
     name: str, sources, headers=(), *, abi: tuple[str, int], setup: Callable, what: str, fallback: str
 ):

@@ -87,11 +87,7 @@ class LogitArgs(ctypes.Structure):
 
 def load():
     """The library (built on first use), or None when it cannot be had on this machine."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                _state["lib"] = _try_load()
-    return _state["lib"]
+    return _cbuild.load_once(_state, _lock, _try_load)
 
 
 def available() -> bool:

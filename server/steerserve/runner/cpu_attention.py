@@ -28,7 +28,7 @@ from steerkernels import _cbuild
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
-HEADERS = (CSRC / "cpu_attention.h", CSRC / "cpu_decode_avx2.h")
+HEADERS = (CSRC / "cpu_simd.h", CSRC / "cpu_attention.h", CSRC / "cpu_decode_avx2.h")
 ABI_VERSION = 2
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -102,12 +102,7 @@ def _setup(lib) -> None:
 
 def load():
     """The kernel library (built on first use), or None when it cannot be had on this machine."""
-    if "lib" in _state:
-        return _state["lib"]
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"] = _try_load()
-    return _state["lib"]
+    return _cbuild.load_once(_state, _lock, _try_load)
 
 
 def _try_load():
