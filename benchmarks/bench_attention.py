@@ -125,7 +125,7 @@ def main():
                 f"{nbytes / t_sdpa / 1e9:>10.1f} {nbytes / t_kernel / 1e9:>10.1f} {t_sdpa / t_kernel:>6.2f}"
             )
     if not lib.has_prefill:
-        print("\nprefill kernel not built here (no AVX-512): chunks stay on SDPA")
+        print("\nprefill kernel not built here (neither AVX-512 nor AVX2 + FMA): chunks stay on SDPA")
         return
     print(f"\nprefill, {args.chunks} chunks per step")
     print(f"{'kv cache':>8} {'chunk':>6} {'past':>5} {'SDPA ms':>9} {'kernel ms':>10} {'SDPA GF/s':>10} {'kern GF/s':>10} {'ratio':>6}")  # fmt: skip

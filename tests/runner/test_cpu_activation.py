@@ -116,7 +116,9 @@ def test_gelu_kernel_matches_the_fp64_formula_on_odd_sizes(threads):
             y = 2 * math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)
             tol = 4 * torch.finfo(torch.float32).eps * ref.abs() * (1 + y.abs()) + 1e-35
             assert torch.isfinite(out).all() and bool((err <= tol).all()), (n, err.max().item())
-            aten = torch.nn.functional.gelu(x, approximate="tanh")  # ATen's op: Sleef's tanh, 1 + tanh cancels
+            aten = torch.nn.functional.gelu(
+                x, approximate="tanh"
+            )  # ATen's op: Sleef's tanh, 1 + tanh cancels
             torch.testing.assert_close(out, aten, rtol=1e-4, atol=1e-6)
     finally:
         torch.set_num_threads(before)
@@ -154,11 +156,15 @@ def test_gelu_kernel_values_never_depend_on_position():
 
 @needs_kernel
 def test_gelu_kernel_special_values():
-    x = torch.tensor([float("nan"), float("inf"), 1e30, 88.0, 20.0, -9.0, -20.0, -1e30, 0.0, -0.0, 1e-30, -1e-30])
+    x = torch.tensor(
+        [float("nan"), float("inf"), 1e30, 88.0, 20.0, -9.0, -20.0, -1e30, 0.0, -0.0, 1e-30, -1e-30]
+    )
     out = cpu_activation.gelu_tanh(x)
     assert torch.isnan(out[0]) and out[1] == float("inf") and out[2] == x[2]
     assert out[3] == 88.0 and out[4] == 20.0
-    torch.testing.assert_close(out[5:8].double(), _gelu_tanh_fp64(x[5:8]), rtol=1e-4, atol=1e-45)  # ~0, no NaN
+    torch.testing.assert_close(
+        out[5:8].double(), _gelu_tanh_fp64(x[5:8]), rtol=1e-4, atol=1e-45
+    )  # ~0, no NaN
     assert out[8] == 0 and out[9] == 0 and torch.allclose(out[10:], x[10:] / 2, rtol=1e-6, atol=0)
 
 
@@ -166,7 +172,9 @@ def test_gelu_tanh_falls_back_for_other_dtypes_and_layouts():
     x = torch.randn(6, 10, dtype=torch.float64)
     assert torch.equal(cpu_activation.gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
     strided = torch.randn(10, 6).t()
-    assert torch.equal(cpu_activation.gelu_tanh(strided), torch.nn.functional.gelu(strided, approximate="tanh"))
+    assert torch.equal(
+        cpu_activation.gelu_tanh(strided), torch.nn.functional.gelu(strided, approximate="tanh")
+    )
 
 
 @needs_kernel

@@ -78,7 +78,13 @@ def block_activations(model: torch.nn.Module) -> int:
 
 
 def _setup(lib) -> None:
-    lib.ss_gelu_tanh.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+    lib.ss_gelu_tanh.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
     lib.lanes = int(lib.ss_activation_lanes())
 
 
@@ -101,7 +107,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     out = torch.empty_like(x)
     if x.numel():
-        lib.ss_gelu_tanh(x.data_ptr(), out.data_ptr(), x.numel(), _KERNEL_DTYPES[x.dtype], torch.get_num_threads())
+        lib.ss_gelu_tanh(
+            x.data_ptr(), out.data_ptr(), x.numel(), _KERNEL_DTYPES[x.dtype], torch.get_num_threads()
+        )
     return out
 
 

@@ -5,7 +5,7 @@ decode row (all requests, all heads); one attends every prefill chunk (causal wi
 its cached past). Keys are read in place from the `[n_kv_heads, rows, head_dim]` cache (a start row
 when a request's blocks are contiguous, a row index when fragmented). fp32 and bf16 queries and caches;
 GQA, sliding window and soft-capping. Decode is vectorised for AVX-512 and for AVX2 + FMA (scalar
-elsewhere); prefill needs AVX-512 (else SDPA does the chunks).
+elsewhere); prefill needs one of the two (else SDPA does the chunks).
 
 The library is plain C ABI (no torch headers), compiled on first use with the system C++ compiler
 (`-O3 -march=native -fopenmp`, about 1-2 s) into a per-machine cache (steerkernels/_cbuild.py), so a
@@ -29,7 +29,7 @@ from steerkernels import _cbuild
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
 HEADERS = (CSRC / "cpu_simd.h", CSRC / "cpu_attention.h", CSRC / "cpu_decode_avx2.h")
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 PREFILL = os.environ.get("STEERSERVE_CPU_PREFILL", "1") != "0"  # prefill chunks on the kernel too
@@ -96,8 +96,8 @@ def _setup(lib) -> None:
     lib.ss_decode_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_prefill_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_write_kv.argtypes = [ctypes.POINTER(WriteArgs)]
-    lib.has_prefill = bool(lib.ss_has_avx512())
-    lib.decode_isa = int(lib.ss_decode_isa())  # 2 AVX-512, 1 AVX2 + FMA, 0 scalar
+    lib.isa = int(lib.ss_isa())  # 2 AVX-512, 1 AVX2 + FMA, 0 none (scalar decode, SDPA prefill)
+    lib.has_prefill = lib.isa > 0
 
 
 def load():
@@ -224,4 +224,4 @@ def prefill_attention(lib, spans: SpanArrays, query, k_cache, v_cache, out, scal
     """out[rows of each chunk] = causal attention of the chunk over its cached past and itself."""
     _fill(spans.args, query, k_cache, v_cache, out, scale, window, softcap)
     if lib.ss_prefill_attention(ctypes.byref(spans.args)) != 0:
-        raise RuntimeError("ss_prefill_attention: unsupported dtypes or no AVX-512")
+        raise RuntimeError("ss_prefill_attention: unsupported dtypes or no AVX-512 / AVX2")

@@ -257,18 +257,11 @@ void write_all(const WriteArgs& a) {
 
 extern "C" {
 
-int ss_abi_version() { return 2; }
+int ss_abi_version() { return 3; }
 
-int ss_has_avx512() {
-#ifdef SS_AVX512
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-// Which vector loops this build's decode kernel has: 2 = AVX-512, 1 = AVX2 + FMA, 0 = scalar.
-int ss_decode_isa() {
+// Which vector loops this build's kernels have: 2 = AVX-512, 1 = AVX2 + FMA, 0 = none (decode runs
+// scalar loops, prefill chunks go to SDPA).
+int ss_isa() {
 #if defined(SS_AVX512)
   return 2;
 #elif defined(SS_AVX2)

@@ -1,23 +1,20 @@
 // CPU prefill attention for steerserve: every prefill chunk of a step (causal within the chunk, all of
 // its cached past, sliding window, softcap, GQA) in one call. See cpu_attention.h for layouts.
 //
-// Work item: (request, kv head, chunk of 64 query rows). The item copies the keys its rows can see into
-// a transposed fp32 buffer Kt[hd][keys], so a score block is a plain outer-product accumulation (one
-// broadcast query value times 16 keys per FMA, no horizontal sums); then per tile of 8 query rows:
+// Work item: (request, kv head, chunk of kChunk query rows). The item copies the keys its rows can see
+// into a transposed fp32 buffer Kt[hd][keys], so a score block is a plain outer-product accumulation (one
+// broadcast query value times W keys per FMA, no horizontal sums); then per tile of kRows query rows:
 // scores for the union of their key ranges, softmax over each row's own range (two-pass, fp32),
-// and P.V with the 8 rows sharing every value load.
+// and P.V with the tile's rows sharing every value load.
+//
+// One template for both ISAs through `Vec` (W lanes, kRows rows a register tile, two registers of
+// columns a row): AVX-512 16 lanes x 8 rows, AVX2 8 lanes x 6 rows (12 accumulators + 3 of its 16
+// registers). Same products and sums in the same order per lane width.
 #include "cpu_attention.h"
 
 namespace {
 
-#ifdef SS_AVX512
-constexpr int64_t kChunk = 64;  // query rows per work item
-constexpr int kRows = 8;        // query rows per register tile (8 x 32 accumulators)
-
-struct Scratch {
-  std::vector<float> kt, s, qf;
-};
-
+#if defined(SS_AVX512)
 // In-register transpose: r[i] lane j -> r[j] lane i.
 inline void transpose16(__m512* r) {
   __m512 t[16];
@@ -47,37 +44,102 @@ inline void transpose16(__m512* r) {
   }
 }
 
+struct Vec {
+  using reg = __m512;
+  using mask = __mmask16;
+  static constexpr int W = 16, kRows = 8;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, reg x) { _mm512_storeu_ps(p, x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static mask mask_of(int64_t left) { return left > 0 ? lane_mask(left) : mask(0); }
+  template <typename T>
+  static reg load(const T* p, mask m) { return load16(p, m); }
+  template <typename T>
+  static void store(T* p, reg x, mask m) { store16(p, x, m); }
+  static void transpose(reg* r) { transpose16(r); }
+};
+#elif defined(SS_AVX2)
+// In-register transpose: r[i] lane j -> r[j] lane i.
+inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+struct Vec {
+  using reg = __m256;
+  using mask = int64_t;  // elements left in the row (load8 / store8 take it)
+  static constexpr int W = 8, kRows = 6;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, reg x) { _mm256_storeu_ps(p, x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static mask mask_of(int64_t left) { return std::max<int64_t>(left, 0); }
+  template <typename T>
+  static reg load(const T* p, mask m) { return load8(p, m); }
+  template <typename T>
+  static void store(T* p, reg x, mask m) { store8(p, x, m); }
+  static void transpose(reg* r) { transpose8(r); }
+};
+#endif
+
+#if defined(SS_AVX512) || defined(SS_AVX2)
+constexpr int W = Vec::W, kRows = Vec::kRows, kTile = 2 * W;  // kTile: keys (or columns) a block
+constexpr int64_t kChunk = 8 * kRows;                             // query rows per work item
+using reg = Vec::reg;
+
+struct Scratch {
+  std::vector<float> kt, s, qf;
+};
+
 template <typename QT, typename KT>
 void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& sc) {
   const int64_t hd = a.head_dim, G = a.n_heads / a.n_kv_heads;
   const int64_t q_len = a.q_lens[r], past = a.ctx_lens[r] - q_len, i1 = std::min(q_len, i0 + kChunk);
   auto lo_of = [&](int64_t i) { return a.window > 0 ? std::max<int64_t>(0, past + i - a.window + 1) : 0; };
   const int64_t klo = lo_of(i0), nk = past + i1 - klo;  // keys [klo, klo + nk)
-  const int64_t ld = (nk + 31) / 32 * 32;               // Kt row stride, padded to whole 32-key blocks
+  const int64_t ld = (nk + kTile - 1) / kTile * kTile;  // Kt row stride, padded to whole key blocks
   const KT* kb = static_cast<const KT*>(a.k_cache) + g * a.cache_head;
   const KT* vb = static_cast<const KT*>(a.v_cache) + g * a.cache_head;
   const int64_t* rows = a.gather[r] >= 0 ? a.rows + a.gather[r] : nullptr;
   const int64_t first = a.starts[r];
   auto row = [&](int64_t j) { return (rows ? rows[j] : first + j) * hd; };  // j: key position
 
-  // Kt [hd, ld] = keys transposed to fp32, 16 x 16 blocks (tail keys repeat the last key)
+  // Kt [hd, ld] = keys transposed to fp32, W x W blocks (tail keys repeat the last key)
   sc.kt.resize(size_t(hd * ld));
   float* kt = sc.kt.data();
-  for (int64_t j0 = 0; j0 < ld; j0 += 16) {
-    const KT* k[16];
-    for (int i = 0; i < 16; ++i) k[i] = kb + row(klo + std::min<int64_t>(j0 + i, nk - 1));
-    for (int64_t d0 = 0; d0 < hd; d0 += 16) {
-      const __mmask16 m = lane_mask(hd - d0);
-      __m512 t[16];
-      for (int i = 0; i < 16; ++i) t[i] = load16(k[i] + d0, m);
-      transpose16(t);
-      for (int64_t i = 0; i < std::min<int64_t>(16, hd - d0); ++i) _mm512_storeu_ps(kt + (d0 + i) * ld + j0, t[i]);
+  for (int64_t j0 = 0; j0 < ld; j0 += W) {
+    const KT* k[W];
+    for (int i = 0; i < W; ++i) k[i] = kb + row(klo + std::min<int64_t>(j0 + i, nk - 1));
+    for (int64_t d0 = 0; d0 < hd; d0 += W) {
+      const Vec::mask m = Vec::mask_of(hd - d0);
+      reg t[W];
+      for (int i = 0; i < W; ++i) t[i] = Vec::load(k[i] + d0, m);
+      Vec::transpose(t);
+      for (int64_t i = 0; i < std::min<int64_t>(W, hd - d0); ++i) Vec::storeu(kt + (d0 + i) * ld + j0, t[i]);
     }
   }
   sc.s.resize(size_t(kRows * ld));
   sc.qf.resize(size_t(kRows * hd));
   float *s = sc.s.data(), *qf = sc.qf.data(), inv[kRows];
-  const __m512 vscale = _mm512_set1_ps(a.scale);
+  const reg vscale = Vec::set1(a.scale);
 
   for (int64_t h = g * G; h < (g + 1) * G; ++h) {
     for (int64_t t0 = i0; t0 < i1; t0 += kRows) {
@@ -88,24 +150,24 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
         for (int64_t d = 0; d < hd; ++d) qf[rr * hd + d] = to_f32(qp[d]);
       }
       const int64_t jbeg = lo_of(t0) - klo, jend = past + t0 + nr - klo;  // union of the rows' keys
-      // scores, 32 keys x 8 rows per block
-      for (int64_t j0 = jbeg / 32 * 32; j0 < jend; j0 += 32) {
-        __m512 acc[kRows][2];
+      // scores, kTile keys x kRows rows per block
+      for (int64_t j0 = jbeg / kTile * kTile; j0 < jend; j0 += kTile) {
+        reg acc[kRows][2];
 #pragma GCC unroll 8
-        for (int rr = 0; rr < kRows; ++rr) acc[rr][0] = acc[rr][1] = _mm512_setzero_ps();
+        for (int rr = 0; rr < kRows; ++rr) acc[rr][0] = acc[rr][1] = Vec::zero();
         for (int64_t d = 0; d < hd; ++d) {
-          const __m512 k0 = _mm512_loadu_ps(kt + d * ld + j0), k1 = _mm512_loadu_ps(kt + d * ld + j0 + 16);
+          const reg k0 = Vec::loadu(kt + d * ld + j0), k1 = Vec::loadu(kt + d * ld + j0 + W);
 #pragma GCC unroll 8
           for (int rr = 0; rr < kRows; ++rr) {
-            const __m512 q = _mm512_set1_ps(qf[rr * hd + d]);
-            acc[rr][0] = _mm512_fmadd_ps(q, k0, acc[rr][0]);
-            acc[rr][1] = _mm512_fmadd_ps(q, k1, acc[rr][1]);
+            const reg q = Vec::set1(qf[rr * hd + d]);
+            acc[rr][0] = Vec::fmadd(q, k0, acc[rr][0]);
+            acc[rr][1] = Vec::fmadd(q, k1, acc[rr][1]);
           }
         }
 #pragma GCC unroll 8
         for (int rr = 0; rr < kRows; ++rr) {
-          _mm512_storeu_ps(s + rr * ld + j0, _mm512_mul_ps(acc[rr][0], vscale));
-          _mm512_storeu_ps(s + rr * ld + j0 + 16, _mm512_mul_ps(acc[rr][1], vscale));
+          Vec::storeu(s + rr * ld + j0, Vec::mul(acc[rr][0], vscale));
+          Vec::storeu(s + rr * ld + j0 + W, Vec::mul(acc[rr][1], vscale));
         }
       }
       // softmax over each row's own keys [lo, pos]; zero elsewhere in [jbeg, jend)
@@ -120,20 +182,20 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
         std::fill(sr + jbeg, sr + lo, 0.0f);
         std::fill(sr + hi, sr + jend, 0.0f);
       }
-      // out = P.V, 32 columns x 8 rows of accumulators at a time
-      for (int64_t d0 = 0; d0 < hd; d0 += 32) {
-        const __mmask16 m0 = lane_mask(hd - d0), m1 = d0 + 16 < hd ? lane_mask(hd - d0 - 16) : 0;
-        __m512 o[kRows][2];
+      // out = P.V, kTile columns x kRows rows of accumulators at a time
+      for (int64_t d0 = 0; d0 < hd; d0 += kTile) {
+        const Vec::mask m0 = Vec::mask_of(hd - d0), m1 = Vec::mask_of(hd - d0 - W);
+        reg o[kRows][2];
 #pragma GCC unroll 8
-        for (int rr = 0; rr < kRows; ++rr) o[rr][0] = o[rr][1] = _mm512_setzero_ps();
+        for (int rr = 0; rr < kRows; ++rr) o[rr][0] = o[rr][1] = Vec::zero();
         for (int64_t j = jbeg; j < jend; ++j) {
           const KT* v = vb + row(klo + j) + d0;
-          const __m512 v0 = load16(v, m0), v1 = load16(v + 16, m1);
+          const reg v0 = Vec::load(v, m0), v1 = Vec::load(v + W, m1);
 #pragma GCC unroll 8
           for (int rr = 0; rr < kRows; ++rr) {
-            const __m512 p = _mm512_set1_ps(s[rr * ld + j]);
-            o[rr][0] = _mm512_fmadd_ps(p, v0, o[rr][0]);
-            o[rr][1] = _mm512_fmadd_ps(p, v1, o[rr][1]);
+            const reg p = Vec::set1(s[rr * ld + j]);
+            o[rr][0] = Vec::fmadd(p, v0, o[rr][0]);
+            o[rr][1] = Vec::fmadd(p, v1, o[rr][1]);
           }
         }
         // NOTE: a constant trip count, so o[][] stays in registers (a runtime index would pin it to memory)
@@ -141,9 +203,9 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
         for (int rr = 0; rr < kRows; ++rr) {
           if (rr >= nr) continue;
           QT* op = static_cast<QT*>(a.out) + (a.q_rows[r] + t0 + rr) * a.out_row + h * a.out_head + d0;
-          const __m512 vi = _mm512_set1_ps(inv[rr]);
-          store16(op, _mm512_mul_ps(o[rr][0], vi), m0);
-          store16(op + 16, _mm512_mul_ps(o[rr][1], vi), m1);
+          const reg vi = Vec::set1(inv[rr]);
+          Vec::store(op, Vec::mul(o[rr][0], vi), m0);
+          Vec::store(op + W, Vec::mul(o[rr][1], vi), m1);
         }
       }
     }
@@ -173,9 +235,9 @@ void prefill_all(const AttnArgs& a) {
 
 extern "C" {
 
-// Returns 0 on success, -1 on an unsupported dtype pair, -2 when built without AVX-512 (use SDPA).
+// Returns 0 on success, -1 on an unsupported dtype pair, -2 when built without AVX-512 or AVX2 (use SDPA).
 int ss_prefill_attention(const AttnArgs* a) {
-#ifdef SS_AVX512
+#if defined(SS_AVX512) || defined(SS_AVX2)
   if (a->q_dtype == 0 && a->kv_dtype == 0) return prefill_all<float, float>(*a), 0;
   if (a->q_dtype == 0 && a->kv_dtype == 1) return prefill_all<float, bf16>(*a), 0;
   if (a->q_dtype == 1 && a->kv_dtype == 0) return prefill_all<bf16, float>(*a), 0;
