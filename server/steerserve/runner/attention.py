@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import steerkernels
-from steerserve.runner import cpu_attention
+from steerserve.runner import cpu_attention, cpu_memory
 
 ATTENTION_NAME = "steerserve"
 logger = logging.getLogger(__name__)
@@ -67,8 +67,14 @@ class KVCache:
 
     def __init__(self, n_layers, n_kv_heads, head_dim, num_rows, dtype, device):
         shape = (n_kv_heads, num_rows, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+        def zeros():
+            if torch.device(device).type != "cpu":
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return cpu_memory.empty_hugepages(shape, dtype).zero_()  # NOTE: decode streams it every step
+
+        self.keys = [zeros() for _ in range(n_layers)]
+        self.values = [zeros() for _ in range(n_layers)]
 
     @staticmethod
     def bytes_per_token(n_layers, n_kv_heads, head_dim, dtype) -> int:
