@@ -22,7 +22,9 @@ def _in_flight(server, calls: list[StreamedCall]) -> None:
 def test_sigterm_finishes_requests_in_flight_then_exits_0(start_server):
     server = start_server("--drain-timeout", "60")
     calls = [
-        StreamedCall(server.url, {"prompt": f"Tale {i}", "max_tokens": 200, **GREEDY}) for i in range(10)
+        # NOTE: long enough that the drain is still running 0.2 s after SIGTERM on a fast CPU
+        StreamedCall(server.url, {"prompt": f"Tale {i}", "max_tokens": 800, **GREEDY})
+        for i in range(10)
     ]
     _in_flight(server, calls)
     server.proc.send_signal(signal.SIGTERM)
@@ -36,7 +38,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(start_server):
     for c in calls:
         c.join(timeout=10)
         assert c.error is None and c.done and not c.errors, (c.error, c.chunks[-1:])
-        assert c.finish_reason == "length" and c.usage["completion_tokens"] == 200
+        assert c.finish_reason == "length" and c.usage["completion_tokens"] == 800
 
 
 def test_drain_timeout_aborts_the_rest_and_still_exits_0(start_server):
