@@ -27,9 +27,8 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault(
-    "THP_MEM_ALLOC_ENABLE", "1"
-)  # NOTE: before torch starts, as steerserve/__init__.py does
+# NOTE: before torch starts, as steerserve/__init__.py does for the server
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 from bench_serving import make_workload

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from steerkernels import _cbuild
 from steerserve.runner import cpu_attention
 from steerserve.runner.attention import AttentionMetadata, KVCache, RequestSpan, steerserve_attention
+from tests.runner.cpu_isa import expected_isa
 
 LIB = cpu_attention.load()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="CPU attention kernel could not be built here")
@@ -128,25 +129,9 @@ def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ct
         torch.testing.assert_close(got, ref[0, :, 0], rtol=rtol, atol=atol, msg=f"span {span}")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 @needs_kernel
 def test_kernels_are_vectorised_where_the_cpu_can():
-    # NOTE: a build that fell back to the flags without -march=native would run scalar loops, correct
-    # but several times slower; the test above cannot tell, this one can
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        assert LIB.isa == 2 and LIB.has_prefill
-    elif {"avx2", "fma"} <= flags:
-        assert LIB.isa == 1 and LIB.has_prefill
-    else:
-        pytest.skip("neither AVX-512 nor AVX2 + FMA here")
+    assert LIB.isa == expected_isa() and LIB.has_prefill
 
 
 @needs_kernel

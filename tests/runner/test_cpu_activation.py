@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActiva
 from steerserve.config import ModelConfig
 from steerserve.runner import cpu_activation
 from steerserve.runner.model_loader import build_random_model, load_model, save_random_model
+from tests.runner.cpu_isa import expected_isa
 
 
 @pytest.fixture
@@ -198,12 +198,4 @@ def test_the_loader_puts_gpt2_gelu_on_the_kernel(tmp_path):
 
 @needs_kernel
 def test_gelu_kernel_is_vectorised_where_the_cpu_can():
-    # NOTE: a build without -march=native would run the scalar loop: right values, 5-10x slower
-    info = Path("/proc/cpuinfo")
-    flags = set(info.read_text().split()) if info.exists() else set()
-    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        assert cpu_activation.load().lanes == 16
-    elif {"avx2", "fma"} <= flags:
-        assert cpu_activation.load().lanes == 8
-    else:
-        pytest.skip("neither AVX-512 nor AVX2 + FMA here")
+    assert cpu_activation.load().isa == expected_isa()

@@ -38,7 +38,7 @@ _MULTI_OP = (NewGELUActivation, FastGELUActivation, QuickGELUActivation)
 _BLOCK_BYTES = 3 << 19  # 1.5 MiB: 128 rows of GPT-2-small's 3072 fp32 features (measured best of 16-256)
 _MIN_ROWS = 32
 CSRC = Path(__file__).parent / "csrc"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or None once it failed
@@ -85,7 +85,7 @@ def _setup(lib) -> None:
         ctypes.c_int32,
         ctypes.c_int32,
     ]
-    lib.lanes = int(lib.ss_activation_lanes())
+    lib.isa = int(lib.ss_activation_isa())  # 2 AVX-512, 1 AVX2 + FMA, 0 scalar
 
 
 def _try_load():

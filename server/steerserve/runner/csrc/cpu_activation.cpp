@@ -67,7 +67,7 @@ void gelu_all(const T* x, T* out, int64_t n, int n_threads) {
 
 extern "C" {
 
-int ss_activation_abi_version() { return 1; }
+int ss_activation_abi_version() { return 2; }
 
 // out[i] = gelu_tanh(x[i]) for contiguous x and out (out may be x); dtype 0 = fp32, 1 = bf16.
 // Returns 0, or -1 on an unsupported dtype.
@@ -77,6 +77,7 @@ int ss_gelu_tanh(const void* x, void* out, int64_t n, int32_t dtype, int32_t n_t
   return -1;
 }
 
-// Lanes the GELU loop was built with: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar).
-int ss_activation_lanes() { return int(kLanes); }
+// Which vector loop this build has, in cpu_attention's `ss_isa` codes: 2 = AVX-512, 1 = AVX2 + FMA,
+// 0 = scalar.
+int ss_activation_isa() { return kLanes == 16 ? 2 : kLanes == 8 ? 1 : 0; }
 }
