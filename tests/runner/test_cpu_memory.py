@@ -1,5 +1,5 @@
 """CPU process memory (runner/cpu_memory.py): after `tune_allocator` a freed step-sized buffer comes back
-without page faults; `empty_hugepages` gives 2 MiB-aligned tensors that the kernel backs with huge pages
+without page faults; `zeros_hugepages` gives 2 MiB-aligned tensors that the kernel backs with huge pages
 (read from /proc/self/smaps), and the CPU KV cache is built on it."""
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def test_tuned_allocator_reuses_freed_step_buffers_without_faults():
 
 @linux_glibc
 @pytest.mark.parametrize("shape,dtype", [((3, 70_001, 13), torch.float32), ((2, 1_234_567), torch.bfloat16)])
-def test_empty_hugepages_is_an_aligned_working_tensor(shape, dtype):
-    t = cpu_memory.empty_hugepages(shape, dtype)
+def test_zeros_hugepages_is_an_aligned_working_tensor(shape, dtype):
+    t = cpu_memory.zeros_hugepages(shape, dtype)
     assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
     assert t.data_ptr() % (2 << 20) == 0
     data = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -99,7 +99,7 @@ def test_empty_hugepages_is_an_aligned_working_tensor(shape, dtype):
 
 
 def test_small_tensors_stay_plain():
-    t = cpu_memory.empty_hugepages((5, 7), torch.float32)
+    t = cpu_memory.zeros_hugepages((5, 7), torch.float32)
     assert t.shape == (5, 7) and t.untyped_storage().nbytes() == 5 * 7 * 4
 
 

@@ -71,7 +71,7 @@ class KVCache:
         def zeros():
             if torch.device(device).type != "cpu":
                 return torch.zeros(shape, dtype=dtype, device=device)
-            return cpu_memory.empty_hugepages(shape, dtype).zero_()  # NOTE: decode streams it every step
+            return cpu_memory.zeros_hugepages(shape, dtype)  # NOTE: decode streams it every step
 
         self.keys = [zeros() for _ in range(n_layers)]
         self.values = [zeros() for _ in range(n_layers)]

@@ -10,8 +10,8 @@ still faulted 10x more: tests/runner/test_cpu_memory.py). Freed buffers are then
 jemalloc (which vLLM's CPU build preloads) would; the process keeps its peak heap instead of returning it.
 
 Decode attention streams the whole KV cache every step; with 4 KiB pages the hardware prefetchers stop
-at every page and every page is a TLB entry. `empty_hugepages` asks for 2 MiB pages (`madvise
-MADV_HUGEPAGE`, which THP's default `madvise` mode honours) before the cache is first touched.
+at every page and every page is a TLB entry. `zeros_hugepages` asks for 2 MiB pages (`madvise
+MADV_HUGEPAGE`, which THP's default `madvise` mode honours) on a fresh mapping, before anything touches it.
 
 Both are Linux / glibc only and best effort: elsewhere, or when a call fails, memory stays as it was.
 """
@@ -40,7 +40,10 @@ _state: dict = {}
 def _libc():
     if "libc" not in _state:
         name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
-        _state["libc"] = ctypes.CDLL(name, use_errno=True) if name else None
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        _state["libc"] = libc
     return _state["libc"]
 
 
@@ -52,7 +55,6 @@ def tune_allocator() -> bool:
     libc = _libc()
     ok = False
     if libc is not None and hasattr(libc, "mallopt") and platform.libc_ver()[0] == "glibc":
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         settings = (
             (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
             (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
@@ -65,22 +67,21 @@ def tune_allocator() -> bool:
     return ok
 
 
-def empty_hugepages(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor whose memory asked for 2 MiB pages before anything touched it (a view
-    into a buffer one huge page larger, aligned to one). Small tensors, or where madvise fails: plain."""
+def zeros_hugepages(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor whose memory asked for 2 MiB pages before anything touched it: a view into
+    a fresh anonymous mapping one huge page larger, aligned to one. NOTE: its own mapping, not torch's
+    allocator, whose buffers under the 32 MB mmap threshold are heap memory already touched in 4 KiB pages,
+    which madvise cannot turn into huge ones. Small tensors, or where madvise fails: plain."""
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    libc = _libc()
-    if (
-        nbytes < _HUGE_PAGE
-        or libc is None
-        or not hasattr(libc, "madvise")
-        or not hasattr(mmap, "MADV_HUGEPAGE")
-    ):
-        return torch.empty(shape, dtype=dtype)
-    raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
-    offset = -raw.data_ptr() % _HUGE_PAGE
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype)
+    # NOTE: private: a shared anonymous mapping is shmem, which THP leaves alone by default
+    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # NOTE: holds `buf`, unmapped with the last view
+    offset = -raw.data_ptr() % _HUGE_PAGE  # a multiple of the page size: mmap returns whole pages
     span = (raw.numel() - offset) // _HUGE_PAGE * _HUGE_PAGE  # the whole huge pages inside `raw`
-    if libc.madvise(raw.data_ptr() + offset, span, mmap.MADV_HUGEPAGE) != 0:
-        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, offset, span)
+    except OSError as exc:
+        logger.debug("madvise(MADV_HUGEPAGE) failed: %s", exc)
     return raw[offset : offset + nbytes].view(dtype).view(shape)
