@@ -32,6 +32,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 from bench_serving import make_workload
+from machine_bound import StepShape, best_of, bound_seconds, measure_machine
 from steered_workload import add_saes, steering_for
 
 from steerserve.compose import build_engine
@@ -49,6 +50,7 @@ class Clock:
         self.total: dict[tuple[str, str], float] = defaultdict(float)
         self.stack: list[list] = []  # [part, start, children]
         self.phase = "decode"
+        self.shapes: list[StepShape] = []  # one per step of the current run (machine_bound.py)
 
     def enter(self, part: str) -> None:
         self.stack.append([part, time.perf_counter(), 0.0])
@@ -95,7 +97,20 @@ def module_part(name: str, module: torch.nn.Module) -> str | None:
     return None
 
 
-def instrument(built, clock: Clock) -> None:
+def step_shape(out, info) -> StepShape:
+    """The rows, LM-head rows, decode KV rows and prefill attention FLOPs of one scheduled step."""
+    kv_rows, attn_flops = 0, 0.0
+    for item in out.scheduled:
+        n = len(item.token_ids)
+        if n == 1:
+            kv_rows += item.start + 1
+        else:  # causal over the cached past and the chunk itself
+            attn_flops += 4 * info["layers"] * info["d"] * (n * item.start + n * (n + 1) / 2)
+    lm_rows = sum(1 for item in out.scheduled if item.sample)
+    return StepShape(out.num_batched_tokens, lm_rows, kv_rows, attn_flops)
+
+
+def instrument(built, clock: Clock, info: dict) -> None:
     core, runner = built.core, built.core.runner
 
     def on_schedule(fn):
@@ -106,6 +121,7 @@ def instrument(built, clock: Clock) -> None:
             finally:
                 clock.exit()
             clock.phase = "prefill" if any(len(i.token_ids) > 1 for i in out.scheduled) else "decode"
+            clock.shapes.append(step_shape(out, info))
             return out
 
         return schedule
@@ -151,6 +167,7 @@ def matmul_rate(threads: int, dtype: torch.dtype) -> float:
 
 def run(core, wl, specs, clock: Clock, info) -> dict:
     clock.total.clear()
+    clock.shapes.clear()
     for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True)):
         sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         core.add(GenerationRequest(f"b{i}-{time.monotonic()}", tuple(p), sp, specs[i] if specs else None))
@@ -168,7 +185,8 @@ def run(core, wl, specs, clock: Clock, info) -> dict:
     flops = 2 * info["params"] * run_tokens + 2 * d * vocab * sum(wl.output_lens)
     flops += sum(4 * layers * d * c * c / 2 for c in ctx)  # scores and values over the causal context
     return {"tok_s": tokens / elapsed, "secs": elapsed, "wall": dict(wall), "steps": dict(steps),
-            "parts": dict(clock.total), "gflops": flops / elapsed / 1e9}  # fmt: skip
+            "parts": dict(clock.total), "gflops": flops / elapsed / 1e9, "flops": flops,
+            "shapes": list(clock.shapes)}  # fmt: skip
 
 
 def print_table(name: str, r: dict, peak: float) -> None:
@@ -187,6 +205,17 @@ def print_table(name: str, r: dict, peak: float) -> None:
     print(f"{'(steps)':<44}" + "".join(f"{r['steps'][ph]:>11}{'':>7}" for ph in r["wall"]))
 
 
+def print_bound(r: dict, info: dict, machine: dict, peak: float) -> None:
+    """The machine bound of this run's steps (machine_bound.py) beside the run."""
+    parts = bound_seconds(r["shapes"], info, machine["rates"], machine["bandwidth"])
+    least = sum(parts.values())
+    print(f"machine bound {least:.1f} s = {r['flops'] / least / 1e9 / peak:.0%} of the matmul rate; "
+          f"this run {r['secs'] / least:.2f}x the bound. Parts: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
+          + f" (reads at {machine['bandwidth'] / 1e9:.1f} GB/s; GEMM GFLOP/s at 1/8/64/2048 rows: "
+          + "/".join(f"{machine['rates'][n] / 1e9:.0f}" for n in (1, 8, 64, 2048)) + ")")  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-requests", type=int, default=64)
@@ -197,6 +226,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     peak = matmul_rate(args.threads, getattr(torch, args.dtype))
+    machine = measure_machine(getattr(torch, args.dtype))
     data_dir = tempfile.mkdtemp(prefix="bench-breakdown-")
     model_name = "random:gpt2-small"
     add_saes(data_dir, 768, args.d_sae, model_name)
@@ -219,8 +249,9 @@ def main(argv=None) -> int:
         )
         for i in range(args.num_requests)
     ]
+    info["itemsize"] = built.core.runner.kv_cache.keys[0].element_size()
     clock = Clock()
-    instrument(built, clock)
+    instrument(built, clock, info)
     run(built.core, make_workload(4, 99, 4.0, 50257), None, clock, info)  # warm-up
     print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, {args.dtype}, "
           f"{params / 1e6:.0f}M non-embedding parameters")  # fmt: skip
@@ -228,9 +259,11 @@ def main(argv=None) -> int:
         (name, run(built.core, wl, s, clock, info)) for name, s in (("unsteered", None), ("steered", specs))
     ]
     again = matmul_rate(args.threads, getattr(torch, args.dtype))  # NOTE: the higher of before and after
+    machine = best_of(machine, measure_machine(getattr(torch, args.dtype)))
     print(f"matmul rate {peak:.0f} GFLOP/s before the runs, {again:.0f} after")
     for name, r in results:
         print_table(name, r, max(peak, again))
+        print_bound(r, info, machine, max(peak, again))
     return 0
 
 

@@ -194,6 +194,32 @@ def start_server(model_dir: str, threads: int, extra: list[str], data_dir: str):
     return ServerProcess(args, log).wait_healthy(timeout=300)
 
 
+ENGINE_COUNTERS = ("engine_steps_total", "engine_step_seconds_total", "engine_idle_seconds_total")
+
+
+def engine_seconds(url: str) -> dict[str, float]:
+    """The server's engine-thread counters (metrics.py) from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].removeprefix("steerserve:")
+        if name in ENGINE_COUNTERS:
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def print_engine_share(before: dict, after: dict, wall: float) -> None:
+    """Where the run's wall time went on the server's engine thread: in steps, waiting with nothing to do
+    (idle), and the rest (inbox, delivery, and being off the CPU while the HTTP side or the client ran)."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    step, idle = d["engine_step_seconds_total"], d["engine_idle_seconds_total"]
+    print(
+        f"    engine thread: {int(d['engine_steps_total'])} steps, {step:.1f} s stepping "
+        f"({step / wall:.0%} of {wall:.1f} s), {idle:.1f} s idle, {wall - step - idle:.1f} s other",
+        flush=True,
+    )
+
+
 def print_table(rows: list[tuple[str, dict]], baseline: str | None) -> None:
     base = dict(rows).get(baseline, {}).get("tok_s") if baseline else None
     head = f"{'run':<34}{'tok/s':>9}{'ratio':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
@@ -234,7 +260,9 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
                 # NOTE: the order alternates between repeats, so a drift of the machine hits every kind
                 for name, how in runs if rep % 2 == 0 else runs[::-1]:
                     print(f"{name.format(kind).strip()} (repeat {rep + 1}) ...", flush=True)
+                    before = engine_seconds(server.url)
                     result = asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, how))
+                    print_engine_share(before, engine_seconds(server.url), result["elapsed"])
                     rows.append((name.format(kind) + (f" #{rep + 1}" if args.repeat > 1 else ""), result))
     finally:
         server.stop()

@@ -66,6 +66,15 @@ class EngineMetrics:
         )
         self._prefix_seen = (0, 0)
         self.steered_requests = counter("steered_requests", "Finished requests that carried steering.")
+        # NOTE: with the wall time between two scrapes these say how much of it the engine thread spent
+        # stepping, and how much it waited with nothing to run (the rest: the HTTP side and the OS)
+        self.engine_step_seconds = counter(
+            "engine_step_seconds", "Wall time the engine thread spent in steps."
+        )
+        self.engine_steps = counter("engine_steps", "Engine steps run.")
+        self.engine_idle_seconds = counter(
+            "engine_idle_seconds", "Wall time the engine thread waited with no request and no job."
+        )
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")

@@ -21,7 +21,8 @@ OURS = [
     "steerserve:request_rejected_total", "steerserve:steering_interventions_total",
     "steerserve:steering_specs_in_flight", "steerserve:num_requests_waiting_for_steering_row",
     "steerserve:saes_on_device", "steerserve:registry_cache_hits_total", "steerserve:registry_cache_misses_total",
-    "steerserve:steering_step_registry_reads_total",
+    "steerserve:steering_step_registry_reads_total", "steerserve:engine_step_seconds_total",
+    "steerserve:engine_steps_total", "steerserve:engine_idle_seconds_total",
 ]  # fmt: skip
 
 
@@ -41,6 +42,9 @@ def test_metrics_are_complete_and_steering_ones_move(keyed_server):
         "hit": m("steerserve:registry_cache_hits_total", cache="sae_device"),
         "queued": m("steerserve:request_queue_time_seconds_count"),
         "steered": m("steerserve:steered_requests_total"),
+        "steps": m("steerserve:engine_steps_total"),
+        "step_s": m("steerserve:engine_step_seconds_total"),
+        "idle_s": m("steerserve:engine_idle_seconds_total"),
     }
     steer = {
         "steering": [
@@ -72,5 +76,10 @@ def test_metrics_are_complete_and_steering_ones_move(keyed_server):
     assert m("steerserve:registry_cache_hits_total", cache="sae_device") > before["hit"]
     assert m("steerserve:registry_cache_misses_total", cache="logit_effect") >= 1
     assert m("steerserve:registry_cache_hits_total", cache="logit_effect") >= 1
+    # the engine thread's time: one step per token here (each call alone, no prefill chunking at this
+    # size), each taking time, and the thread waited idle between the calls
+    assert m("steerserve:engine_steps_total") == before["steps"] + 50 + 3
+    assert m("steerserve:engine_step_seconds_total") > before["step_s"]
+    assert m("steerserve:engine_idle_seconds_total") > before["idle_s"]
     # every SAE the steps used was loaded when the call was planned: no registry read inside a step
     assert m("steerserve:steering_step_registry_reads_total") == 0

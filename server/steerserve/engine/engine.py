@@ -334,9 +334,13 @@ class AsyncEngine:
             self._jobs.popleft().fail(EngineDeadError(self._closed))
 
     def _loop_steps(self) -> None:
+        metrics = self.core.metrics
         while not self._stop.is_set():
             block = not self.core.has_work() and not self._jobs
+            t0 = time.perf_counter()
             outputs = self._drain_inbox(block)
+            if block and metrics is not None:
+                metrics.engine_idle_seconds.inc(time.perf_counter() - t0)
             if self._stop.is_set():
                 break
             if self._fatal is not None:
@@ -346,7 +350,11 @@ class AsyncEngine:
                 self._jobs.popleft().run()
             if self.core.has_work():
                 try:
+                    t0 = time.perf_counter()
                     outputs.extend(self.core.step())
+                    if metrics is not None:
+                        metrics.engine_step_seconds.inc(time.perf_counter() - t0)
+                        metrics.engine_steps.inc()
                 except Exception as exc:
                     logger.exception("engine step failed; the engine is now dead")
                     self._die(f"engine step failed: {type(exc).__name__}: {exc}", outputs)
