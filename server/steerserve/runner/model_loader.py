@@ -195,7 +195,7 @@ def load_model(cfg: ModelConfig, shard: Callable[[torch.nn.Module], None] | None
     if dtype in (torch.bfloat16, torch.float16) or device.type == "cpu":
         fuse_gelu_tanh(model)  # NOTE: fp32 on CPU too, where oneDNN's GEMMs already round unlike generate()
     if device.type == "cpu":
-        from steerserve.runner import cpu_activation, cpu_attention, cpu_memory, cpu_weights
+        from steerserve.runner import cpu_activation, cpu_attention, cpu_memory, cpu_prompt_rows, cpu_weights
 
         cpu_memory.tune_allocator()  # step buffers reused from the heap, not page-faulted in anew
 
@@ -207,6 +207,7 @@ def load_model(cfg: ModelConfig, shard: Callable[[torch.nn.Module], None] | None
         if dtype in cpu_weights.PACKED_DTYPES:
             cpu_weights.pack_linear_weights(model)  # no per-call reorder; fp32: batch-invariant rows
             cpu_weights.fuse_gelu_epilogue(model)
+            model._ss_prompt_route = cpu_prompt_rows.attach(model)  # fp32 prompt rows on MKL
     return model, tokenizer, device, dtype
 
 

@@ -17,6 +17,7 @@ request from a broken engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -281,14 +282,16 @@ class ModelRunner:
         return self._forward(inputs).logits[0]
 
     def _forward(self, inputs):
-        return self.model(
-            input_ids=inputs.input_ids,
-            position_ids=inputs.position_ids,
-            logits_to_keep=inputs.logits_rows,
-            use_cache=False,
-            steer_attn=inputs.attn,
-            steer_cache=self.kv_cache,
-        )
+        route = getattr(self.model, "_ss_prompt_route", None)  # CPU fp32: prompt rows on MKL
+        with contextlib.nullcontext() if route is None else route.step(inputs.pos_class):
+            return self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                logits_to_keep=inputs.logits_rows,
+                use_cache=False,
+                steer_attn=inputs.attn,
+                steer_cache=self.kv_cache,
+            )
 
     @torch.inference_mode()
     def probe(self) -> None:

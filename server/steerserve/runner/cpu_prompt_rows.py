@@ -1,0 +1,126 @@
+"""Prompt rows of fp32 linear layers through MKL's sgemm on CPU (issue #26).
+
+Measured on a 2-core AVX2 EPYC, GPT-2 small's linear shapes: from 512 rows up, MKL's sgemm (what
+`torch.addmm` runs) reaches 170-184 GFLOP/s and oneDNN's packed kernel (cpu_weights.py) 151-157. At
+decode sizes (64 rows and fewer) oneDNN is as fast or faster. There, MKL's rows also depend on the row
+count: below 12 rows it takes another path that rounds differently. So decode stays on oneDNN.
+
+Exactness: a token's hidden state must not depend on the batch, the chunking, preemption or the cache.
+So the route depends on what a row is, not on the step's size. Rows of prompt tokens always go to MKL.
+Rows of generated tokens always go to oneDNN, also when a preempted request recomputes them. MKL's
+result for a row must then not depend on how many prompt rows share the call:
+  - a call of fewer than MIN_ROWS rows is padded with zero rows up to MIN_ROWS;
+  - each layer shape is probed when the model loads: rows computed among 16 to 2,048 rows must equal the
+    same rows computed among 16, at the start and at the end of the call.
+A shape that fails the probe keeps oneDNN for every row. `STEERSERVE_MKL_PROMPT_ROWS=0` does the same
+for all of them. The LM head is never routed: its rows are sampled ones, and oneDNN's rows do not depend
+on the batch.
+
+The runner sets the step's split (`PromptRoute.step`, from `ForwardInputs.pos_class`) around each forward.
+A call whose row count is not the step's (no step, or a module called on other rows) runs on oneDNN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MIN_ROWS = 16  # calls are padded to this many rows: MKL's smaller calls round differently
+PROBE_ROWS = (16, 17, 31, 64, 100, 257, 1000, 2048)  # row counts each layer shape is checked at
+ENABLED = os.environ.get("STEERSERVE_MKL_PROMPT_ROWS", "1") != "0"
+
+
+class PromptRoute:
+    """The current step's split into prompt rows and generated rows, shared by every routed layer."""
+
+    def __init__(self):
+        self.rows = -1  # the step's row count; -1: no step is running
+        self.n_prompt = 0
+        self.prompt: torch.Tensor | None = None  # [P] row indices, when the step mixes both kinds
+        self.generated: torch.Tensor | None = None  # [T - P]
+
+    @contextlib.contextmanager
+    def step(self, pos_class: torch.Tensor):
+        """Route the rows of the forward run inside this block (`pos_class` [T]: 0 prompt, 1 generated)."""
+        is_prompt = pos_class == 0
+        self.rows, self.n_prompt = pos_class.numel(), int(is_prompt.sum())
+        if 0 < self.n_prompt < self.rows:
+            self.prompt = is_prompt.nonzero().squeeze(1)
+            self.generated = (~is_prompt).nonzero().squeeze(1)
+        try:
+            yield
+        finally:
+            self.rows, self.n_prompt, self.prompt, self.generated = -1, 0, None, None
+
+
+def mkl_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [n, in] @ weight [in, out] (+ bias) on MKL, padded to MIN_ROWS rows."""
+    n = x.shape[0]
+    if n < MIN_ROWS:
+        x = torch.cat([x, x.new_zeros(MIN_ROWS - n, x.shape[1])])
+    y = torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+    return y[:n] if n < MIN_ROWS else y
+
+
+def routed(route: PromptRoute, x: torch.Tensor, onednn, mkl) -> torch.Tensor:
+    """`x` [T, in] through the layer: prompt rows by `mkl`, the others by `onednn` (each a [n, in] ->
+    [n, out] function)."""
+    if route.rows != x.shape[0] or route.n_prompt == 0:
+        return onednn(x)
+    if route.n_prompt == route.rows:
+        return mkl(x)
+    top = mkl(x.index_select(0, route.prompt))
+    y = x.new_empty(x.shape[0], top.shape[1])
+    y.index_copy_(0, route.prompt, top)
+    y.index_copy_(0, route.generated, onednn(x.index_select(0, route.generated)))
+    return y
+
+
+def _rows_invariant(weight: torch.Tensor, bias: torch.Tensor | None, gen: torch.Generator) -> bool:
+    x = torch.randn(max(PROBE_ROWS), weight.shape[0], generator=gen)
+    first = mkl_rows(x[:MIN_ROWS], weight, bias)
+    for m in PROBE_ROWS:
+        y = mkl_rows(x[:m], weight, bias)
+        if not torch.equal(y[:MIN_ROWS], first):
+            return False
+        if not torch.equal(y[m - MIN_ROWS :], mkl_rows(x[m - MIN_ROWS : m], weight, bias)):
+            return False
+    return True
+
+
+@torch.no_grad()
+def attach(model: torch.nn.Module) -> PromptRoute | None:
+    """Route the prompt rows of `model`'s packed fp32 layers (cpu_weights.py) whose shape passes the
+    probe; returns the route the runner sets each step, or None when no layer is routed."""
+    if not ENABLED:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = [
+        m
+        for m in model.modules()
+        if getattr(m, "_ss_packed", None) is not None
+        and m._ss_packed.dtype == torch.float32
+        and not getattr(m, "_ss_gelu", False)  # NOTE: the GELU epilogue is oneDNN's (bf16 only today)
+        and m is not head
+    ]
+    route, verdicts, gen = PromptRoute(), {}, torch.Generator().manual_seed(0)
+    routed_layers = 0
+    for module in layers:
+        weight = module._ss_weight
+        key = (tuple(weight.shape), weight.stride(), module.bias is not None)
+        if key not in verdicts:
+            verdicts[key] = _rows_invariant(weight, module.bias, gen)
+            if not verdicts[key]:
+                logger.info("MKL rows depend on the row count for %s: prompt rows stay on oneDNN", key)
+        if verdicts[key]:
+            module._ss_route = route
+            routed_layers += 1
+    if not routed_layers:
+        return None
+    logger.info("prompt rows of %d/%d fp32 linear layers on MKL", routed_layers, len(layers))
+    return route
