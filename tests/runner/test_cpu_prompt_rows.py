@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from steerserve.runner import cpu_prompt_rows, cpu_weights
+from steerserve.runner.cpu_prompt_rows import RowKinds
 from steerserve.runner.model_loader import build_random_model
 
 pytestmark = pytest.mark.skipif(
@@ -50,21 +51,23 @@ def test_rows_go_by_kind_in_any_mix(arch):
             own = originals[name]  # the unpacked module: transformers' addmm, MKL
             for rows in (1, 5, 16, 37, 130):
                 x = torch.randn(rows, m._ss_in, generator=gen) * 3
-                pos_class = (torch.rand(rows, generator=gen) < 0.4).to(torch.int8)  # 1 = generated
+                generated = (torch.rand(rows, generator=gen) < 0.4).tolist()
                 onednn = cpu_weights._linear(x, m._ss_packed, m.bias)
                 mkl = type(own).forward(own, torch.cat([x, x.new_zeros(max(0, 16 - rows), x.shape[1])]))[
                     :rows
                 ]
-                want = torch.where(pos_class[:, None] == 0, mkl, onednn)
-                with route.step(pos_class):
+                want = torch.where(torch.tensor(generated)[:, None], onednn, mkl)
+                with route.step(RowKinds.of(generated)):
                     got = m(x)
                 assert torch.equal(got, want), f"{name}: {rows} rows"
-                for kind in (0, 1):  # every row of one kind
-                    with route.step(torch.full((rows,), kind, dtype=torch.int8)):
-                        assert torch.equal(m(x), mkl if kind == 0 else onednn), f"{name}: all {kind}"
+                for kind in (False, True):  # every row of one kind
+                    with route.step(RowKinds.of([kind] * rows)):
+                        assert torch.equal(m(x), onednn if kind else mkl), f"{name}: all {kind}"
                 assert torch.equal(m(x), onednn)  # no step: oneDNN
-                with route.step(pos_class[:-1] if rows > 1 else torch.zeros(2, dtype=torch.int8)):
+                with route.step(RowKinds.of([False] * (rows + 1))):
                     assert torch.equal(m(x), onednn)  # not the step's row count: oneDNN
+                with route.step(RowKinds(0, 0)):
+                    assert torch.equal(m(x), onednn)  # a padded decode step's (no kinds built)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -74,15 +77,14 @@ def test_prompt_rows_do_not_depend_on_the_rows_beside_them(arch):
     with torch.no_grad():
         for name, m in _layers(packed):
             x = torch.randn(300, m._ss_in, generator=gen) * 3
-            with route.step(torch.zeros(300, dtype=torch.int8)):
+            with route.step(RowKinds.of([False] * 300)):
                 whole = m(x)
             for lo, hi in ((0, 1), (5, 8), (17, 30), (64, 300), (3, 4), (100, 229)):
-                with route.step(torch.zeros(hi - lo, dtype=torch.int8)):
+                with route.step(RowKinds.of([False] * (hi - lo))):
                     assert torch.equal(m(x[lo:hi]), whole[lo:hi]), f"{name}: rows {lo}:{hi} alone"
-                mixed = torch.ones(hi - lo + 7, dtype=torch.int8)  # the same rows among generated ones
-                mixed[3 : 3 + hi - lo] = 0
+                mixed = [True] * 3 + [False] * (hi - lo) + [True] * 4  # the same rows among generated ones
                 rows = torch.cat([x[:3], x[lo:hi], x[:4]])
-                with route.step(mixed):
+                with route.step(RowKinds.of(mixed)):
                     assert torch.equal(m(rows)[3 : 3 + hi - lo], whole[lo:hi]), f"{name}: {lo}:{hi} mixed"
 
 

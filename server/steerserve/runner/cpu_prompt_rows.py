@@ -16,7 +16,7 @@ A shape that fails the probe keeps oneDNN for every row. `STEERSERVE_MKL_PROMPT_
 for all of them. The LM head is never routed: its rows are sampled ones, and oneDNN's rows do not depend
 on the batch.
 
-The runner sets the step's split (`PromptRoute.step`, from `ForwardInputs.pos_class`) around each forward.
+The runner sets the step's split (`PromptRoute.step` with `ForwardInputs.row_kinds`) around each forward.
 A call whose row count is not the step's (no step, or a module called on other rows) runs on oneDNN.
 """
 
@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -35,27 +37,40 @@ PROBE_ROWS = (16, 17, 31, 64, 100, 257, 1000, 2048)  # row counts each layer sha
 ENABLED = os.environ.get("STEERSERVE_MKL_PROMPT_ROWS", "1") != "0"
 
 
+@dataclass(frozen=True, slots=True)
+class RowKinds:
+    """A step's rows by kind, built on the host (no device read, so a CUDA graph body stays sync-free)."""
+
+    rows: int
+    num_prompt: int  # rows of prompt tokens
+    prompt: torch.Tensor | None = None  # [P] int64 row indices, when the step has both kinds
+    generated: torch.Tensor | None = None  # [rows - P]
+
+    @staticmethod
+    def of(generated: list[bool]) -> RowKinds:
+        """From each row's flag: True for a generated token (ForwardInputs.pos_class 1)."""
+        flags = np.asarray(generated, dtype=bool)
+        num_prompt = len(flags) - int(flags.sum())
+        if not 0 < num_prompt < len(flags):
+            return RowKinds(len(flags), num_prompt)
+        prompt, gen = torch.from_numpy(np.flatnonzero(~flags)), torch.from_numpy(np.flatnonzero(flags))
+        return RowKinds(len(flags), num_prompt, prompt, gen)
+
+
 class PromptRoute:
-    """The current step's split into prompt rows and generated rows, shared by every routed layer."""
+    """The current step's rows by kind, shared by every routed layer; None between steps."""
 
     def __init__(self):
-        self.rows = -1  # the step's row count; -1: no step is running
-        self.n_prompt = 0
-        self.prompt: torch.Tensor | None = None  # [P] row indices, when the step mixes both kinds
-        self.generated: torch.Tensor | None = None  # [T - P]
+        self.kinds: RowKinds | None = None
 
     @contextlib.contextmanager
-    def step(self, pos_class: torch.Tensor):
-        """Route the rows of the forward run inside this block (`pos_class` [T]: 0 prompt, 1 generated)."""
-        is_prompt = pos_class == 0
-        self.rows, self.n_prompt = pos_class.numel(), int(is_prompt.sum())
-        if 0 < self.n_prompt < self.rows:
-            self.prompt = is_prompt.nonzero().squeeze(1)
-            self.generated = (~is_prompt).nonzero().squeeze(1)
+    def step(self, kinds: RowKinds):
+        """Route the rows of the forward run inside this block."""
+        self.kinds = kinds
         try:
             yield
         finally:
-            self.rows, self.n_prompt, self.prompt, self.generated = -1, 0, None, None
+            self.kinds = None
 
 
 def mkl_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,14 +85,15 @@ def mkl_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def routed(route: PromptRoute, x: torch.Tensor, onednn, mkl) -> torch.Tensor:
     """`x` [T, in] through the layer: prompt rows by `mkl`, the others by `onednn` (each a [n, in] ->
     [n, out] function)."""
-    if route.rows != x.shape[0] or route.n_prompt == 0:
+    kinds = route.kinds
+    if kinds is None or kinds.rows != x.shape[0] or kinds.num_prompt == 0:
         return onednn(x)
-    if route.n_prompt == route.rows:
+    if kinds.num_prompt == kinds.rows:
         return mkl(x)
-    top = mkl(x.index_select(0, route.prompt))
+    top = mkl(x.index_select(0, kinds.prompt))
     y = x.new_empty(x.shape[0], top.shape[1])
-    y.index_copy_(0, route.prompt, top)
-    y.index_copy_(0, route.generated, onednn(x.index_select(0, route.generated)))
+    y.index_copy_(0, kinds.prompt, top)
+    y.index_copy_(0, kinds.generated, onednn(x.index_select(0, kinds.generated)))
     return y
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from steerserve.runner.attention import AttentionMetadata, PagedMetadata, RequestSpan
+from steerserve.runner.cpu_prompt_rows import RowKinds
 from steerserve.runner.steering.resample import DrawContext, request_key
 from steerserve.sampling.sampler import SamplingBatch
 from steerserve.types.requests import SamplingParams
@@ -62,6 +63,8 @@ class ForwardInputs:
     num_tokens: int
     prompt_rows: list[PromptRows] = field(default_factory=list)  # the K scored rows, per request
     prompt_targets: torch.Tensor | None = None  # [K] int64: the prompt token each scored row predicts
+    # the rows by kind, from the host (cpu_prompt_rows.py); a padded decode step's are all generated
+    row_kinds: RowKinds = RowKinds(0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,7 @@ def build_forward_inputs(
         num_tokens=len(ids),
         prompt_rows=scored,
         prompt_targets=_to_device(targets, torch.int64, device) if targets else None,
+        row_kinds=RowKinds.of(pos_class),
     )
 
 

@@ -283,7 +283,7 @@ class ModelRunner:
 
     def _forward(self, inputs):
         route = getattr(self.model, "_ss_prompt_route", None)  # CPU fp32: prompt rows on MKL
-        with contextlib.nullcontext() if route is None else route.step(inputs.pos_class):
+        with contextlib.nullcontext() if route is None else route.step(inputs.row_kinds):
             return self.model(
                 input_ids=inputs.input_ids,
                 position_ids=inputs.position_ids,
