@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--d-sae", type=int, default=24576)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV-cache block size")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     peak = matmul_rate(args.threads, getattr(torch, args.dtype))
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
         model=ModelConfig(model=model_name, dtype=args.dtype),
         scheduler=SchedulerConfig(max_num_seqs=64),
         registry=RegistryConfig(data_dir=data_dir),
-        cache=CacheConfig(enable_prefix_caching=False),  # NOTE: the runs repeat the same prompts
+        # NOTE: no prefix caching: the runs repeat the same prompts
+        cache=CacheConfig(enable_prefix_caching=False, block_size=args.block_size),
     )
     built = build_engine(cfg)
     mc = built.core.runner.model.config
