@@ -76,9 +76,9 @@ def test_metrics_are_complete_and_steering_ones_move(keyed_server):
     assert m("steerserve:registry_cache_hits_total", cache="sae_device") > before["hit"]
     assert m("steerserve:registry_cache_misses_total", cache="logit_effect") >= 1
     assert m("steerserve:registry_cache_hits_total", cache="logit_effect") >= 1
-    # the engine thread's time: one step per token here (each call alone, no prefill chunking at this
-    # size), each taking time, and the thread waited idle between the calls
-    assert m("steerserve:engine_steps_total") == before["steps"] + 50 + 3
+    # the engine thread's time: one step per token of each call (its choices step together; up to 3 more
+    # if the engine thread took a choice from its inbox before the others), and idle time between calls
+    assert before["steps"] + 50 + 3 <= m("steerserve:engine_steps_total") <= before["steps"] + 50 + 3 + 3
     assert m("steerserve:engine_step_seconds_total") > before["step_s"]
     assert m("steerserve:engine_idle_seconds_total") > before["idle_s"]
     # every SAE the steps used was loaded when the call was planned: no registry read inside a step
