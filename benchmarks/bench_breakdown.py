@@ -42,6 +42,8 @@ from steerserve.runner.steering import rows as steering_rows
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import GenerationRequest, SamplingParams
 
+MATMUL_ROWS = (64, 256, 1024, 2048)  # the row counts the matmul rate averages
+
 
 class Clock:
     """Exclusive time per (phase, part): a stack of open timers, each minus its children."""
@@ -142,27 +144,12 @@ def instrument(built, clock: Clock, info: dict) -> None:
             module.register_forward_hook(lambda m, a, o: clock.exit())
 
 
-def matmul_rate(threads: int, dtype: torch.dtype) -> float:
-    """GFLOP/s of plain matmuls of the model's shapes ([rows x 768] x [768 x 3072]) in `dtype`: the mean
-    over the shapes of each one's best of 3 rounds, into a preallocated output (the arithmetic alone, not
-    page faults), so a noisy neighbour lowers it less and the ratio against it stays conservative."""
-    torch.set_num_threads(threads)
-    w = torch.randn(768, 3072, dtype=dtype)
-    rates = []
-    for rows in (64, 256, 1024, 2048):
-        x = torch.randn(rows, 768, dtype=dtype)
-        out = torch.empty(rows, 3072, dtype=dtype)
-        for _ in range(3):
-            torch.matmul(x, w, out=out)
-        best = 0.0
-        for _ in range(3):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < 0.3:
-                torch.matmul(x, w, out=out)
-                n += 1
-            best = max(best, 2 * rows * 768 * 3072 * n / (time.perf_counter() - t0) / 1e9)
-        rates.append(best)
-    return sum(rates) / len(rates)
+def matmul_rate(machine: dict) -> float:
+    """GFLOP/s of plain matmuls of the model's shapes ([rows x 768] x [768 x 3072]): the mean over 64, 256,
+    1024 and 2048 rows of each one's best of 3 rounds into a preallocated output (machine_bound.gemm_rates:
+    the arithmetic alone, not page faults), so a noisy neighbour lowers it less and the ratio against it
+    stays conservative."""
+    return sum(machine["rates"][rows] for rows in MATMUL_ROWS) / len(MATMUL_ROWS) / 1e9
 
 
 def run(core, wl, specs, clock: Clock, info) -> dict:
@@ -226,8 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV-cache block size")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peak = matmul_rate(args.threads, getattr(torch, args.dtype))
-    machine = measure_machine(getattr(torch, args.dtype))
+    before = measure_machine(getattr(torch, args.dtype))
     data_dir = tempfile.mkdtemp(prefix="bench-breakdown-")
     model_name = "random:gpt2-small"
     add_saes(data_dir, 768, args.d_sae, model_name)
@@ -260,12 +246,13 @@ def main(argv=None) -> int:
     results = [
         (name, run(built.core, wl, s, clock, info)) for name, s in (("unsteered", None), ("steered", specs))
     ]
-    again = matmul_rate(args.threads, getattr(torch, args.dtype))  # NOTE: the higher of before and after
-    machine = best_of(machine, measure_machine(getattr(torch, args.dtype)))
-    print(f"matmul rate {peak:.0f} GFLOP/s before the runs, {again:.0f} after")
+    after = measure_machine(getattr(torch, args.dtype))
+    peak = max(matmul_rate(before), matmul_rate(after))  # NOTE: the higher of before and after
+    machine = best_of(before, after)
+    print(f"matmul rate {matmul_rate(before):.0f} GFLOP/s before the runs, {matmul_rate(after):.0f} after")
     for name, r in results:
-        print_table(name, r, max(peak, again))
-        print_bound(r, info, machine, max(peak, again))
+        print_table(name, r, peak)
+        print_bound(r, info, machine, peak)
     return 0
 
 

@@ -49,7 +49,7 @@ def gemm_rates(dtype: torch.dtype, d: int = 768, ff: int = 3072) -> dict[int, fl
     rates = {}
     for rows in ROWS:
         x, out = torch.randn(rows, d, dtype=dtype), torch.empty(rows, ff, dtype=dtype)
-        rates[rows] = _best_rate(lambda x=x, out=out: torch.matmul(x, w, out=out), 2 * rows * d * ff, 0.1)
+        rates[rows] = _best_rate(lambda x=x, out=out: torch.matmul(x, w, out=out), 2 * rows * d * ff, 0.3)
     return rates
 
 
