@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from steerserve.config import StepMode
+from steerserve.runner import cpu_sgemm
 from steerserve.runner.attention import paged_kernels_work
 from steerserve.types.requests import GenerationRequest, SamplingParams
 from steerserve.types.steering import (
@@ -110,8 +111,10 @@ def test_graph_step_with_triton_kernels_equals_packed_and_never_syncs(arch, tiny
     recorder = OpRecorder()
     padded, runner = _run(model_dir, StepMode.PADDED, tmp_path / "padded", recorder)
     assert runner.decode_buffers.loads >= 6
-    # the recorder saw the forward (on CPU the linear layers run oneDNN's packed weights: runner/cpu_weights)
-    assert "aten.embedding" in recorder.ops and recorder.ops & {"aten.linear", "mkldnn._linear_pointwise"}
+    # the recorder saw the forward (on CPU the linear layers run oneDNN's packed weights, runner/cpu_weights,
+    # or fp32 ones our own kernel through ctypes, runner/cpu_sgemm, which no dispatcher op shows)
+    assert "aten.embedding" in recorder.ops
+    assert cpu_sgemm.preferred() or recorder.ops & {"aten.linear", "mkldnn._linear_pointwise"}
     assert "aten.where" in recorder.ops  # and the steering's per-token slots
     assert recorder.ops.isdisjoint(HOST_SYNC_OPS | {"aten.repeat_interleave without output_size"}), sorted(
         recorder.ops & HOST_SYNC_OPS

@@ -1,5 +1,5 @@
 """Packed linear weights (runner/cpu_weights.py). bf16: every layer's output and the model's logits are
-bit-identical to the unpacked model's. fp32 (oneDNN instead of MKL's sgemm): each row's result is the
+bit-identical to the unpacked model's. fp32 (oneDNN, or our own kernel on AVX2, instead of MKL's sgemm): each row's result is the
 same whatever the number of rows in the call, and within fp32 rounding of the unpacked model, whose
 greedy tokens it keeps. Hooks on the layers still fire."""
 
@@ -10,13 +10,22 @@ import copy
 import pytest
 import torch
 
-from steerserve.runner import cpu_weights
+from steerserve.runner import cpu_sgemm, cpu_weights
 from steerserve.runner.model_loader import build_random_model
 
 pytestmark = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
     reason="no oneDNN",
 )
+
+
+@pytest.fixture(params=["onednn", "cpu_sgemm"])
+def fp32_kernel(request, monkeypatch):
+    """Which kernel packed fp32 layers run: oneDNN, or our own (cpu_sgemm.py, the default on AVX2 CPUs)."""
+    if request.param == "cpu_sgemm" and cpu_sgemm.load() is None:
+        pytest.skip("the CPU GEMM library cannot be built here")
+    monkeypatch.setenv("STEERSERVE_CPU_SGEMM", "1" if request.param == "cpu_sgemm" else "0")
+    return cpu_sgemm.PackedWeight if request.param == "cpu_sgemm" else torch.Tensor
 
 
 def _packed(arch, dtype):
@@ -45,10 +54,11 @@ def test_packed_model_is_bit_identical(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_fp32_packed_rows_do_not_depend_on_the_batch(arch):
+def test_fp32_packed_rows_do_not_depend_on_the_batch(arch, fp32_kernel):
     _, packed = _packed(arch, torch.float32)
     layers = [(n, m) for n, m in packed.named_modules() if hasattr(m, "_ss_packed")]
     assert layers and any(m is packed.get_output_embeddings() for _, m in layers)  # the LM head too
+    assert all(isinstance(m._ss_packed, fp32_kernel) for _, m in layers)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, m in layers:
@@ -59,7 +69,7 @@ def test_fp32_packed_rows_do_not_depend_on_the_batch(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_fp32_packed_model_is_within_rounding_and_keeps_greedy_tokens(arch):
+def test_fp32_packed_model_is_within_rounding_and_keeps_greedy_tokens(arch, fp32_kernel):
     model, packed = _packed(arch, torch.float32)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -73,7 +83,7 @@ def test_fp32_packed_model_is_within_rounding_and_keeps_greedy_tokens(arch):
         torch.testing.assert_close(head(x), model.get_output_embeddings()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_hooks_still_fire():
+def test_hooks_still_fire(fp32_kernel):
     _, model = _packed("llama", torch.float32)
     seen = []
     layer = model.get_output_embeddings()

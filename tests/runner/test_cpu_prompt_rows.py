@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from steerserve.runner import cpu_prompt_rows, cpu_weights
+from steerserve.runner import cpu_prompt_rows, cpu_sgemm, cpu_weights
 from steerserve.runner.cpu_prompt_rows import RowKinds
 from steerserve.runner.model_loader import build_random_model
 
@@ -20,6 +20,25 @@ pytestmark = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
     reason="no oneDNN",
 )
+
+
+@pytest.fixture(autouse=True)
+def _onednn(monkeypatch):
+    """The route is for oneDNN-packed layers: keep fp32 layers off our own kernel (cpu_sgemm.py) here."""
+    monkeypatch.setenv("STEERSERVE_CPU_SGEMM", "0")
+
+
+def test_layers_on_our_own_kernel_are_not_routed(monkeypatch):
+    if cpu_sgemm.load() is None:
+        pytest.skip("the CPU GEMM library cannot be built here")
+    monkeypatch.setenv("STEERSERVE_CPU_SGEMM", "1")
+    model, _ = build_random_model("gpt2", seed=0, dtype=torch.float32)
+    assert cpu_weights.pack_linear_weights(model) > 0
+    assert all(
+        isinstance(m._ss_packed, cpu_sgemm.PackedWeight) for m in model.modules() if hasattr(m, "_ss_packed")
+    )
+    assert cpu_prompt_rows.attach(model) is None
+    assert not any(hasattr(m, "_ss_route") for m in model.modules())
 
 
 def _routed(arch):

@@ -1,0 +1,130 @@
+"""Our fp32 GEMM kernel (runner/cpu_sgemm.py, csrc/cpu_sgemm.cpp), on fresh random inputs of odd shapes:
+within a forward-error bound of an fp64 product, and within fp32 rounding of torch's own `F.linear` /
+transformers' `Conv1D`; every row bit-identical whatever the row count and thread count of the call (the
+batch-invariance exact serving needs); it writes exactly its output and nothing past it; and the loader
+packs fp32 layers for it where it is preferred."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from steerserve.runner import cpu_sgemm
+from tests.runner.cpu_isa import expected_isa
+
+pytestmark = pytest.mark.skipif(cpu_sgemm.load() is None, reason="the CPU GEMM library cannot be built here")
+
+U = 2.0**-24  # fp32 unit roundoff
+
+
+def _bound(x, w, b, k: int) -> torch.Tensor:
+    """The forward-error bound of a sum of <= 256-term FMA chains over K blocks, added up, plus the bias."""
+    terms = min(k, 256) + -(-k // 256) + 2
+    mag = x.double().abs() @ w.double().abs()
+    return 1.01 * terms * U * (mag + (0 if b is None else b.double().abs()))
+
+
+def _reference(x, w, b):
+    y = x.double() @ w.double()
+    return y if b is None else y + b.double()
+
+
+def test_the_vector_kernel_is_built():
+    assert cpu_sgemm.load().isa == (1 if expected_isa() >= 1 else 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_within_the_error_bound_of_fp64_on_odd_shapes(seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    for _ in range(10):
+        k = rng.choice([1, 7, 37, 255, 256, 257, 600, 769])
+        n = rng.choice([1, 15, 16, 17, 45, 100, 161])
+        m = rng.choice([1, 2, 5, 6, 7, 12, 13, 70, 97, 200])
+        scale = rng.choice([0.01, 1.0, 30.0])
+        linear_layout = rng.random() < 0.5  # a Linear's weight [out, in] seen as [in, out], or a Conv1D's
+        w = torch.randn(n, k, generator=gen).t() if linear_layout else torch.randn(k, n, generator=gen)
+        x = torch.randn(m, k, generator=gen) * scale
+        b = torch.randn(n, generator=gen) if rng.random() < 0.7 else None
+        got = cpu_sgemm.linear(x, cpu_sgemm.pack(w), b)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        err = (got.double() - _reference(x, w, b)).abs()
+        assert (err <= _bound(x, w, b, k)).all(), (m, k, n, float(err.max()))
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_within_rounding_of_torch_and_transformers_layers(conv1d):
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    layer = Conv1D(300, 131) if conv1d else torch.nn.Linear(131, 300)
+    w = layer.weight if conv1d else layer.weight.t()
+    x = torch.randn(45, 131, generator=gen)
+    with torch.no_grad():
+        want = layer(x)  # MKL's sgemm through transformers / torch
+        got = cpu_sgemm.linear(x, cpu_sgemm.pack(w), layer.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_do_not_depend_on_the_row_count_or_threads(threads):
+    before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(threads)
+    try:
+        for k, n in ((768, 45), (300, 777), (1000, 33)):
+            w, b = torch.randn(k, n, generator=gen), torch.randn(n, generator=gen)
+            pw = cpu_sgemm.pack(w)
+            x = torch.randn(131, k, generator=gen) * 3
+            torch.set_num_threads(2)
+            whole = cpu_sgemm.linear(x, pw, b)
+            torch.set_num_threads(threads)
+            for lo, hi in ((0, 1), (3, 4), (5, 8), (0, 6), (7, 19), (17, 30), (64, 131), (0, 97), (100, 131)):
+                assert torch.equal(cpu_sgemm.linear(x[lo:hi], pw, b), whole[lo:hi]), (k, n, lo, hi, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_writes_its_output_and_nothing_past_it():
+    lib, gen = cpu_sgemm.load(), torch.Generator().manual_seed(5)
+    k, n, m, ld = 257, 37, 13, 50
+    w, b = torch.randn(k, n, generator=gen), torch.randn(n, generator=gen)
+    x = torch.randn(m, k + 3, generator=gen)[:, :k]  # rows with a stride wider than K
+    y = torch.full((m, ld), float("nan"))  # poison: every element the kernel should write starts as NaN
+    pw = cpu_sgemm.pack(w)
+    lib.ss_sgemm(x.data_ptr(), m, k, x.stride(0), pw.panels.data_ptr(), n, b.data_ptr(), y.data_ptr(), ld, 2)
+    assert torch.isfinite(y[:, :n]).all()
+    assert torch.isnan(y[:, n:]).all()  # the columns past N stay untouched
+    assert torch.equal(y[:, :n], cpu_sgemm.linear(x, pw, b))
+    err = (y[:, :n].double() - _reference(x, w, b)).abs()
+    assert (err <= _bound(x, w, b, k)).all()
+
+
+def test_no_rows_and_bad_inputs():
+    pw = cpu_sgemm.pack(torch.randn(8, 5))
+    assert cpu_sgemm.linear(torch.randn(0, 8), pw).shape == (0, 5)
+    with pytest.raises(ValueError):
+        cpu_sgemm.linear(torch.randn(3, 9), pw)
+    with pytest.raises(ValueError):
+        cpu_sgemm.linear(torch.randn(3, 8, dtype=torch.float64), pw)
+    with pytest.raises(ValueError):
+        cpu_sgemm.linear(torch.randn(3, 8), pw, torch.randn(4))
+    with pytest.raises(ValueError):
+        cpu_sgemm.pack(torch.randn(8, 5, dtype=torch.bfloat16))
+
+
+def test_preferred_follows_the_switch_and_the_cpu(monkeypatch):
+    monkeypatch.setenv("STEERSERVE_CPU_SGEMM", "0")
+    assert not cpu_sgemm.preferred()
+    monkeypatch.setenv("STEERSERVE_CPU_SGEMM", "1")
+    assert cpu_sgemm.preferred()
+    monkeypatch.setenv("STEERSERVE_CPU_SGEMM", "auto")
+    monkeypatch.setattr(cpu_sgemm, "_has_avx512", lambda: True)
+    assert not cpu_sgemm.preferred()  # oneDNN's 16-lane kernels there
+    monkeypatch.setattr(cpu_sgemm, "_has_avx512", lambda: False)
+    assert cpu_sgemm.preferred() == (cpu_sgemm.load().isa == 1)
+
+
+def test_the_abi_guard():
+    assert cpu_sgemm.load().ss_sgemm_abi_version() == cpu_sgemm.ABI_VERSION
+    assert cpu_sgemm.load().ss_sgemm_packed_numel(3, 17) == 2 * 3 * 16
