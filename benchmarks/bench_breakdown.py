@@ -149,7 +149,7 @@ def matmul_rate(machine: dict) -> float:
     1024 and 2048 rows of each one's best of 3 rounds into a preallocated output (machine_bound.gemm_rates:
     the arithmetic alone, not page faults), so a noisy neighbour lowers it less and the ratio against it
     stays conservative."""
-    return sum(machine["rates"][rows] for rows in MATMUL_ROWS) / len(MATMUL_ROWS) / 1e9
+    return sum(machine["matmul"][rows] for rows in MATMUL_ROWS) / len(MATMUL_ROWS) / 1e9
 
 
 def run(core, wl, specs, clock: Clock, info) -> dict:
