@@ -24,7 +24,7 @@ from steerserve.config import SteeringConfig
 from steerserve.demo.shipped import DEMO_SAE_ID, model_path, register_demo
 from steerserve.engine.kv_cache import BlockAllocator, BlockTable
 from steerserve.registry import FeatureInfo, SteeringVector
-from steerserve.runner import cpu_attention
+from steerserve.runner import cpu_attention, cpu_sgemm
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import GenerationRequest, SamplingParams
 from steerserve.types.sites import Site
@@ -133,7 +133,19 @@ def engines(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield Engines(str(tmp_path_factory.mktemp("preempt")))
+        with pytest.MonkeyPatch.context() as mp:
+            # the fp32 linear layers on our own GEMM kernel (runner/cpu_sgemm.py) on any CPU that builds it,
+            # not only where it is the default (AVX2 without AVX-512)
+            mp.setenv("STEERSERVE_CPU_SGEMM", "1")
+            built = Engines(str(tmp_path_factory.mktemp("preempt")))
+            engines = [built.ref, built.stress(4), built.stress(2)]  # every block size the seeds use
+        assert not cpu_sgemm.load() or all(
+            isinstance(m._ss_packed, cpu_sgemm.PackedWeight)
+            for e in engines
+            for m in e.core.runner.model.modules()
+            if hasattr(m, "_ss_packed")
+        )
+        yield built
     finally:
         torch.set_num_threads(threads)
 

@@ -6,12 +6,15 @@ packs fp32 layers for it where it is preferred."""
 
 from __future__ import annotations
 
+import ctypes
 import random
+import subprocess
 
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from steerkernels import _cbuild
 from steerserve.runner import cpu_sgemm
 from tests.runner.cpu_isa import expected_isa
 
@@ -128,3 +131,31 @@ def test_preferred_follows_the_switch_and_the_cpu(monkeypatch):
 def test_the_abi_guard():
     assert cpu_sgemm.load().ss_sgemm_abi_version() == cpu_sgemm.ABI_VERSION
     assert cpu_sgemm.load().ss_sgemm_packed_numel(3, 17) == 2 * 3 * 16
+
+
+def test_the_scalar_fallback_computes_the_same_bits(tmp_path):
+    """A CPU without AVX2 + FMA builds the scalar loop: the same operations in the same order (std::fma per
+    element), so the same bits as the vector kernel, here compiled without -march=native."""
+    cxx = _cbuild.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path / "scalar.so"
+    source = cpu_sgemm.CSRC / "cpu_sgemm.cpp"
+    subprocess.run([cxx, "-O3", "-fopenmp", *_cbuild.COMMON_FLAGS, str(source), "-o", str(out)], check=True)
+    scalar = ctypes.CDLL(str(out))
+    cpu_sgemm._setup(scalar)
+    assert scalar.isa == 0
+    gen = torch.Generator().manual_seed(11)
+    for m, k, n in ((7, 300, 45), (13, 600, 16), (1, 5, 3), (20, 257, 33)):
+        w, b, x = (
+            torch.randn(k, n, generator=gen),
+            torch.randn(n, generator=gen),
+            torch.randn(m, k, generator=gen),
+        )
+        packed = torch.empty(scalar.ss_sgemm_packed_numel(k, n))
+        scalar.ss_sgemm_pack(w.data_ptr(), k, n, w.stride(0), w.stride(1), packed.data_ptr())
+        y = torch.full((m, n), float("nan"))
+        scalar.ss_sgemm(x.data_ptr(), m, k, k, packed.data_ptr(), n, b.data_ptr(), y.data_ptr(), n, 2)
+        assert (y.double() - _reference(x, w, b)).abs().le(_bound(x, w, b, k)).all(), (m, k, n)
+        if cpu_sgemm.load().isa == 1:
+            assert torch.equal(y, cpu_sgemm.linear(x, cpu_sgemm.pack(w), b)), (m, k, n)

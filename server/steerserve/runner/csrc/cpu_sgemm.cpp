@@ -10,8 +10,12 @@
 // never depends on the rows beside it (batch-invariant), and the blocked sum keeps the rounding error
 // near a blocked GEMM's rather than a 3,072-term chain's.
 //
+// Without AVX2 + FMA the scalar loop runs the same operations in the same order (std::fma), so the same
+// bits (tests/runner/test_cpu_sgemm.py builds it and checks).
+//
 // Packed layout: panels of kPanel (16) output columns, [ceil(N / 16)][K][16], zero past N.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #ifdef _OPENMP
