@@ -152,15 +152,27 @@ def matmul_rate(machine: dict) -> float:
     return sum(machine["matmul"][rows] for rows in MATMUL_ROWS) / len(MATMUL_ROWS) / 1e9
 
 
-def run(core, wl, specs, clock: Clock, info) -> dict:
+def run(core, wl, specs, clock: Clock, info, per_step: float = 0.0) -> dict:
+    """The workload through the engine: all requests at once, or `per_step` new requests before each step
+    (arrivals spread over the run, as a Poisson rate of per_step / step time does over HTTP)."""
     clock.total.clear()
     clock.shapes.clear()
-    for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True)):
-        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        core.add(GenerationRequest(f"b{i}-{time.monotonic()}", tuple(p), sp, specs[i] if specs else None))
+    pending = [
+        GenerationRequest(
+            f"b{i}-{time.monotonic()}",
+            tuple(p),
+            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+            specs[i] if specs else None,
+        )
+        for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True))
+    ]
     t0, tokens, steps = time.perf_counter(), 0, defaultdict(int)
-    wall = defaultdict(float)
-    while core.has_work():
+    wall, added = defaultdict(float), 0
+    while added < len(pending) or core.has_work():
+        due = len(pending) if per_step <= 0 else max(1, int(per_step * (sum(steps.values()) + 1)))
+        for r in pending[added:due]:
+            core.add(r)
+        added = max(added, min(due, len(pending)))
         s0 = time.perf_counter()
         tokens += sum(len(o.token_ids) for o in core.step())
         wall[clock.phase] += time.perf_counter() - s0
@@ -211,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV-cache block size")
+    ap.add_argument("--arrivals-per-step", type=float, default=0.0,
+                    help="add this many requests before each step (0: all at once)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     before = measure_machine(getattr(torch, args.dtype))
@@ -244,7 +258,8 @@ def main(argv=None) -> int:
     print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, {args.dtype}, "
           f"{params / 1e6:.0f}M non-embedding parameters")  # fmt: skip
     results = [
-        (name, run(built.core, wl, s, clock, info)) for name, s in (("unsteered", None), ("steered", specs))
+        (name, run(built.core, wl, s, clock, info, args.arrivals_per_step))
+        for name, s in (("unsteered", None), ("steered", specs))
     ]
     after = measure_machine(getattr(torch, args.dtype))
     peak = max(matmul_rate(before), matmul_rate(after))  # NOTE: the higher of before and after
