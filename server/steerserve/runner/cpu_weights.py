@@ -13,7 +13,8 @@ exception is prompt rows, where MKL is 12-19% faster and, padded to 16 rows, inv
 says so: cpu_prompt_rows.py routes them back to the layer's own addmm.
 
 On AVX2 CPUs without AVX-512, fp32 weights are packed for our own kernel instead (cpu_sgemm.py): also
-batch-invariant, 1.15-1.8x faster than oneDNN at decode row counts. The prompt-row route applies the same.
+batch-invariant, 1.15-1.8x faster than oneDNN at decode row counts and on par with MKL on prompt rows, so
+those layers need no prompt-row route (cpu_prompt_rows.attach skips them).
 
 Each layer's first packed forward is checked on probe inputs before it is used: bf16 against its own
 forward, bit for bit; fp32 for rows that do not change with the row count and for closeness to its own
