@@ -129,8 +129,9 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
         module._ss_weight = w.t()  # [in, out]: the view the module's own addmm multiplies by
         module.forward = types.MethodType(_packed_forward, module)
         packed += 1
-    kernel = "cpu_sgemm" if own_sgemm and layers[0][1].dtype == torch.float32 else "oneDNN"
-    logger.info("packed %d/%d linear weights for %s (%.0f MiB)", packed, len(layers), kernel, extra / 2**20)
+    own = sum(isinstance(getattr(m, "_ss_packed", None), cpu_sgemm.PackedWeight) for m, _ in layers)
+    logger.info("packed %d/%d linear weights, %d for cpu_sgemm and %d for oneDNN (%.0f MiB)",
+                packed, len(layers), own, packed - own, extra / 2**20)  # fmt: skip
     return packed
 
 

@@ -1,8 +1,9 @@
 // fp32 GEMM for decode-sized row counts on AVX2 CPUs: y[M, N] = x[M, K] @ W[K, N] (+ bias), with W packed
 // once into column panels (issue #26, runner/cpu_sgemm.py).
 //
-// Why: at 1-64 rows oneDNN's packed sgemm reaches 30-140 GFLOP/s on GPT-2 small's shapes (2-core AVX2
-// EPYC), MKL's less. A 6x16 register tile over a panel-packed weight reaches 40-180 there, 1.2-1.6x.
+// Why: at 1-64 rows oneDNN's packed sgemm reaches 14-150 GFLOP/s on GPT-2 small's shapes and LM head
+// (2-core AVX2 EPYC), MKL's less. A 6x16 register tile over a panel-packed weight reaches 16-178 there,
+// 1.15-1.8x.
 //
 // Exactness: every output element is one fixed sequence of fp32 operations, whatever the row count, the
 // tile its row falls in or the thread that runs it. Within a K block of kKBlock it is one FMA chain from
@@ -91,6 +92,8 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, in
 }
 #endif
 
+inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
+
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, bool,
                         const float*);
 constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
@@ -109,12 +112,12 @@ int32_t ss_sgemm_isa() {
 #endif
 }
 
-int64_t ss_sgemm_packed_numel(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * K * kPanel; }
+int64_t ss_sgemm_packed_numel(int64_t K, int64_t N) { return panel_count(N) * K * kPanel; }
 
 // w's element (k, n) is w[k * sk + n * sn]: a Conv1D weight [in, out] and a Linear weight [out, in] pack
 // without a transposed copy.
 void ss_sgemm_pack(const float* w, int64_t K, int64_t N, int64_t sk, int64_t sn, float* out) {
-  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t panels = panel_count(N);
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t k = 0; k < K; ++k)
@@ -128,7 +131,7 @@ void ss_sgemm_pack(const float* w, int64_t K, int64_t N, int64_t sk, int64_t sn,
 // Each thread owns a contiguous range of panels, so no two threads write the same element.
 void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, int64_t N,
               const float* bias, float* y, int64_t ldy, int32_t n_threads) {
-  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t panels = panel_count(N);
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, panels)));
 #pragma omp parallel num_threads(nt)
   {
@@ -143,7 +146,7 @@ void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* pa
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = packed + p * K * kPanel;
         const int64_t cols = std::min(kPanel, N - p * kPanel);
-        for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKBlock) {
+        for (int64_t k0 = 0;; k0 += kKBlock) {  // NOTE: once also for K = 0 (y = bias, or zeros)
           const int64_t k1 = std::min(K, k0 + kKBlock);
           const float* b = (bias && k1 == K) ? bias + p * kPanel : nullptr;
           for (int64_t r = m0; r < m1; r += kRows) {
