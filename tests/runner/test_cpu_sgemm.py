@@ -82,15 +82,28 @@ def test_rows_do_not_depend_on_the_row_count_or_threads(threads):
             torch.set_num_threads(2)
             whole = cpu_sgemm.linear(x, pw, b)
             torch.set_num_threads(threads)
-            for lo, hi in ((0, 1), (3, 4), (5, 8), (0, 6), (7, 19), (17, 30), (64, 131), (0, 97), (100, 131)):
+            for lo, hi in (
+                (0, 1),
+                (3, 4),
+                (10, 12),
+                (5, 8),
+                (0, 6),
+                (20, 27),
+                (7, 19),
+                (17, 30),
+                (64, 131),
+                (0, 97),
+                (100, 131),
+            ):
                 assert torch.equal(cpu_sgemm.linear(x[lo:hi], pw, b), whole[lo:hi]), (k, n, lo, hi, threads)
     finally:
         torch.set_num_threads(before)
 
 
-def test_writes_its_output_and_nothing_past_it():
-    lib, gen = cpu_sgemm.load(), torch.Generator().manual_seed(5)
-    k, n, m, ld = 257, 37, 13, 50
+@pytest.mark.parametrize("m", [1, 2, 7, 13])  # two-panel tiles (1-2 rows), 4 + 3, 5 + 4 + 4
+def test_writes_its_output_and_nothing_past_it(m):
+    lib, gen = cpu_sgemm.load(), torch.Generator().manual_seed(5 + m)
+    k, n, ld = 257, 37, 50
     w, b = torch.randn(k, n, generator=gen), torch.randn(n, generator=gen)
     x = torch.randn(m, k + 3, generator=gen)[:, :k]  # rows with a stride wider than K
     y = torch.full((m, ld), float("nan"))  # poison: every element the kernel should write starts as NaN
@@ -146,7 +159,7 @@ def test_the_scalar_fallback_computes_the_same_bits(tmp_path):
     cpu_sgemm._setup(scalar)
     assert scalar.isa == 0
     gen = torch.Generator().manual_seed(11)
-    for m, k, n in ((7, 300, 45), (13, 600, 16), (1, 5, 3), (20, 257, 33)):
+    for m, k, n in ((7, 300, 45), (13, 600, 16), (1, 5, 3), (2, 70, 50), (20, 257, 33)):
         w, b, x = (
             torch.randn(k, n, generator=gen),
             torch.randn(n, generator=gen),

@@ -2,8 +2,8 @@
 // once into column panels (issue #26, runner/cpu_sgemm.py).
 //
 // Why: at 1-64 rows oneDNN's packed sgemm reaches 14-150 GFLOP/s on GPT-2 small's shapes and LM head
-// (2-core AVX2 EPYC), MKL's less. A 6x16 register tile over a panel-packed weight reaches 16-178 there,
-// 1.15-1.8x.
+// (2-core AVX2 EPYC), MKL's less. Register tiles of 4-6 rows x 16 columns (1-2 rows x 32) over a
+// panel-packed weight reach 29-178 there, 1.15-2x.
 //
 // Exactness: every output element is one fixed sequence of fp32 operations, whatever the row count, the
 // tile its row falls in or the thread that runs it. Within a K block of kKBlock it is one FMA chain from
@@ -31,61 +31,84 @@
 namespace {
 
 constexpr int64_t kPanel = 16;  // output columns a panel holds: two 8-lane vectors
-constexpr int kRows = 6;        // rows a register tile holds: 6 x 2 accumulators + 2 weights + 1 broadcast
+constexpr int kRows = 6;        // most rows a tile holds: 6 x 2 accumulators + 2 weights + 1 broadcast
 constexpr int64_t kKBlock = 256;  // K per partial sum (a 16 KiB panel block stays in L1 across tiles)
 constexpr int64_t kMBlock = 96;   // rows whose K block (96 KiB at kKBlock) stays in L2 across panels
 
-// One tile: rows r (r <= kRows) x one panel's 16 columns over k in [k0, k1). `first`: store the partial
-// sum; else add it to what y holds. `bias` (its `cols` values) is added after the last block.
+// One tile: R rows x P adjacent panels (P * 16 columns) over k in [k0, k1). `first`: store the partial
+// sum; else add it to what y holds. `bias` (`cols` values) is added after the last block. Only P = 1 takes
+// a partial panel (cols < 16). NOTE: an FMA has a 4-cycle latency and 2 issue a cycle, so 8 independent
+// chains keep it busy: tiles of 1-2 rows span 2 panels; every element is still one chain over k.
 #if defined(SS_SGEMM_AVX2)
-template <int R>
-inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1, float* y,
-                 int64_t ldy, int64_t cols, bool first, const float* bias) {
-  __m256 acc[R][2];
+template <int R, int P>
+inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t k0, int64_t k1,
+                 float* y, int64_t ldy, int64_t cols, bool first, const float* bias) {
+  constexpr int V = 2 * P;  // 8-lane vectors a row spans
+  __m256 acc[R][V];
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+    __m256 w[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      w[v] = _mm256_loadu_ps(panel + (v / 2) * K * kPanel + k * kPanel + (v % 2) * 8);
+      // NOTE: keeps a reused weight in a register; GCC would fold it into R memory-operand FMAs, and those
+      // loads (R per vector) halve the rate at R <= 4 (measured)
+      if constexpr (R > 1) asm("" : "+x"(w[v]));
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const __m256 a = _mm256_broadcast_ss(x + i * ldx + k);
-      acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(a, w[v], acc[i][v]);
     }
   }
-  alignas(32) float buf[kPanel] = {};
-  __m256 b0 = _mm256_setzero_ps(), b1 = b0;
+  alignas(32) float buf[kPanel * P] = {};
+  const int64_t n = P == 1 ? cols : kPanel * P;
+  __m256 b[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) b[v] = _mm256_setzero_ps();
   if (bias) {
-    std::memcpy(buf, bias, cols * sizeof(float));
-    b0 = _mm256_load_ps(buf), b1 = _mm256_load_ps(buf + 8);
+    std::memcpy(buf, bias, n * sizeof(float));
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) b[v] = _mm256_load_ps(buf + 8 * v);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     float* row = y + i * ldy;
-    __m256 s0 = acc[i][0], s1 = acc[i][1];
+    __m256 s[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) s[v] = acc[i][v];
     if (!first) {
-      std::memcpy(buf, row, cols * sizeof(float));
-      s0 = _mm256_add_ps(_mm256_load_ps(buf), s0), s1 = _mm256_add_ps(_mm256_load_ps(buf + 8), s1);
+      std::memcpy(buf, row, n * sizeof(float));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(_mm256_load_ps(buf + 8 * v), s[v]);
     }
-    if (bias) s0 = _mm256_add_ps(s0, b0), s1 = _mm256_add_ps(s1, b1);
-    if (cols == kPanel) {
-      _mm256_storeu_ps(row, s0);
-      _mm256_storeu_ps(row + 8, s1);
+    if (bias)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(s[v], b[v]);
+    if (n == kPanel * P) {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) _mm256_storeu_ps(row + 8 * v, s[v]);
     } else {
-      _mm256_store_ps(buf, s0);
-      _mm256_store_ps(buf + 8, s1);
-      std::memcpy(row, buf, cols * sizeof(float));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) _mm256_store_ps(buf + 8 * v, s[v]);
+      std::memcpy(row, buf, n * sizeof(float));
     }
   }
 }
 #else
-template <int R>
-inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1, float* y,
-                 int64_t ldy, int64_t cols, bool first, const float* bias) {
+template <int R, int P>
+inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t k0, int64_t k1,
+                 float* y, int64_t ldy, int64_t cols, bool first, const float* bias) {
+  const int64_t n = P == 1 ? cols : kPanel * P;
   for (int i = 0; i < R; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float* w = panel + (j / kPanel) * K * kPanel + j % kPanel;
       float acc = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) acc = std::fma(x[i * ldx + k], panel[k * kPanel + j], acc);
+      for (int64_t k = k0; k < k1; ++k) acc = std::fma(x[i * ldx + k], w[k * kPanel], acc);
       float s = first ? acc : y[i * ldy + j] + acc;
       y[i * ldy + j] = bias ? s + bias[j] : s;
     }
@@ -94,9 +117,12 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t k0, in
 
 inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, bool,
-                        const float*);
-constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
+                       bool, const float*);
+constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1, 1>, tile<2, 1>, tile<3, 1>, tile<4, 1>, tile<5, 1>, tile<6, 1>};
+// Blocks of 1-2 rows run tiles two panels wide (8 FMA chains for 2 rows; 1 row streams the weight anyway).
+constexpr int64_t kWide = 2;
+constexpr TileFn kWideTiles[3] = {nullptr, tile<1, kWide>, tile<2, kWide>};
 
 }  // namespace
 
@@ -142,19 +168,28 @@ void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* pa
 #endif
     const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
     for (int64_t m0 = 0; m0 < M; m0 += kMBlock) {
-      const int64_t m1 = std::min(M, m0 + kMBlock);
-      for (int64_t p = p0; p < p1; ++p) {
+      const int64_t mb = std::min(kMBlock, M - m0);
+      // NOTE: ceil(mb / 6) tiles of near-equal size: 4-6 rows (8-12 FMA chains) from 8 rows up, 4 + 3 at 7,
+      // where 6 + 1 would leave a 1-row tile at a quarter of the FMA rate (measured, L1-resident: 6/5/4/3/2/1
+      // rows 100/99/95/76/52/28 GFLOP/s a core)
+      const int64_t n_tiles = (mb + kRows - 1) / kRows;
+      for (int64_t p = p0; p < p1;) {
+        const bool is_wide = mb <= 2 && p + kWide <= p1 && (p + kWide) * kPanel <= N;
+        const int64_t np = is_wide ? kWide : 1;
         const float* panel = packed + p * K * kPanel;
         const int64_t cols = std::min(kPanel, N - p * kPanel);
         for (int64_t k0 = 0;; k0 += kKBlock) {  // NOTE: once also for K = 0 (y = bias, or zeros)
           const int64_t k1 = std::min(K, k0 + kKBlock);
           const float* b = (bias && k1 == K) ? bias + p * kPanel : nullptr;
-          for (int64_t r = m0; r < m1; r += kRows) {
-            const int64_t rows = std::min<int64_t>(kRows, m1 - r);
-            kTiles[rows](x + r * ldx, ldx, panel, k0, k1, y + r * ldy + p * kPanel, ldy, cols, k0 == 0, b);
+          for (int64_t i = 0, r = m0; i < n_tiles; ++i) {
+            const int64_t rows = mb / n_tiles + (i < mb % n_tiles);
+            const TileFn fn = is_wide ? kWideTiles[rows] : kTiles[rows];
+            fn(x + r * ldx, ldx, panel, K, k0, k1, y + r * ldy + p * kPanel, ldy, cols, k0 == 0, b);
+            r += rows;
           }
           if (k1 == K) break;
         }
+        p += np;
       }
     }
   }
