@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -233,8 +234,16 @@ def print_table(rows: list[tuple[str, dict]], baseline: str | None) -> None:
         )
 
 
+def run_vllm(args, model_dir: str, wl: Workload, rep: int) -> tuple[str, dict]:
+    print(f"vLLM, all at once (repeat {rep + 1}) ...", flush=True)
+    result = asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False))
+    return "vLLM burst" + (f" #{rep + 1}" if args.repeat > 1 else ""), result
+
+
 def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]:
-    """The workload through a steerserve server: unsteered, and with --steered, steered in the same run."""
+    """The workload through a steerserve server: unsteered, and with --steered, steered in the same run.
+    With --vllm-url, each burst repeat is followed by one vLLM burst run, so the two servers are compared
+    round by round (this machine's speed drifts by 10-20% within minutes)."""
     rows = []
     steer = gated = None
     if args.steered or args.gated:
@@ -264,6 +273,8 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
                     result = asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, how))
                     print_engine_share(before, engine_seconds(server.url), result["elapsed"])
                     rows.append((name.format(kind) + (f" #{rep + 1}" if args.repeat > 1 else ""), result))
+                if args.vllm_url and not poisson:
+                    rows.append(run_vllm(args, model_dir, wl, rep))
     finally:
         server.stop()
     return rows
@@ -309,11 +320,8 @@ def main(argv=None) -> int:
     rows = []
     if not args.skip_steerserve:
         rows += run_steerserve(args, model_dir, wl)
-    if args.vllm_url:
-        for rep in range(args.repeat):
-            print(f"vLLM, all at once (repeat {rep + 1}) ...", flush=True)
-            result = asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False))
-            rows.append(("vLLM burst" + (f" #{rep + 1}" if args.repeat > 1 else ""), result))
+    if args.vllm_url and args.skip_steerserve:
+        rows += [run_vllm(args, model_dir, wl, rep) for rep in range(args.repeat)]
     baseline = None
     if args.steered and args.hf_hooks_requests > 0:
         print(
@@ -338,7 +346,25 @@ def main(argv=None) -> int:
         rows.append((baseline, run_hf_static(model_dir, wl, 16, args.hf_batches, args.threads)))
     print_table(rows, baseline)
     print_kind_means(rows)
+    print_paired_ratios(rows)
     return 0
+
+
+def print_paired_ratios(rows) -> None:
+    """Unsteered steerserve over vLLM in burst, repeat by repeat (each pair ran back to back)."""
+    by_name = dict(rows)
+    pairs = []
+    for name, r in rows:
+        if name.startswith("steerserve burst"):
+            peer = by_name.get(name.replace(name.split(" #")[0], "vLLM burst"))
+            if peer is not None:
+                pairs.append((r["tok_s"], peer["tok_s"]))
+    if pairs:
+        print(
+            "steerserve / vLLM burst, paired by repeat: " + ", ".join(f"{a / b:.3f}x" for a, b in pairs)
+            + f"; median {statistics.median(a / b for a, b in pairs):.3f}x, "
+            f"pooled {sum(a for a, _ in pairs) / sum(b for _, b in pairs):.3f}x"
+        )  # fmt: skip
 
 
 def print_kind_means(rows) -> None:
