@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so leading spaces come out right
 
@@ -29,11 +33,27 @@ def apply_chat_template(
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` as one callable. For a fast tokenizer that keeps
+    transformers' own `decode` and cleans up no spaces, that is its Rust backend's decode: the same text
+    without the per-call conversion of the ids (6.2 against 0.6 us for 8 ids; a request decodes twice a
+    token)."""
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    ):
+        return partial(tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True)
+
+
 @dataclass(slots=True)
 class Detokenizer:
     """Turns one request's output tokens into text deltas, holding back what might begin a stop string."""
 
-    tokenizer: object
+    decode: Callable[[list[int]], str]  # text_decoder(tokenizer)
     stop: tuple[str, ...]
     ids: list[int] = field(default_factory=list)
     prefix_offset: int = 0
@@ -44,16 +64,13 @@ class Detokenizer:
     @classmethod
     def for_prompt(cls, tokenizer, prompt_ids, stop: tuple[str, ...]) -> Detokenizer:
         ctx = list(prompt_ids[-_CONTEXT_TOKENS:])
-        return cls(tokenizer, stop, ids=ctx, prefix_offset=0, read_offset=len(ctx))
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cls(text_decoder(tokenizer), stop, ids=ctx, prefix_offset=0, read_offset=len(ctx))
 
     def add(self, token_id: int) -> bool:
         """Add a token; True when a stop string appeared (the text is then cut before it)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
+        prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -63,8 +80,8 @@ class Detokenizer:
     def flush(self) -> None:
         """At the finish: decode what is still held (an incomplete character, say)."""
         if self.read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset :])
+            prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+            full = self.decode(self.ids[self.prefix_offset :])
             self.read_offset = len(self.ids)
             if len(full) > len(prefix):
                 self._append(full[len(prefix) :])
