@@ -33,14 +33,12 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from bench_serving import make_workload
 from machine_bound import StepShape, best_of, bound_seconds, measure_machine
-from steered_workload import add_saes, steering_for
+from steered_workload import add_saes, compiled_specs, workload_requests
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
 from steerserve.runner import model_runner as mr
 from steerserve.runner.steering import rows as steering_rows
-from steerserve.steering.compile import compile_steering
-from steerserve.types.requests import GenerationRequest, SamplingParams
 
 MATMUL_ROWS = (64, 256, 1024, 2048)  # the row counts the matmul rate averages
 
@@ -157,15 +155,7 @@ def run(core, wl, specs, clock: Clock, info, per_step: float = 0.0) -> dict:
     (arrivals spread over the run, as a Poisson rate of per_step / step time does over HTTP)."""
     clock.total.clear()
     clock.shapes.clear()
-    pending = [
-        GenerationRequest(
-            f"b{i}-{time.monotonic()}",
-            tuple(p),
-            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
-            specs[i] if specs else None,
-        )
-        for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True))
-    ]
+    pending = workload_requests(wl, specs, f"b{time.monotonic()}")
     t0, tokens, steps = time.perf_counter(), 0, defaultdict(int)
     wall, added = defaultdict(float), 0
     while added < len(pending) or core.has_work():
@@ -245,12 +235,7 @@ def main(argv=None) -> int:
     )
     info = {"d": mc.hidden_size, "layers": mc.num_hidden_layers, "vocab": mc.vocab_size, "params": params}
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
-    specs = [
-        compile_steering(
-            built.registry, built.info, cfg.steering, **steering_for(i, args.d_sae, args.seed), variant=None
-        )
-        for i in range(args.num_requests)
-    ]
+    specs = compiled_specs(built, cfg.steering, args.num_requests, args.d_sae, args.seed)
     info["itemsize"] = built.core.runner.kv_cache.keys[0].element_size()
     clock = Clock()
     instrument(built, clock, info)

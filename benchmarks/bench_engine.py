@@ -23,18 +23,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_serving import make_workload
-from steered_workload import ablations_for, add_resample_stats, add_saes, compiled_specs
+from steered_workload import ablations_for, add_resample_stats, add_saes, compiled_specs, workload_requests
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
 from steerserve.steering.compile import compile_steering
-from steerserve.types.requests import GenerationRequest, SamplingParams
 
 
 def run(core, wl, specs) -> dict:
-    for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True)):
-        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        core.add(GenerationRequest(f"r{i}-{time.monotonic()}", tuple(p), sp, specs[i] if specs else None))
+    for r in workload_requests(wl, specs, f"r{time.monotonic()}"):
+        core.add(r)
     t0, tokens, steps = time.perf_counter(), 0, 0
     while core.has_work():
         tokens += sum(len(o.token_ids) for o in core.step())

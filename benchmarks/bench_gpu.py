@@ -25,22 +25,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_serving import make_workload
-from steered_workload import add_saes, compiled_specs
+from steered_workload import add_saes, compiled_specs, workload_requests
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig, StepMode
-from steerserve.types.requests import GenerationRequest, SamplingParams
 
 
 def run(core, wl, specs) -> dict:
     """All requests at once, to completion: tok/s, TTFT and TPOT percentiles (ms)."""
     t0 = time.perf_counter()
-    ids = []
-    for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True)):
-        rid = f"r{i}-{t0}"
-        ids.append(rid)
-        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        core.add(GenerationRequest(rid, tuple(p), sp, specs[i] if specs else None))
+    batch = workload_requests(wl, specs, f"r{t0}")
+    for r in batch:
+        core.add(r)
+    ids = [r.request_id for r in batch]
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     counts = dict.fromkeys(ids, 0)

@@ -28,26 +28,12 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 from bench_serving import make_workload
-from steered_workload import add_saes, steering_for
+from steered_workload import add_saes, compiled_specs, workload_requests
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
-from steerserve.steering.compile import compile_steering
-from steerserve.types.requests import GenerationRequest, SamplingParams
 
 MODEL = "random:gpt2-small"
-
-
-def requests(wl, specs, tag: str) -> list[GenerationRequest]:
-    return [
-        GenerationRequest(
-            f"{tag}-{i}",
-            tuple(p),
-            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
-            specs[i] if specs else None,
-        )
-        for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True))
-    ]
 
 
 def interleaved(cores: dict, batches: dict) -> dict[str, tuple[int, float, int]]:
@@ -93,22 +79,16 @@ def main(argv=None) -> int:
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_gb),
     )
     built = [build_engine(cfg) for _ in range(2)]  # NOTE: one registry (data_dir) behind both
-    specs = [
-        compile_steering(
-            built[0].registry,
-            built[0].info,
-            cfg.steering,
-            **steering_for(i, args.d_sae, args.seed),
-            variant=None,
-        )
-        for i in range(args.num_requests)
-    ]
+    specs = compiled_specs(built[0], cfg.steering, args.num_requests, args.d_sae, args.seed)
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
     # NOTE: the warm-up gives each engine every spec once (short prompts, 2 tokens), so that no repeat pays
     # for the first readout of a feature's logit effect, as a server's repeats do not
     warm = dataclasses.replace(wl, prompts=[p[:8] for p in wl.prompts], output_lens=[2] * len(wl.prompts))
     for k, (a, b) in enumerate(((built[0].core, built[1].core), (built[1].core, built[0].core))):
-        batches = {"unsteered": requests(warm, None, f"wu{k}"), "steered": requests(warm, specs, f"ws{k}")}
+        batches = {
+            "unsteered": workload_requests(warm, None, f"wu{k}"),
+            "steered": workload_requests(warm, specs, f"ws{k}"),
+        }
         interleaved({"unsteered": a, "steered": b}, batches)
     print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, "
           f"{args.dtype}; steps interleaved")  # fmt: skip
@@ -116,7 +96,10 @@ def main(argv=None) -> int:
     for rep in range(args.repeat):
         a, b = (built[0].core, built[1].core) if rep % 2 == 0 else (built[1].core, built[0].core)
         cores = {"unsteered": a, "steered": b}
-        batches = {"unsteered": requests(wl, None, f"u{rep}"), "steered": requests(wl, specs, f"s{rep}")}
+        batches = {
+            "unsteered": workload_requests(wl, None, f"u{rep}"),
+            "steered": workload_requests(wl, specs, f"s{rep}"),
+        }
         res = interleaved(cores, batches)
         for name, (tok, secs, _) in res.items():
             totals[name][0] += tok

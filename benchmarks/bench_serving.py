@@ -234,16 +234,17 @@ def print_table(rows: list[tuple[str, dict]], baseline: str | None) -> None:
         )
 
 
-def run_vllm(args, model_dir: str, wl: Workload, rep: int) -> tuple[str, dict]:
-    print(f"vLLM, all at once (repeat {rep + 1}) ...", flush=True)
-    result = asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, False))
-    return "vLLM burst" + (f" #{rep + 1}" if args.repeat > 1 else ""), result
+def run_vllm(args, model_dir: str, wl: Workload, rep: int, poisson: bool = False) -> tuple[str, dict]:
+    kind = f"Poisson {args.rate}/s" if poisson else "burst"
+    print(f"vLLM, {kind} (repeat {rep + 1}) ...", flush=True)
+    result = asyncio.run(run_http(args.vllm_url, args.vllm_model or model_dir, wl, poisson))
+    return f"vLLM {kind}" + (f" #{rep + 1}" if args.repeat > 1 else ""), result
 
 
 def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]:
     """The workload through a steerserve server: unsteered, and with --steered, steered in the same run.
-    With --vllm-url, each burst repeat is followed by one vLLM burst run, so the two servers are compared
-    round by round (this machine's speed drifts by 10-20% within minutes)."""
+    With --vllm-url, each repeat (burst and Poisson) is followed by the same run on vLLM, so the two servers
+    are compared round by round (this machine's speed drifts by 10-20% within minutes)."""
     rows = []
     steer = gated = None
     if args.steered or args.gated:
@@ -273,8 +274,8 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
                     result = asyncio.run(run_http(server.url, MODEL_NAME, wl, poisson, how))
                     print_engine_share(before, engine_seconds(server.url), result["elapsed"])
                     rows.append((name.format(kind) + (f" #{rep + 1}" if args.repeat > 1 else ""), result))
-                if args.vllm_url and not poisson:
-                    rows.append(run_vllm(args, model_dir, wl, rep))
+                if args.vllm_url:
+                    rows.append(run_vllm(args, model_dir, wl, rep, poisson))
     finally:
         server.stop()
     return rows
@@ -321,7 +322,8 @@ def main(argv=None) -> int:
     if not args.skip_steerserve:
         rows += run_steerserve(args, model_dir, wl)
     if args.vllm_url and args.skip_steerserve:
-        rows += [run_vllm(args, model_dir, wl, rep) for rep in range(args.repeat)]
+        for poisson in (False, True) if not args.skip_poisson else (False,):
+            rows += [run_vllm(args, model_dir, wl, rep, poisson) for rep in range(args.repeat)]
     baseline = None
     if args.steered and args.hf_hooks_requests > 0:
         print(
@@ -351,20 +353,39 @@ def main(argv=None) -> int:
 
 
 def print_paired_ratios(rows) -> None:
-    """Unsteered steerserve over vLLM in burst, repeat by repeat (each pair ran back to back)."""
+    """Unsteered steerserve against vLLM, repeat by repeat (each pair ran back to back): the throughput ratio
+    in burst and at Poisson, and at Poisson the TTFT and ITL medians side by side."""
     by_name = dict(rows)
-    pairs = []
+    pairs: dict[str, list[tuple[dict, dict]]] = {}
     for name, r in rows:
-        if name.startswith("steerserve burst"):
-            peer = by_name.get(name.replace(name.split(" #")[0], "vLLM burst"))
-            if peer is not None:
-                pairs.append((r["tok_s"], peer["tok_s"]))
-    if pairs:
+        if not name.startswith("steerserve "):
+            continue
+        kind = name.split(" #")[0].split(" ")[1]  # burst | Poisson
+        peer = next((p for n, p in by_name.items() if _vllm_twin(n, name)), None)
+        if peer is not None:
+            pairs.setdefault(kind, []).append((r, peer))
+    for kind, ps in pairs.items():
+        ratios = [a["tok_s"] / b["tok_s"] for a, b in ps]
         print(
-            "steerserve / vLLM burst, paired by repeat: " + ", ".join(f"{a / b:.3f}x" for a, b in pairs)
-            + f"; median {statistics.median(a / b for a, b in pairs):.3f}x, "
-            f"pooled {sum(a for a, _ in pairs) / sum(b for _, b in pairs):.3f}x"
+            f"steerserve / vLLM {kind}, paired by repeat: " + ", ".join(f"{x:.3f}x" for x in ratios)
+            + f"; median {statistics.median(ratios):.3f}x, "
+            f"pooled {sum(a['tok_s'] for a, _ in ps) / sum(b['tok_s'] for _, b in ps):.3f}x"
         )  # fmt: skip
+        if kind == "Poisson":
+            print(
+                "  TTFT p50 s (steerserve / vLLM): "
+                + ", ".join(f"{a['ttft_p50']:.2f} / {b['ttft_p50']:.2f}" for a, b in ps)
+            )
+            print("  ITL p50 ms (steerserve / vLLM): " + ", ".join(f"{a['itl_p50'] * 1e3:.0f} / {b['itl_p50'] * 1e3:.0f}" for a, b in ps))  # fmt: skip
+
+
+def _vllm_twin(vllm_name: str, steerserve_name: str) -> bool:
+    """'vLLM Poisson 4.0/s #2' is the twin of 'steerserve Poisson 4.0/s float32 #2' (the same kind and repeat)."""
+    if not vllm_name.startswith("vLLM "):
+        return False
+    kind, _, rep = steerserve_name.removeprefix("steerserve ").partition(" #")
+    v_kind, _, v_rep = vllm_name.removeprefix("vLLM ").partition(" #")
+    return kind.startswith(v_kind + " ") and rep == v_rep
 
 
 def print_kind_means(rows) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from steerserve.registry import FeatureInfo, Registry, SAEWeights
 from steerserve.steering.compile import compile_steering
+from steerserve.types.requests import GenerationRequest, SamplingParams
 from steerserve.types.sites import Site
 
 SITES = (Site(4, "resid_post"), Site(8, "resid_post"))
@@ -72,6 +73,19 @@ def compiled_specs(built, steering_cfg, n: int, d_sae: int, seed: int = 0, gated
             variant=None,
         )
         for i in range(n)
+    ]
+
+
+def workload_requests(wl, specs, tag: str) -> list[GenerationRequest]:
+    """The workload's requests, greedy, each exactly its output length (`specs[i]` steers request i)."""
+    return [
+        GenerationRequest(
+            f"{tag}-{i}",
+            tuple(p),
+            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+            specs[i] if specs else None,
+        )
+        for i, (p, n) in enumerate(zip(wl.prompts, wl.output_lens, strict=True))
     ]
 
 
