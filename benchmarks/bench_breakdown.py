@@ -33,7 +33,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from bench_serving import make_workload
 from machine_bound import StepShape, best_of, bound_seconds, measure_machine
-from steered_workload import add_saes, compiled_specs, workload_requests
+from steered_workload import add_saes, add_workload_args, compiled_specs, workload_requests
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
@@ -207,11 +207,7 @@ def print_bound(r: dict, info: dict, machine: dict, peak: float) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--d-sae", type=int, default=24576)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    add_workload_args(ap, dtype="bfloat16")
     ap.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV-cache block size")
     ap.add_argument("--arrivals-per-step", type=float, default=0.0,
                     help="add this many requests before each step (0: all at once)")  # fmt: skip

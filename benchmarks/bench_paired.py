@@ -5,11 +5,11 @@
 Two engines over the same model and workload (the 64-request mix of bench_serving.py, all at once): one runs
 every request unsteered, the other every request steered differently (4 feature adds + 1 clamp + 2 feature
 logit biases, steered_workload.py). They take turns, one step each, the order flipping every pair, and each
-engine's time is the sum of its own steps; the engines swap roles every repeat, so a difference between the
-two engines' memory (where their weights and caches landed) does not read as steering's cost. A machine whose speed drifts by 10-20% within minutes (this
+engine's time is the sum of its own steps. A machine whose speed drifts by 10-20% within minutes (this
 project's 2-core box) then slows both alike, where two runs one after the other measure the drift as much as
-the steering. Each repeat prints both rates and their ratio; the end prints the pooled ratio (total tokens
-over total seconds, per engine).
+the steering. The engines also swap roles every repeat, so a difference between the two engines' memory
+(where their weights and caches landed) does not read as steering's cost. Each repeat prints both rates and
+their ratio; the end prints the pooled ratio (total tokens over total seconds, per engine).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 from bench_serving import make_workload
-from steered_workload import add_saes, compiled_specs, workload_requests
+from steered_workload import add_saes, add_workload_args, compiled_specs, workload_requests
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
@@ -60,11 +60,7 @@ def interleaved(cores: dict, batches: dict) -> dict[str, tuple[int, float, int]]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--d-sae", type=int, default=24576)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    add_workload_args(ap, dtype="float32")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--kv-cache-gb", type=float, default=3.0, help="each engine's KV cache (two engines)")
     args = ap.parse_args(argv)
@@ -84,23 +80,24 @@ def main(argv=None) -> int:
     # NOTE: the warm-up gives each engine every spec once (short prompts, 2 tokens), so that no repeat pays
     # for the first readout of a feature's logit effect, as a server's repeats do not
     warm = dataclasses.replace(wl, prompts=[p[:8] for p in wl.prompts], output_lens=[2] * len(wl.prompts))
-    for k, (a, b) in enumerate(((built[0].core, built[1].core), (built[1].core, built[0].core))):
-        batches = {
-            "unsteered": workload_requests(warm, None, f"wu{k}"),
-            "steered": workload_requests(warm, specs, f"ws{k}"),
+
+    def roles(k: int) -> dict:  # NOTE: the engines swap roles every repeat
+        a, b = (built[0].core, built[1].core) if k % 2 == 0 else (built[1].core, built[0].core)
+        return {"unsteered": a, "steered": b}
+
+    def batches(w, tag: str) -> dict:
+        return {
+            "unsteered": workload_requests(w, None, f"{tag}u"),
+            "steered": workload_requests(w, specs, f"{tag}s"),
         }
-        interleaved({"unsteered": a, "steered": b}, batches)
+
+    for k in range(2):
+        interleaved(roles(k), batches(warm, f"w{k}"))
     print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, "
           f"{args.dtype}; steps interleaved")  # fmt: skip
     totals = {name: [0, 0.0] for name in ("unsteered", "steered")}
     for rep in range(args.repeat):
-        a, b = (built[0].core, built[1].core) if rep % 2 == 0 else (built[1].core, built[0].core)
-        cores = {"unsteered": a, "steered": b}
-        batches = {
-            "unsteered": workload_requests(wl, None, f"u{rep}"),
-            "steered": workload_requests(wl, specs, f"s{rep}"),
-        }
-        res = interleaved(cores, batches)
+        res = interleaved(roles(rep), batches(wl, f"r{rep}"))
         for name, (tok, secs, _) in res.items():
             totals[name][0] += tok
             totals[name][1] += secs

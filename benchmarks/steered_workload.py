@@ -76,6 +76,15 @@ def compiled_specs(built, steering_cfg, n: int, d_sae: int, seed: int = 0, gated
     ]
 
 
+def add_workload_args(ap, dtype: str) -> None:
+    """The engine-only benchmarks' workload options (bench_breakdown.py, bench_paired.py)."""
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--d-sae", type=int, default=24576)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default=dtype, choices=["bfloat16", "float32"])
+
+
 def workload_requests(wl, specs, tag: str) -> list[GenerationRequest]:
     """The workload's requests, greedy, each exactly its output length (`specs[i]` steers request i)."""
     return [
