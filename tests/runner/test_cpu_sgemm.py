@@ -7,6 +7,7 @@ packs fp32 layers for it where it is preferred."""
 from __future__ import annotations
 
 import ctypes
+import math
 import random
 import subprocess
 
@@ -108,7 +109,9 @@ def test_writes_its_output_and_nothing_past_it(m):
     x = torch.randn(m, k + 3, generator=gen)[:, :k]  # rows with a stride wider than K
     y = torch.full((m, ld), float("nan"))  # poison: every element the kernel should write starts as NaN
     pw = cpu_sgemm.pack(w)
-    lib.ss_sgemm(x.data_ptr(), m, k, x.stride(0), pw.panels.data_ptr(), n, b.data_ptr(), y.data_ptr(), ld, 2)
+    lib.ss_sgemm(
+        x.data_ptr(), m, k, x.stride(0), pw.panels.data_ptr(), n, b.data_ptr(), y.data_ptr(), ld, 2, 0
+    )
     assert torch.isfinite(y[:, :n]).all()
     assert torch.isnan(y[:, n:]).all()  # the columns past N stay untouched
     assert torch.equal(y[:, :n], cpu_sgemm.linear(x, pw, b))
@@ -157,7 +160,21 @@ def test_the_scalar_fallback_computes_the_same_bits(tmp_path):
     subprocess.run([cxx, "-O3", "-fopenmp", *_cbuild.COMMON_FLAGS, str(source), "-o", str(out)], check=True)
     scalar = ctypes.CDLL(str(out))
     cpu_sgemm._setup(scalar)
-    assert scalar.isa == 0
+    assert scalar.isa == 0 and scalar.has_gelu
+    act_out = tmp_path / "scalar_act.so"
+    act_source = cpu_sgemm.CSRC / "cpu_activation.cpp"
+    subprocess.run(
+        [cxx, "-O3", "-fopenmp", *_cbuild.COMMON_FLAGS, str(act_source), "-o", str(act_out)], check=True
+    )
+    scalar_act = ctypes.CDLL(str(act_out))
+    scalar_act.ss_gelu_tanh.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    assert scalar_act.ss_activation_isa() == 0
     gen = torch.Generator().manual_seed(11)
     for m, k, n in ((7, 300, 45), (13, 600, 16), (1, 5, 3), (2, 70, 50), (20, 257, 33)):
         w, b, x = (
@@ -168,7 +185,46 @@ def test_the_scalar_fallback_computes_the_same_bits(tmp_path):
         packed = torch.empty(scalar.ss_sgemm_packed_numel(k, n))
         scalar.ss_sgemm_pack(w.data_ptr(), k, n, w.stride(0), w.stride(1), packed.data_ptr())
         y = torch.full((m, n), float("nan"))
-        scalar.ss_sgemm(x.data_ptr(), m, k, k, packed.data_ptr(), n, b.data_ptr(), y.data_ptr(), n, 2)
+        scalar.ss_sgemm(x.data_ptr(), m, k, k, packed.data_ptr(), n, b.data_ptr(), y.data_ptr(), n, 2, 0)
         assert (y.double() - _reference(x, w, b)).abs().le(_bound(x, w, b, k)).all(), (m, k, n)
         if cpu_sgemm.load().isa == 1:
             assert torch.equal(y, cpu_sgemm.linear(x, cpu_sgemm.pack(w), b)), (m, k, n)
+        # the scalar epilogue GELU is the scalar activation kernel's, bit for bit
+        g = torch.full((m, n), float("nan"))
+        scalar.ss_sgemm(x.data_ptr(), m, k, k, packed.data_ptr(), n, b.data_ptr(), g.data_ptr(), n, 2, 1)
+        want = torch.empty_like(y)
+        assert scalar_act.ss_gelu_tanh(y.data_ptr(), want.data_ptr(), y.numel(), 0, 2) == 0
+        assert torch.equal(g, want), (m, k, n)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_gelu_epilogue_is_the_activation_kernel_bit_for_bit(seed):
+    """`linear(..., gelu=True)` gives exactly what cpu_activation.gelu_tanh gives on `linear(...)`, on odd
+    shapes (partial panels, 1-2 row wide tiles, K blocks, no K at all), and within the activation kernel's
+    bound of the fp64 GELU of the same pre-activation."""
+    from steerserve.runner import cpu_activation
+
+    if not cpu_sgemm.has_gelu():
+        pytest.skip("this build has no GELU epilogue (AVX-512: the activation kernel is the 16-lane one)")
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(100 + seed)
+    for _ in range(8):
+        m, k, n = (
+            rng.choice([1, 2, 6, 7, 37, 97, 130]),
+            rng.choice([0, 3, 257, 769]),
+            rng.choice([5, 16, 33, 161]),
+        )
+        w, x = (
+            torch.randn(k, n, generator=gen) * 0.3,
+            torch.randn(m, k, generator=gen) * rng.choice([0.1, 1.0, 10.0]),
+        )
+        b = torch.randn(n, generator=gen) * 2 if k == 0 or rng.random() < 0.7 else None
+        pw = cpu_sgemm.pack(w)
+        pre = cpu_sgemm.linear(x, pw, b)
+        got = cpu_sgemm.linear(x, pw, b, gelu=True)
+        assert torch.equal(got, cpu_activation.gelu_tanh(pre)), (m, k, n)
+        # and near the fp64 formula (test_cpu_activation.py's bound: a few ulps times exp's conditioning)
+        d = pre.double()
+        y = 2 * (2 / math.pi) ** 0.5 * (d + 0.044715 * d**3)
+        exact = d * torch.sigmoid(y)
+        tol = 4 * torch.finfo(torch.float32).eps * exact.abs() * (1 + y.abs()) + 1e-35
+        assert ((got.double() - exact).abs() <= tol).all(), (m, k, n)

@@ -1,5 +1,6 @@
 """GPT-2 models get the fused tanh GELU (same formula, one kernel) in 16 bits, and in fp32 on CPU (where
-oneDNN's GEMMs already round unlike generate()); the GEMM epilogue GELU is bf16 only."""
+oneDNN's GEMMs already round unlike generate()); the GEMM epilogue GELU in bf16 (oneDNN's, within bf16
+rounding) and in fp32 on our own GEMM (bit for bit the separate kernel)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from transformers.activations import GELUTanh, NewGELUActivation
 
 from steerserve.config import ModelConfig
+from steerserve.runner import cpu_sgemm
 from steerserve.runner.model_loader import build_random_model, fuse_gelu_tanh, load_model
 
 
@@ -20,8 +22,9 @@ def test_loader_fuses_16_bit_and_cpu_fp32_models():
     fp32, *_ = load_model(ModelConfig(model="random:gpt2", dtype="float32", device="cpu"))
     in_epilogue = any(getattr(m, "_ss_gelu", False) for m in bf16.modules())
     assert _kinds(bf16) == (set() if in_epilogue else {GELUTanh})
-    assert _kinds(fp32) == {GELUTanh}
-    assert not any(getattr(m, "_ss_gelu", False) for m in fp32.modules())  # no fp32 GEMM epilogue
+    fp32_epilogue = any(getattr(m, "_ss_gelu", None) for m in fp32.modules())
+    assert fp32_epilogue == (cpu_sgemm.preferred() and cpu_sgemm.has_gelu())  # oneDNN's fp32 one: none
+    assert _kinds(fp32) == (set() if fp32_epilogue else {GELUTanh})
 
 
 @torch.inference_mode()
@@ -62,3 +65,24 @@ def test_gelu_in_the_packed_gemm_epilogue_is_as_close_to_fp32():
     unpacked = torch.nn.functional.gelu(type(fc).forward(fc, x), approximate="tanh")
     assert torch.equal(cpu_weights._packed_forward(fc, x.view(3, 1, -1)).view(3, -1), fc(x))
     torch.testing.assert_close(fc(x).float(), unpacked.float(), rtol=0.02, atol=0.05)
+
+
+@torch.inference_mode()
+def test_fp32_gelu_in_our_gemm_epilogue_changes_no_bit():
+    """fp32 on our own GEMM: the fused MLPs give the same logits, bit for bit, as the separate GELU kernel,
+    at prompt and decode row counts."""
+    from steerserve.runner import cpu_activation, cpu_weights
+
+    if not (cpu_sgemm.preferred() and cpu_sgemm.has_gelu()):
+        pytest.skip("fp32 layers do not run our GEMM with its GELU epilogue on this CPU")
+    model = build_random_model("gpt2", 0, torch.float32)[0].requires_grad_(False)
+    fuse_gelu_tanh(model)
+    assert cpu_activation.vectorise_gelu_tanh(model) == model.config.n_layer
+    assert cpu_weights.pack_linear_weights(model) > 0
+    gen = torch.Generator().manual_seed(6)
+    inputs = [torch.randint(0, 250, (1, t), generator=gen) for t in (1, 5, 37, 130)]
+    separate = [model(ids).logits for ids in inputs]
+    assert cpu_weights.fuse_gelu_epilogue(model) == model.config.n_layer
+    assert not any(type(m) is GELUTanh for m in model.modules())  # the MLPs' act is now the identity
+    for ids, want in zip(inputs, separate, strict=True):
+        assert torch.equal(model(ids).logits, want), ids.shape

@@ -90,7 +90,7 @@ def _setup(lib) -> None:
 
 def _try_load():
     return _cbuild.open_library(
-        "cpu_activation", (CSRC / "cpu_activation.cpp",), (CSRC / "cpu_simd.h",),
+        "cpu_activation", (CSRC / "cpu_activation.cpp",), (CSRC / "cpu_gelu.h", CSRC / "cpu_simd.h"),
         abi=("ss_activation_abi_version", ABI_VERSION), setup=_setup, what="CPU GELU kernel", fallback="F.gelu",
     )  # fmt: skip
 

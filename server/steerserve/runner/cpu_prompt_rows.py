@@ -125,7 +125,7 @@ def attach(model: torch.nn.Module) -> PromptRoute | None:
         for m in model.modules()
         if isinstance(getattr(m, "_ss_packed", None), torch.Tensor)  # NOTE: cpu_sgemm's layers need no route
         and m._ss_packed.dtype == torch.float32
-        and not getattr(m, "_ss_gelu", False)  # NOTE: the GELU epilogue is oneDNN's (bf16 only today)
+        and not getattr(m, "_ss_gelu", None)  # NOTE: MKL's addmm has no GELU epilogue
         and m is not head
     ]
     route, verdicts, gen = PromptRoute(), {}, torch.Generator().manual_seed(0)

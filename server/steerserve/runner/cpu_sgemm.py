@@ -7,7 +7,9 @@ Measured on a 2-core AVX2 EPYC, GPT-2 small's shapes and the LM head, against on
 oneDNN's against an fp64 reference (partial sums over K blocks of 256).
 
 Each output element is one fixed sequence of fp32 operations whatever the call's row count, so a row's
-result never depends on the rows beside it: the batch-invariance that exact serving needs.
+result never depends on the rows beside it: the batch-invariance that exact serving needs. `gelu=True`
+applies the tanh GELU on the last K block's registers with the activation kernel's own element math
+(csrc/cpu_gelu.h), so a fused MLP gives the separate kernel's bits (cpu_weights.fuse_gelu_epilogue).
 
 Used by default only where it was measured faster: AVX2 + FMA without AVX-512 (with AVX-512 oneDNN's
 kernels use 16-lane vectors and this one 8). `STEERSERVE_CPU_SGEMM=1` uses it on any CPU where it
@@ -27,7 +29,7 @@ import torch
 from steerkernels import _cbuild
 
 CSRC = Path(__file__).parent / "csrc"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or None once it failed
 
@@ -37,15 +39,16 @@ def _setup(lib) -> None:
     lib.ss_sgemm_packed_numel.argtypes = [i64, i64]
     lib.ss_sgemm_packed_numel.restype = i64
     lib.ss_sgemm_pack.argtypes = [ptr, i64, i64, i64, i64, ptr]
-    lib.ss_sgemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int32]
+    lib.ss_sgemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int32, ctypes.c_int32]
     lib.isa = int(lib.ss_sgemm_isa())  # 1 AVX2 + FMA, 0 scalar
+    lib.has_gelu = bool(lib.ss_sgemm_has_gelu())
 
 
 def _try_load():
     if os.environ.get("STEERSERVE_CPU_SGEMM", "auto") == "0":
         return None
     return _cbuild.open_library(
-        "cpu_sgemm", (CSRC / "cpu_sgemm.cpp",), (), abi=("ss_sgemm_abi_version", ABI_VERSION),
+        "cpu_sgemm", (CSRC / "cpu_sgemm.cpp",), (CSRC / "cpu_gelu.h", CSRC / "cpu_simd.h"), abi=("ss_sgemm_abi_version", ABI_VERSION),
         setup=_setup, what="CPU fp32 GEMM kernel", fallback="oneDNN",
     )  # fmt: skip
 
@@ -93,9 +96,20 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(panels, k, n)
 
 
-def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] @ weight + bias [out] -> [rows, out], all fp32 on the CPU."""
+def has_gelu() -> bool:
+    """Whether `linear(..., gelu=True)` is available (the library's build has the GELU epilogue)."""
     lib = load()
+    return lib is not None and lib.has_gelu
+
+
+def linear(
+    x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, gelu: bool = False
+) -> torch.Tensor:
+    """x [rows, in] @ weight + bias [out] -> [rows, out], all fp32 on the CPU; `gelu`: the tanh GELU of
+    that, bit for bit what cpu_activation.gelu_tanh gives on it (`has_gelu()` must hold)."""
+    lib = load()
+    if gelu and not lib.has_gelu:
+        raise ValueError("this build of the GEMM library has no GELU epilogue")
     if x.dim() != 2 or x.shape[1] != weight.in_features or x.dtype != torch.float32:
         raise ValueError(f"linear takes fp32 [rows, {weight.in_features}], got {x.dtype} {tuple(x.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.out_features,)):
@@ -117,5 +131,6 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
             out.data_ptr(),
             weight.out_features,
             torch.get_num_threads(),
+            int(gelu),
         )
     return out

@@ -34,7 +34,6 @@ import os
 import types
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import GELUTanh
 
 from steerserve.runner import cpu_prompt_rows, cpu_sgemm
@@ -67,12 +66,12 @@ def _linear_weight(module, conv1d) -> torch.Tensor | None:
 
 
 def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gelu = getattr(self, "_ss_gelu", False)
+    gelu = getattr(self, "_ss_gelu", None)  # the MLP's own activation module, when fused into this GEMM
     if x.dtype != self._ss_packed.dtype or x.device.type != "cpu" or x.shape[-1] != self._ss_in:
         y = type(self).forward(self, x)
-        return F.gelu(y, approximate="tanh") if gelu else y
+        return gelu(y) if gelu is not None else y
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
-    post = ("gelu", "tanh") if gelu else ("none", "")
+    post = ("gelu", "tanh") if gelu is not None else ("none", "")
     route = getattr(self, "_ss_route", None)  # cpu_prompt_rows.py: prompt rows on MKL
     if route is None:
         y = _linear(flat, self._ss_packed, self.bias, post)
@@ -136,8 +135,8 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
 
 
 def _linear(x: torch.Tensor, pw, bias, post: tuple[str, str] = ("none", "")) -> torch.Tensor:
-    if isinstance(pw, cpu_sgemm.PackedWeight):  # fp32 on AVX2 (no post-op: the GELU epilogue is bf16 only)
-        return cpu_sgemm.linear(x, pw, bias)
+    if isinstance(pw, cpu_sgemm.PackedWeight):  # fp32 on AVX2: the tanh GELU on the kernel's registers
+        return cpu_sgemm.linear(x, pw, bias, gelu=post[0] == "gelu")
     return torch.ops.mkldnn._linear_pointwise(x, pw, bias, post[0], [], post[1])
 
 
@@ -167,27 +166,35 @@ def fuse_gelu_epilogue(model: torch.nn.Module) -> int:
     after `fuse_gelu_tanh`): compute the GELU in the GEMM's epilogue and make `act` the identity. Returns
     the number of MLPs changed.
 
-    NOTE: one pass less over the [T, 4 d_model] activations (the GELU was ~7% of a bf16 GPT-2-small
-    step on CPU), and the GELU reads the fp32 accumulator instead of its bf16 rounding, so results move
-    by bf16 rounding; each MLP is checked against its unfused output on a probe and kept as it was if
-    they differ by more than that.
+    bf16 (oneDNN's GELU post-op): one pass less over the [T, 4 d_model] activations (the GELU was ~7% of a
+    bf16 GPT-2-small step on CPU); the GELU reads the fp32 accumulator instead of its bf16 rounding, so
+    results move by bf16 rounding, and an MLP is kept as it was if they differ by more than that.
+    fp32 on our own GEMM (cpu_sgemm): the epilogue runs the activation kernel's own element math
+    (csrc/cpu_gelu.h) on the same fp32 values, so an MLP is fused only where its output stays the same bit
+    for bit. NOTE: fp32 on oneDNN stays unfused: its GELU post-op was slower than the separate op (104 vs
+    87 ms, 2048 rows).
     """
     fused = 0
     gen = torch.Generator().manual_seed(0)
     for mlp in model.modules():
         fc, act = getattr(mlp, "c_fc", None), getattr(mlp, "act", None)
-        # NOTE: bf16 only: oneDNN's fp32 GELU post-op was slower than the separate op (104 vs 87 ms, 2048 rows)
-        if (
-            type(act) is not GELUTanh
-            or getattr(fc, "_ss_packed", None) is None
-            or fc._ss_packed.dtype != torch.bfloat16
-        ):
+        pw = getattr(fc, "_ss_packed", None)
+        if type(act) is not GELUTanh or pw is None:
             continue
-        probe = torch.randn(5, fc._ss_in, generator=gen).to(torch.bfloat16)
+        exact = isinstance(pw, cpu_sgemm.PackedWeight)
+        if not (pw.dtype == torch.bfloat16 or (exact and cpu_sgemm.has_gelu())):
+            continue
+        probe = (torch.randn(37, fc._ss_in, generator=gen) * 2).to(pw.dtype)  # NOTE: 6 + 1 row tiles, tails
         want = mlp(probe).float()
-        fc._ss_gelu, mlp.act = True, torch.nn.Identity()
-        if not torch.allclose(mlp(probe).float(), want, rtol=0.02, atol=0.02 * want.abs().max().item()):
-            fc._ss_gelu, mlp.act = False, act
+        fc._ss_gelu, mlp.act = act.forward, torch.nn.Identity()  # NOTE: a function: no submodule
+        got = mlp(probe).float()
+        same = (
+            torch.equal(got, want)
+            if exact
+            else torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+        )
+        if not same:
+            fc._ss_gelu, mlp.act = None, act
             logger.info("GELU epilogue not used for %s: its output differs", type(mlp).__name__)
             continue
         fused += 1

@@ -1,5 +1,6 @@
 // The tanh-approximated GELU on CPU (F.gelu(approximate="tanh"), transformers' GELUTanh; GPT-2's
-// gelu_new after model_loader.fuse_gelu_tanh), vectorised with the Cephes exp of cpu_simd.h.
+// gelu_new after model_loader.fuse_gelu_tanh), vectorised with the Cephes exp of cpu_simd.h. The element
+// math is in cpu_gelu.h, which the fp32 GEMM's epilogue (cpu_sgemm.cpp) runs too: the same bits fused.
 //
 // ATen's kernel computes tanh with Sleef's tanhf8_u10, ~2 ns an element on two AVX2 cores: 11 ms for one
 // [1900, 3072] prefill MLP, 5% of a fp32 GPT-2 serving run. Here
@@ -8,13 +9,10 @@
 // One exp and one division an element, within a few fp32 ulps of the fp64 formula (torch's own op is
 // too; the two differ by such ulps). Tails go through the same vector code with masked loads and stores,
 // so an element's value never depends on where it sits: rows are batch-invariant.
-#include "cpu_simd.h"
+#include "cpu_gelu.h"
 
 namespace {
 
-constexpr float kTwoC0 = 1.5957691216057308f;  // 2 sqrt(2/pi)
-constexpr float kC1 = 0.044715f;
-constexpr float kExpFloor = 87.0f;  // exp8/exp16 clamp below -87.3 (2^n stays normal): past it e is 0
 constexpr int64_t kGrain = 1 << 14;  // elements per OpenMP work item (a multiple of every vector width)
 
 #if defined(SS_AVX512)
@@ -22,34 +20,19 @@ constexpr int64_t kLanes = 16;
 template <typename T>
 inline void gelu_block(const T* x, T* out, int64_t left) {
   const __mmask16 m = lane_mask(left);
-  const __m512 v = load16(x, m), one = _mm512_set1_ps(1.0f);
-  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(kTwoC0)),
-                                 _mm512_fmadd_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(kC1), one));
-  const __m512 ay = _mm512_abs_ps(y);
-  const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ay, _mm512_set1_ps(kExpFloor), _CMP_LE_OQ),
-                                       exp16(_mm512_sub_ps(_mm512_setzero_ps(), ay)));
-  const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
-  store16(out, _mm512_mul_ps(v, _mm512_div_ps(num, _mm512_add_ps(one, e))), m);
+  store16(out, gelu16(load16(x, m)), m);
 }
 #elif defined(SS_AVX2)
 constexpr int64_t kLanes = 8;
 template <typename T>
 inline void gelu_block(const T* x, T* out, int64_t left) {
-  const __m256 v = load8(x, left), one = _mm256_set1_ps(1.0f);
-  const __m256 y = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(kTwoC0)),
-                                 _mm256_fmadd_ps(_mm256_mul_ps(v, v), _mm256_set1_ps(kC1), one));
-  const __m256 ay = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), y);
-  const __m256 e = _mm256_and_ps(_mm256_cmp_ps(ay, _mm256_set1_ps(kExpFloor), _CMP_LE_OQ),
-                                 exp8(_mm256_sub_ps(_mm256_setzero_ps(), ay)));
-  const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ));
-  store8(out, _mm256_mul_ps(v, _mm256_div_ps(num, _mm256_add_ps(one, e))), left);
+  store8(out, gelu8(load8(x, left)), left);
 }
 #else
 constexpr int64_t kLanes = 1;
 template <typename T>
 inline void gelu_block(const T* x, T* out, int64_t) {
-  const float v = to_f32(*x), y = kTwoC0 * v * (1.0f + kC1 * v * v), e = std::exp(-std::fabs(y));
-  from_f32(v * ((y >= 0.0f ? 1.0f : e) / (1.0f + e)), out);
+  from_f32(gelu1(to_f32(*x)), out);
 }
 #endif
 

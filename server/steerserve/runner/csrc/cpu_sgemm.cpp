@@ -23,9 +23,18 @@
 #include <omp.h>
 #endif
 
+#include "cpu_gelu.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SS_SGEMM_AVX2 1
+#endif
+// The GELU epilogue computes cpu_activation's element math on the tile's registers: gelu8 in an AVX2
+// build, gelu1 in the scalar one. An AVX-512 build's activation kernel runs gelu16, so it has none.
+#if defined(SS_AVX512)
+#define SS_SGEMM_GELU 0
+#else
+#define SS_SGEMM_GELU 1
 #endif
 
 namespace {
@@ -44,7 +53,8 @@ constexpr int64_t kMBlock = 96;   // rows whose K block (96 KiB at kKBlock) stay
 // flag, not a run-time test: with the test in every tile, 100-600 row GEMMs ran 5-7% slower (measured).
 template <int R, int P, bool PF>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t k0, int64_t k1,
-                 float* y, int64_t ldy, int64_t cols, bool first, const float* bias, const float* pf, int64_t pf_n) {
+                 float* y, int64_t ldy, int64_t cols, bool first, const float* bias, bool gelu, const float* pf,
+                 int64_t pf_n) {
   constexpr int V = 2 * P;  // 8-lane vectors a row spans
   __m256 acc[R][V];
 #pragma GCC unroll 8
@@ -97,6 +107,11 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int
     if (bias)
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(s[v], b[v]);
+#if SS_SGEMM_GELU
+    if (gelu)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) s[v] = gelu8(s[v]);
+#endif
     if (n == kPanel * P) {
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) _mm256_storeu_ps(row + 8 * v, s[v]);
@@ -110,7 +125,8 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int
 #else
 template <int R, int P, bool PF>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t k0, int64_t k1,
-                 float* y, int64_t ldy, int64_t cols, bool first, const float* bias, const float*, int64_t) {
+                 float* y, int64_t ldy, int64_t cols, bool first, const float* bias, bool gelu, const float*,
+                 int64_t) {
   const int64_t n = P == 1 ? cols : kPanel * P;
   for (int i = 0; i < R; ++i)
     for (int64_t j = 0; j < n; ++j) {
@@ -118,7 +134,8 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int
       float acc = 0.0f;
       for (int64_t k = k0; k < k1; ++k) acc = std::fma(x[i * ldx + k], w[k * kPanel], acc);
       float s = first ? acc : y[i * ldy + j] + acc;
-      y[i * ldy + j] = bias ? s + bias[j] : s;
+      s = bias ? s + bias[j] : s;
+      y[i * ldy + j] = gelu ? gelu1(s) : s;
     }
 }
 #endif
@@ -126,7 +143,7 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int
 inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
-                       bool, const float*, const float*, int64_t);
+                       bool, const float*, bool, const float*, int64_t);
 // [prefetch][rows]
 constexpr TileFn kTiles[2][kRows + 1] = {
     {nullptr, tile<1, 1, false>, tile<2, 1, false>, tile<3, 1, false>, tile<4, 1, false>, tile<5, 1, false>,
@@ -142,7 +159,10 @@ constexpr TileFn kWideTiles[2][3] = {{nullptr, tile<1, kWide, false>, tile<2, kW
 
 extern "C" {
 
-int32_t ss_sgemm_abi_version() { return 1; }
+int32_t ss_sgemm_abi_version() { return 2; }
+
+// Whether ss_sgemm's `gelu` applies the tanh GELU (else it is ignored; see SS_SGEMM_GELU).
+int32_t ss_sgemm_has_gelu() { return SS_SGEMM_GELU; }
 
 int32_t ss_sgemm_isa() {
 #if defined(SS_SGEMM_AVX2)
@@ -167,10 +187,11 @@ void ss_sgemm_pack(const float* w, int64_t K, int64_t N, int64_t sk, int64_t sn,
       }
 }
 
-// x [M, K] (row stride ldx), packed W, bias [N] (or null), y [M, N] (row stride ldy).
+// x [M, K] (row stride ldx), packed W, bias [N] (or null), y [M, N] (row stride ldy); `gelu`: y = the tanh
+// GELU of it, computed on the last K block's registers (one pass less over y).
 // Each thread owns a contiguous range of panels, so no two threads write the same element.
 void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, int64_t N,
-              const float* bias, float* y, int64_t ldy, int32_t n_threads) {
+              const float* bias, float* y, int64_t ldy, int32_t n_threads, int32_t gelu) {
   const int64_t panels = panel_count(N);
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, panels)));
 #pragma omp parallel num_threads(nt)
@@ -210,7 +231,7 @@ void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* pa
             const TileFn fn = is_wide ? kWideTiles[next != nullptr][rows] : kTiles[next != nullptr][rows];
             const int64_t s0 = next_k * i / n_tiles, s1 = next_k * (i + 1) / n_tiles;
             fn(x + r * ldx, ldx, panel, K, k0, k1, y + r * ldy + p * kPanel, ldy, cols, k0 == 0, b,
-               next ? next + s0 * kPanel : nullptr, s1 - s0);
+               gelu && SS_SGEMM_GELU && k1 == K, next ? next + s0 * kPanel : nullptr, s1 - s0);
             r += rows;
           }
           if (k1 == K) break;
