@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
@@ -33,10 +32,10 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from bench_serving import make_workload
 from machine_bound import StepShape, best_of, bound_seconds, measure_machine
-from steered_workload import add_saes, add_workload_args, compiled_specs, workload_requests
+from steered_workload import add_workload_args, compiled_specs, workload_config, workload_requests
 
 from steerserve.compose import build_engine
-from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
+from steerserve.config import CacheConfig
 from steerserve.runner import model_runner as mr
 from steerserve.runner.steering import rows as steering_rows
 
@@ -214,16 +213,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     before = measure_machine(getattr(torch, args.dtype))
-    data_dir = tempfile.mkdtemp(prefix="bench-breakdown-")
-    model_name = "random:gpt2-small"
-    add_saes(data_dir, 768, args.d_sae, model_name)
-    cfg = Config(
-        model=ModelConfig(model=model_name, dtype=args.dtype),
-        scheduler=SchedulerConfig(max_num_seqs=64),
-        registry=RegistryConfig(data_dir=data_dir),
-        # NOTE: no prefix caching: the runs repeat the same prompts
-        cache=CacheConfig(enable_prefix_caching=False, block_size=args.block_size),
-    )
+    cfg = workload_config("breakdown", args.d_sae, args.dtype, block_size=args.block_size)
     built = build_engine(cfg)
     mc = built.core.runner.model.config
     params = sum(

@@ -16,17 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_serving import make_workload
-from steered_workload import ablations_for, add_resample_stats, add_saes, compiled_specs, workload_requests
+from steered_workload import (
+    ablations_for,
+    add_resample_stats,
+    compiled_specs,
+    workload_config,
+    workload_requests,
+)
 
 from steerserve.compose import build_engine
-from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
 from steerserve.steering.compile import compile_steering
 
 
@@ -53,15 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each kind, alternating")
     args = ap.parse_args(argv)
 
-    data_dir = tempfile.mkdtemp(prefix="bench-engine-")
-    model_name = "random:gpt2-small"
-    add_saes(data_dir, 768, args.d_sae, model_name)
-    cfg = Config(
-        model=ModelConfig(model=model_name, dtype=args.dtype, device=args.device),
-        scheduler=SchedulerConfig(max_num_seqs=64),
-        registry=RegistryConfig(data_dir=data_dir),
-        cache=CacheConfig(enable_prefix_caching=False),  # NOTE: the runs repeat the same prompts
-    )
+    cfg = workload_config("engine", args.d_sae, args.dtype, args.device)
     built = build_engine(cfg)
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
 

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -28,12 +27,9 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 from bench_serving import make_workload
-from steered_workload import add_saes, add_workload_args, compiled_specs, workload_requests
+from steered_workload import add_workload_args, compiled_specs, workload_config, workload_requests
 
 from steerserve.compose import build_engine
-from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
-
-MODEL = "random:gpt2-small"
 
 
 def interleaved(cores: dict, batches: dict) -> dict[str, tuple[int, float, int]]:
@@ -65,15 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-gb", type=float, default=3.0, help="each engine's KV cache (two engines)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data_dir = tempfile.mkdtemp(prefix="bench-paired-")
-    add_saes(data_dir, 768, args.d_sae, MODEL)
-    cfg = Config(
-        model=ModelConfig(model=MODEL, dtype=args.dtype),
-        scheduler=SchedulerConfig(max_num_seqs=64),
-        registry=RegistryConfig(data_dir=data_dir),
-        # NOTE: no prefix caching: the repeats send the same prompts
-        cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_gb),
-    )
+    cfg = workload_config("paired", args.d_sae, args.dtype, kv_cache_memory_gb=args.kv_cache_gb)
     built = [build_engine(cfg) for _ in range(2)]  # NOTE: one registry (data_dir) behind both
     specs = compiled_specs(built[0], cfg.steering, args.num_requests, args.d_sae, args.seed)
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)

@@ -9,10 +9,12 @@ clamp acts only on tokens where a layer-4 feature fires (`when`).
 from __future__ import annotations
 
 import random
+import tempfile
 import time
 
 import torch
 
+from steerserve.config import CacheConfig, Config, ModelConfig, RegistryConfig, SchedulerConfig
 from steerserve.registry import FeatureInfo, Registry, SAEWeights
 from steerserve.steering.compile import compile_steering
 from steerserve.types.requests import GenerationRequest, SamplingParams
@@ -74,6 +76,23 @@ def compiled_specs(built, steering_cfg, n: int, d_sae: int, seed: int = 0, gated
         )
         for i in range(n)
     ]
+
+
+WORKLOAD_MODEL = "random:gpt2-small"
+
+
+def workload_config(name: str, d_sae: int, dtype: str, device: str = "auto", **cache) -> Config:
+    """The engine-only benchmarks' engine (bench_breakdown, bench_engine, bench_paired): GPT-2 small with
+    random weights, the two steering SAEs in a fresh registry, 64 sequences, and no prefix caching (the
+    runs repeat the same prompts); `cache`: further CacheConfig fields."""
+    data_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    add_saes(data_dir, 768, d_sae, WORKLOAD_MODEL)
+    return Config(
+        model=ModelConfig(model=WORKLOAD_MODEL, dtype=dtype, device=device),
+        scheduler=SchedulerConfig(max_num_seqs=64),
+        registry=RegistryConfig(data_dir=data_dir),
+        cache=CacheConfig(enable_prefix_caching=False, **cache),
+    )
 
 
 def add_workload_args(ap, dtype: str) -> None:
