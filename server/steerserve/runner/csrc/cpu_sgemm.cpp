@@ -49,9 +49,9 @@ constexpr int64_t kMBlock = 96;   // rows whose K block (96 KiB at kKBlock) stay
 // a partial panel (cols < 16). NOTE: an FMA has a 4-cycle latency and 2 issue a cycle, so 8 independent
 // chains keep it busy: tiles of 1-2 rows span 2 panels; every element is still one chain over k.
 #if defined(SS_SGEMM_AVX2)
-// PF: the first pf_n k steps also prefetch a line of each panel's block at pf (see ss_sgemm). A template
-// flag, not a run-time test: with the test in every tile, 100-600 row GEMMs ran 5-7% slower (measured).
-template <int R, int P, bool PF>
+// The first pf_n k steps also prefetch a line of each panel's block at pf (see ss_sgemm; pf_n is 0 only for
+// a thread's last block).
+template <int R, int P>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t k0, int64_t k1,
                  float* y, int64_t ldy, int64_t cols, bool first, const float* bias, bool gelu, const float* pf,
                  int64_t pf_n) {
@@ -62,12 +62,10 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
-    if constexpr (PF) {
-      if (k - k0 < pf_n)  // one 64-byte line of each panel's next block a step
+    if (k - k0 < pf_n)  // one 64-byte line of each panel's next block a step
 #pragma GCC unroll 2
-        for (int q = 0; q < P; ++q)
-          _mm_prefetch(reinterpret_cast<const char*>(pf + q * K * kPanel + (k - k0) * kPanel), _MM_HINT_T0);
-    }
+      for (int q = 0; q < P; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + q * K * kPanel + (k - k0) * kPanel), _MM_HINT_T0);
     __m256 w[V];
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
@@ -123,7 +121,7 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int
   }
 }
 #else
-template <int R, int P, bool PF>
+template <int R, int P>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t k0, int64_t k1,
                  float* y, int64_t ldy, int64_t cols, bool first, const float* bias, bool gelu, const float*,
                  int64_t) {
@@ -144,16 +142,10 @@ inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
                        bool, const float*, bool, const float*, int64_t);
-// [prefetch][rows]
-constexpr TileFn kTiles[2][kRows + 1] = {
-    {nullptr, tile<1, 1, false>, tile<2, 1, false>, tile<3, 1, false>, tile<4, 1, false>, tile<5, 1, false>,
-     tile<6, 1, false>},
-    {nullptr, tile<1, 1, true>, tile<2, 1, true>, tile<3, 1, true>, tile<4, 1, true>, tile<5, 1, true>,
-     tile<6, 1, true>}};
+constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1, 1>, tile<2, 1>, tile<3, 1>, tile<4, 1>, tile<5, 1>, tile<6, 1>};
 // Blocks of 1-2 rows run tiles two panels wide (8 FMA chains for 2 rows; 1 row streams the weight anyway).
 constexpr int64_t kWide = 2;
-constexpr TileFn kWideTiles[2][3] = {{nullptr, tile<1, kWide, false>, tile<2, kWide, false>},
-                                     {nullptr, tile<1, kWide, true>, tile<2, kWide, true>}};
+constexpr TileFn kWideTiles[3] = {nullptr, tile<1, kWide>, tile<2, kWide>};
 
 }  // namespace
 
@@ -219,8 +211,8 @@ void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* pa
           // NOTE: the first tile over a block waits on memory while the others compute from L1, so the
           // tiles prefetch the thread's next block between them, a share each (after its last panel, the
           // first panel again for the next M block): decode GEMMs and LM head 3-8% faster on the real
-          // workload's steps, the 100-600 row GEMMs of steps mixing a prompt with decodes ~5% (measured,
-          // interleaved); no gain on 2,048-row prefill, where the tiles' compute already hides the reads
+          // workload's steps, the 100-600 row GEMMs of steps mixing a prompt with decodes and prefill
+          // steps 2-6% (measured, interleaved)
           const float* next = k1 < K ? panel + k1 * kPanel
                               : p + np < p1 ? packed + (p + np) * K * kPanel
                               : m0 + mb < M ? packed + p0 * K * kPanel
@@ -228,7 +220,7 @@ void ss_sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* pa
           const int64_t next_k = next ? std::min(kKBlock, k1 < K ? K - k1 : K) : 0;
           for (int64_t i = 0, r = m0; i < n_tiles; ++i) {
             const int64_t rows = mb / n_tiles + (i < mb % n_tiles);
-            const TileFn fn = is_wide ? kWideTiles[next != nullptr][rows] : kTiles[next != nullptr][rows];
+            const TileFn fn = is_wide ? kWideTiles[rows] : kTiles[rows];
             const int64_t s0 = next_k * i / n_tiles, s1 = next_k * (i + 1) / n_tiles;
             fn(x + r * ldx, ldx, panel, K, k0, k1, y + r * ldy + p * kPanel, ldy, cols, k0 == 0, b,
                gelu && SS_SGEMM_GELU && k1 == K, next ? next + s0 * kPanel : nullptr, s1 - s0);
