@@ -18,6 +18,7 @@ from steerserve.api.limits import RequestLimits
 from steerserve.api.routes_playground import install_playground
 from steerserve.api.services import Services
 from steerserve.config import Config
+from steerserve.cpu_threads import serialize_this_thread
 from steerserve.engine.admission import Admission
 from steerserve.engine.engine import AsyncEngine
 from steerserve.registry import NotFound
@@ -100,6 +101,9 @@ def create_app(config: Config, start: Callable[[], Services]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services = start()
+        # NOTE: the model was loaded on this thread; its OpenMP workers would slow every step of the
+        # engine thread's (cpu_threads.py)
+        serialize_this_thread()
         app.state.registry = services.registry
         app.state.readout = services.readout
         app.state.grammars = services.grammars
