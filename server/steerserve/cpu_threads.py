@@ -6,9 +6,9 @@ parallel region gets its own pool of workers, and libgomp counts the workers of 
 outnumber the cores, each worker spins only ~100 times after a region (GOMP's throttled spin count, which
 no variable raises) before it sleeps on a futex, so every later region, a GEMM or a layer norm, wakes
 its workers through the kernel. The server loads its model on the event loop's thread and steps on the
-engine thread: two pools, three threads on a 2-core machine. Its steps ran 13-20% slower than the same
-steps in a process with one pool (HTTP bursts against engine-only runs, interleaved), and a layer norm on
-32 rows took 65 us instead of 12. With it, the same server served 1.05-1.16x the tokens/s (bursts
+engine thread: two pools, three threads on a 2-core machine. It served 12-19% fewer tokens/s than the same
+steps run engine-only in a process with one pool (interleaved), and a 32-row layer norm or add took ~65 us
+instead of ~12. With it, the same server served 1.05-1.16x the tokens/s (bursts
 alternating between a server with it and one without, 2026-12-06).
 
 `serialize_this_thread()` gives the calling thread's workers back (`omp_pause_resource_all`) and runs
@@ -59,7 +59,6 @@ def openmp_runtime():
     with _lock:
         if "lib" not in _state:
             _state["lib"] = None
-            torch.get_num_threads()  # NOTE: this thread's OpenMP set up by torch by now
             path = _torch_cpu_library()
             try:
                 lib = ctypes.CDLL(path) if path else None

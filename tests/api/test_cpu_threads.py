@@ -23,10 +23,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(script: str) -> dict:
+def _run(script: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "3"}  # NOTE: every new thread's default, torch's count aside
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -103,8 +107,5 @@ print(json.dumps(seen))
 
 
 def test_app_keeps_parallel_compute_on_the_engine_thread(tiny_model_dir, tmp_path):
-    script = APP_SCRIPT.replace("sys.argv[1]", repr(tiny_model_dir("gpt2"))).replace(
-        "sys.argv[2]", repr(str(tmp_path))
-    )
-    seen = _run(script)
+    seen = _run(APP_SCRIPT, tiny_model_dir("gpt2"), str(tmp_path))
     assert seen == {"loop": 1, "engine": 3, "generation_pool": 1, "registry_pool": 1}
