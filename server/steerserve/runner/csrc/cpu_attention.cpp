@@ -3,6 +3,8 @@
 #include "cpu_attention.h"
 #include "cpu_decode_avx2.h"
 
+#include <atomic>
+
 namespace {
 
 #ifdef SS_AVX512
@@ -128,6 +130,76 @@ inline void pv_tile(const float* p, int64_t n, int64_t j0, int64_t nb, int64_t h
 }
 #endif
 
+#ifdef SS_AVX512
+// pv_tile for bf16 values: one 32-element load gives two fp32 vectors without crossing lanes, its even
+// elements (shifted into the high half) and its odd ones (masked), so the accumulators hold the even and
+// the odd dims of each 32-dim chunk apart, and are (de)interleaved once per tile. Per dim, the products
+// and the order they are summed in are pv_tile's: the same bits, with 2 conversion ops a key and chunk
+// instead of 4 (vpmovzxwd crosses lanes).
+template <int NH, typename RowFn>
+inline void pv_tile_bf16(const float* p, int64_t n, int64_t j0, int64_t nb, int64_t hd, int64_t d0,
+                         const bf16* vb, RowFn row, float* acc) {
+  constexpr int S = NH <= 2 ? 2 : 1;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i high_half = _mm512_set1_epi32(int(0xFFFF0000u));
+  __mmask32 m[2];
+  __mmask16 ma[2][2];
+  __m512 o[S][NH][4];  // [2c]: even dims of chunk c, [2c + 1]: odd dims
+  for (int c = 0; c < 2; ++c) {
+    const int64_t left = std::max<int64_t>(0, hd - d0 - 32 * c);
+    m[c] = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+    ma[c][0] = lane_mask(left);
+    ma[c][1] = lane_mask(std::max<int64_t>(0, left - 16));
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 2; ++c) {
+      const float* a = acc + h * hd + d0 + 32 * c;
+      const __m512 a0 = _mm512_maskz_loadu_ps(ma[c][0], a), a1 = _mm512_maskz_loadu_ps(ma[c][1], a + 16);
+      o[0][h][2 * c] = _mm512_permutex2var_ps(a0, even, a1);
+      o[0][h][2 * c + 1] = _mm512_permutex2var_ps(a0, odd, a1);
+      if constexpr (S == 2) o[1][h][2 * c] = o[1][h][2 * c + 1] = _mm512_setzero_ps();
+    }
+  auto add_key = [&](int t, int64_t j) {
+    const bf16* v = vb + row(j) + d0;
+    for (int c = 0; c < 2; ++c) {
+      const __m512i x = _mm512_maskz_loadu_epi16(m[c], v + 32 * c);
+      const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      const __m512 vo = _mm512_castsi512_ps(_mm512_and_si512(x, high_half));
+      for (int h = 0; h < NH; ++h) {
+        const __m512 ph = _mm512_set1_ps(p[h * n + j]);
+        o[t][h][2 * c] = _mm512_fmadd_ps(ph, ve, o[t][h][2 * c]);
+        o[t][h][2 * c + 1] = _mm512_fmadd_ps(ph, vo, o[t][h][2 * c + 1]);
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + S <= nb; i += S)
+    for (int t = 0; t < S; ++t) add_key(t, j0 + i + t);
+  for (; i < nb; ++i) add_key(0, j0 + i);
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < 2; ++c) {
+      __m512 e = o[0][h][2 * c], od = o[0][h][2 * c + 1];
+      if constexpr (S == 2) e = _mm512_add_ps(e, o[1][h][2 * c]), od = _mm512_add_ps(od, o[1][h][2 * c + 1]);
+      float* a = acc + h * hd + d0 + 32 * c;
+      _mm512_mask_storeu_ps(a, ma[c][0], _mm512_permutex2var_ps(e, lo, od));
+      _mm512_mask_storeu_ps(a + 16, ma[c][1], _mm512_permutex2var_ps(e, hi, od));
+    }
+}
+
+// One NH-head tile of weighted_values: pv_tile_bf16 for bf16 values, pv_tile for fp32 ones.
+template <int NH, typename KT, typename RowFn>
+inline void pv_any(const float* p, int64_t n, int64_t j0, int64_t nb, int64_t hd, int64_t d0, const KT* vb,
+                   RowFn row, float* acc) {
+  if constexpr (std::is_same_v<KT, bf16>)
+    pv_tile_bf16<NH>(p, n, j0, nb, hd, d0, vb, row, acc);
+  else
+    pv_tile<NH>(p, n, j0, nb, hd, d0, vb, row, acc);
+}
+#endif
+
 // acc[h * hd + d] += sum_j p[h * n + j] * v_j[d]
 template <typename KT, typename RowFn>
 void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn row, int64_t n,
@@ -138,12 +210,12 @@ void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn 
     const int64_t nb = std::min<int64_t>(64, n - j0);
     for (int64_t d0 = 0; d0 < hd; d0 += 64) {
       int64_t h = 0;
-      for (; h + 4 <= G; h += 4) pv_tile<4>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
+      for (; h + 4 <= G; h += 4) pv_any<4>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
       if (G - h >= 2) {
-        pv_tile<2>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
+        pv_any<2>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
         h += 2;
       }
-      if (h < G) pv_tile<1>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
+      if (h < G) pv_any<1>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
     }
   }
 #elif defined(SS_AVX2)
@@ -157,11 +229,42 @@ void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn 
 #endif
 }
 
+// f(row), where row(j) is the cache offset of request r's key lo + j: its own lambda type for contiguous
+// and for gathered rows, so the inner loops carry no branch.
+template <typename F>
+inline void with_key_rows(const AttnArgs& a, int64_t r, int64_t lo, F f) {
+  const int64_t hd = a.head_dim;
+  if (a.gather[r] >= 0) {
+    const int64_t* rows = a.rows + a.gather[r] + lo;
+    f([rows, hd](int64_t j) { return rows[j] * hd; });
+  } else {
+    const int64_t first = a.starts[r] + lo;
+    f([first, hd](int64_t j) { return (first + j) * hd; });
+  }
+}
+
+// Rows whose fetch is started ahead: a stream's first rows are otherwise demand misses one after another
+// until the hardware prefetcher has seen the stream (measured: 3-10% of a decode call at contexts of
+// 100-400 keys, 64 requests x 12 heads, 2-core AVX-512 EPYC).
+constexpr int64_t kPrefetchRows = 32;
+
+// Prefetch rows 0..n-1 (into L2: they are used after the next few thousand loads, not the next few).
+template <typename KT, typename RowFn>
+inline void prefetch_rows(const KT* base, RowFn row, int64_t n, int64_t hd) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < hd * int64_t(sizeof(KT)); b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(base + row(j)) + b, 0, 2);
+}
+
+// The window of request r's keys: [lo, ctx).
+inline int64_t first_key(const AttnArgs& a, int64_t r) {
+  return a.window > 0 ? std::max<int64_t>(0, a.ctx_lens[r] - a.window) : 0;
+}
+
 // One (request, kv head) item: the group's query heads share every key and value row they read.
 template <typename QT, typename KT>
 void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
-  const int64_t hd = a.head_dim, G = a.n_heads / a.n_kv_heads, ctx = a.ctx_lens[r];
-  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - lo;
+  const int64_t hd = a.head_dim, G = a.n_heads / a.n_kv_heads, lo = first_key(a, r), n = a.ctx_lens[r] - lo;
   const KT* kb = static_cast<const KT*>(a.k_cache) + g * a.cache_head;
   const KT* vb = static_cast<const KT*>(a.v_cache) + g * a.cache_head;
 
@@ -180,18 +283,12 @@ void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
   }
   std::fill(acc, acc + G * hd, 0.0f);
 
-  auto run = [&](auto row) {
+  with_key_rows(a, r, lo, [&](auto row) {
+    prefetch_rows(vb, row, std::min(n, kPrefetchRows), hd);  // NOTE: on their way while the scores run
     scores(qf, qb, G, hd, kb, row, n, a.scale, s);
     for (int64_t h = 0; h < G; ++h) inv[h] = softmax_range(s + h * n, 0, n, a.softcap);
     weighted_values(s, G, hd, vb, row, n, acc);
-  };
-  if (a.gather[r] >= 0) {
-    const int64_t* rows = a.rows + a.gather[r] + lo;
-    run([rows, hd](int64_t j) { return rows[j] * hd; });
-  } else {
-    const int64_t first = a.starts[r] + lo;
-    run([first, hd](int64_t j) { return (first + j) * hd; });
-  }
+  });
   QT* op = static_cast<QT*>(a.out) + a.q_rows[r] * a.out_row + g * G * a.out_head;
   for (int64_t h = 0; h < G; ++h)
     for (int64_t d = 0; d < hd; ++d) from_f32(acc[h * hd + d] * inv[h], op + h * a.out_head + d);
@@ -200,11 +297,21 @@ void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
 template <typename QT, typename KT>
 void decode_all(const AttnArgs& a) {
   const int64_t items = a.n_req * a.n_kv_heads;
+  std::atomic<int64_t> claimed{0};  // NOTE: dynamic schedule by hand: each thread knows its next item early
 #pragma omp parallel num_threads(a.n_threads)
   {
     std::vector<float> buf;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < items; ++i) attend<QT, KT>(a, i / a.n_kv_heads, i % a.n_kv_heads, buf);
+    for (int64_t i = claimed.fetch_add(1, std::memory_order_relaxed), next; i < items; i = next) {
+      next = claimed.fetch_add(1, std::memory_order_relaxed);
+      if (next < items) {  // its first key rows, while this item runs
+        const int64_t r = next / a.n_kv_heads, lo = first_key(a, r);
+        const KT* kb = static_cast<const KT*>(a.k_cache) + (next % a.n_kv_heads) * a.cache_head;
+        with_key_rows(a, r, lo, [&](auto row) {
+          prefetch_rows(kb, row, std::min(a.ctx_lens[r] - lo, kPrefetchRows), a.head_dim);
+        });
+      }
+      attend<QT, KT>(a, i / a.n_kv_heads, i % a.n_kv_heads, buf);
+    }
   }
 }
 
