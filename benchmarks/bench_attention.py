@@ -12,6 +12,8 @@ sit in one contiguous run each, spread over a cache larger than the last-level c
     python benchmarks/bench_attention.py --requests 8 --ctx 2000 --heads 32 --kv-heads 8 --head-dim 128
 
 Prints ms per call, K/V GB/s (decode) or attention GFLOP/s (prefill), and SDPA/kernel (> 1: kernel faster).
+Decode also prints the bare kernel call against a plain read of the same cache rows in the same order
+(`ss_decode_reads`): how far the kernel is from the memory traffic it cannot avoid.
 """
 
 from __future__ import annotations
@@ -87,6 +89,29 @@ def compare(args, q_lens, ctx_lens, kv_dtype) -> tuple[float, float]:
     return t_sdpa, t_kernel
 
 
+def kernel_vs_reads(args, lens, kv_dtype) -> tuple[float, float]:
+    """(seconds of the bare decode kernel call, seconds of reading the same cache rows plainly) for one
+    layer of a decode step, interleaved, best of each."""
+    spans, slots, cache, (q, _, _) = make_step(
+        [1] * len(lens), lens, args.heads, args.kv_heads, args.head_dim, kv_dtype
+    )
+    lib = cpu_attention.load()
+    plan = cpu_attention.StepPlan(spans, slots, q.shape[2], cache.keys[0].shape[1], prefill=False)
+    k_cache, v_cache = cache.keys[0], cache.values[0]
+    out = torch.empty(q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+    scale = args.head_dim**-0.5
+    t_call, t_reads = float("inf"), float("inf")
+    for _ in range(args.rounds):
+        t_call = min(t_call, best_of(
+            lambda: cpu_attention.decode_attention(lib, plan.decode, q, k_cache, v_cache, out, scale, None, None),
+            args.repeats,
+        ))  # fmt: skip
+        t_reads = min(t_reads, best_of(
+            lambda: cpu_attention.decode_reads(lib, plan.decode, q, k_cache, v_cache), args.repeats
+        ))  # fmt: skip
+    return t_call, t_reads
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64, help="decode requests")
@@ -112,17 +137,21 @@ def main():
     kinds = (torch.float32, torch.bfloat16)
 
     print(f"\ndecode, {args.requests} requests")
+    print("  (call ms: the bare kernel call; reads ms: the same cache rows read in the same order, no math)")
     print(
         f"{'kv cache':>8} {'ctx':>6} {'SDPA ms':>9} {'kernel ms':>10} {'SDPA GB/s':>10} {'kern GB/s':>10} {'ratio':>6}"
+        f" {'call ms':>8} {'reads ms':>9} {'call/reads':>10}"
     )
     for kv_dtype in kinds:
         for ctx in args.ctx:
             lens = [max(1, int(ctx * (0.5 + (i * 0.618) % 1.0))) for i in range(args.requests)]  # ctx +-50%
             t_sdpa, t_kernel = compare(args, [1] * len(lens), lens, kv_dtype)
+            t_call, t_reads = kernel_vs_reads(args, lens, kv_dtype)
             nbytes = 2 * sum(lens) * hkv * hd * kv_dtype.itemsize
             print(
                 f"{str(kv_dtype)[6:]:>8} {ctx:>6} {t_sdpa * 1e3:>9.3f} {t_kernel * 1e3:>10.3f} "
                 f"{nbytes / t_sdpa / 1e9:>10.1f} {nbytes / t_kernel / 1e9:>10.1f} {t_sdpa / t_kernel:>6.2f}"
+                f" {t_call * 1e3:>8.3f} {t_reads * 1e3:>9.3f} {t_call / t_reads:>10.2f}"
             )
     if not lib.has_prefill:
         print("\nprefill kernel not built here (neither AVX-512 nor AVX2 + FMA): chunks stay on SDPA")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,26 @@ def run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, softcap, pre
 
 def tolerance(q_dtype, kv_dtype):
     return (2e-2, 2e-2) if torch.bfloat16 in (q_dtype, kv_dtype) else (2e-5, 2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_reads_reads_the_rows_decode_attends(kv_dtype, window):
+    """bench_attention's bound (`decode_reads`): the XOR of exactly the cache rows a decode step attends to
+    (contiguous and gathered requests, with and without a window), as 64-bit words."""
+    spans, n_tokens, q, k_cache, v_cache = make_case(3, 6, 2, 40, 9, 60, torch.bfloat16, kv_dtype)
+    plan = cpu_attention.StepPlan(
+        spans, torch.zeros(n_tokens, dtype=torch.int64), n_tokens, k_cache.shape[1], False
+    )
+    want = np.uint64(0)
+    for span in spans:
+        rows = span_rows(span)[max(0, span.ctx_len - window) if window else 0 :]
+        for cache in (k_cache, v_cache):
+            words = cache[:, rows].contiguous().view(torch.int64).numpy().view(np.uint64)
+            want ^= np.bitwise_xor.reduce(words.ravel())
+    got = cpu_attention.decode_reads(LIB, plan.decode, q, k_cache, v_cache, window)
+    assert got == int(want) and got != 0
 
 
 @needs_kernel

@@ -94,6 +94,8 @@ class WriteArgs(ctypes.Structure):
 
 def _setup(lib) -> None:
     lib.ss_decode_attention.argtypes = [ctypes.POINTER(AttnArgs)]
+    lib.ss_decode_reads.argtypes = [ctypes.POINTER(AttnArgs)]
+    lib.ss_decode_reads.restype = ctypes.c_uint64
     lib.ss_prefill_attention.argtypes = [ctypes.POINTER(AttnArgs)]
     lib.ss_write_kv.argtypes = [ctypes.POINTER(WriteArgs)]
     lib.isa = int(lib.ss_isa())  # 2 AVX-512, 1 AVX2 + FMA, 0 none (scalar decode, SDPA prefill)
@@ -218,6 +220,13 @@ def decode_attention(lib, spans: SpanArrays, query, k_cache, v_cache, out, scale
     _fill(spans.args, query, k_cache, v_cache, out, scale, window, softcap)
     if lib.ss_decode_attention(ctypes.byref(spans.args)) != 0:
         raise RuntimeError("ss_decode_attention: unsupported dtypes")
+
+
+def decode_reads(lib, spans: SpanArrays, query, k_cache, v_cache, window=None) -> int:
+    """Read every cache row `decode_attention` would, in its order, and nothing else (a benchmark's bound:
+    benchmarks/bench_attention.py); returns the rows' XOR fold (64-bit words)."""
+    _fill(spans.args, query, k_cache, v_cache, query[0].transpose(0, 1), 1.0, window, None)
+    return int(lib.ss_decode_reads(ctypes.byref(spans.args)))
 
 
 def prefill_attention(lib, spans: SpanArrays, query, k_cache, v_cache, out, scale, window, softcap) -> None:

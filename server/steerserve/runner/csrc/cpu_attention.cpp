@@ -315,6 +315,34 @@ void decode_all(const AttnArgs& a) {
   }
 }
 
+// The decode kernel's memory reads and nothing else: per (request, kv head) item, in the kernel's order and
+// schedule, its key rows and then its value rows, XOR-folded (benchmarks/bench_attention.py prints the
+// kernel's time against this: how far it is from reading its own rows plainly). Returns the fold.
+uint64_t decode_reads(const AttnArgs& a) {
+  const int64_t items = a.n_req * a.n_kv_heads;
+  const int64_t row_bytes = a.head_dim * (a.kv_dtype == 1 ? 2 : 4), words = row_bytes / 8;
+  uint64_t fold = 0;
+#pragma omp parallel for num_threads(a.n_threads) schedule(dynamic, 1) reduction(^ : fold)
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t r = i / a.n_kv_heads, g = i % a.n_kv_heads, lo = first_key(a, r), n = a.ctx_lens[r] - lo;
+    const int64_t elem = row_bytes / a.head_dim;
+    for (const void* cache : {a.k_cache, a.v_cache}) {
+      const char* base = static_cast<const char*>(cache) + g * a.cache_head * elem;
+      with_key_rows(a, r, lo, [&](auto row) {
+        for (int64_t j = 0; j < n; ++j) {
+          const char* p = base + row(j) * elem;
+          for (int64_t w = 0; w < words; ++w) {
+            uint64_t x;
+            std::memcpy(&x, p + 8 * w, 8);
+            fold ^= x;
+          }
+        }
+      });
+    }
+  }
+  return fold;
+}
+
 struct WriteArgs {
   const void* key;  // [H_kv, T, hd] with strides (k_head, k_row)
   const void* value;
@@ -386,6 +414,8 @@ int ss_decode_attention(const AttnArgs* a) {
   if (a->q_dtype == 1 && a->kv_dtype == 1) return decode_all<bf16, bf16>(*a), 0;
   return -1;
 }
+
+uint64_t ss_decode_reads(const AttnArgs* a) { return decode_reads(*a); }
 
 int ss_write_kv(const WriteArgs* a) {
   if (a->src_dtype == 0 && a->kv_dtype == 0) return write_all<float, float>(*a), 0;
