@@ -151,6 +151,24 @@ def test_decode_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_ct
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd",
+    [(12, 12, 64), (6, 2, 40), (8, 1, 24), (4, 4, 80), (2, 2, 128), (6, 3, 36), (3, 1, 7), (16, 2, 96)],
+)
+def test_bf16_cache_decodes_as_its_values_in_fp32(n_heads, n_kv, hd):
+    """A bf16 cache is decoded with the same products summed in the same order as the same values held in
+    fp32 (its values load through their own conversion): the same bits, whatever the head dim or group."""
+    spans, n_tokens, q, k_cache, v_cache = make_case(
+        2, n_heads, n_kv, hd, 13, 150, torch.float32, torch.bfloat16
+    )
+    scale = hd**-0.5
+    got, _ = run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, None, None)
+    want, _ = run_kernel(spans, n_tokens, q, k_cache.float(), v_cache.float(), scale, None, None)
+    assert not got.isnan().any()
+    assert torch.equal(got, want)
+
+
+@needs_kernel
 def test_kernels_are_vectorised_where_the_cpu_can():
     assert LIB.isa == expected_isa() and LIB.has_prefill
 
