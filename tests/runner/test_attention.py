@@ -103,10 +103,12 @@ def tolerance(q_dtype, kv_dtype):
 @needs_kernel
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_reads_reads_the_rows_decode_attends(kv_dtype, window):
+@pytest.mark.parametrize("hd", [40, 7])
+def test_decode_reads_reads_the_rows_decode_attends(kv_dtype, window, hd):
     """bench_attention's bound (`decode_reads`): the XOR of exactly the cache rows a decode step attends to
-    (contiguous and gathered requests, with and without a window), as 64-bit words."""
-    spans, n_tokens, q, k_cache, v_cache = make_case(3, 6, 2, 40, 9, 60, torch.bfloat16, kv_dtype)
+    (contiguous and gathered requests, with and without a window), as 64-bit words, each row's last bytes
+    zero-padded to a word (head dim 7: 14 or 28 bytes a row)."""
+    spans, n_tokens, q, k_cache, v_cache = make_case(3, 6, 2, hd, 9, 60, torch.bfloat16, kv_dtype)
     plan = cpu_attention.StepPlan(
         spans, torch.zeros(n_tokens, dtype=torch.int64), n_tokens, k_cache.shape[1], False
     )
@@ -114,8 +116,10 @@ def test_decode_reads_reads_the_rows_decode_attends(kv_dtype, window):
     for span in spans:
         rows = span_rows(span)[max(0, span.ctx_len - window) if window else 0 :]
         for cache in (k_cache, v_cache):
-            words = cache[:, rows].contiguous().view(torch.int64).numpy().view(np.uint64)
-            want ^= np.bitwise_xor.reduce(words.ravel())
+            raw = cache[:, rows].contiguous().view(torch.uint8).numpy()  # [H_kv, n, row bytes]
+            padded = np.zeros((*raw.shape[:2], -(-raw.shape[2] // 8) * 8), dtype=np.uint8)
+            padded[..., : raw.shape[2]] = raw
+            want ^= np.bitwise_xor.reduce(padded.view(np.uint64).ravel())
     got = cpu_attention.decode_reads(LIB, plan.decode, q, k_cache, v_cache, window)
     assert got == int(want) and got != 0
 

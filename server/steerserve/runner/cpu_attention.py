@@ -224,7 +224,7 @@ def decode_attention(lib, spans: SpanArrays, query, k_cache, v_cache, out, scale
 
 def decode_reads(lib, spans: SpanArrays, query, k_cache, v_cache, window=None) -> int:
     """Read every cache row `decode_attention` would, in its order, and nothing else (a benchmark's bound:
-    benchmarks/bench_attention.py); returns the rows' XOR fold (64-bit words)."""
+    benchmarks/bench_attention.py); returns the rows' XOR fold (64-bit words, a row's tail zero-padded)."""
     _fill(spans.args, query, k_cache, v_cache, query[0].transpose(0, 1), 1.0, window, None)
     return int(lib.ss_decode_reads(ctypes.byref(spans.args)))
 

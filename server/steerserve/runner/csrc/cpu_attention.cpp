@@ -336,6 +336,11 @@ uint64_t decode_reads(const AttnArgs& a) {
             std::memcpy(&x, p + 8 * w, 8);
             fold ^= x;
           }
+          if (row_bytes % 8) {  // a row's last bytes, zero-padded to a word
+            uint64_t x = 0;
+            std::memcpy(&x, p + 8 * words, size_t(row_bytes % 8));
+            fold ^= x;
+          }
         }
       });
     }
