@@ -28,8 +28,13 @@ from steerkernels import _cbuild
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_attention.cpp", CSRC / "cpu_prefill.cpp")
-HEADERS = (CSRC / "cpu_simd.h", CSRC / "cpu_attention.h", CSRC / "cpu_decode_avx2.h")
-ABI_VERSION = 3
+HEADERS = (
+    CSRC / "cpu_simd.h",
+    CSRC / "cpu_attention.h",
+    CSRC / "cpu_decode_avx2.h",
+    CSRC / "cpu_decode_avx512.h",
+)
+ABI_VERSION = 4
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 PREFILL = os.environ.get("STEERSERVE_CPU_PREFILL", "1") != "0"  # prefill chunks on the kernel too
