@@ -189,16 +189,16 @@ void decode_all(const AttnArgs& a) {
 }
 
 // The decode kernel's memory reads and nothing else: per (request, kv head) item, in the kernel's order and
-// schedule, its key rows and then its value rows, XOR-folded (benchmarks/bench_attention.py prints the
-// kernel's time against this: how far it is from reading its own rows plainly). Returns the fold.
+// handed out one at a time as it does, its key rows and then its value rows, XOR-folded
+// (benchmarks/bench_attention.py prints the kernel's time against this: how far it is from reading its own
+// rows plainly). Returns the fold.
 uint64_t decode_reads(const AttnArgs& a) {
-  const int64_t items = a.n_req * a.n_kv_heads;
-  const int64_t row_bytes = a.head_dim * (a.kv_dtype == 1 ? 2 : 4), words = row_bytes / 8;
+  const int64_t items = a.n_req * a.n_kv_heads, elem = a.kv_dtype == 1 ? 2 : 4;
+  const int64_t row_bytes = a.head_dim * elem, words = row_bytes / 8;
   uint64_t fold = 0;
 #pragma omp parallel for num_threads(a.n_threads) schedule(dynamic, 1) reduction(^ : fold)
   for (int64_t i = 0; i < items; ++i) {
     const int64_t r = i / a.n_kv_heads, g = i % a.n_kv_heads, lo = first_key(a, r), n = a.ctx_lens[r] - lo;
-    const int64_t elem = row_bytes / a.head_dim;
     for (const void* cache : {a.k_cache, a.v_cache}) {
       const char* base = static_cast<const char*>(cache) + g * a.cache_head * elem;
       with_key_rows(a, r, lo, [&](auto row) {
