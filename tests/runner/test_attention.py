@@ -210,6 +210,31 @@ def test_prefill_matches_sdpa(q_dtype, kv_dtype, n_heads, n_kv, hd, n_req, max_c
 
 
 @needs_kernel
+@pytest.mark.skipif(LIB is None or not LIB.has_prefill, reason="prefill kernel needs AVX-512 or AVX2 + FMA")
+@pytest.mark.parametrize(
+    "n_heads,n_kv,hd,window",
+    [(12, 12, 64, None), (6, 2, 40, None), (8, 1, 24, 7), (4, 4, 80, None), (2, 2, 128, 200), (6, 3, 36, None),
+     (3, 1, 7, None)],
+)  # fmt: skip
+def test_bf16_queries_attend_as_fp32_ones_when_every_sum_is_exact(n_heads, n_kv, hd, window):
+    """bf16 queries over a bf16 cache score from bf16 pairs (AVX512-BF16), fp32 queries with fp32 FMAs. With
+    small-integer queries and keys every product and partial sum is exact in fp32, so both paths must give
+    the same scores, hence the same outputs bit for bit (a dropped, repeated or misplaced pair, key or row
+    would not): prefill chunks with and without past, and decode rows."""
+    q_lens = (1, 2, 5, 17, 64, 70, 130)
+    spans, n_tokens, q, k_cache, v_cache = make_case(
+        7, n_heads, n_kv, hd, 5, 300, torch.float32, torch.bfloat16, q_lens
+    )
+    q = (q * 1.5).round().clamp(-3, 3)  # a transposed view still
+    k_cache = (k_cache.float() * 1.5).round().clamp(-3, 3).to(torch.bfloat16)
+    scale = 0.125  # a power of two: the scaled scores stay exact
+    want, _ = run_kernel(spans, n_tokens, q, k_cache, v_cache, scale, window, None)
+    got, _ = run_kernel(spans, n_tokens, q.to(torch.bfloat16), k_cache, v_cache, scale, window, None)
+    assert not want.isnan().any() and not got.isnan().any()
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
+@needs_kernel
 def test_only_decode_rows_are_written_without_prefill_kernel():
     """Prefill spans left to SDPA: the decode kernel must not touch their rows."""
     spans, n_tokens, q, k_cache, v_cache = make_case(

@@ -106,8 +106,62 @@ constexpr int64_t kChunk = 8 * kRows;                             // query rows 
 using reg = Vec::reg;
 
 struct Scratch {
-  std::vector<float> kt, s, qf;
+  std::vector<float> kt, s, qf;  // kt and qf hold bf16 pairs (32-bit lanes) on the pair path
 };
+
+#if defined(SS_AVX512) && defined(__AVX512BF16__)
+template <typename QT, typename KT>
+constexpr bool kPairs = std::is_same_v<QT, bf16> && std::is_same_v<KT, bf16>;
+
+// Kt2 [hd / 2, ld]: the keys' dims 2p and 2p + 1 as one 32-bit lane, transposed in 16 x 16 blocks of
+// lanes (tail keys repeat the last key), so a score block multiplies one broadcast query pair by 16 keys.
+template <typename RowFn>
+void pair_keys(const bf16* kb, RowFn row, int64_t klo, int64_t nk, int64_t ld, int64_t hd, uint32_t* kt2) {
+  const int64_t hp = hd / 2;
+  for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+    const bf16* k[16];
+    for (int i = 0; i < 16; ++i) k[i] = kb + row(klo + std::min<int64_t>(j0 + i, nk - 1));
+    for (int64_t p0 = 0; p0 < hp; p0 += 16) {
+      const __mmask16 m = lane_mask(hp - p0);
+      __m512 t[16];
+      for (int i = 0; i < 16; ++i) t[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, k[i] + 2 * p0));
+      transpose16(t);
+      for (int64_t i = 0; i < std::min<int64_t>(16, hp - p0); ++i)
+        _mm512_storeu_ps(reinterpret_cast<float*>(kt2 + (p0 + i) * ld + j0), t[i]);
+    }
+  }
+}
+
+// s[rr * ld + j0 + c] = (q_rr . k_{j0 + c}) * scale for kRows rows x 32 keys; q2 [kRows, hd / 2] query pairs.
+// Per lane: the pairs in order, each adding its two exact products (vdpbf16ps), as the decode kernel does.
+inline void score_block_pairs(const uint32_t* kt2, int64_t ld, int64_t j0, const uint32_t* q2, int64_t hd,
+                              float scale, float* s) {
+  const int64_t hp = hd / 2;
+  __m512 acc[kRows][2];
+#pragma GCC unroll 8
+  for (int rr = 0; rr < kRows; ++rr) acc[rr][0] = acc[rr][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < hp; ++p) {
+    const __m512bh k0 = __m512bh(_mm512_loadu_si512(kt2 + p * ld + j0));
+    const __m512bh k1 = __m512bh(_mm512_loadu_si512(kt2 + p * ld + j0 + 16));
+#pragma GCC unroll 8
+    for (int rr = 0; rr < kRows; ++rr) {
+      const __m512bh q = __m512bh(_mm512_set1_epi32(int(q2[rr * hd + p])));
+      acc[rr][0] = _mm512_dpbf16_ps(acc[rr][0], q, k0);
+      acc[rr][1] = _mm512_dpbf16_ps(acc[rr][1], q, k1);
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int rr = 0; rr < kRows; ++rr) {
+    _mm512_storeu_ps(s + rr * ld + j0, _mm512_mul_ps(acc[rr][0], vscale));
+    _mm512_storeu_ps(s + rr * ld + j0 + 16, _mm512_mul_ps(acc[rr][1], vscale));
+  }
+}
+#else
+template <typename QT, typename KT>
+constexpr bool kPairs = false;
+inline void score_block_pairs(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float, float*) {}
+#endif
 
 template <typename QT, typename KT>
 void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& sc) {
@@ -122,18 +176,23 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
   const int64_t first = a.starts[r];
   auto row = [&](int64_t j) { return (rows ? rows[j] : first + j) * hd; };  // j: key position
 
-  // Kt [hd, ld] = keys transposed to fp32, W x W blocks (tail keys repeat the last key)
+  // bf16 queries over a bf16 cache on AVX512-BF16: scores from bf16 pairs (exact products, fp32 sums)
+  const bool pairs = kPairs<QT, KT> && hd % 2 == 0;
   sc.kt.resize(size_t(hd * ld));
   float* kt = sc.kt.data();
-  for (int64_t j0 = 0; j0 < ld; j0 += W) {
-    const KT* k[W];
-    for (int i = 0; i < W; ++i) k[i] = kb + row(klo + std::min<int64_t>(j0 + i, nk - 1));
-    for (int64_t d0 = 0; d0 < hd; d0 += W) {
-      const Vec::mask m = Vec::mask_of(hd - d0);
-      reg t[W];
-      for (int i = 0; i < W; ++i) t[i] = Vec::load(k[i] + d0, m);
-      Vec::transpose(t);
-      for (int64_t i = 0; i < std::min<int64_t>(W, hd - d0); ++i) Vec::storeu(kt + (d0 + i) * ld + j0, t[i]);
+  if (pairs) {
+    if constexpr (kPairs<QT, KT>) pair_keys(kb, row, klo, nk, ld, hd, reinterpret_cast<uint32_t*>(kt));
+  } else {  // Kt [hd, ld] = keys transposed to fp32, W x W blocks (tail keys repeat the last key)
+    for (int64_t j0 = 0; j0 < ld; j0 += W) {
+      const KT* k[W];
+      for (int i = 0; i < W; ++i) k[i] = kb + row(klo + std::min<int64_t>(j0 + i, nk - 1));
+      for (int64_t d0 = 0; d0 < hd; d0 += W) {
+        const Vec::mask m = Vec::mask_of(hd - d0);
+        reg t[W];
+        for (int i = 0; i < W; ++i) t[i] = Vec::load(k[i] + d0, m);
+        Vec::transpose(t);
+        for (int64_t i = 0; i < std::min<int64_t>(W, hd - d0); ++i) Vec::storeu(kt + (d0 + i) * ld + j0, t[i]);
+      }
     }
   }
   sc.s.resize(size_t(kRows * ld));
@@ -147,11 +206,19 @@ void prefill_item(const AttnArgs& a, int64_t r, int64_t g, int64_t i0, Scratch& 
       for (int64_t rr = 0; rr < kRows; ++rr) {  // rows past nr repeat the last one (not written out)
         const QT* qp = static_cast<const QT*>(a.q) + (a.q_rows[r] + t0 + std::min(rr, nr - 1)) * a.q_row +
                        h * a.q_head;
-        for (int64_t d = 0; d < hd; ++d) qf[rr * hd + d] = to_f32(qp[d]);
+        if (pairs)
+          std::memcpy(qf + rr * hd, qp, size_t(hd) * sizeof(QT));  // bf16 pairs, as they came
+        else
+          for (int64_t d = 0; d < hd; ++d) qf[rr * hd + d] = to_f32(qp[d]);
       }
       const int64_t jbeg = lo_of(t0) - klo, jend = past + t0 + nr - klo;  // union of the rows' keys
       // scores, kTile keys x kRows rows per block
       for (int64_t j0 = jbeg / kTile * kTile; j0 < jend; j0 += kTile) {
+        if (pairs) {
+          score_block_pairs(reinterpret_cast<const uint32_t*>(kt), ld, j0, reinterpret_cast<const uint32_t*>(qf),
+                            hd, a.scale, s);
+          continue;
+        }
         reg acc[kRows][2];
 #pragma GCC unroll 8
         for (int rr = 0; rr < kRows; ++rr) acc[rr][0] = acc[rr][1] = Vec::zero();
