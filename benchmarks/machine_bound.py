@@ -1,5 +1,5 @@
 """The least time a workload's steps could take on this machine (issue #26): every GEMM at the best rate a
-GEMM of its row count reaches here (torch.matmul, or our own fp32 kernel where it is faster), and every decode step's KV reads at the memory read bandwidth,
+GEMM of its row count reaches here (torch.matmul, or our own kernel where it is faster), and every decode step's KV reads at the memory read bandwidth,
 nothing else (no attention arithmetic in decode, no norms, no Python). Measured in the calling process,
 so the bound moves with the machine's noise as the run beside it does.
 
@@ -55,14 +55,20 @@ def gemm_rates(dtype: torch.dtype, d: int = 768, ff: int = 3072) -> dict[int, fl
 
 
 def own_gemm_rates(dtype: torch.dtype, d: int = 768, ff: int = 3072) -> dict[int, float] | None:
-    """The same for our own fp32 kernel (server runner/cpu_sgemm.py), None where it does not run: at decode
-    row counts it is faster than torch.matmul, so the bound takes the better of the two."""
-    from steerserve.runner import cpu_sgemm
+    """The same for our own kernel of that dtype (server runner/cpu_sgemm.py for fp32, cpu_bgemm.py for
+    bf16), None where it does not run: at decode row counts it can be faster than torch.matmul, so the
+    bound takes the better of the two."""
+    from steerserve.runner import cpu_bgemm, cpu_sgemm
 
-    if dtype != torch.float32 or cpu_sgemm.load() is None:
+    if dtype == torch.float32 and cpu_sgemm.load() is not None:
+        w = cpu_sgemm.pack(torch.randn(d, ff))
+        fn = cpu_sgemm.linear
+    elif dtype == torch.bfloat16 and cpu_bgemm.available():
+        w = cpu_bgemm.pack(torch.randn(d, ff).to(dtype), None)
+        fn = cpu_bgemm.linear
+    else:
         return None
-    w = cpu_sgemm.pack(torch.randn(d, ff))
-    return {rows: _best_rate(lambda x=torch.randn(rows, d): cpu_sgemm.linear(x, w), 2 * rows * d * ff, 0.3)
+    return {rows: _best_rate(lambda x=torch.randn(rows, d).to(dtype): fn(x, w), 2 * rows * d * ff, 0.3)
             for rows in ROWS}  # fmt: skip
 
 

@@ -1,5 +1,7 @@
-"""Packed linear weights (runner/cpu_weights.py). bf16: every layer's output and the model's logits are
-bit-identical to the unpacked model's. fp32 (oneDNN, or our own kernel on AVX2, instead of MKL's sgemm): each row's result is the
+"""Packed linear weights (runner/cpu_weights.py). bf16 on oneDNN: every layer's output and the model's logits
+are bit-identical to the unpacked model's; bf16 on our own kernel (cpu_bgemm.py, AVX512-BF16 CPUs): each
+row's result is the same whatever the number of rows in the call, within bf16 rounding of the unpacked
+layer's. fp32 (oneDNN, or our own kernel on AVX2, instead of MKL's sgemm): each row's result is the
 same whatever the number of rows in the call, and within fp32 rounding of the unpacked model, whose
 greedy tokens it keeps. Hooks on the layers still fire."""
 
@@ -10,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from steerserve.runner import cpu_sgemm, cpu_weights
+from steerserve.runner import cpu_bgemm, cpu_sgemm, cpu_weights
 from steerserve.runner.model_loader import build_random_model
 
 pytestmark = pytest.mark.skipif(
@@ -28,6 +30,12 @@ def fp32_kernel(request, monkeypatch):
     return cpu_sgemm.PackedWeight if request.param == "cpu_sgemm" else torch.Tensor
 
 
+@pytest.fixture
+def onednn_bf16(monkeypatch):
+    """bf16 layers packed for oneDNN, not our own bf16 kernel."""
+    monkeypatch.setenv("STEERSERVE_CPU_BGEMM", "0")
+
+
 def _packed(arch, dtype):
     """(the random model, a packed copy of it); skips where oneDNN cannot pack `dtype` weights."""
     model, _ = build_random_model(arch, seed=0, dtype=dtype)
@@ -39,8 +47,9 @@ def _packed(arch, dtype):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and nn.Linear
-def test_packed_model_is_bit_identical(arch):
+def test_packed_model_is_bit_identical(arch, onednn_bf16):
     model, packed = _packed(arch, torch.bfloat16)
+    assert all(isinstance(m._ss_packed, torch.Tensor) for m in packed.modules() if hasattr(m, "_ss_packed"))
     assert all(hasattr(m, "_ss_packed") for m in packed.modules() if type(m) is torch.nn.Linear)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -51,6 +60,28 @@ def test_packed_model_is_bit_identical(arch):
             if hasattr(p, "_ss_packed"):
                 x = torch.randn(2, 5, p._ss_in, generator=gen).to(torch.bfloat16)  # 3-D input
                 assert torch.equal(m(x), p(x)), name
+
+
+@pytest.mark.skipif(not cpu_bgemm.available(), reason="the bf16 GEMM kernel needs AVX512-BF16")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and nn.Linear
+def test_bf16_own_kernel_rows_do_not_depend_on_the_batch_and_stay_within_rounding(arch):
+    model, packed = _packed(arch, torch.bfloat16)
+    layers = [(n, m) for n, m in packed.named_modules() if hasattr(m, "_ss_packed")]
+    assert layers and any(m is packed.get_output_embeddings() for _, m in layers)  # the LM head too
+    assert all(isinstance(m._ss_packed, cpu_bgemm.PackedWeight) for _, m in layers)
+    own = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, m in layers:
+            x = (torch.randn(131, m._ss_in, generator=gen) * 3).to(torch.bfloat16)
+            whole = m(x)
+            for lo, hi in ((0, 1), (5, 8), (17, 30), (64, 131), (3, 4)):
+                assert torch.equal(m(x[lo:hi]), whole[lo:hi]), f"{name}: rows {lo}:{hi} differ alone"
+            want = own[name](x).double()  # the unpacked layer (oneDNN's addmm): its own bf16 rounding
+            torch.testing.assert_close(whole.double(), want, rtol=2**-7, atol=1e-3 * float(want.abs().max()))
+        ids = torch.randint(0, 256, (1, 70), generator=gen)
+        want, got = model(ids).logits.double(), packed(ids).logits.double()
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

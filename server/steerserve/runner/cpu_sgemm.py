@@ -114,22 +114,28 @@ def linear(
         raise ValueError(f"linear takes fp32 [rows, {weight.in_features}], got {x.dtype} {tuple(x.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.out_features,)):
         raise ValueError(f"bias must be fp32 [{weight.out_features}]")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     if bias is not None:
         bias = bias.contiguous()  # NOTE: bound here, so the copy outlives the call
-    out = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
+    return run_packed(lib.ss_sgemm, x, weight.panels, weight.out_features, bias, gelu)
+
+
+def run_packed(fn, x: torch.Tensor, panels: torch.Tensor, n_out: int, bias, gelu: bool) -> torch.Tensor:
+    """y [rows, n_out] (x's dtype) from one of our GEMM kernels' entry points, which share one C signature
+    (x, M, K, ldx, panels, N, bias, y, ldy, threads, gelu); x's rows may be strided, its columns not."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], n_out, dtype=x.dtype)
     if x.shape[0]:
-        lib.ss_sgemm(
+        fn(
             x.data_ptr(),
             x.shape[0],
-            weight.in_features,
+            x.shape[1],
             x.stride(0),
-            weight.panels.data_ptr(),
-            weight.out_features,
+            panels.data_ptr(),
+            n_out,
             None if bias is None else bias.data_ptr(),
             out.data_ptr(),
-            weight.out_features,
+            n_out,
             torch.get_num_threads(),
             int(gelu),
         )
