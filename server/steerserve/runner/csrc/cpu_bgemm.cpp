@@ -21,7 +21,8 @@ namespace {
 #define SS_BGEMM 1
 constexpr int64_t kCols = 32;       // columns a panel
 constexpr int kRows = 8;            // rows a register tile: 8 x 2 accumulators
-constexpr int64_t kRowBlock = 128;  // rows whose x stays in L2 while a thread's panels pass over them
+// Rows whose x stays in L2 (~256 KiB of it, beside a panel) while a thread's panels pass over them.
+inline int64_t row_block(int64_t K) { return std::clamp<int64_t>((1 << 17) / std::max<int64_t>(K, 1) / 8 * 8, 32, 256); }
 
 inline __m512bh pair_of(const bf16* x) {
   uint32_t v;
@@ -109,8 +110,9 @@ void ss_bgemm(const bf16* x, int64_t M, int64_t K, int64_t ldx, const bf16* pack
   {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t p0 = panels * t / T, p1 = panels * (t + 1) / T;  // NOTE: a thread's own run of panels
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t m1 = std::min(M, m0 + kRowBlock);
+    const int64_t rb = row_block(K);
+    for (int64_t m0 = 0; m0 < M; m0 += rb) {
+      const int64_t m1 = std::min(M, m0 + rb);
       for (int64_t p = p0; p < p1; ++p) {
         // the panel after this one: the thread's next, or its first again for the next row block
         const int64_t q = p + 1 < p1 ? p + 1 : (m1 < M ? p0 : -1);
