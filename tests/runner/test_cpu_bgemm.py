@@ -52,7 +52,7 @@ def test_gelu_epilogue_matches_the_tanh_gelu(k, n):
     assert float(((got.double() - want).abs() - tol).max()) <= 0
 
 
-@pytest.mark.parametrize("k,n", [(768, 2304), (37, 45), (130, 1000)])
+@pytest.mark.parametrize("k,n", [(768, 2304), (37, 45), (130, 1000), (3072, 100)])  # 3072: 40-row blocks
 def test_rows_do_not_depend_on_the_rows_beside_them_or_the_threads(k, n):
     x, w, b = _case(k, n, 131, 3)
     pw = cpu_bgemm.pack(w, b)
