@@ -8,11 +8,31 @@
 
 namespace {
 
+// The next item's rows, fetched into L2 a share at a time while this item runs, so the memory system sees
+// one stream with no gap between items (each new (request, head) run otherwise starts cold: ~0.65 us a run
+// start measured on the 2-core AVX-512 EPYC, 1.08x / 1.4x faster plain reads at 400 / 100 keys). Contiguous
+// requests only; capped so the next item's rows and this one's stay within L2.
+struct Ahead {
+  static constexpr int64_t kMaxLines = 2048;  // 128 KiB of each of keys and values
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t lines = 0, k_done = 0, v_done = 0;  // lines of each to fetch; fetched so far
+  // Fetch the next item's keys (values) up to `num / den` of them.
+  void keys(int64_t num, int64_t den) { fetch(k, k_done, num, den); }
+  void values(int64_t num, int64_t den) { fetch(v, v_done, num, den); }
+
+ private:
+  void fetch(const char* base, int64_t& done, int64_t num, int64_t den) {
+    if (!base) return;
+    for (const int64_t upto = lines * num / den; done < upto; ++done) __builtin_prefetch(base + 64 * done, 0, 2);
+  }
+};
+
 // Scores of `n` keys for the G query heads of a group: s[h * n + j] = (q_h . k_j) * scale.
 // qb: the same queries in bf16 when they came as bf16 (exact), else null.
 template <typename KT, typename RowFn>
 void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb, RowFn row, int64_t n,
-            float scale, float* s) {
+            float scale, float* s, Ahead& ahead) {
 #ifdef SS_AVX512
   // NOTE: 16 keys at a time, 16 independent FMA chains, one reduction tree per 16 keys.
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -23,6 +43,7 @@ void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb
       for (int64_t i = j0 + 16; i < std::min<int64_t>(n, j0 + 32); ++i)
         for (int64_t b = 0; b < hd * int64_t(sizeof(KT)); b += 64)
           _mm_prefetch(reinterpret_cast<const char*>(kb + row(i)) + b, _MM_HINT_T0);
+    ahead.keys(j0 + nb, n);
     for (int64_t h = 0; h < G; ++h) {
       __m512 acc[16];
 #ifdef __AVX512BF16__
@@ -59,9 +80,10 @@ void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb
     }
   }
 #elif defined(SS_AVX2)
-  (void)qb;
+  (void)qb, (void)ahead;
   scores_avx2(qf, G, hd, kb, row, n, scale, s);
 #else
+  (void)ahead;
   for (int64_t j = 0; j < n; ++j) {
     const KT* k = kb + row(j);
     for (int64_t h = 0; h < G; ++h) {
@@ -76,11 +98,12 @@ void scores(const float* qf, const bf16* qb, int64_t G, int64_t hd, const KT* kb
 // acc[h * hd + d] += sum_j p[h * n + j] * v_j[d]
 template <typename KT, typename RowFn>
 void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn row, int64_t n,
-                     float* acc) {
+                     float* acc, Ahead& ahead) {
 #ifdef SS_AVX512
   // NOTE: blocks of 64 keys (in L1 across head groups) x 64-wide column tiles held in registers.
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t nb = std::min<int64_t>(64, n - j0);
+    ahead.values(j0 + nb, n);
     for (int64_t d0 = 0; d0 < hd; d0 += 64) {
       int64_t h = 0;
       for (; h + 4 <= G; h += 4) pv_any<4>(p + h * n, n, j0, nb, hd, d0, vb, row, acc + h * hd);
@@ -92,8 +115,10 @@ void weighted_values(const float* p, int64_t G, int64_t hd, const KT* vb, RowFn 
     }
   }
 #elif defined(SS_AVX2)
+  (void)ahead;
   weighted_values_avx2(p, G, hd, vb, row, n, acc);
 #else
+  (void)ahead;
   for (int64_t j = 0; j < n; ++j) {
     const KT* v = vb + row(j);
     for (int64_t h = 0; h < G; ++h)
@@ -136,7 +161,7 @@ inline int64_t first_key(const AttnArgs& a, int64_t r) {
 
 // One (request, kv head) item: the group's query heads share every key and value row they read.
 template <typename QT, typename KT>
-void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
+void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf, Ahead& ahead) {
   const int64_t hd = a.head_dim, G = a.n_heads / a.n_kv_heads, lo = first_key(a, r), n = a.ctx_lens[r] - lo;
   const KT* kb = static_cast<const KT*>(a.k_cache) + g * a.cache_head;
   const KT* vb = static_cast<const KT*>(a.v_cache) + g * a.cache_head;
@@ -158,9 +183,9 @@ void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf) {
 
   with_key_rows(a, r, lo, [&](auto row) {
     prefetch_rows(vb, row, std::min(n, kPrefetchRows), hd);  // NOTE: on their way while the scores run
-    scores(qf, qb, G, hd, kb, row, n, a.scale, s);
+    scores(qf, qb, G, hd, kb, row, n, a.scale, s, ahead);
     for (int64_t h = 0; h < G; ++h) inv[h] = softmax_range(s + h * n, 0, n, a.softcap);
-    weighted_values(s, G, hd, vb, row, n, acc);
+    weighted_values(s, G, hd, vb, row, n, acc, ahead);
   });
   QT* op = static_cast<QT*>(a.out) + a.q_rows[r] * a.out_row + g * G * a.out_head;
   for (int64_t h = 0; h < G; ++h)
@@ -176,14 +201,21 @@ void decode_all(const AttnArgs& a) {
     std::vector<float> buf;
     for (int64_t i = claimed.fetch_add(1, std::memory_order_relaxed), next; i < items; i = next) {
       next = claimed.fetch_add(1, std::memory_order_relaxed);
-      if (next < items) {  // its first key rows, while this item runs
-        const int64_t r = next / a.n_kv_heads, lo = first_key(a, r);
-        const KT* kb = static_cast<const KT*>(a.k_cache) + (next % a.n_kv_heads) * a.cache_head;
+      Ahead ahead;
+      if (next < items) {  // its first key rows now; the rest of its rows while this item runs
+        const int64_t r = next / a.n_kv_heads, lo = first_key(a, r), off = (next % a.n_kv_heads) * a.cache_head;
+        const KT* kb = static_cast<const KT*>(a.k_cache) + off;
         with_key_rows(a, r, lo, [&](auto row) {
           prefetch_rows(kb, row, std::min(a.ctx_lens[r] - lo, kPrefetchRows), a.head_dim);
         });
+        if (a.gather[r] < 0) {
+          const int64_t first = (off + (a.starts[r] + lo) * a.head_dim) * int64_t(sizeof(KT));
+          ahead.k = static_cast<const char*>(a.k_cache) + first;
+          ahead.v = static_cast<const char*>(a.v_cache) + first;
+          ahead.lines = std::min(Ahead::kMaxLines, ((a.ctx_lens[r] - lo) * a.head_dim * int64_t(sizeof(KT)) + 63) / 64);
+        }
       }
-      attend<QT, KT>(a, i / a.n_kv_heads, i % a.n_kv_heads, buf);
+      attend<QT, KT>(a, i / a.n_kv_heads, i % a.n_kv_heads, buf, ahead);
     }
   }
 }
