@@ -19,8 +19,8 @@ weights are packed for our own bf16 kernel (cpu_bgemm.py), which overlaps the we
 with its arithmetic (1.3-2.9x oneDNN at 1-64 rows with the weights evicted, as in a decode step).
 
 Each layer's first packed forward is checked on probe inputs before it is used: bf16 on oneDNN against
-its own forward, bit for bit; bf16 on our kernel and fp32 for rows that do not change with the row count and for closeness to its own
-forward. A layer that fails, or any error, keeps the ordinary path.
+its own forward, bit for bit; bf16 on our kernel and fp32 for rows that do not change with the row count
+and for closeness to its own forward. A layer that fails, or any error, keeps the ordinary path.
 
 NOTE: the original parameters stay (steering reads them, tied embeddings share them), so packing costs
 one more copy of the linear weights; it is skipped when that exceeds a quarter of available memory,

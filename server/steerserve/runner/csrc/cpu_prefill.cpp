@@ -132,7 +132,8 @@ void pair_keys(const bf16* kb, RowFn row, int64_t klo, int64_t nk, int64_t ld, i
   }
 }
 
-// s[rr * ld + j0 + c] = (q_rr . k_{j0 + c}) * scale for kRows rows x 32 keys; q2 [kRows, hd / 2] query pairs.
+// s[rr * ld + j0 + c] = (q_rr . k_{j0 + c}) * scale for kRows rows x 32 keys; q2: each row's hd / 2 query
+// pairs, rows hd lanes apart.
 // Per lane: the pairs in order, each adding its two exact products (vdpbf16ps), as the decode kernel does.
 inline void score_block_pairs(const uint32_t* kt2, int64_t ld, int64_t j0, const uint32_t* q2, int64_t hd,
                               float scale, float* s) {
