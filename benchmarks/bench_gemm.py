@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -32,18 +33,12 @@ EVICT_BYTES = 80 * 2**20
 
 
 def packed_copy(model, own: bool):
-    """A copy of `model` with its linear weights packed for our kernel (own) or for oneDNN."""
-    env = "STEERSERVE_CPU_BGEMM", "STEERSERVE_CPU_SGEMM"
-    saved = {k: os.environ.get(k) for k in env}
-    for k in env:
-        os.environ[k] = "1" if own else "0"
-    try:
+    """The linear layers of a copy of `model` packed for our kernel (own) or for oneDNN."""
+    choice = "1" if own else "0"
+    with mock.patch.dict(os.environ, {"STEERSERVE_CPU_BGEMM": choice, "STEERSERVE_CPU_SGEMM": choice}):
         m = copy.deepcopy(model)
         cpu_weights.pack_linear_weights(m)
         cpu_weights.fuse_gelu_epilogue(m)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return [layer for layer in m.modules() if hasattr(layer, "_ss_packed")]
 
 

@@ -192,6 +192,25 @@ void attend(const AttnArgs& a, int64_t r, int64_t g, std::vector<float>& buf, Ah
     for (int64_t d = 0; d < hd; ++d) from_f32(acc[h * hd + d] * inv[h], op + h * a.out_head + d);
 }
 
+// Start item `i` coming: fetch its first key rows now, and return what fetches the rest of its rows while
+// the current item runs (nothing more for a gathered request).
+template <typename KT>
+Ahead start_next(const AttnArgs& a, int64_t i) {
+  const int64_t r = i / a.n_kv_heads, lo = first_key(a, r), n = a.ctx_lens[r] - lo;
+  const int64_t off = (i % a.n_kv_heads) * a.cache_head;  // elements: the item's head
+  with_key_rows(a, r, lo, [&](auto row) {
+    prefetch_rows(static_cast<const KT*>(a.k_cache) + off, row, std::min(n, kPrefetchRows), a.head_dim);
+  });
+  Ahead ahead;
+  if (a.gather[r] < 0) {
+    const int64_t first = (off + (a.starts[r] + lo) * a.head_dim) * int64_t(sizeof(KT));  // bytes
+    ahead.k = static_cast<const char*>(a.k_cache) + first;
+    ahead.v = static_cast<const char*>(a.v_cache) + first;
+    ahead.lines = std::min(Ahead::kMaxLines, (n * a.head_dim * int64_t(sizeof(KT)) + 63) / 64);
+  }
+  return ahead;
+}
+
 template <typename QT, typename KT>
 void decode_all(const AttnArgs& a) {
   const int64_t items = a.n_req * a.n_kv_heads;
@@ -201,20 +220,7 @@ void decode_all(const AttnArgs& a) {
     std::vector<float> buf;
     for (int64_t i = claimed.fetch_add(1, std::memory_order_relaxed), next; i < items; i = next) {
       next = claimed.fetch_add(1, std::memory_order_relaxed);
-      Ahead ahead;
-      if (next < items) {  // its first key rows now; the rest of its rows while this item runs
-        const int64_t r = next / a.n_kv_heads, lo = first_key(a, r), off = (next % a.n_kv_heads) * a.cache_head;
-        const KT* kb = static_cast<const KT*>(a.k_cache) + off;
-        with_key_rows(a, r, lo, [&](auto row) {
-          prefetch_rows(kb, row, std::min(a.ctx_lens[r] - lo, kPrefetchRows), a.head_dim);
-        });
-        if (a.gather[r] < 0) {
-          const int64_t first = (off + (a.starts[r] + lo) * a.head_dim) * int64_t(sizeof(KT));
-          ahead.k = static_cast<const char*>(a.k_cache) + first;
-          ahead.v = static_cast<const char*>(a.v_cache) + first;
-          ahead.lines = std::min(Ahead::kMaxLines, ((a.ctx_lens[r] - lo) * a.head_dim * int64_t(sizeof(KT)) + 63) / 64);
-        }
-      }
+      Ahead ahead = next < items ? start_next<KT>(a, next) : Ahead{};
       attend<QT, KT>(a, i / a.n_kv_heads, i % a.n_kv_heads, buf, ahead);
     }
   }

@@ -37,8 +37,8 @@ void tile(const bf16* x, int64_t ldx, int64_t K, const bf16* panel, const float*
   __m512 acc[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
+  // One pair step: x_of(r) is row r's pair of x (dims 2p, 2p + 1) as a broadcast operand.
+  auto step = [&](int64_t p, auto x_of) {
     const __m512bh w0 = __m512bh(_mm512_loadu_si512(panel + p * 64));
     const __m512bh w1 = __m512bh(_mm512_loadu_si512(panel + p * 64 + 32));
     if (pf) {
@@ -47,24 +47,15 @@ void tile(const bf16* x, int64_t ldx, int64_t K, const bf16* panel, const float*
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512bh xr = pair_of(x + r * ldx + 2 * p);
+      const __m512bh xr = x_of(r);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xr, w0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xr, w1);
     }
-  }
-  if (K % 2) {  // the last dim alone: its pair's other half is zero in the panel, and must be in x
-    const __m512bh w0 = __m512bh(_mm512_loadu_si512(panel + pairs * 64));
-    const __m512bh w1 = __m512bh(_mm512_loadu_si512(panel + pairs * 64 + 32));
-    if (pf) {
-      _mm_prefetch(pf + pairs * 128, _MM_HINT_T1);
-      _mm_prefetch(pf + pairs * 128 + 64, _MM_HINT_T1);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xr = __m512bh(_mm512_set1_epi32(int(x[r * ldx + K - 1])));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xr, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xr, w1);
-    }
-  }
+  };
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) step(p, [&](int r) { return pair_of(x + r * ldx + 2 * p); });
+  if (K % 2)  // the last dim alone: its pair's other half is zero in the panel, and must be in x
+    step(pairs, [&](int r) { return __m512bh(_mm512_set1_epi32(int(x[r * ldx + K - 1]))); });
   const __mmask16 m0 = lane_mask(cols), m1 = lane_mask(cols - 16 > 0 ? cols - 16 : 0);
   const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
   const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
