@@ -58,6 +58,7 @@ __all__ = [
     "sae_encode_topk",
     "sae_feature_acts",
     "sae_topk_threshold",
+    "sampling_logits",
     "steer_add",
     "write_kv",
 ]
@@ -226,6 +227,43 @@ def sae_edit(
     )  # fmt: skip
 
 
+def _check_logit_terms(
+    logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, penalty_ids, penalty_counts,
+    repetition_penalty, presence_penalty, frequency_penalty, validate: bool,
+) -> None:  # fmt: skip
+    """apply_logit_bias' argument checks, after the logits' dtype."""
+    C.row_major("logits", logits)
+    dev = logits.device
+    R, V = logits.shape
+    for name, t in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+        C.tensor(name, t, (R,), C.FP32, dev, "R")
+    C.tensor("presence_penalty", presence_penalty, (R,), C.FP32, dev, "R")
+    C.tensor("frequency_penalty", frequency_penalty, (R,), C.FP32, dev, "R")
+    C.tensor("sparse_ids", sparse_ids, (R, None), C.INDEX_DTYPES, dev, "R, S")
+    C.tensor("sparse_bias", sparse_bias, (R, sparse_ids.shape[1]), C.FP32, dev, "R, S")
+    C.tensor("dense_bank", dense_bank, (None, V), C.FP32, dev, "B, V")
+    C.tensor("dense_idx", dense_idx, (R, None), C.INDEX_DTYPES, dev, "R, D")
+    C.tensor("penalty_ids", penalty_ids, (R, None), C.INDEX_DTYPES, dev, "R, P")
+    C.tensor("penalty_counts", penalty_counts, (R, penalty_ids.shape[1]), C.INDEX_DTYPES, dev, "R, P")
+    if validate:
+        C.values_ok("temperature", temperature, (temperature > 0) & temperature.isfinite(), "must be > 0")
+        C.values_ok("repetition_penalty", repetition_penalty, repetition_penalty > 0, "must be > 0")
+        C.ids_in("sparse_ids", sparse_ids, -1, V, f"-1 = padding, vocab V={V}")
+        C.ids_in(
+            "dense_idx",
+            dense_idx,
+            -1,
+            dense_bank.shape[0],
+            f"-1 = padding, B={dense_bank.shape[0]} bank rows",
+        )
+        C.ids_in("penalty_ids", penalty_ids, -1, V, f"-1 = padding, vocab V={V}")
+        C.ids_in("penalty_counts", penalty_counts, 0, 2**31 - 1, "occurrences in the output")
+        if penalty_ids.shape[1] > 1:
+            ids = penalty_ids.sort(dim=1).values
+            dup = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+            C.values_ok("penalty_ids", ids[:, 1:], ~dup, "ids must be unique per row (apart from -1)")
+
+
 def apply_logit_bias(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -260,41 +298,48 @@ def apply_logit_bias(
     A row with no ids, no dense bias and temperature 1.0 is not written.
     """
     C.tensor("logits", logits, (None, None), C.FP32, getattr(logits, "device", None), "R, V")
-    C.row_major("logits", logits)
+    _check_logit_terms(
+        logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, penalty_ids, penalty_counts,
+        repetition_penalty, presence_penalty, frequency_penalty, validate,
+    )  # fmt: skip
     dev = logits.device
-    R, V = logits.shape
-    for name, t in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
-        C.tensor(name, t, (R,), C.FP32, dev, "R")
-    C.tensor("presence_penalty", presence_penalty, (R,), C.FP32, dev, "R")
-    C.tensor("frequency_penalty", frequency_penalty, (R,), C.FP32, dev, "R")
-    C.tensor("sparse_ids", sparse_ids, (R, None), C.INDEX_DTYPES, dev, "R, S")
-    C.tensor("sparse_bias", sparse_bias, (R, sparse_ids.shape[1]), C.FP32, dev, "R, S")
-    C.tensor("dense_bank", dense_bank, (None, V), C.FP32, dev, "B, V")
-    C.tensor("dense_idx", dense_idx, (R, None), C.INDEX_DTYPES, dev, "R, D")
-    C.tensor("penalty_ids", penalty_ids, (R, None), C.INDEX_DTYPES, dev, "R, P")
-    C.tensor("penalty_counts", penalty_counts, (R, penalty_ids.shape[1]), C.INDEX_DTYPES, dev, "R, P")
-    if validate:
-        C.values_ok("temperature", temperature, (temperature > 0) & temperature.isfinite(), "must be > 0")
-        C.values_ok("repetition_penalty", repetition_penalty, repetition_penalty > 0, "must be > 0")
-        C.ids_in("sparse_ids", sparse_ids, -1, V, f"-1 = padding, vocab V={V}")
-        C.ids_in(
-            "dense_idx",
-            dense_idx,
-            -1,
-            dense_bank.shape[0],
-            f"-1 = padding, B={dense_bank.shape[0]} bank rows",
-        )
-        C.ids_in("penalty_ids", penalty_ids, -1, V, f"-1 = padding, vocab V={V}")
-        C.ids_in("penalty_counts", penalty_counts, 0, 2**31 - 1, "occurrences in the output")
-        if penalty_ids.shape[1] > 1:
-            ids = penalty_ids.sort(dim=1).values
-            dup = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
-            C.values_ok("penalty_ids", ids[:, 1:], ~dup, "ids must be unique per row (apart from -1)")
     impl = _impl("apply_logit_bias", backend, dev)
     return impl.apply_logit_bias(
         logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx,
         penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
     )  # fmt: skip
+
+
+def sampling_logits(
+    logits: torch.Tensor,
+    *terms: torch.Tensor,
+    process: bool = True,
+    argmax: bool = True,
+    backend: str | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sampler's first pass: (x, tokens) with x = `logits` [R, V] as fp32 (fp32 logits: themselves,
+    edited in place; bf16 / fp16: a new tensor), then `apply_logit_bias(x, *terms)` when `process`, and
+    tokens = `argmax_rows(x)` when `argmax` (else None). `terms`: apply_logit_bias's ten arguments after
+    the logits, in its order (temperature ... frequency_penalty). The same values as those three ops one
+    after another; the CPU backend converts, biases and scans each row while it sits in L2, one trip
+    through memory for the [R, V] logits where the three ops make five.
+    """
+    C.tensor("logits", logits, (None, None), C.FLOAT_DTYPES, getattr(logits, "device", None), "R, V")
+    if logits.shape[1] == 0:
+        raise ValueError("logits: expected V >= 1 columns, got 0")
+    if len(terms) != 10:
+        raise TypeError(
+            f"sampling_logits: expected apply_logit_bias' 10 terms after the logits, got {len(terms)}"
+        )
+    _check_logit_terms(logits, *terms, validate and process)
+    fused = getattr(_impl("sampling_logits", backend, logits.device), "sampling_logits", None)
+    if fused is not None:
+        return fused(logits, *terms, process=process, argmax=argmax)
+    x = logits.float()
+    if process:
+        apply_logit_bias(x, *terms, backend=backend, validate=False)
+    return x, (argmax_rows(x, backend=backend) if argmax else None)
 
 
 def sae_feature_acts(

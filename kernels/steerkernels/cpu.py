@@ -24,8 +24,10 @@ import torch
 from steerkernels import _cbuild, _util, reference
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_steer.cpp"
-ABI_VERSION = 5  # NOTE: 5: per-token targets (token_value) and resample_draw
-OPS = ("steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "argmax_rows", "resample_draw")
+ABI_VERSION = 6  # NOTE: 6: sampling_logits (bf16 source and argmax in the logit pass)
+OPS = (
+    "steer_add", "project_clamp", "sae_edit", "apply_logit_bias", "sampling_logits", "argmax_rows", "resample_draw",
+)  # fmt: skip
 _H_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library, or None once it failed
@@ -82,6 +84,7 @@ class LogitArgs(ctypes.Structure):
         ("sparse_ids", _ptr), ("sparse_bias", _ptr), ("Sp", _i64),
         ("bank", _ptr), ("bank_row", _i64), ("B", _i64), ("dense_idx", _ptr), ("D", _i64), ("penalty_ids", _ptr), ("penalty_counts", _ptr), ("P", _i64),
         ("repetition", _ptr), ("presence", _ptr), ("frequency", _ptr), ("n_threads", ctypes.c_int32),
+        ("src", _ptr), ("src_row", _i64), ("argmax", _ptr), ("process", ctypes.c_int32),
     ]  # fmt: skip
 
 
@@ -210,6 +213,43 @@ def apply_logit_bias(
             logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx,
             penalty_ids, penalty_counts, repetition_penalty, presence_penalty, frequency_penalty,
         )  # fmt: skip
+    keep: list = []
+    args = _logit_args(
+        logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, penalty_ids, penalty_counts,
+        repetition_penalty, presence_penalty, frequency_penalty, keep,
+    )  # fmt: skip
+    _run(lib.ss_apply_logit_bias, args)
+    return logits
+
+
+def sampling_logits(logits, *terms, process: bool, argmax: bool):
+    """See `steerkernels.sampling_logits` (`terms`: apply_logit_bias's, after the logits)."""
+    lib = load()
+    if lib is None or logits.dtype not in _H_DTYPES:
+        x = logits.float()
+        if process:
+            apply_logit_bias(x, *terms)
+        return x, (argmax_rows(x) if argmax else None)
+    R, V = logits.shape
+    bf16 = logits.dtype == torch.bfloat16
+    x = _util.empty((R, V), torch.float32, logits.device) if bf16 else logits
+    keep: list = []
+    args = _logit_args(x, *terms, keep)
+    tokens = _util.empty((R,), torch.int64, logits.device) if argmax else None
+    if bf16:
+        args.src, args.src_row = logits.data_ptr(), logits.stride(0)
+    args.argmax = None if tokens is None else tokens.data_ptr()
+    args.process = int(process)
+    _run(lib.ss_apply_logit_bias, args)
+    return x, tokens
+
+
+def _logit_args(
+    logits, temperature, sparse_ids, sparse_bias, dense_bank, dense_idx, penalty_ids, penalty_counts,
+    repetition_penalty, presence_penalty, frequency_penalty, keep: list,
+) -> LogitArgs:  # fmt: skip
+    """The logit pass's argument block over fp32 `logits`, processing on; `keep` holds the converted
+    tensors until the call returns."""
     rows = [
         _f32(t).contiguous() for t in (temperature, repetition_penalty, presence_penalty, frequency_penalty)
     ]
@@ -219,17 +259,16 @@ def apply_logit_bias(
     bank = _f32(dense_bank)
     if bank.shape[0] and bank.stride(1) != 1:
         bank = bank.contiguous()
-    keep = [*rows, sids, sbias, didx, pids, pcounts, bank]  # noqa: F841 (alive during the call)
+    keep += [*rows, sids, sbias, didx, pids, pcounts, bank]
     R, V = logits.shape
-    args = LogitArgs(
+    return LogitArgs(
         logits.data_ptr(), logits.stride(0), R, V, rows[0].data_ptr(),
         sids.data_ptr(), sbias.data_ptr(), sids.shape[1],
         bank.data_ptr(), bank.stride(0), bank.shape[0], didx.data_ptr(), didx.shape[1],
         pids.data_ptr(), pcounts.data_ptr(), pids.shape[1],
         rows[1].data_ptr(), rows[2].data_ptr(), rows[3].data_ptr(), torch.get_num_threads(),
+        None, 0, None, 1,
     )  # fmt: skip
-    _run(lib.ss_apply_logit_bias, args)
-    return logits
 
 
 def resample_draw(slot_of_token, token_key, token_pos, stream, density, samples, sample_count):

@@ -92,19 +92,7 @@ def test_penalties_change_only_seen_tokens():
     batch = build_sampling_batch([req], V, torch.device("cpu"))
     import steerkernels
 
-    out = steerkernels.apply_logit_bias(
-        lg.clone(),
-        batch.temperature,
-        batch.sparse_ids,
-        batch.sparse_bias,
-        batch.dense_bank,
-        batch.dense_idx,
-        batch.penalty_ids,
-        batch.penalty_counts,
-        batch.repetition_penalty,
-        batch.presence_penalty,
-        batch.frequency_penalty,
-    )
+    out = steerkernels.apply_logit_bias(lg.clone(), *batch.logit_terms())
     expected = lg.clone()
     expected[0, 9] -= 2.0 + 3 * 1.0  # presence once, frequency per occurrence; prompt token 4 untouched
     torch.testing.assert_close(out, expected)

@@ -68,7 +68,7 @@ inline void axpy(float* y, float a, Vec x, int64_t n) {
 
 extern "C" {
 
-int ss_steer_abi_version() { return 5; }  // cpu.py's ABI_VERSION
+int ss_steer_abi_version() { return 6; }  // cpu.py's ABI_VERSION
 
 // Which tokens a call edits, and the hidden states they live in. Index arrays are int64.
 struct TokenArgs {
@@ -292,59 +292,6 @@ int ss_resample_draw(const ResampleArgs* a) {
   return 0;
 }
 
-struct LogitArgs {
-  float* logits;  // [R, V] row stride logits_row
-  int64_t logits_row, R, V;
-  const float* temperature;  // [R]
-  const int64_t* sparse_ids;  // [R, Sp] contiguous
-  const float* sparse_bias;
-  int64_t Sp;
-  const float* bank;  // [B, V] row stride bank_row
-  int64_t bank_row, B;
-  const int64_t* dense_idx;  // [R, D] contiguous: bank rows added whole
-  int64_t D;
-  const int64_t* penalty_ids;  // [R, P] contiguous
-  const int64_t* penalty_counts;
-  int64_t P;
-  const float* repetition;  // [R] each
-  const float* presence;
-  const float* frequency;
-  int32_t n_threads;
-};
-
-int ss_apply_logit_bias(const LogitArgs* a) {
-  const int64_t R = a->R, V = a->V;
-  const bool parallel = a->n_threads > 1 && R > 1 && R * V >= (1 << 16);
-#pragma omp parallel for num_threads(parallel ? a->n_threads : 1) schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    float* x = a->logits + r * a->logits_row;
-    for (int64_t j = 0; j < a->Sp; ++j) {
-      int64_t id = a->sparse_ids[r * a->Sp + j];
-      if (id >= 0 && id < V) x[id] += a->sparse_bias[r * a->Sp + j];
-    }
-    for (int64_t j = 0; j < a->D; ++j) {
-      int64_t b = a->dense_idx[r * a->D + j];
-      if (b < 0 || b >= a->B) continue;
-      const float* bias = a->bank + b * a->bank_row;
-      for (int64_t i = 0; i < V; ++i) x[i] += bias[i];
-    }
-    const float rp = a->repetition[r], pres = a->presence[r], freq = a->frequency[r];
-    for (int64_t j = 0; j < a->P; ++j) {
-      int64_t id = a->penalty_ids[r * a->P + j];
-      if (id < 0 || id >= V) continue;
-      float g = x[id];
-      g = g > 0.f ? g / rp : g * rp;
-      const float count = float(a->penalty_counts[r * a->P + j]);
-      if (count > 0.f) g -= pres;
-      x[id] = g - freq * count;
-    }
-    const float temp = a->temperature[r];
-    if (temp != 1.f)
-      for (int64_t i = 0; i < V; ++i) x[i] /= temp;
-  }
-  return 0;
-}
-
 // Row max ignoring NaN, and whether the row has a NaN.
 inline float row_max(const float* row, int64_t V, bool* nan) {
   float best = -INFINITY;
@@ -384,24 +331,94 @@ inline int64_t first_equal(const float* row, int64_t V, float value) {
   return 0;  // NOTE: unreachable for a value taken from the row; an all-NaN row is handled by the caller
 }
 
-// out[r] = the first index of row r's largest value, or of its first NaN (torch.argmax's rule).
+// The first index of row's largest value, or of its first NaN (torch.argmax's rule).
 // NOTE: two passes (a vector max, then a vector scan for the first match) read a row ~1.5 times;
 // torch's CPU argmax tracks (value, index) pairs serially and is several times slower on a 50k vocabulary.
+inline int64_t row_argmax(const float* row, int64_t V) {
+  bool nan = false;
+  const float best = row_max(row, V, &nan);
+  if (!nan) return first_equal(row, V, best);
+  int64_t idx = 0;
+  while (row[idx] == row[idx]) ++idx;
+  return idx;
+}
+
+struct LogitArgs {
+  float* logits;  // [R, V] row stride logits_row
+  int64_t logits_row, R, V;
+  const float* temperature;  // [R]
+  const int64_t* sparse_ids;  // [R, Sp] contiguous
+  const float* sparse_bias;
+  int64_t Sp;
+  const float* bank;  // [B, V] row stride bank_row
+  int64_t bank_row, B;
+  const int64_t* dense_idx;  // [R, D] contiguous: bank rows added whole
+  int64_t D;
+  const int64_t* penalty_ids;  // [R, P] contiguous
+  const int64_t* penalty_counts;
+  int64_t P;
+  const float* repetition;  // [R] each
+  const float* presence;
+  const float* frequency;
+  int32_t n_threads;
+  const bf16* src;  // [R, V] bf16 logits (row stride src_row), converted into `logits` first; null: in place
+  int64_t src_row;
+  int64_t* argmax;  // [R]: each processed row's row_argmax, or null
+  int32_t process;  // 0: no biases, penalties or temperature (conversion and argmax only)
+};
+
+// One row's biases, penalties and temperature (steerkernels.apply_logit_bias), in place.
+inline void process_row(const LogitArgs* a, int64_t r, float* x) {
+  const int64_t V = a->V;
+  for (int64_t j = 0; j < a->Sp; ++j) {
+    int64_t id = a->sparse_ids[r * a->Sp + j];
+    if (id >= 0 && id < V) x[id] += a->sparse_bias[r * a->Sp + j];
+  }
+  for (int64_t j = 0; j < a->D; ++j) {
+    int64_t b = a->dense_idx[r * a->D + j];
+    if (b < 0 || b >= a->B) continue;
+    const float* bias = a->bank + b * a->bank_row;
+    for (int64_t i = 0; i < V; ++i) x[i] += bias[i];
+  }
+  const float rp = a->repetition[r], pres = a->presence[r], freq = a->frequency[r];
+  for (int64_t j = 0; j < a->P; ++j) {
+    int64_t id = a->penalty_ids[r * a->P + j];
+    if (id < 0 || id >= V) continue;
+    float g = x[id];
+    g = g > 0.f ? g / rp : g * rp;
+    const float count = float(a->penalty_counts[r * a->P + j]);
+    if (count > 0.f) g -= pres;
+    x[id] = g - freq * count;
+  }
+  const float temp = a->temperature[r];
+  if (temp != 1.f)
+    for (int64_t i = 0; i < V; ++i) x[i] /= temp;
+}
+
+// Row by row: the bf16 source converted (when given), biases, penalties, temperature (when `process`), then
+// the argmax (when asked), all while the row is in L2 (GPT-2's 50257 fp32 logits: 200 KB), so that its
+// [R, V] logits go through memory once instead of once per op (convert, bias, argmax).
+int ss_apply_logit_bias(const LogitArgs* a) {
+  const int64_t R = a->R, V = a->V;
+  const bool parallel = a->n_threads > 1 && R > 1 && R * V >= (1 << 16);
+#pragma omp parallel for num_threads(parallel ? a->n_threads : 1) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    float* x = a->logits + r * a->logits_row;
+    if (a->src) {
+      const bf16* src = a->src + r * a->src_row;
+      for (int64_t i = 0; i < V; ++i) x[i] = bf16_to_f32(src[i]);
+    }
+    if (a->process) process_row(a, r, x);
+    if (a->argmax) a->argmax[r] = row_argmax(x, V);
+  }
+  return 0;
+}
+
+// out[r] = row_argmax of row r.
 int ss_argmax_rows(const float* x, int64_t row_stride, int64_t R, int64_t V, int64_t* out, int32_t n_threads) {
   const bool parallel = n_threads > 1 && R > 1 && R * V >= (1 << 16);
 #pragma omp parallel for num_threads(parallel ? n_threads : 1) schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    const float* row = x + r * row_stride;
-    bool nan = false;
-    const float best = row_max(row, V, &nan);
-    int64_t idx = 0;
-    if (nan) {
-      while (row[idx] == row[idx]) ++idx;
-    } else {
-      idx = first_equal(row, V, best);
-    }
-    out[r] = idx;
-  }
+  for (int64_t r = 0; r < R; ++r) out[r] = row_argmax(x + r * row_stride, V);
   return 0;
 }
 

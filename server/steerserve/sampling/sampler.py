@@ -70,6 +70,14 @@ class SamplingBatch:
     # constrained
     grammar_bitmask: torch.Tensor | None = None
 
+    def logit_terms(self) -> tuple[torch.Tensor, ...]:
+        """steerkernels.apply_logit_bias' arguments after the logits, in its order."""
+        return (
+            self.temperature, self.sparse_ids, self.sparse_bias, self.dense_bank, self.dense_idx,
+            self.penalty_ids, self.penalty_counts, self.repetition_penalty, self.presence_penalty,
+            self.frequency_penalty,
+        )  # fmt: skip
+
 
 @dataclass(slots=True)
 class SamplerOutput:
@@ -197,26 +205,22 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """`logits` [R, V] become the sampler's: fp32 ones are overwritten (biases, temperature, grammar)."""
-        x = logits.float().contiguous()  # [R, V]
-        raw_logprobs = x.log_softmax(-1) if batch.max_logprobs >= 0 else None
-        if batch.needs_processing:
-            x = steerkernels.apply_logit_bias(
-                x,  # NOTE: in place: the logits are the sampler's (a copy cost 0.5-1 ms a step, [64, 50257])
-                batch.temperature,
-                batch.sparse_ids,
-                batch.sparse_bias,
-                batch.dense_bank,
-                batch.dense_idx,
-                batch.penalty_ids,
-                batch.penalty_counts,
-                batch.repetition_penalty,
-                batch.presence_penalty,
-                batch.frequency_penalty,
-                validate=False,  # convert.py bounds-checked every id; the kernel masks them again
-            )
+        logits = logits.contiguous()  # [R, V]
+        # NOTE: raw logprobs from the logits as they came: log_softmax(dtype=fp32) reads bf16 ones as fp32
+        raw_logprobs = logits.log_softmax(-1, dtype=torch.float32) if batch.max_logprobs >= 0 else None
+        # NOTE: fp32 conversion, biases / penalties / temperature and the argmax in one pass over each row
+        # (steerkernels.sampling_logits; fp32 logits are the sampler's, edited in place); a grammar masks
+        # between the biases and the argmax, so its argmax comes after
+        x, tokens = steerkernels.sampling_logits(
+            logits,
+            *batch.logit_terms(),
+            process=batch.needs_processing,
+            argmax=batch.grammar_bitmask is None,
+            validate=False,  # convert.py bounds-checked every id; the kernel masks them again
+        )
         if batch.grammar_bitmask is not None:  # after biases and penalties, before any draw
             x = _apply_grammar(x, batch.grammar_bitmask)
-        tokens = steerkernels.argmax_rows(x)
+            tokens = steerkernels.argmax_rows(x)
         # NOTE: argmax takes a NaN as the largest, so the argmax value is finite iff the row has no NaN,
         # no +inf and is not all -inf: the check costs R reads, not another pass over [R, V]
         finite = x.gather(-1, tokens[:, None]).isfinite().squeeze(-1)  # [R]
