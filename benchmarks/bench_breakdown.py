@@ -132,7 +132,7 @@ def instrument(built, clock: Clock, info: dict) -> None:
     clock.wrap(runner, "_forward", "forward other (model glue)")
     clock.wrap(runner, "sampler", "sampler")
     clock.wrap(mr, "build_forward_inputs", "input packing")
-    clock.wrap(mr, "build_sampling_batch", "input packing")
+    clock.wrap(runner._sampling_batches, "get", "input packing")
     clock.wrap(steering_rows.SteeringRows, "apply", "steering at sites")
     for name, module in runner.model.named_modules():
         part = module_part(name, module)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerserve.runner.input_batch import build_sampling_batch, new_cached_request
+from steerserve.runner.input_batch import SamplingBatches, build_sampling_batch, new_cached_request
 from steerserve.sampling.sampler import Sampler
 from steerserve.types.requests import SamplingParams
 from steerserve.types.step import ScheduledRequest
@@ -105,3 +105,46 @@ def test_logprobs_are_the_models_log_softmax():
     ref = lg.log_softmax(-1)
     torch.testing.assert_close(out.logprobs, ref.gather(-1, out.token_ids[:, None])[:, 0])
     torch.testing.assert_close(out.top_logprobs, ref.topk(4, -1).values)
+
+
+def _same_batch(a, b) -> bool:
+    fields = ("temperature", "sparse_ids", "sparse_bias", "dense_idx", "penalty_ids", "penalty_counts")
+    same = all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields)
+    rows = (a.random_rows is None) == (b.random_rows is None)
+    return same and rows and a.needs_processing == b.needs_processing and a.generators == b.generators
+
+
+def test_sampling_batches_reuse_only_what_cannot_have_changed():
+    """The runner's batch cache: the same live requests get the batch a fresh build gives (a copy, so a
+    grammar mask set on one step's does not reach the next); a new request under an old id, new feature
+    bias rows or penalty counts (which change every step) are built again."""
+    batches = SamplingBatches()
+    dev = torch.device("cpu")
+    reqs = [
+        cached(SamplingParams(temperature=0.0), "a"),
+        cached(SamplingParams(temperature=0.7, seed=3), "b"),
+    ]
+    first = batches.get(reqs, V, dev)
+    first.grammar_bitmask = torch.zeros(2, 2, dtype=torch.int32)
+    again = batches.get(reqs, V, dev)
+    assert again is not first and again.grammar_bitmask is None
+    assert again.temperature is first.temperature  # reused, not built again
+    assert _same_batch(again, build_sampling_batch(reqs, V, dev))
+    # the same id, a new request: greedy now
+    renewed = [reqs[0], cached(SamplingParams(temperature=0.0), "b")]
+    got = batches.get(renewed, V, dev)
+    assert got.random_rows is None and _same_batch(got, build_sampling_batch(renewed, V, dev))
+    # feature bias rows: a new index tensor
+    bank = torch.randn(3, V)
+    for idx in (torch.tensor([[0], [2]]), torch.tensor([[1], [-1]])):
+        got = batches.get(renewed, V, dev, (bank, idx))
+        assert torch.equal(got.dense_idx, idx) and got.needs_processing
+    # penalties: the counts of this step, every step
+    pen = [cached(SamplingParams(temperature=0.0, frequency_penalty=1.0), "p", prompt=(4,))]
+    assert batches.get(pen, V, dev).penalty_counts.tolist() == [[0]]
+    pen[0].output_counts.update({9: 2})
+    counts = batches.get(pen, V, dev)
+    assert sorted(zip(counts.penalty_ids[0].tolist(), counts.penalty_counts[0].tolist(), strict=True)) == [
+        (4, 0),
+        (9, 2),
+    ]

@@ -30,8 +30,8 @@ from steerserve.runner.attention import KVCache, paged_kernels_work
 from steerserve.runner.cuda_graphs import DecodeGraphs
 from steerserve.runner.input_batch import (
     CachedRequest,
+    SamplingBatches,
     build_forward_inputs,
-    build_sampling_batch,
     draw_context,
     new_cached_request,
 )
@@ -83,6 +83,7 @@ class ModelRunner:
         self._probe_block = num_blocks
         self.kv_cache = KVCache(n_layers, n_kv, head_dim, (num_blocks + 1) * block_size, dtype, device)
         self.sampler = Sampler()
+        self._sampling_batches = SamplingBatches()
         self.requests: dict[str, CachedRequest] = {}
         self._rng = random.Random(seed)
         self.steering = steering  # SteeringRows, or None when the server cannot steer
@@ -225,7 +226,7 @@ class ModelRunner:
         logits = all_logits[:n_sample]  # [R, V]
         reqs = [self.requests[rid] for rid in inputs.sample_ids]
         dense = None if self.steering is None else self.steering.logit_bias([r.row for r in reqs])
-        batch = build_sampling_batch(reqs, self.vocab_size, self.device, dense)
+        batch = self._sampling_batches.get(reqs, self.vocab_size, self.device, dense)
         if self.grammars is not None:
             batch.grammar_bitmask = self.grammars.bitmask(scheduled, inputs.sample_ids, self.device)
         result = self.sampler(logits, batch)

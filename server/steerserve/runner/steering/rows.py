@@ -64,6 +64,8 @@ class SteeringRows:
         self.banks: dict[Site, dict[int, SiteBank]] = {}  # site -> gate number (-1 = none) -> bank
         self.gates = GateTable(cfg.max_steering_rows, cfg.max_gates, self.device)
         self._logit_bank: torch.Tensor | None = None  # [R, V], allocated on first use
+        # the last step's sampled rows and their bank rows: decode steps repeat them until a row changes
+        self._bias_idx: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._token_row: torch.Tensor | None = None  # [T] this step
         self._token_slot: torch.Tensor | None = None  # [T]
         self._draws: DrawContext | None = None  # this step's request keys and positions, when resampling
@@ -117,6 +119,7 @@ class SteeringRows:
         return bank
 
     def _write(self, row: int, spec: SteeringSpec) -> None:
+        self._bias_idx = None
         res = self.resources
         writers = [_writer(iv) for iv in spec.interventions]  # NOTE: an unknown type fails before a write
         refs = [iv.sae for iv in spec.interventions if isinstance(iv, FeatureAdd | FeatureEdit)]
@@ -167,6 +170,7 @@ class SteeringRows:
         self._bank(iv.site, k).add_projection(row, iv.positions, v / v.norm(), iv.lo, iv.hi, resample)
 
     def _clear(self, row: int, spec: SteeringSpec) -> None:
+        self._bias_idx = None
         self.gates.clear_row(row)
         for site in list(self.banks):  # NOTE: not spec.sites(): a transcoder's `add` is at its site_out
             by_gate = self.banks.get(site, {})
@@ -266,11 +270,17 @@ class SteeringRows:
         """(dense_bank [R, V], dense_idx [n, 1]: each sampled row's bank row, -1 = none); None when unused."""
         if self._logit_bank is None:
             return None
+        key = tuple(rows)
+        if (
+            self._bias_idx is not None and self._bias_idx[0] == key
+        ):  # NOTE: the same tensor: batch caches key on it
+            return self._logit_bank, self._bias_idx[1]
         with_bias = {r.index for r in self._rows.values() if r.has_logit_bias}
         if not any(r in with_bias for r in rows):
             return None
-        idx = torch.tensor([[r if r in with_bias else -1] for r in rows], dtype=torch.int64)
-        return self._logit_bank, idx.to(self.device)
+        idx = torch.tensor([[r if r in with_bias else -1] for r in rows], dtype=torch.int64).to(self.device)
+        self._bias_idx = (key, idx)
+        return self._logit_bank, idx
 
 
 _Writer = Callable[[SteeringRows, int, int, Intervention, dict[str, SAEWeights], int], None]
