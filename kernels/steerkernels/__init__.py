@@ -334,8 +334,9 @@ def sampling_logits(
         )
     _check_logit_terms(logits, *terms, validate and process)
     fused = getattr(_impl("sampling_logits", backend, logits.device), "sampling_logits", None)
-    if fused is not None:
-        return fused(logits, *terms, process=process, argmax=argmax)
+    done = None if fused is None else fused(logits, *terms, process=process, argmax=argmax)
+    if done is not None:
+        return done
     x = logits.float()
     if process:
         apply_logit_bias(x, *terms, backend=backend, validate=False)

@@ -223,13 +223,11 @@ def apply_logit_bias(
 
 
 def sampling_logits(logits, *terms, process: bool, argmax: bool):
-    """See `steerkernels.sampling_logits` (`terms`: apply_logit_bias's, after the logits)."""
+    """See `steerkernels.sampling_logits` (`terms`: apply_logit_bias's, after the logits); None where the one
+    pass cannot run (no library, fp16 logits): the public op then runs the three ops one after another."""
     lib = load()
     if lib is None or logits.dtype not in _H_DTYPES:
-        x = logits.float()
-        if process:
-            apply_logit_bias(x, *terms)
-        return x, (argmax_rows(x) if argmax else None)
+        return None
     R, V = logits.shape
     bf16 = logits.dtype == torch.bfloat16
     x = _util.empty((R, V), torch.float32, logits.device) if bf16 else logits

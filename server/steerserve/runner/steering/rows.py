@@ -271,9 +271,8 @@ class SteeringRows:
         if self._logit_bank is None:
             return None
         key = tuple(rows)
-        if (
-            self._bias_idx is not None and self._bias_idx[0] == key
-        ):  # NOTE: the same tensor: batch caches key on it
+        # NOTE: the same index tensor while the rows hold: the runner's SamplingBatches keys on it
+        if self._bias_idx is not None and self._bias_idx[0] == key:
             return self._logit_bank, self._bias_idx[1]
         with_bias = {r.index for r in self._rows.values() if r.has_logit_bias}
         if not any(r in with_bias for r in rows):
