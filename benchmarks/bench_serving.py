@@ -196,6 +196,7 @@ def start_server(model_dir: str, threads: int, extra: list[str], data_dir: str):
 
 
 ENGINE_COUNTERS = ("engine_steps_total", "engine_step_seconds_total", "engine_idle_seconds_total")
+GC_COUNTER = "gc_pause_seconds_total"  # one series per generation: summed
 
 
 def engine_seconds(url: str) -> dict[str, float]:
@@ -206,6 +207,8 @@ def engine_seconds(url: str) -> dict[str, float]:
         name = line.split("{", 1)[0].removeprefix("steerserve:")
         if name in ENGINE_COUNTERS:
             values[name] = float(line.rsplit(" ", 1)[1])
+        elif name == GC_COUNTER:
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return values
 
 
@@ -216,7 +219,8 @@ def print_engine_share(before: dict, after: dict, wall: float) -> None:
     step, idle = d["engine_step_seconds_total"], d["engine_idle_seconds_total"]
     print(
         f"    engine thread: {int(d['engine_steps_total'])} steps, {step:.1f} s stepping "
-        f"({step / wall:.0%} of {wall:.1f} s), {idle:.1f} s idle, {wall - step - idle:.1f} s other",
+        f"({step / wall:.0%} of {wall:.1f} s), {idle:.1f} s idle, {wall - step - idle:.1f} s other; "
+        f"garbage collection {d.get(GC_COUNTER, 0.0):.2f} s (every thread stopped)",
         flush=True,
     )
 

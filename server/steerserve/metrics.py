@@ -8,6 +8,7 @@ Values kept by other parts (the SAE cache, the effect cache) are read through `s
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +76,16 @@ class EngineMetrics:
         self.engine_idle_seconds = counter(
             "engine_idle_seconds", "Wall time the engine thread waited with no request and no job."
         )
+        self._gc_pause = Counter(
+            "steerserve:gc_pause_seconds",
+            "Wall time the process spent in Python's cyclic garbage collector (every thread stops), by "
+            "generation; the start-up heap is frozen (gc_heap.py), so this is what serving allocates.",
+            ["model_name", "generation"],
+            registry=r,
+        )
+        self.gc_frozen_objects = gauge(
+            "gc_frozen_objects", "Objects of the start-up heap the garbage collector skips (gc.freeze)."
+        )
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
@@ -130,6 +141,8 @@ class EngineMetrics:
         self._preemptions_seen = 0
         self._cache_seen: dict[str, tuple[int, int]] = {}
         self.sources: MetricSources | None = None
+        self.gc_pauses = None  # gc_heap.GCPauses while the server runs
+        self._gc_seen = [0.0, 0.0, 0.0]
         # every labelled series exists from the start, at 0
         for labelled, values in (
             (self._success, FINISH_REASONS),
@@ -137,6 +150,7 @@ class EngineMetrics:
             (self._interventions, INTERVENTION_MODES),
             (self._cache_hits, CACHES),
             (self._cache_misses, CACHES),
+            (self._gc_pause, ("0", "1", "2")),
         ):
             for value in values:
                 labelled.labels(model_name, value)
@@ -188,6 +202,15 @@ class EngineMetrics:
         self._step_loads.inc(max(0, loads - self._step_loads_seen))
         self._step_loads_seen = loads
 
+    def _poll_gc(self) -> None:
+        if self.gc_pauses is None:
+            return
+        self.gc_frozen_objects.set(gc.get_freeze_count())
+        for gen, total in enumerate(list(self.gc_pauses.seconds)):
+            self._gc_pause.labels(self._model, str(gen)).inc(max(0.0, total - self._gc_seen[gen]))
+            self._gc_seen[gen] = max(total, self._gc_seen[gen])
+
     def render(self) -> bytes:
         self._poll_sources()
+        self._poll_gc()
         return generate_latest(self.registry)

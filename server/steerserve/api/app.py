@@ -21,6 +21,7 @@ from steerserve.config import Config
 from steerserve.cpu_threads import serialize_this_thread
 from steerserve.engine.admission import Admission
 from steerserve.engine.engine import AsyncEngine
+from steerserve.gc_heap import GCPauses, freeze_startup_heap, thaw_heap
 from steerserve.registry import NotFound
 from steerserve.registry.records import VariantRecord
 from steerserve.types.model import ModelInfo
@@ -118,11 +119,16 @@ def create_app(config: Config, start: Callable[[], Services]) -> FastAPI:
         app.state.metrics = services.metrics
         engine.start()
         app.state.engine = engine
+        # NOTE: last, once everything start-up builds exists: collections then skip it (gc_heap.py)
+        freeze_startup_heap()
+        services.metrics.gc_pauses = pauses = GCPauses().install()
         try:
             yield
         finally:
+            pauses.remove()
             engine.shutdown()
             services.close()
+            thaw_heap()
 
     app = FastAPI(
         title="steerserve", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse

@@ -87,15 +87,40 @@ def feature_capture(
     return FeatureCapture(record.id, record.uid, top_k, positions)
 
 
-async def prepare_call(state, spec: SteeringSpec | None, captures) -> object:
+def load_call(state, spec: SteeringSpec | None, captures) -> object:
     """Load what a call's steps need into the runner's cache (FeatureReadout.prepare); hold the result
     until the call ends. A failure here (a blob gone from the store, ...) is left to the step that needs
     the item: it loads it again and ends only that request with the cause, as any admission failure."""
     try:
-        return await run_in(GENERATION_POOL, state.readout.prepare, spec, captures)
+        return state.readout.prepare(spec, captures)
     except Exception as exc:  # NOTE: see the docstring
         logger.warning("could not preload steering resources: %s: %s", type(exc).__name__, exc)
         return None
+
+
+async def prepare_call(state, spec: SteeringSpec | None, captures) -> object:
+    """`load_call` on the generation pool."""
+    return await run_in(GENERATION_POOL, load_call, state, spec, captures)
+
+
+def compile_call(state, body: SamplingFields, variant: str | None) -> tuple:
+    """(steering spec, feature capture, pin) of a generation call: compiled, checked and loaded in one
+    task. NOTE: one, not three: the pool runs tasks in order, so in a burst the first call's load would
+    otherwise queue behind every call's compile while the engine had nothing to run."""
+    info = state.model_info
+    spec = None
+    if body.steering or body.feature_logit_bias or body.stop_when or variant:
+        spec = compile_steering(
+            state.registry, info, state.config.steering, body.steering, body.feature_logit_bias,
+            variant, body.stop_when, state.readout.sae_weights,
+        )  # fmt: skip
+    capture = None
+    if body.return_features is not None:
+        capture = feature_capture(
+            state.registry, info, body.return_features.sae, body.return_features.top_k, Positions.GENERATED
+        )
+    pin = load_call(state, spec, [capture]) if spec is not None or capture is not None else None
+    return spec, capture, pin
 
 
 def resolve_variant(body: SamplingFields, model_name: str) -> str | None:
@@ -130,26 +155,9 @@ async def plan_call(
     check_steering_counts(body, state.config.steering)
     if grammar is not None:  # before steering: a bad schema is the cheaper 400
         await compile_grammar(state, grammar)
-    spec = None
-    if body.steering or body.feature_logit_bias or body.stop_when or variant:
-        spec = await run_in(
-            GENERATION_POOL, compile_steering, state.registry, info, state.config.steering,
-            body.steering, body.feature_logit_bias, variant, body.stop_when, state.readout.sae_weights,
-        )  # fmt: skip
-    capture = None
-    if body.return_features is not None:
-        capture = await run_in(
-            GENERATION_POOL,
-            feature_capture,
-            state.registry,
-            info,
-            body.return_features.sae,
-            body.return_features.top_k,
-            Positions.GENERATED,
-        )
-    pin = None
-    if spec is not None or capture is not None:
-        pin = await prepare_call(state, spec, [capture])
+    spec = capture = pin = None
+    if body.steering or body.feature_logit_bias or body.stop_when or variant or body.return_features:
+        spec, capture, pin = await run_in(GENERATION_POOL, compile_call, state, body, variant)
     twins = body.return_unsteered and spec is not None
     seed = body.seed
     if twins and seed is None:  # the twin must draw the same random numbers as the steered choice
