@@ -36,6 +36,7 @@ from steered_workload import add_workload_args, compiled_specs, workload_config,
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig
+from steerserve.gc_heap import freeze_startup_heap
 from steerserve.runner import model_runner as mr
 from steerserve.runner.steering import rows as steering_rows
 
@@ -225,6 +226,7 @@ def main(argv=None) -> int:
     info["itemsize"] = built.core.runner.kv_cache.keys[0].element_size()
     clock = Clock()
     instrument(built, clock, info)
+    freeze_startup_heap()  # NOTE: as the server does once it is up (gc_heap.py)
     run(built.core, make_workload(4, 99, 4.0, 50257), None, clock, info)  # warm-up
     print(f"{args.num_requests} requests, {sum(wl.output_lens)} output tokens, {args.threads} threads, {args.dtype}, "
           f"{params / 1e6:.0f}M non-embedding parameters")  # fmt: skip

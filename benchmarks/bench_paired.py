@@ -30,6 +30,7 @@ from bench_serving import make_workload
 from steered_workload import add_workload_args, compiled_specs, workload_config, workload_requests
 
 from steerserve.compose import build_engine
+from steerserve.gc_heap import freeze_startup_heap
 
 
 def interleaved(cores: dict, batches: dict) -> dict[str, tuple[int, float, int]]:
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     built = [build_engine(cfg) for _ in range(2)]  # NOTE: one registry (data_dir) behind both
     specs = compiled_specs(built[0], cfg.steering, args.num_requests, args.d_sae, args.seed)
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
+    freeze_startup_heap()  # NOTE: as the server does once it is up (gc_heap.py)
     # NOTE: the warm-up gives each engine every spec once (short prompts, 2 tokens), so that no repeat pays
     # for the first readout of a feature's logit effect, as a server's repeats do not
     warm = dataclasses.replace(wl, prompts=[p[:8] for p in wl.prompts], output_lens=[2] * len(wl.prompts))

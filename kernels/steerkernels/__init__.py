@@ -14,6 +14,9 @@ Public ops (this module owns their signatures, argument checks and backend dispa
                    project_clamp's token_value), from the counter-based stream `reference.resample_bits`
                    (in resample.py with the token_value check, re-exported here)
   write_kv         each new token's key/value into its paged-cache row (in place on k/v caches)
+  prepare_steer_add, prepare_sae_edit
+                   those two ops with their per-slot banks checked and bound once, for a caller that
+                   edits a few dozen tokens a step with the same banks (prepared.py)
   paged_attention  causal varlen attention of a packed step over the paged KV cache: decode and
                    chunked-prefill rows, GQA, sliding window, softcap (new or given [T, H, hd]; both in
                    paged_attention.py with their checks, dispatch and reference, re-exported here;
@@ -40,6 +43,7 @@ import torch
 from steerkernels import _checks as C
 from steerkernels import reference
 from steerkernels.paged_attention import paged_attention, write_kv
+from steerkernels.prepared import prepare_sae_edit, prepare_steer_add
 from steerkernels.resample import check_token_value as _check_token_value
 from steerkernels.resample import resample_draw
 from steerkernels.topk_threshold import check_k as _check_k
@@ -51,6 +55,8 @@ __all__ = [
     "apply_logit_bias",
     "argmax_rows",
     "paged_attention",
+    "prepare_sae_edit",
+    "prepare_steer_add",
     "project_clamp",
     "reference",
     "resample_draw",
@@ -202,17 +208,7 @@ def sae_edit(
     """
     h = _hidden("h", h)
     T, d = h.shape
-    C.tensor("feat_idx", feat_idx, (None, None), C.INT_DTYPES, h.device, "S, F")
-    S, F = feat_idx.shape
-    C.tensor("W_enc", W_enc, (d, None), C.FLOAT_DTYPES, h.device, "d, d_sae")
-    d_sae = W_enc.shape[1]
-    C.tensor("b_enc", b_enc, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
-    C.tensor("W_dec", W_dec, (d_sae, d), C.FLOAT_DTYPES, h.device, "d_sae, d")
-    C.tensor("b_dec", b_dec, (d,), C.FLOAT_DTYPES, h.device, "d")
-    if threshold is not None:
-        C.tensor("threshold", threshold, (d_sae,), C.FLOAT_DTYPES, h.device, "d_sae")
-    C.tensor("mode", mode, (S, F), C.INT_DTYPES, h.device, "S, F")
-    C.tensor("value", value, (S, F), C.FP32, h.device, "S, F")
+    S, F, d_sae = C.edit_bank(feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, mode, value, d, h.device)
     C.token_args(h, slot_of_token, S, validate)
     if token_threshold is not None:
         C.tensor("token_threshold", token_threshold, (T,), C.FP32, h.device, "T")

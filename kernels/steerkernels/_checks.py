@@ -72,10 +72,11 @@ def tensor(
     """Check that `t` is a tensor of `shape` (None = any size) with one of `dtypes` on `device`."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
-    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    if dims:
-        want = f"{want} ({dims})"
     if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape, strict=True)):
+        # NOTE: the message is built on failure only: the ops check their arguments on every call
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        if dims:
+            want = f"{want} ({dims})"
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
@@ -85,6 +86,22 @@ def tensor(
             f"{name}: expected a tensor on {device} (the device of the first argument), got {t.device}"
         )
     return t
+
+
+def edit_bank(feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, mode, value, d: int, device):
+    """sae_edit's SAE and per-slot arguments (shapes against hidden size d); returns (S, F, d_sae)."""
+    tensor("feat_idx", feat_idx, (None, None), INT_DTYPES, device, "S, F")
+    S, F = feat_idx.shape
+    tensor("W_enc", W_enc, (d, None), FLOAT_DTYPES, device, "d, d_sae")
+    d_sae = W_enc.shape[1]
+    tensor("b_enc", b_enc, (d_sae,), FLOAT_DTYPES, device, "d_sae")
+    tensor("W_dec", W_dec, (d_sae, d), FLOAT_DTYPES, device, "d_sae, d")
+    tensor("b_dec", b_dec, (d,), FLOAT_DTYPES, device, "d")
+    if threshold is not None:
+        tensor("threshold", threshold, (d_sae,), FLOAT_DTYPES, device, "d_sae")
+    tensor("mode", mode, (S, F), INT_DTYPES, device, "S, F")
+    tensor("value", value, (S, F), FP32, device, "S, F")
+    return S, F, d_sae
 
 
 def row_major(name: str, t: torch.Tensor) -> None:

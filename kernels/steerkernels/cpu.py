@@ -151,10 +151,62 @@ def steer_add(h, slot_of_token, slot_vectors):
     lib = load()
     if lib is None or h.dtype not in _H_DTYPES or h.shape[0] == 0:
         return reference.steer_add(h, slot_of_token, slot_vectors)
-    keep = [vec := _f32(slot_vectors)]
-    tokens = _tokens(h, slot_of_token, vec.shape[0], keep)
-    _run(lib.ss_steer_add, tokens, AddArgs(vec.data_ptr(), *vec.stride()))
-    return h
+    return bind_steer_add(_f32(slot_vectors))(h, slot_of_token)
+
+
+def bind_steer_add(slot_vectors):
+    """steer_add with `slot_vectors` (fp32, checked by steerkernels.prepared) bound: add(h, slot) -> h."""
+    lib = load()
+    if lib is None:
+        return None
+    args = AddArgs(slot_vectors.data_ptr(), *slot_vectors.stride())
+    S = slot_vectors.shape[0]
+
+    def add(h, slot_of_token):
+        if h.dtype not in _H_DTYPES:
+            return reference.steer_add(h, slot_of_token, slot_vectors)
+        keep: list = []  # NOTE: the closure holds the bound tensors
+        _run(lib.ss_steer_add, _tokens(h, slot_of_token, S, keep), args)
+        return h
+
+    return add
+
+
+def bind_sae_edit(feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input, mode, value):
+    """sae_edit with all but the step's tokens bound: edit(h, slot, token_threshold, token_value) -> h;
+    None where a bound tensor is not already in the kernel's dtype (a converted copy would not see later
+    writes into the original)."""
+    lib = load()
+    floats = (W_enc, b_enc, W_dec, b_dec, value) + (() if threshold is None else (threshold,))
+    as_is = all(t.dtype == torch.float32 for t in floats) and feat_idx.dtype == mode.dtype == torch.int64
+    if lib is None or not as_is:
+        return None
+    thr = threshold
+    e = EditArgs(
+        feat_idx.data_ptr(), *feat_idx.stride(), feat_idx.shape[1], W_enc.shape[1],
+        W_enc.data_ptr(), *W_enc.stride(), b_enc.data_ptr(), b_enc.stride(0),
+        W_dec.data_ptr(), *W_dec.stride(), b_dec.data_ptr(), b_dec.stride(0),
+        None if thr is None else thr.data_ptr(), 0 if thr is None else thr.stride(0),
+        int(bool(apply_b_dec_to_input)), mode.data_ptr(), *mode.stride(), value.data_ptr(), *value.stride(),
+        None, 0, None, 0, 0,
+    )  # fmt: skip
+    S = feat_idx.shape[0]
+
+    def edit(h, slot_of_token, token_threshold=None, token_value=None):
+        if h.dtype not in _H_DTYPES:
+            return reference.sae_edit(
+                h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
+                mode, value, token_threshold, token_value,
+            )  # fmt: skip
+        keep: list = []  # NOTE: the closure holds the bound tensors, the caller the per-call ones
+        # NOTE: one argument block per prepared op, filled per call: one thread (the engine's) calls it
+        e.tok_thr = None if token_threshold is None else token_threshold.data_ptr()
+        e.tok_thr_s = 0 if token_threshold is None else token_threshold.stride(0)
+        e.tv, e.tv_s0, e.tv_s1 = _token_value(token_value)
+        _run(lib.ss_sae_edit, _tokens(h, slot_of_token, S, keep), e)
+        return h
+
+    return edit
 
 
 def project_clamp(h, slot_of_token, slot_dirs, lo, hi, dir_count, token_value=None):
@@ -183,23 +235,12 @@ def sae_edit(
             h, slot_of_token, feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, apply_b_dec_to_input,
             mode, value, token_threshold, token_value,
         )  # fmt: skip
-    feat, enc, benc, dec, bdec = _long(feat_idx), _f32(W_enc), _f32(b_enc), _f32(W_dec), _f32(b_dec)
-    md, val = _long(mode), _f32(value)
     thr = None if threshold is None else _f32(threshold)
-    tthr = token_threshold  # [T] fp32 (checked by the public op) or None
-    keep = [feat, enc, benc, dec, bdec, md, val, thr, tthr]
-    tokens = _tokens(h, slot_of_token, feat.shape[0], keep)
-    args = EditArgs(
-        feat.data_ptr(), *feat.stride(), feat.shape[1], enc.shape[1],
-        enc.data_ptr(), *enc.stride(), benc.data_ptr(), benc.stride(0),
-        dec.data_ptr(), *dec.stride(), bdec.data_ptr(), bdec.stride(0),
-        None if thr is None else thr.data_ptr(), 0 if thr is None else thr.stride(0),
-        int(bool(apply_b_dec_to_input)), md.data_ptr(), *md.stride(), val.data_ptr(), *val.stride(),
-        None if tthr is None else tthr.data_ptr(), 0 if tthr is None else tthr.stride(0),
-        *_token_value(token_value),
+    edit = bind_sae_edit(
+        _long(feat_idx), _f32(W_enc), _f32(b_enc), _f32(W_dec), _f32(b_dec), thr, apply_b_dec_to_input,
+        _long(mode), _f32(value),
     )  # fmt: skip
-    _run(lib.ss_sae_edit, tokens, args)
-    return h
+    return edit(h, slot_of_token, token_threshold, token_value)
 
 
 def apply_logit_bias(

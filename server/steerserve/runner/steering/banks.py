@@ -95,6 +95,7 @@ class SAEEdits:
         self.local_idx = torch.where(col < counts, local, -1)  # -1 = padding
         if self.resample is not None:
             self.resample.resize(cap)
+        self._edit = None  # (width, the prepared sae_edit over these buffers)
 
     def add(
         self, slot: int, index: int, kind: InterventionKind | str, value: float, resample: Resample | None
@@ -155,20 +156,28 @@ class SAEEdits:
 
     def apply(self, h: torch.Tensor, slots: torch.Tensor, ctx: DrawContext | None) -> None:
         w = self.weights
-        S, cap, d = self.enc.shape
         width = max(self.count)  # NOTE: only as wide as the busiest slot: the kernels loop per column
         drawn = None if self.resample is None else self.resample.draw(slots, ctx, width)
         token_threshold = None
         if w.architecture == "topk":
             work = (self.local_idx[:, :width] >= 0).any(1)  # [S] slots with edits of this SAE
             token_threshold = topk_token_threshold(w, h, (slots >= 0) & work[slots.clamp(min=0)])
-        steerkernels.sae_edit(
-            h, slots, self.local_idx[:, :width], self.enc.view(S * cap, d).t(), self.b_enc.view(-1),
-            self.dec.view(S * cap, d), w.b_dec,
-            self.threshold.view(-1) if w.architecture == "jumprelu" else None,
-            w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width],
-            token_threshold=token_threshold, token_value=drawn, validate=False,
-        )  # fmt: skip
+        self._prepared(width)(h, slots, token_threshold, drawn)
+
+    def _prepared(self, width: int):
+        """The sae_edit over the first `width` columns, bound once (steerkernels.prepare_sae_edit): its
+        buffers are written in place, so it holds until they are reallocated or the width changes."""
+        if self._edit is None or self._edit[0] != width:
+            w = self.weights
+            S, cap, d = self.enc.shape
+            edit = steerkernels.prepare_sae_edit(
+                self.local_idx[:, :width], self.enc.view(S * cap, d).t(), self.b_enc.view(-1),
+                self.dec.view(S * cap, d), w.b_dec,
+                self.threshold.view(-1) if w.architecture == "jumprelu" else None,
+                w.apply_b_dec_to_input, self.mode[:, :width], self.value[:, :width],
+            )  # fmt: skip
+            self._edit = (width, edit)
+        return self._edit[1]
 
 
 class SiteBank:
@@ -179,9 +188,11 @@ class SiteBank:
         self.device = device
         self.cfg = cfg
         self.add = torch.zeros((s, d), dtype=torch.float32, device=device)  # [2R, d]
-        # NOTE: the device copy of `add_rows`: steer_add's token mask, built without a host->device copy
-        # per step (rows with no additive work here are left unwritten, not given +0)
-        self.has_add = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        # steer_add's slot of each token slot, one index op a step: `add_slot[slot]` is the slot itself
+        # where it adds something here, else -1 (slots with no additive work here are left unwritten,
+        # not given +0), and entry 2R (what a token's -1 picks) is -1
+        self.add_slot = torch.full((s + 1,), -1, dtype=torch.int64, device=device)
+        self._steer_add = steerkernels.prepare_steer_add(self.add)  # NOTE: `add` is written in place
         self.dirs = torch.zeros((s, cfg.max_project_dirs, d), dtype=torch.float32, device=device)
         self.lo = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
         self.hi = torch.zeros((s, cfg.max_project_dirs), dtype=torch.float32, device=device)
@@ -199,7 +210,7 @@ class SiteBank:
     def add_vector(self, row: int, positions: Positions | str, vec: torch.Tensor) -> None:
         for slot in slots_for(row, positions):
             self.add[slot] += vec
-        self.has_add[row] = True
+            self.add_slot[slot] = slot
         self.add_rows.add(row)
 
     def add_projection(
@@ -250,7 +261,7 @@ class SiteBank:
 
     def clear_row(self, row: int) -> None:
         self.add[2 * row : 2 * row + 2].zero_()
-        self.has_add[row] = False
+        self.add_slot[2 * row : 2 * row + 2] = -1
         self.dir_count[2 * row : 2 * row + 2] = 0
         self.proj_count[2 * row] = self.proj_count[2 * row + 1] = 0
         if self.proj_resample is not None:
@@ -274,7 +285,7 @@ class SiteBank:
             if layout is None:
                 return None
             edits.append((uid, e.weights.site_out, layout))
-        tensors = (self.add, self.has_add, self.dirs, self.lo, self.hi, self.dir_count)
+        tensors = (self.add, self.add_slot, self.dirs, self.lo, self.hi, self.dir_count)
         return (bool(self.proj_rows), bool(self.add_rows), tuple(edits), *(t.data_ptr() for t in tensors))
 
     def writes(self) -> set[Site]:
@@ -288,7 +299,7 @@ class SiteBank:
         the transcoder edits' changes as (site_out, [T, d] float32 delta) for the rows to add there.
 
         Slots without work here cost nothing and are not written: they have no edit columns (-1) and no
-        projection directions (dir_count 0); additive steering is masked to the rows that have some.
+        projection directions (dir_count 0); additive steering is masked to the slots that have some.
         """
         for edits in self.edits.values():
             if edits.weights.site_out is None:
@@ -300,8 +311,7 @@ class SiteBank:
                 h, token_slot, self.dirs, self.lo, self.hi, self.dir_count, token_value=drawn, validate=False
             )
         if self.add_rows:
-            slots = torch.where(self.has_add[token_slot.clamp(min=0) // 2], token_slot, -1)
-            steerkernels.steer_add(h, slots, self.add, validate=False)
+            self._steer_add(h, self.add_slot[token_slot])
         return [
             (e.weights.site_out, e.delta(h, token_slot, ctx))
             for e in self.edits.values()
