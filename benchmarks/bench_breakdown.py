@@ -36,7 +36,7 @@ from steered_workload import add_workload_args, compiled_specs, workload_config,
 
 from steerserve.compose import build_engine
 from steerserve.config import CacheConfig
-from steerserve.gc_heap import freeze_startup_heap
+from steerserve.gc_heap import freeze_startup_heap, thaw_heap
 from steerserve.runner import model_runner as mr
 from steerserve.runner.steering import rows as steering_rows
 
@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     for name, r in results:
         print_table(name, r, peak)
         print_bound(r, info, machine, peak)
+    thaw_heap()  # NOTE: frozen objects are never freed at exit (nanobind then reports leaks)
     return 0
 
 
