@@ -30,18 +30,9 @@ __all__ = ["prepare_sae_edit", "prepare_steer_add"]
 
 def _step_args(h, slot_of_token, d: int, device: torch.device) -> None:
     """The per-call checks: h [T, d] row-major float on `device`, slot_of_token [T] int on it."""
-    if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != d or h.device != device:
-        C.tensor("h", h, (None, d), C.FLOAT_DTYPES, device, "T, d")
-    if h.dtype not in C.FLOAT_DTYPES:
-        C.tensor("h", h, (None, d), C.FLOAT_DTYPES, device, "T, d")
+    C.tensor("h", h, (None, d), C.FLOAT_DTYPES, device, "T, d")
     C.row_major("h", h)
-    if (
-        not isinstance(slot_of_token, torch.Tensor)
-        or slot_of_token.shape != (h.shape[0],)
-        or slot_of_token.dtype not in C.INDEX_DTYPES
-        or slot_of_token.device != device
-    ):
-        C.tensor("slot_of_token", slot_of_token, (h.shape[0],), C.INDEX_DTYPES, device, "T")
+    C.tensor("slot_of_token", slot_of_token, (h.shape[0],), C.INDEX_DTYPES, device, "T")
 
 
 def prepare_steer_add(
@@ -72,7 +63,7 @@ def prepare_sae_edit(
     """`sae_edit` with everything but the step's tokens bound (see `steerkernels.sae_edit` for each
     argument): returns edit(h, slot_of_token, token_threshold=None, token_value=None) -> h."""
     device = W_dec.device
-    d = W_dec.shape[1] if W_dec.dim() == 2 else -1
+    d = C.tensor("W_dec", W_dec, (None, None), C.FLOAT_DTYPES, device, "d_sae, d").shape[1]  # the hidden size
     _, F, _ = C.edit_bank(feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, mode, value, d, device)
     sae = (feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, bool(apply_b_dec_to_input), mode, value)
     bound = None

@@ -103,13 +103,18 @@ async def prepare_call(state, spec: SteeringSpec | None, captures) -> object:
     return await run_in(GENERATION_POOL, load_call, state, spec, captures)
 
 
+def _steers(body: SamplingFields, variant: str | None) -> bool:
+    """Whether a call carries anything compile_steering turns into a spec."""
+    return bool(body.steering or body.feature_logit_bias or body.stop_when or variant)
+
+
 def compile_call(state, body: SamplingFields, variant: str | None) -> tuple:
     """(steering spec, feature capture, pin) of a generation call: compiled, checked and loaded in one
     task. NOTE: one, not three: the pool runs tasks in order, so in a burst the first call's load would
     otherwise queue behind every call's compile while the engine had nothing to run."""
     info = state.model_info
     spec = None
-    if body.steering or body.feature_logit_bias or body.stop_when or variant:
+    if _steers(body, variant):
         spec = compile_steering(
             state.registry, info, state.config.steering, body.steering, body.feature_logit_bias,
             variant, body.stop_when, state.readout.sae_weights,
@@ -156,7 +161,7 @@ async def plan_call(
     if grammar is not None:  # before steering: a bad schema is the cheaper 400
         await compile_grammar(state, grammar)
     spec = capture = pin = None
-    if body.steering or body.feature_logit_bias or body.stop_when or variant or body.return_features:
+    if _steers(body, variant) or body.return_features is not None:
         spec, capture, pin = await run_in(GENERATION_POOL, compile_call, state, body, variant)
     twins = body.return_unsteered and spec is not None
     seed = body.seed
