@@ -9,6 +9,15 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# NOTE: Triton decides when it is imported whether `@triton.jit` functions (its own `tl.sum` among them) are
+# interpreted, so the choice is made here, before any test module can import it: a module that imports
+# transformers or TransformerLens may import Triton, and a kernel suite collected after it then ran
+# interpreted kernels calling compiled-mode library functions ("Cannot call @triton.jit'd outside of the
+# scope of a kernel"; `pytest tests/steering` alone failed that way). On a GPU machine the kernel suites
+# compile for CUDA unless TRITON_INTERPRET is set by hand.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2")
 # the test folders that run Triton through its interpreter on CPU (their conftest sets TRITON_INTERPRET)
 _INTERPRETED = ("kernels", "sae_fidelity")
@@ -18,9 +27,9 @@ _INTERPRETED = ("kernels", "sae_fidelity")
 def _served_kernel_backend(request):
     """Outside the kernel suites, the steering ops run on the backend a CPU server uses.
 
-    tests/kernels and tests/sae_fidelity set TRITON_INTERPRET=1 when they are imported, i.e. at
-    collection, for the whole process; under it the ops' `auto` backend picks interpreted Triton for CPU
-    tensors (~1000x slower): an engine test with many steered steps then ran for many minutes.
+    Without a GPU, TRITON_INTERPRET=1 holds for the whole process (set above, as tests/kernels and
+    tests/sae_fidelity need it); under it the ops' `auto` backend picks interpreted Triton for CPU tensors
+    (~1000x slower): an engine test with many steered steps then ran for many minutes.
     """
     if os.environ.get("STEERKERNELS_BACKEND") or any(p in _INTERPRETED for p in request.path.parts):
         yield
