@@ -147,3 +147,26 @@ def test_feature_logit_bias_promotes_and_bans_its_top_token(world):
     )
     assert top in out["push"][0]
     assert top not in out["ban"][0]
+
+
+def test_a_released_rows_logit_bias_never_reaches_the_next_spec_in_that_row(world):
+    """A finished request's bank row keeps its bias (releasing does not zero it); the next spec written to
+    that row without logit biases samples exactly as it does in a fresh row."""
+    rows = world.built.core.runner.steering
+    resources = rows.resources
+    biased = world.spec(feature_logit_bias=[{"feature": {"sae": "post0", "index": 11}, "strength": 50.0}])
+    top = int(resources.logit_effect(biased.logit_biases[0].sae, 11).argmax())
+    plain_steer = world.spec(
+        steering=[{"feature": {"sae": "post0", "index": 3}, "mode": "add", "strength": 0.5}]
+    )
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = tuple(range(30, 40))
+    core = world.built.core
+    fresh = run_staggered(core, [GenerationRequest("fresh", prompt, sp, plain_steer)])["fresh"][0]
+    used = run_staggered(core, [GenerationRequest("bias", prompt, sp, biased)])["bias"][0]
+    assert used == [top] * 8
+    row = rows._rows[biased.fingerprint].index  # NOTE: a finished request lets go of its row next step
+    after = run_staggered(core, [GenerationRequest("after", prompt, sp, plain_steer)])["after"][0]
+    assert rows._rows[plain_steer.fingerprint].index == row  # the released row, taken again
+    assert bool(rows._logit_bank[row].abs().sum() > 0)  # with the biased spec's row still in it
+    assert after == fresh != [top] * 8
