@@ -15,7 +15,6 @@ their ratio; the end prints the pooled ratio (total tokens over total seconds, p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -27,7 +26,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 from bench_serving import make_workload
-from steered_workload import add_workload_args, compiled_specs, workload_config, workload_requests
+from steered_workload import (
+    add_workload_args,
+    compiled_specs,
+    every_spec_once,
+    workload_config,
+    workload_requests,
+)
 
 from steerserve.compose import build_engine
 from steerserve.gc_heap import freeze_startup_heap, thaw_heap
@@ -67,9 +72,7 @@ def main(argv=None) -> int:
     specs = compiled_specs(built[0], cfg.steering, args.num_requests, args.d_sae, args.seed)
     wl = make_workload(args.num_requests, args.seed, 4.0, vocab=50257)
     freeze_startup_heap()  # NOTE: as the server does once it is up (gc_heap.py)
-    # NOTE: the warm-up gives each engine every spec once (short prompts, 2 tokens), so that no repeat pays
-    # for the first readout of a feature's logit effect, as a server's repeats do not
-    warm = dataclasses.replace(wl, prompts=[p[:8] for p in wl.prompts], output_lens=[2] * len(wl.prompts))
+    warm = every_spec_once(wl)  # NOTE: each engine runs every spec once before the repeats
 
     def roles(k: int) -> dict:  # NOTE: the engines swap roles every repeat
         a, b = (built[0].core, built[1].core) if k % 2 == 0 else (built[1].core, built[0].core)

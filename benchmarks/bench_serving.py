@@ -23,14 +23,14 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import httpx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from steered_workload import add_saes, hf_hooks_one_at_a_time, steering_for
+from steered_workload import add_saes, every_spec_once, hf_hooks_one_at_a_time, steering_for
 
 MODEL_NAME = "gpt2-small-random"
 
@@ -268,14 +268,13 @@ def run_steerserve(args, model_dir: str, wl: Workload) -> list[tuple[str, dict]]
         warm = make_workload(8, args.seed + 1, args.rate, vocab=50257)
         for _, how in runs:
             asyncio.run(run_http(server.url, MODEL_NAME, warm, False, how))
-        # NOTE: as bench_paired.py does, each measured spec runs once before the repeats (8-token prompts, 2
-        # tokens): a feature's first logit bias computes its effect (a readout through the unembedding and a
-        # durable write), once per feature for the life of the registry, and the first steered repeat paid
-        # it for the 112 features the 8 warm-up requests did not use: 416.6 tok/s against 458.5 in the
-        # next steered burst, +3.4 s of server CPU (2026-12-07)
-        short = replace(wl, prompts=[p[:8] for p in wl.prompts], output_lens=[2] * len(wl.prompts))
+        # NOTE: as bench_paired.py does, each measured spec runs once before the repeats: a feature's first
+        # logit bias computes its effect (a readout through the unembedding and a durable write), once per
+        # feature for the life of the registry, and the first steered repeat paid it for the 112 features
+        # the 8 warm-up requests did not use: 416.6 tok/s against 458.5 in the next steered burst, +3.4 s
+        # of server CPU (2026-12-07)
         for _, how in runs[1:]:
-            asyncio.run(run_http(server.url, MODEL_NAME, short, False, how))
+            asyncio.run(run_http(server.url, MODEL_NAME, every_spec_once(wl), False, how))
         for poisson in (False, True) if not args.skip_poisson else (False,):
             kind = f"Poisson {args.rate}/s" if poisson else "burst"
             for rep in range(args.repeat):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -107,6 +108,13 @@ def add_workload_args(ap, dtype: str) -> None:
     ap.add_argument("--d-sae", type=int, default=24576)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default=dtype, choices=["bfloat16", "float32"])
+
+
+def every_spec_once(wl):
+    """`wl` with 8-token prompts and 2 output tokens: a warm-up that runs each request's steering once, so
+    that no measured run pays for the first readout of a feature's logit effect (a server's repeats do
+    not)."""
+    return replace(wl, prompts=[p[:8] for p in wl.prompts], output_lens=[2] * len(wl.prompts))
 
 
 def workload_requests(wl, specs, tag: str) -> list[GenerationRequest]:

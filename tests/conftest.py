@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2")
-# the test folders that run Triton through its interpreter on CPU (their conftest sets TRITON_INTERPRET)
+# the test folders that run Triton through its interpreter on CPU (TRITON_INTERPRET, set above)
 _INTERPRETED = ("kernels", "sae_fidelity")
 
 

@@ -24,15 +24,16 @@ import torch
 
 import steerkernels
 from steerkernels import _checks as C
+from steerkernels.resample import check_token_value
 
 __all__ = ["prepare_sae_edit", "prepare_steer_add"]
 
 
-def _step_args(h, slot_of_token, d: int, device: torch.device) -> None:
+def _step_args(h, slot_of_token, d: int, num_slots: int, device: torch.device) -> None:
     """The per-call checks: h [T, d] row-major float on `device`, slot_of_token [T] int on it."""
     C.tensor("h", h, (None, d), C.FLOAT_DTYPES, device, "T, d")
     C.row_major("h", h)
-    C.tensor("slot_of_token", slot_of_token, (h.shape[0],), C.INDEX_DTYPES, device, "T")
+    C.token_args(h, slot_of_token, num_slots, validate=False)
 
 
 def prepare_steer_add(
@@ -40,7 +41,7 @@ def prepare_steer_add(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`steer_add` with `slot_vectors` [S, d] fp32 bound: returns add(h, slot_of_token) -> h."""
     C.tensor("slot_vectors", slot_vectors, (None, None), C.FP32, slot_vectors.device, "S, d")
-    device, d = slot_vectors.device, slot_vectors.shape[1]
+    device, (S, d) = slot_vectors.device, slot_vectors.shape
     bound = None
     if C.resolve_backend(backend, device) == "cpu":
         from steerkernels import cpu
@@ -48,7 +49,7 @@ def prepare_steer_add(
         bound = cpu.bind_steer_add(slot_vectors)
 
     def add(h: torch.Tensor, slot_of_token: torch.Tensor) -> torch.Tensor:
-        _step_args(h, slot_of_token, d, device)
+        _step_args(h, slot_of_token, d, S, device)
         if bound is not None and h.shape[0]:
             return bound(h, slot_of_token)
         return steerkernels.steer_add(h, slot_of_token, slot_vectors, backend=backend, validate=False)
@@ -64,7 +65,7 @@ def prepare_sae_edit(
     argument): returns edit(h, slot_of_token, token_threshold=None, token_value=None) -> h."""
     device = W_dec.device
     d = C.tensor("W_dec", W_dec, (None, None), C.FLOAT_DTYPES, device, "d_sae, d").shape[1]  # the hidden size
-    _, F, _ = C.edit_bank(feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, mode, value, d, device)
+    S, F, _ = C.edit_bank(feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, mode, value, d, device)
     sae = (feat_idx, W_enc, b_enc, W_dec, b_dec, threshold, bool(apply_b_dec_to_input), mode, value)
     bound = None
     if C.resolve_backend(backend, device) == "cpu":
@@ -73,12 +74,11 @@ def prepare_sae_edit(
         bound = cpu.bind_sae_edit(*sae)  # None when a bound tensor would need converting
 
     def edit(h, slot_of_token, token_threshold=None, token_value=None) -> torch.Tensor:
-        _step_args(h, slot_of_token, d, device)
+        _step_args(h, slot_of_token, d, S, device)
         T = h.shape[0]
         if token_threshold is not None:
             C.tensor("token_threshold", token_threshold, (T,), C.FP32, device, "T")
-        if token_value is not None:
-            C.tensor("token_value", token_value, (T, F), C.FP32, device, "T, F")
+        check_token_value(token_value, T, F, "T, F", device, validate=False)
         if bound is not None and T:
             return bound(h, slot_of_token, token_threshold, token_value)
         return steerkernels.sae_edit(

@@ -1,6 +1,6 @@
 """Fixtures of the kernel tests: the devices Triton can run on here, poisoned allocations, tolerances.
 
-Triton runs on CPU tensors through the interpreter (TRITON_INTERPRET=1, set here when there is no GPU)
+Triton runs on CPU tensors through the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py when there is no GPU)
 and on CUDA tensors compiled (run `TRITON_INTERPRET=0 pytest tests/kernels` on a GPU machine).
 """
 
@@ -10,9 +10,6 @@ import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import steerkernels._util as sk_util
 

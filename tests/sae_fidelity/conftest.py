@@ -1,5 +1,5 @@
 """Fixtures of the SAE fidelity suite: the demo model's real hidden states at its SAE site, and Triton's
-device (TRITON_INTERPRET=1 on a machine without a GPU, as in tests/kernels)."""
+device (TRITON_INTERPRET=1 on a machine without a GPU, set by tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TEXTS = [
