@@ -9,8 +9,9 @@ from urllib.parse import quote
 
 import httpx
 
+from tests.playground.conftest import API_KEY
 from tests.playground.test_core_task import add_top_hit
-from tests.playground.test_playground import _feature_ref, api, generate, open_page
+from tests.playground.test_playground import _feature_ref, api, feature_name, generate, open_page
 
 
 def test_no_failed_request_on_load(page, playground_server, scenario):
@@ -24,6 +25,31 @@ def test_no_failed_request_on_load(page, playground_server, scenario):
     for path in (icon, "/favicon.ico"):
         r = httpx.get(playground_server.url + path)
         assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml", path
+
+
+def test_an_add_pressed_while_the_registry_loads_waits_for_it(page, playground_server, scenario):
+    """Enter in the by-index box before GET /v1/saes has answered adds the feature once it has (the
+    page once said "no SAE is registered on this server"); "serving <model>" shows only when the
+    pickers are filled, so it means the page is ready."""
+    server = playground_server
+    held = []  # the keyed GET /v1/saes, answered only when the test lets it through
+    page.route(
+        "**/v1/saes", lambda r: held.append(r) if r.request.headers.get("authorization") else r.continue_()
+    )
+    page.goto(server.url + "/")
+    page.get_by_label("API key").fill(API_KEY)
+    with page.expect_response(lambda r: r.url.endswith("/v1/models") and r.status == 200):
+        page.get_by_label("API key").press("Enter")
+    page.wait_for_timeout(300)  # time for the page to act on the models (a check that it did not)
+    assert len(held) == 1
+    assert page.locator("#model-name").inner_text() == ""
+    page.get_by_label("feature", exact=True).fill("1")
+    page.get_by_label("feature", exact=True).press("Enter")
+    held[0].continue_()
+    page.locator("#model-name", has_text=scenario.model_name).wait_for()
+    label = api(server, "GET", f"/v1/saes/{scenario.sae}/features/1")["label"]
+    page.get_by_label(f"mode of {feature_name(scenario.sae, 1, label)}", exact=True).wait_for()
+    assert page.locator("#error").is_hidden()
 
 
 def test_slider_follows_the_scale_and_focus_stays(page, playground_server, scenario):

@@ -266,13 +266,14 @@ async function refreshModels() {
     variantOfModel[m.id] = m.id.slice(m.parent.length + 1);
     parentOfModel[m.id] = m.parent;
   }
-  const base = models.find((m) => !m.parent);
-  $("model-name").textContent = base ? `serving ${base.id}` : "";
+  return models.find((m) => !m.parent);
 }
 
+// "serving <model>" is shown once the pickers are filled too: the page is ready to use then.
 async function refreshAll() {
-  await Promise.all([refreshModels(), refreshRegistry(ui)]);
+  const [base] = await Promise.all([refreshModels(), refreshRegistry(ui)]);
   refreshColourOptions();
+  $("model-name").textContent = base ? `serving ${base.id}` : "";
 }
 
 // A variant applied twice (its model chosen and its rows loaded) would double every edit: loading

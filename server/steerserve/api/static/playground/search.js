@@ -8,6 +8,13 @@ import { featurePath } from "./steering.js";
 
 const PAGE = 8; // hits shown per search; "More" asks the API for the next PAGE
 const siteOf = {}; // sae id -> its site, from GET /v1/saes
+// The pickers' latest fill: a handler that reads them waits for it, so an Add pressed while the page
+// is still loading the registry is not told "no SAE is registered".
+let pickersLoad = Promise.resolve();
+
+export async function pickersFilled() {
+  await pickersLoad.catch(() => {}); // a failed fill is shown by whoever started it
+}
 
 const fmt = (v, digits = 4) => (v === null || v === undefined ? "unknown" : Number(v).toPrecision(digits));
 const percent = (v) => (v === null || v === undefined ? "unknown" : `${(100 * v).toPrecision(2)}%`);
@@ -67,6 +74,7 @@ export function wireRegistry(panel, ui, { openCard, run }) {
     ui.query.placeholder = ui.searchKind.value === "promotes" ? "a token, e.g. \" snow\"" : "e.g. cold";
   });
   on(ui.indexForm, async () => {
+    await pickersFilled();
     if (!ui.indexSae.value) throw new Error("no SAE is registered on this server");
     const index = Number(ui.indexNumber.value);
     const dSae = Number(ui.indexSae.selectedOptions[0]?.dataset.dSae);
@@ -76,13 +84,19 @@ export function wireRegistry(panel, ui, { openCard, run }) {
     await panel.addFeature(ui.indexSae.value, index, null);
   });
   on(ui.vectorForm, async () => {
+    await pickersFilled();
     if (!ui.vectorSelect.value) throw new Error("no steering vector is stored on this server");
     panel.addVector(ui.vectorSelect.value);
   });
 }
 
 // Fill the SAE, vector and variant pickers from the registry.
-export async function refreshRegistry(ui) {
+export function refreshRegistry(ui) {
+  pickersLoad = fillPickers(ui);
+  return pickersLoad;
+}
+
+async function fillPickers(ui) {
   const [saes, vectors, variants] = await Promise.all([
     getJSON("/v1/saes"), getJSON("/v1/vectors"), getJSON("/v1/variants"),
   ]);

@@ -3,6 +3,7 @@
 
 import { ApiError, deleteJSON, getJSON, postJSON } from "./api.js";
 import { el } from "./dom.js";
+import { pickersFilled } from "./search.js";
 
 const path = (id) => `/v1/variants/${encodeURIComponent(id)}`;
 // A stored variant as POST /v1/variants takes it (steering, feature_logit_bias, stop_when...).
@@ -11,27 +12,28 @@ const specOf = ({ object, created, ...spec }) => spec;
 // `run(asyncFn)` runs a handler and shows what it throws; `onChanged(id)` after a save or delete
 // refreshes the pickers; `onLoaded(id)` after a load.
 export function wireVariants(panel, ui, { run, onLoaded, onChanged }) {
-  const chosen = () => {
+  const chosen = async () => {
+    await pickersFilled();
     if (!ui.variantSelect.value) throw new Error("no variant is stored on this server");
     return ui.variantSelect.value;
   };
   ui.variantLoadForm.addEventListener("submit", (ev) => {
     ev.preventDefault();
     run(async () => {
-      const id = chosen();
+      const id = await chosen();
       panel.load(await getJSON(path(id)), id);
       onLoaded(id);
     });
   });
   ui.variantDelete.addEventListener("click", () => run(async () => {
-    const id = chosen();
+    const id = await chosen();
     if (!window.confirm(`Delete variant "${id}" from the server? The model serving it goes with it.`)) return;
     await deleteJSON(path(id));
     ui.variantOut.replaceChildren(`Deleted variant "${id}".`);
     await onChanged(null);
   }));
   ui.variantExport.addEventListener("click", () => run(async () => {
-    const id = chosen();
+    const id = await chosen();
     const spec = await getJSON(path(id));
     const json = JSON.stringify(specOf(spec), null, 2);
     const href = URL.createObjectURL(new Blob([json], { type: "application/json" }));
