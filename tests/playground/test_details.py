@@ -52,6 +52,19 @@ def test_an_add_pressed_while_the_registry_loads_waits_for_it(page, playground_s
     assert page.locator("#error").is_hidden()
 
 
+def test_an_add_before_the_key_names_the_key(page, playground_server):
+    """Without a key the registry cannot load: Add by index says so (the server's 401 and where the key
+    goes), not "no SAE is registered on this server"."""
+    page.goto(playground_server.url + "/")
+    page.locator("#error", has_text="enter the key").wait_for()  # the page's own load, refused
+    page.get_by_role("button", name="Dismiss the error").click()
+    page.get_by_label("feature", exact=True).fill("1")
+    page.get_by_label("feature", exact=True).press("Enter")
+    error = page.locator("#error", has_text="enter the key at the top of the page")
+    error.wait_for()
+    assert "no SAE is registered" not in error.inner_text()
+
+
 def test_slider_follows_the_scale_and_focus_stays(page, playground_server, scenario):
     open_page(page, playground_server, scenario)
     name = add_top_hit(page, scenario)

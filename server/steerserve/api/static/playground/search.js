@@ -9,11 +9,12 @@ import { featurePath } from "./steering.js";
 const PAGE = 8; // hits shown per search; "More" asks the API for the next PAGE
 const siteOf = {}; // sae id -> its site, from GET /v1/saes
 // The pickers' latest fill: a handler that reads them waits for it, so an Add pressed while the page
-// is still loading the registry is not told "no SAE is registered".
+// is still loading the registry is not told "no SAE is registered"; when the fill failed (no key, say),
+// the handler throws its error, the reason the pickers are empty.
 let pickersLoad = Promise.resolve();
 
 export async function pickersFilled() {
-  await pickersLoad.catch(() => {}); // a failed fill is shown by whoever started it
+  await pickersLoad;
 }
 
 const fmt = (v, digits = 4) => (v === null || v === undefined ? "unknown" : Number(v).toPrecision(digits));
